@@ -1,0 +1,163 @@
+// Shapes, checks and the plain parameter struct shared by the CPU and CUDA implementations of
+// residtap::capture_block. No kernels here and no knowledge of Python.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+namespace residtap {
+
+// Builds a message from `a << b << c` pieces (used by RESIDTAP_CHECK_ARG).
+struct Msg {
+  std::ostringstream s;
+  template <typename T>
+  Msg& operator<<(const T& v) {
+    s << v;
+    return *this;
+  }
+  std::string str() const { return s.str(); }
+};
+
+// Error messages name the argument, what was expected and what was received.
+#define RESIDTAP_CHECK_ARG(cond, name, expected, got)                                      \
+  TORCH_CHECK((cond), "residtap.capture_block: argument '", name, "' expected ",         \
+              (::residtap::Msg() << expected).str(), ", got ", got)
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device()
+    << (t.is_contiguous() ? "" : " (non-contiguous)");
+  return s.str();
+}
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+enum class NormKind { kNone = 0, kLayerNorm = 1 };
+
+inline NormKind parse_norm_kind(c10::string_view s) {
+  if (s == "layer_norm") return NormKind::kLayerNorm;
+  if (s == "none") return NormKind::kNone;
+  TORCH_CHECK(false, "residtap.capture_block: argument 'norm_kind' expected one of "
+                     "'layer_norm', 'none', got '", std::string(s), "'");
+}
+
+// What every backend needs to know, after validation. Tensors are kept as given (outputs are
+// written in place); `out`/`inp` have unit stride on the last dimension.
+struct CaptureArgs {
+  at::Tensor out, inp, index;  // inp/index undefined when absent
+  at::Tensor weight, bias;     // undefined when absent
+  NormKind norm = NormKind::kNone;
+  double eps = 1e-5;
+  at::Tensor resid, delta, normed, mean, rstd, l2, maxabs;  // undefined when not requested
+  int64_t batch = 0, seq = 0, n_pos = 0, d_model = 0;
+};
+
+inline at::Tensor opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+inline void check_row_output(const at::Tensor& t, const char* name, const CaptureArgs& a) {
+  if (!t.defined()) return;
+  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, "a tensor on " << a.out.device(),
+                     describe(t));
+  RESIDTAP_CHECK_ARG(is_float_type(t.scalar_type()), name,
+                     "dtype float32, bfloat16 or float16", describe(t));
+  RESIDTAP_CHECK_ARG(t.dim() == 3 && t.size(0) == a.batch && t.size(1) == a.n_pos &&
+                         t.size(2) == a.d_model,
+                     name, "shape [" << a.batch << ", " << a.n_pos << ", " << a.d_model << "]",
+                     describe(t));
+  RESIDTAP_CHECK_ARG(t.is_contiguous(), name, "a contiguous tensor", describe(t));
+}
+
+inline void check_stat_output(const at::Tensor& t, const char* name, const CaptureArgs& a) {
+  if (!t.defined()) return;
+  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, "a tensor on " << a.out.device(),
+                     describe(t));
+  RESIDTAP_CHECK_ARG(t.scalar_type() == at::kFloat, name, "dtype float32", describe(t));
+  RESIDTAP_CHECK_ARG(t.dim() == 2 && t.size(0) == a.batch && t.size(1) == a.n_pos, name,
+                     "shape [" << a.batch << ", " << a.n_pos << "]", describe(t));
+  RESIDTAP_CHECK_ARG(t.is_contiguous(), name, "a contiguous tensor", describe(t));
+}
+
+inline CaptureArgs make_capture_args(
+    const at::Tensor& out, const std::optional<at::Tensor>& inp,
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias, c10::string_view norm_kind, double eps,
+    const std::optional<at::Tensor>& resid, const std::optional<at::Tensor>& delta,
+    const std::optional<at::Tensor>& normed, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& l2,
+    const std::optional<at::Tensor>& maxabs) {
+  CaptureArgs a;
+  RESIDTAP_CHECK_ARG(out.dim() == 3, "out", "a [batch, seq, d_model] tensor", describe(out));
+  RESIDTAP_CHECK_ARG(is_float_type(out.scalar_type()), "out",
+                     "dtype float32, bfloat16 or float16", describe(out));
+  // Rare layouts (a transposed hidden state) are made row-contiguous once; hook outputs of
+  // every supported model already are.
+  a.out = out.stride(2) == 1 ? out : out.contiguous();
+  a.batch = out.size(0);
+  a.seq = out.size(1);
+  a.d_model = out.size(2);
+
+  a.inp = opt(inp);
+  if (a.inp.defined()) {
+    RESIDTAP_CHECK_ARG(a.inp.sizes() == out.sizes() && a.inp.scalar_type() == out.scalar_type() &&
+                           a.inp.device() == out.device(),
+                       "inp", "the shape, dtype and device of 'out' (" << describe(out) << ")",
+                       describe(a.inp));
+    if (a.inp.stride(2) != 1) a.inp = a.inp.contiguous();
+  }
+
+  a.index = opt(index);
+  a.n_pos = a.seq;
+  if (a.index.defined()) {
+    RESIDTAP_CHECK_ARG(a.index.scalar_type() == at::kLong && a.index.device() == out.device(),
+                       "index", "an int64 tensor on " << out.device(), describe(a.index));
+    RESIDTAP_CHECK_ARG(a.index.dim() == 1 || (a.index.dim() == 2 && a.index.size(0) == a.batch),
+                       "index", "shape [n_pos] or [" << a.batch << ", n_pos]",
+                       describe(a.index));
+    if (!a.index.is_contiguous()) a.index = a.index.contiguous();
+    a.n_pos = a.index.size(-1);
+  }
+
+  a.norm = parse_norm_kind(norm_kind);
+  a.eps = eps;
+  a.weight = opt(norm_weight);
+  a.bias = opt(norm_bias);
+  auto check_norm_param = [&](const at::Tensor& t, const char* name) {
+    if (!t.defined()) return;
+    RESIDTAP_CHECK_ARG(t.dim() == 1 && t.size(0) == a.d_model && t.device() == out.device() &&
+                           t.is_contiguous(),
+                       name, "a contiguous [" << a.d_model << "] tensor on " << out.device(),
+                       describe(t));
+    RESIDTAP_CHECK_ARG(t.scalar_type() == out.scalar_type(), name,
+                       "the dtype of 'out' (" << out.scalar_type() << ")", describe(t));
+  };
+  check_norm_param(a.weight, "norm_weight");
+  check_norm_param(a.bias, "norm_bias");
+
+  a.resid = opt(resid);
+  a.delta = opt(delta);
+  a.normed = opt(normed);
+  a.mean = opt(mean);
+  a.rstd = opt(rstd);
+  a.l2 = opt(l2);
+  a.maxabs = opt(maxabs);
+  check_row_output(a.resid, "resid", a);
+  check_row_output(a.delta, "delta", a);
+  check_row_output(a.normed, "normed", a);
+  check_stat_output(a.mean, "mean", a);
+  check_stat_output(a.rstd, "rstd", a);
+  check_stat_output(a.l2, "l2", a);
+  check_stat_output(a.maxabs, "maxabs", a);
+  RESIDTAP_CHECK_ARG(!(a.normed.defined() && a.norm == NormKind::kNone), "normed",
+                     "None when norm_kind is 'none'", describe(a.normed));
+  return a;
+}
+
+}  // namespace residtap

@@ -1,0 +1,179 @@
+"""Build and load the compiled extension for the torch that imports it.
+
+The extension is JIT-compiled with ``torch.utils.cpp_extension.load`` and ninja into a cache keyed
+by the torch version, the CUDA build, the target architectures and a hash of the sources, so it is
+built once per environment and always against the torch in use. CUDA sources are added only where
+torch is a CUDA build and nvcc is found; a CPU-only machine builds the CPU op alone.
+
+Environment:
+    RESIDTAP_BUILD_DIR     where builds are cached (default ~/.cache/residtap/build)
+    RESIDTAP_NO_CUDA=1     build the CPU op only, even where CUDA could be built
+    RESIDTAP_CUDA_ARCHS    e.g. "9.0" or "8.0;9.0" (default: the visible GPUs, else 9.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+DEFAULT_CUDA_ARCHS = "9.0"
+_NAME = "residtap_C"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildInfo:
+    """What was (or would be) built, and why a backend is or is not there."""
+
+    loaded: bool
+    with_cuda: bool
+    cuda_archs: tuple[str, ...]
+    build_dir: str | None
+    error: str | None  # why loading failed, when it did
+    cuda_skipped_because: str | None  # why CUDA sources were left out, when they were
+
+
+_lock = threading.Lock()
+_info: BuildInfo | None = None
+
+
+def _find_nvcc() -> Path | None:
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]))
+    which = shutil.which("nvcc")
+    if which:
+        candidates.append(Path(which).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists():
+            return home
+    return None
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers of the pip-installed CUDA runtime (nvidia/cu13/include, …) that torch's headers
+    include (cusparse.h) but a bare toolkit install may lack."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for root in spec.submodule_search_locations:
+        for inc in sorted(Path(root).glob("*/include")):
+            if (inc / "cusparse.h").exists() or (inc / "cuda_runtime.h").exists():
+                found.append(str(inc))
+    return found
+
+
+def _cuda_plan() -> tuple[Path | None, str | None]:
+    """(CUDA_HOME, None) when CUDA sources should be built, else (None, reason)."""
+    if os.environ.get("RESIDTAP_NO_CUDA", "") not in ("", "0"):
+        return None, "RESIDTAP_NO_CUDA is set"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    if not list(CSRC.glob("cuda/*.cu")):
+        return None, "no CUDA sources in this checkout"
+    home = _find_nvcc()
+    if home is None:
+        return None, "nvcc was not found (set CUDA_HOME)"
+    return home, None
+
+
+def _cuda_archs() -> tuple[str, ...]:
+    env = os.environ.get("RESIDTAP_CUDA_ARCHS")
+    if env:
+        return tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip())
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return tuple(sorted(f"{ma}.{mi}" for ma, mi in caps))
+    return (DEFAULT_CUDA_ARCHS,)
+
+
+def _sources(with_cuda: bool) -> list[Path]:
+    srcs = [CSRC / "ops.cpp", *sorted(CSRC.glob("cpu/*.cpp"))]
+    if with_cuda:
+        srcs += sorted(CSRC.glob("cuda/*.cu"))
+    return srcs
+
+
+def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    headers = (".h", ".cuh") if with_cuda else (".h",)
+    for p in sorted(CSRC.rglob("*")):
+        if p.is_file() and (p.suffix in headers or p in sources):
+            h.update(str(p.relative_to(CSRC)).encode())
+            h.update(p.read_bytes())
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    dev = f"cu{torch.version.cuda}-sm{'_'.join(a.replace('.', '') for a in archs)}" if with_cuda else "cpu"
+    return f"torch{torch.__version__.replace('+', '_')}-{py}-{dev}-{h.hexdigest()[:12]}"
+
+
+def _load() -> BuildInfo:
+    cuda_home, cuda_skip = _cuda_plan()
+    if cuda_home is not None and not os.environ.get("CUDA_HOME"):
+        # cpp_extension decides CUDA_HOME when it is first imported and guesses /usr/local.
+        os.environ["CUDA_HOME"] = str(cuda_home)
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_home is not None
+    archs = _cuda_archs() if with_cuda else ()
+    sources = _sources(with_cuda)
+    root = Path(os.environ.get("RESIDTAP_BUILD_DIR", Path.home() / ".cache" / "residtap" / "build"))
+    build_dir = root / _tag(sources, with_cuda, archs)
+    build_dir.mkdir(parents=True, exist_ok=True)
+
+    extra_include = [str(CSRC)]
+    cflags = ["-O3"]  # the C++ standard is the one torch's own flags ask for
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # never fast-math
+    if with_cuda:
+        cpp_extension.CUDA_HOME = str(cuda_home)
+        os.environ["CUDA_HOME"] = str(cuda_home)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        extra_include += _pip_cuda_includes()
+        cflags.append("-DRESIDTAP_WITH_CUDA")
+        cuda_flags.append("-DRESIDTAP_WITH_CUDA")
+
+    if not (build_dir / f"{_NAME}.so").exists():
+        what = f"C++ and CUDA (sm {', '.join(archs)})" if with_cuda else "C++ (CPU only)"
+        print(f"residtap: compiling the {what} extension for torch {torch.__version__} into "
+              f"{build_dir} (first use only; about 1-3 minutes)...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=_NAME,
+        sources=[str(s) for s in sources],
+        extra_include_paths=extra_include,
+        extra_cflags=cflags,
+        extra_cuda_cflags=cuda_flags,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("RESIDTAP_VERBOSE_BUILD", "") not in ("", "0"),
+    )
+    return BuildInfo(True, with_cuda, archs, str(build_dir), None, cuda_skip)
+
+
+def load_extension() -> BuildInfo:
+    """Build (once) and load the extension; never raises: failures are recorded in the result."""
+    global _info
+    with _lock:
+        if _info is None:
+            try:
+                _info = _load()
+                from . import ops
+
+                ops._register_fake()
+            except Exception as e:  # a missing compiler, a failed build: recorded, reported later
+                cuda_home, cuda_skip = _cuda_plan()
+                _info = BuildInfo(False, False, (), None, f"{type(e).__name__}: {e}".strip(), cuda_skip)
+        return _info
+
+
+def build_info() -> BuildInfo | None:
+    """The result of the last load attempt, or None when none was made in this process."""
+    return _info

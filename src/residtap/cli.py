@@ -1,0 +1,130 @@
+"""``residtap`` on the command line: ``verify`` and ``env``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from .selection import resolve_dtype
+
+
+def _load_model(name: str | None, dtype, device: str, seed: int):
+    from .models import random_gpt2
+
+    if name is None:
+        return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+    except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
+        raise SystemExit(f"residtap: --model {name!r} could not be loaded offline ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
+                         "config.json and weights, or a name already in the HF cache; omit --model for "
+                         "the built-in random GPT-2-small.")
+    return model.to(device).eval(), name
+
+
+def cmd_verify(args) -> int:
+    from .models import random_input_ids
+    from .verify import verify
+
+    dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
+    model, label = _load_model(args.model, dtype, args.device, args.seed)
+    ids = random_input_ids(model, args.batch, args.seq, seed=args.seed)
+    report = verify(model, ids, backend=args.backend)
+    if args.json:
+        d = report.to_dict()
+        d["model"] = label
+        print(json.dumps(d, indent=2))
+    else:
+        print(str(report).replace(report.model, label, 1))
+    return 0 if report.ok else 1
+
+
+def env_report() -> dict:
+    import transformers
+
+    from . import __version__
+    from ._build import load_extension
+    from .backend import compiled_unavailable_reason
+
+    info = load_extension()
+    devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())]
+                         if torch.cuda.is_available() else [])
+    return {
+        "residtap": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "extension_loaded": info.loaded,
+        "extension_error": info.error,
+        "extension_devices": (["cpu"] + (["cuda"] if info.with_cuda else [])) if info.loaded else [],
+        "cuda_archs_built": list(info.cuda_archs),
+        "cuda_left_out_because": info.cuda_skipped_because,
+        "build_dir": info.build_dir,
+        "backend_by_device": {
+            d: ("compiled" if (r := compiled_unavailable_reason(torch.device(d))) is None
+                else f"reference ({r})") for d in devices},
+    }
+
+
+def cmd_env(args) -> int:
+    rep = env_report()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        width = max(map(len, rep))
+        for k, v in rep.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="residtap", description="Exact residual-stream capture for HF models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("verify", help="hook outputs vs hidden_states, layer by layer (the seed's experiment)")
+    v.add_argument("--model", default=None,
+                   help="HF name or local path, loaded offline (default: random GPT-2-small, no download)")
+    v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--seq", type=int, default=32)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("env", help="versions, the compiled extension, and which backend runs where")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_env)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Other modules add subcommands here (each a function taking the subparsers object).
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad arguments: one clear line, no traceback
+        print(f"residtap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

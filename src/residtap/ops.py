@@ -1,0 +1,59 @@
+"""Typed Python wrappers over ``torch.ops.residtap.*`` and their fake implementations.
+
+The compiled library is loaded by :mod:`residtap._build`; nothing here imports it at module load,
+so a machine that cannot build it can still import residtap and use the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORM_KINDS = ("layer_norm", "none")
+
+
+def capture_block(
+    out: torch.Tensor,  # [batch, seq, d_model]
+    inp: torch.Tensor | None = None,  # [batch, seq, d_model]
+    index: torch.Tensor | None = None,  # int64 [n_pos] or [batch, n_pos]
+    *,
+    norm_weight: torch.Tensor | None = None,  # [d_model]
+    norm_bias: torch.Tensor | None = None,  # [d_model]
+    norm_kind: str = "none",
+    eps: float = 1e-5,
+    resid: torch.Tensor | None = None,  # [batch, n_pos, d_model], capture dtype
+    delta: torch.Tensor | None = None,  # [batch, n_pos, d_model], capture dtype
+    normed: torch.Tensor | None = None,  # [batch, n_pos, d_model], capture dtype
+    mean: torch.Tensor | None = None,  # [batch, n_pos] float32
+    rstd: torch.Tensor | None = None,  # [batch, n_pos] float32
+    l2: torch.Tensor | None = None,  # [batch, n_pos] float32
+    maxabs: torch.Tensor | None = None,  # [batch, n_pos] float32
+) -> None:
+    """Write the requested outputs of one block into caller-owned buffers (see csrc/ops.cpp).
+
+    Example::
+
+        resid = torch.empty(2, 5, 768)
+        capture_block(block_out, block_in, resid=resid)   # resid[:] = block_out
+    """
+    torch.ops.residtap.capture_block(
+        out, inp, index, norm_weight, norm_bias, norm_kind, float(eps),
+        resid, delta, normed, mean, rstd, l2, maxabs,
+    )
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """Called once the library is loaded: lets torch.compile trace through the op."""
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("residtap::capture_block")
+    def _(out, inp, index, norm_weight, norm_bias, norm_kind, eps,
+          resid, delta, normed, mean, rstd, l2, maxabs):
+        torch._check(out.dim() == 3, lambda: "residtap.capture_block: 'out' must be [batch, seq, d_model]")
+        return None
+
+    _fake_registered = True

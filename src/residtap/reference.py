@@ -1,0 +1,182 @@
+"""The contract: residtap's outputs defined in plain PyTorch, from forward hooks.
+
+Every fast path (the C++ op on CPU, the CUDA op on GPU) must reproduce these functions bit for bit
+(``torch.equal`` on the same device and dtype); the one documented exception is ``stats.l2``, whose
+reduction order is ours (within 2 ulp of float32 against float64).
+
+For a block with input ``inp`` and output ``out``, both ``[batch, seq, d_model]``:
+
+======== ===================================================================================
+resid    ``out.detach().clone().to(dtype)``, gathered at the selected positions
+delta    ``(out - inp).to(dtype)`` computed in the model dtype (the block's contribution);
+         for residual index 0 (the embeddings, no block before it) ``delta = resid``
+normed   ``final_norm(out).to(dtype)``: the model's own final norm, in the model dtype
+stats    ``mean, rstd = torch.native_layer_norm(out.float(), (d,), None, None, eps)[1:]``
+         with the final norm's eps; ``l2 = ||out||_2`` per token; ``maxabs = max |out|``
+======== ===================================================================================
+
+Positions are gathered after computing (``take``); every output is row-wise, so gathering
+first or last changes no value.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+OUTPUTS = ("resid", "delta", "normed", "stats")
+STAT_NAMES = ("mean", "rstd", "l2", "maxabs")
+
+# A position selection: None (all), a slice of the sequence, or an int64 index
+# [n_pos] (same for every row) or [batch, n_pos] (per row).
+Selection = "None | slice | torch.Tensor"
+
+
+class Stats(NamedTuple):
+    """Per-token statistics of the raw residual, each float32 ``[..., batch, n_pos]``."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    l2: torch.Tensor
+    maxabs: torch.Tensor
+
+
+def take(x: torch.Tensor, sel) -> torch.Tensor:
+    """Rows of ``x`` ``[batch, seq, ...]`` at the selected positions: ``[batch, n_pos, ...]``."""
+    if sel is None:
+        return x
+    if isinstance(sel, slice):
+        return x[:, sel]
+    if sel.dim() == 1:
+        return x[:, sel]
+    idx = sel.reshape(*sel.shape, *([1] * (x.dim() - 2))).expand(*sel.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def token_stats(out: torch.Tensor, eps: float) -> Stats:
+    """Stats of ``out`` ``[batch, seq, d]`` as the contract defines them, each ``[batch, seq]``."""
+    d = out.shape[-1]
+    _, mean, rstd = torch.native_layer_norm(out.float(), (d,), None, None, eps)
+    l2 = torch.linalg.vector_norm(out.double(), dim=-1).float()
+    maxabs = out.float().abs().amax(dim=-1)
+    return Stats(mean.squeeze(-1), rstd.squeeze(-1), l2, maxabs)
+
+
+def block_outputs(
+    out: torch.Tensor,
+    inp: torch.Tensor | None,
+    *,
+    sel=None,
+    dtype: torch.dtype | None = None,
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eps: float = 1e-5,
+    outputs=("resid",),
+) -> dict:
+    """The reference outputs of one block (or of the embeddings when ``inp`` is None).
+
+    ``out``, ``inp``: ``[batch, seq, d_model]``. Returns a dict with the requested names:
+    ``resid``/``delta``/``normed`` ``[batch, n_pos, d_model]`` in ``dtype`` (default: ``out``'s)
+    and ``stats`` (a :class:`Stats` of ``[batch, n_pos]`` float32 tensors).
+    """
+    out = out.detach()
+    dtype = dtype or out.dtype
+    res = {}
+    if "resid" in outputs:
+        res["resid"] = take(out.clone(), sel).to(dtype)
+    if "delta" in outputs:
+        delta = out.clone() if inp is None else out - inp.detach()
+        res["delta"] = take(delta, sel).to(dtype)
+    if "normed" in outputs:
+        if final_norm is None:
+            raise ValueError("reference.block_outputs: 'normed' needs final_norm, got None")
+        with torch.no_grad():
+            res["normed"] = take(final_norm(out), sel).to(dtype)
+    if "stats" in outputs:
+        res["stats"] = Stats(*(take(s, sel) for s in token_stats(out, eps)))
+    return res
+
+
+def layer_norm_fn(weight, bias, eps: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``F.layer_norm`` over the last dimension: the reference for norm_kind="layer_norm"."""
+    return lambda x: F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None,
+                  norm_kind="none", eps=1e-5, resid=None, delta=None, normed=None,
+                  mean=None, rstd=None, l2=None, maxabs=None) -> None:
+    """Pure-PyTorch stand-in for ``residtap.ops.capture_block``, with the same signature.
+
+    This is the backend used where the compiled extension is unavailable; it allocates
+    temporaries, so it is slower, but its results are the contract itself.
+    """
+    wanted = {"resid": resid, "delta": delta, "normed": normed}
+    stat_bufs = {"mean": mean, "rstd": rstd, "l2": l2, "maxabs": maxabs}
+    outputs = [k for k, v in wanted.items() if v is not None]
+    if any(v is not None for v in stat_bufs.values()):
+        outputs.append("stats")
+    norm = layer_norm_fn(norm_weight, norm_bias, eps) if norm_kind == "layer_norm" else None
+    res = block_outputs(out, inp, sel=index, dtype=None, final_norm=norm, eps=eps, outputs=outputs)
+    for k, buf in wanted.items():
+        if buf is not None:
+            buf.copy_(res[k])
+    for k, buf in stat_bufs.items():
+        if buf is not None:
+            buf.copy_(getattr(res["stats"], k))
+
+
+class ReferenceResult(NamedTuple):
+    layer_ids: list
+    outputs: dict  # name -> [n_layers_selected, batch, n_pos, d_model]; "stats" -> Stats of stacked
+    model_output: object
+
+
+def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs=("resid",),
+                  blocks=None, final_norm=None, **kwargs) -> ReferenceResult:
+    """Run ``model(*args, **kwargs)`` with plain forward hooks that ``.clone()`` each block's input
+    and output, then compute every requested output with torch ops as the contract says.
+
+    Selections follow :class:`residtap.Capture` exactly (same argument rules).
+    """
+    from .arch import resolve_layout
+    from .selection import resolve_layers, resolve_positions, NOT_GIVEN
+
+    layout = resolve_layout(model, blocks=NOT_GIVEN if blocks is None else blocks,
+                            final_norm=NOT_GIVEN if final_norm is None else final_norm)
+    layer_ids = resolve_layers(layers, layout.n_layers)
+    saved = {}
+
+    def pre_hook(_mod, a, kw):
+        saved[0] = (layout.hidden_from_args(a, kw).detach().clone(), None)
+
+    def make_hook(i):
+        def hook(_mod, a, kw, output):
+            saved[i + 1] = (layout.hidden_from_output(output).detach().clone(),
+                            layout.hidden_from_args(a, kw).detach().clone())
+        return hook
+
+    handles = [layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    try:
+        for i, blk in enumerate(layout.blocks):
+            handles.append(blk.register_forward_hook(make_hook(i), with_kwargs=True))
+        with torch.no_grad():
+            model_output = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    per_layer = []
+    for lid in layer_ids:
+        out, inp = saved[lid]
+        sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)
+        per_layer.append(block_outputs(out, inp, sel=sel, dtype=dtype, final_norm=layout.final_norm,
+                                       eps=layout.eps, outputs=outputs))
+    stacked = {}
+    for name in outputs:
+        if name == "stats":
+            stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
+                                    for s in STAT_NAMES))
+        else:
+            stacked[name] = torch.stack([r[name] for r in per_layer])
+    return ReferenceResult(layer_ids, stacked, model_output)

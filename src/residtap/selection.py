@@ -1,0 +1,142 @@
+"""Validation of what the user selects: layers, positions, dtype, outputs.
+
+Each function raises ``ValueError`` naming the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Sequence
+
+import torch
+
+from .reference import OUTPUTS
+
+NOT_GIVEN = object()  # distinguishes "not passed" from an explicit None
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """None, a torch dtype or its name → a supported torch dtype (or None for the model's)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: expected None or one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: expected None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {dtype!r}")
+    return dtype
+
+
+def resolve_outputs(outputs) -> tuple[str, ...]:
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise ValueError(f"outputs: expected a non-empty subset of {OUTPUTS}, got {outputs!r}")
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs: expected distinct names, got {outputs!r}")
+    return tuple(o for o in OUTPUTS if o in outputs)
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """Residual indices 0..n_layers (0 = embeddings, i = output of block i-1), ascending."""
+    if layers is None:
+        return list(range(n_layers + 1))
+    if _is_int(layers):
+        layers = [layers]
+    if isinstance(layers, torch.Tensor):
+        layers = layers.tolist()
+    if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_int, layers)):
+        raise ValueError(f"layers: expected None, an int or a sequence of ints, got {layers!r}")
+    if not layers:
+        raise ValueError("layers: expected at least one residual index, got an empty sequence")
+    resolved = []
+    for lid in layers:
+        if not -(n_layers + 1) <= lid <= n_layers:
+            raise ValueError(f"layers: expected residual indices in [{-(n_layers + 1)}, {n_layers}] "
+                             f"(the model has {n_layers} blocks, so residual indices 0..{n_layers}), "
+                             f"got {lid}")
+        resolved.append(lid % (n_layers + 1))
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers: expected distinct residual indices, got {list(layers)} "
+                         f"(= {resolved} after resolving negatives)")
+    return sorted(resolved)
+
+
+@dataclasses.dataclass
+class PositionPlan:
+    """Positions resolved for one sequence length: ``span`` (a contiguous slice, taken as a view)
+    or ``index`` (a list of ints, gathered by the op)."""
+
+    seq_len: int
+    span: slice | None = None
+    index: list[int] | None = None
+    _device_index: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        if self.index is not None:
+            return len(self.index)
+        return self.span.stop - self.span.start
+
+    def as_selection(self, device: torch.device):
+        """None, a slice, or an int64 index on ``device`` (cached; made without a host sync)."""
+        if self.index is None:
+            return None if self.n_pos == self.seq_len else self.span
+        key = str(device)
+        if key not in self._device_index:
+            host = torch.tensor(self.index, dtype=torch.long)
+            if torch.device(device).type == "cuda":
+                host = host.pin_memory()  # so the copy is asynchronous, never a host sync
+            self._device_index[key] = (host, host.to(device, non_blocking=True))
+        return self._device_index[key][1]
+
+
+def resolve_positions(positions, seq_len: int) -> PositionPlan:
+    """None (all), an int, a slice, a sequence or 1-D tensor of ints; negatives as in Python."""
+    if positions is None:
+        return PositionPlan(seq_len, span=slice(0, seq_len))
+    if isinstance(positions, slice):
+        rng = range(*positions.indices(seq_len))
+        if len(rng) == 0:
+            raise ValueError(f"positions: the slice {positions!r} selects no position of a sequence of "
+                             f"length {seq_len}")
+        if rng.step == 1:
+            return PositionPlan(seq_len, span=slice(rng.start, rng.stop))
+        return PositionPlan(seq_len, index=list(rng))
+    if _is_int(positions):
+        positions = [positions]
+    elif isinstance(positions, torch.Tensor):
+        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise ValueError(f"positions: expected a 1-D integer tensor, got a {positions.dtype} tensor "
+                             f"of shape {tuple(positions.shape)}")
+        positions = positions.tolist()
+    if not isinstance(positions, Sequence) or isinstance(positions, str) \
+            or not all(map(_is_int, positions)):
+        raise ValueError(f"positions: expected None, an int, a slice, or a sequence / 1-D tensor of "
+                         f"ints, got {positions!r}")
+    if not positions:
+        raise ValueError("positions: expected at least one position, got an empty sequence")
+    bad = [p for p in positions if not -seq_len <= p < seq_len]
+    if bad:
+        raise ValueError(f"positions: expected positions in [{-seq_len}, {seq_len}) for the input's "
+                         f"sequence length {seq_len}, got {bad}")
+    index = [p % seq_len for p in positions]
+    if index == list(range(index[0], index[0] + len(index))):
+        return PositionPlan(seq_len, span=slice(index[0], index[0] + len(index)))
+    return PositionPlan(seq_len, index=index)
