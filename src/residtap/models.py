@@ -27,7 +27,11 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
 
     if size not in GPT2_SIZES:
         raise ValueError(f"size: expected one of {sorted(GPT2_SIZES)}, got {size!r}")
-    cfg = GPT2Config(**{**GPT2_SIZES[size], **overrides})
+    kw = {**GPT2_SIZES[size], **overrides}
+    if "vocab_size" in kw:  # keep the special tokens inside a small vocabulary
+        kw.setdefault("bos_token_id", kw["vocab_size"] - 1)
+        kw.setdefault("eos_token_id", kw["vocab_size"] - 1)
+    cfg = GPT2Config(**kw)
     torch.manual_seed(seed)
     with torch.device(device):
         model = (GPT2LMHeadModel if lm_head else GPT2Model)(cfg)

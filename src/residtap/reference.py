@@ -140,7 +140,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     Selections follow :class:`residtap.Capture` exactly (same argument rules).
     """
     from .arch import resolve_layout
-    from .selection import resolve_layers, resolve_positions, NOT_GIVEN
+    from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
+
+    dtype = resolve_dtype(dtype)
 
     layout = resolve_layout(model, blocks=NOT_GIVEN if blocks is None else blocks,
                             final_norm=NOT_GIVEN if final_norm is None else final_norm)

@@ -1,0 +1,54 @@
+"""Shared test helpers: tiny seeded GPT-2 models and exact comparisons."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from residtap.models import random_gpt2
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_gpt2(n_layer=2, n_embd=64, n_head=2, dtype=torch.float32, lm_head=True, seed=0):
+    return random_gpt2(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=97, n_positions=256,
+                       dtype=dtype, lm_head=lm_head, seed=seed)
+
+
+def ids_for(model, batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place between float32 tensors of the same sign."""
+    assert a.dtype == b.dtype == torch.float32
+    return (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()
+
+
+def assert_l2_close(got: torch.Tensor, ref_f64: torch.Tensor, max_ulp: int = 2) -> None:
+    """The contract's one tolerance: l2 within 2 ulp of float32 against a float64 computation."""
+    ref = ref_f64.float()
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), finite)
+    d = ulp_distance(got[finite], ref[finite])
+    assert d.numel() == 0 or int(d.max()) <= max_ulp, f"l2 off by {int(d.max())} ulp"
+
+
+def assert_same_outputs(cap, ref, outputs) -> None:
+    """Every captured output equals the reference bit for bit (l2: within 2 ulp)."""
+    for name in outputs:
+        if name == "stats":
+            for stat in ("mean", "rstd", "maxabs"):
+                got, want = getattr(cap.stats, stat), getattr(ref.outputs["stats"], stat)
+                assert got.dtype == want.dtype and torch.equal(got, want), f"stats.{stat} differs"
+            assert_l2_close(cap.stats.l2, ref.outputs["stats"].l2.double())
+        else:
+            got, want = getattr(cap, name), ref.outputs[name]
+            assert got.dtype == want.dtype, f"{name}: {got.dtype} vs {want.dtype}"
+            assert got.shape == want.shape, f"{name}: {tuple(got.shape)} vs {tuple(want.shape)}"
+            assert torch.equal(got, want), f"{name} differs: max |diff| " \
+                f"{(got.float() - want.float()).abs().max().item()}"

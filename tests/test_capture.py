@@ -1,0 +1,155 @@
+"""residtap.capture on GPT-2 against the hook reference, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import residtap
+from helpers import DTYPES, assert_same_outputs, ids_for, tiny_gpt2
+from residtap.reference import OUTPUTS, run_reference
+
+CONFIGS = {  # (n_layer, n_embd, n_head)
+    "1layer-d64": (1, 64, 2),
+    "2layer-d66": (2, 66, 3),  # d_model not divisible by 4
+    "3layer-d129": (3, 129, 3),
+}
+
+
+def check(model, ids, backend="compiled", **sel):
+    outputs = sel.pop("outputs", OUTPUTS)
+    with residtap.capture(model, outputs=outputs, backend=backend, **sel) as cap:
+        model(ids)
+    ref = run_reference(model, ids, outputs=outputs, **sel)
+    assert cap.layer_ids == ref.layer_ids
+    assert_same_outputs(cap, ref, outputs)
+    return cap
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 7), (3, 17)])
+def test_all_layers_all_outputs(extension, dtype, config, batch, seq):
+    n_layer, d, heads = CONFIGS[config]
+    model = tiny_gpt2(n_layer, d, heads, dtype)
+    cap = check(model, ids_for(model, batch, seq))
+    assert cap.resid.shape == (n_layer + 1, batch, seq, d)
+    assert cap.stats.mean.shape == (n_layer + 1, batch, seq)
+    assert cap.backend == "compiled"
+
+
+@pytest.mark.parametrize("layers", [None, 0, [-1], [2, 0], [1, -3]], ids=str)
+@pytest.mark.parametrize("positions", [None, 0, -1, [4, 0, 0], slice(1, None, 2), slice(2, 5),
+                                       torch.tensor([3, -7])], ids=str)
+def test_layer_and_position_selection(extension, layers, positions):
+    model = tiny_gpt2(2, 66, 3, torch.float32)
+    cap = check(model, ids_for(model, 2, 7), layers=layers, positions=positions)
+    if layers == [1, -3]:
+        assert cap.layer_ids == [0, 1]  # negatives count from the end, ids come back ascending
+    assert cap.resid.shape[0] == len(cap.layer_ids)
+
+
+def test_repeated_layer_after_negative_resolution_is_an_error():
+    model = tiny_gpt2(2, 66, 3, torch.float32)
+    with pytest.raises(ValueError, match="layers: expected distinct"):
+        residtap.capture(model, layers=[1, -2])
+
+
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cap_dtype", [torch.float32, torch.bfloat16, torch.float16, "bf16"], ids=str)
+def test_capture_dtype(extension, model_dtype, cap_dtype):
+    model = tiny_gpt2(2, 64, 2, model_dtype)
+    cap = check(model, ids_for(model, 2, 5), dtype=cap_dtype, positions=[1, 3])
+    want = residtap.selection.resolve_dtype(cap_dtype)
+    assert cap.resid.dtype == cap.delta.dtype == cap.normed.dtype == want
+    assert cap.stats.rstd.dtype == torch.float32
+
+
+@pytest.mark.parametrize("outputs", [("resid",), ("delta",), ("normed", "stats"), ("stats",)], ids=str)
+def test_output_subsets(extension, outputs):
+    model = tiny_gpt2(2, 64, 2, torch.bfloat16)
+    cap = check(model, ids_for(model, 2, 5), outputs=outputs)
+    for name in OUTPUTS:
+        if name not in outputs:
+            with pytest.raises(residtap.CaptureError, match="was not requested"):
+                getattr(cap, name)
+
+
+def test_reuse_across_shapes_keeps_buffers_per_shape(extension):
+    model = tiny_gpt2(2, 66, 3, torch.float32)
+    cap = residtap.Capture(model, positions=[0, -1], outputs=OUTPUTS)
+    ptrs = []
+    for batch, seq in [(2, 7), (2, 7), (3, 5), (3, 5), (2, 7)]:
+        ids = ids_for(model, batch, seq, seed=batch * seq + len(ptrs))
+        with cap:
+            model(ids)
+        ref = run_reference(model, ids, positions=[0, -1], outputs=OUTPUTS)
+        assert_same_outputs(cap, ref, OUTPUTS)
+        ptrs.append(cap.resid.data_ptr())
+    assert ptrs[0] == ptrs[1] and ptrs[2] == ptrs[3]  # same shape: the same buffer, reused
+    assert cap.resid.shape == (3, 2, 2, 66)
+
+
+def test_views_are_overwritten_by_the_next_forward_and_clone_keeps_a_copy(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    a, b = ids_for(model, 1, 6, seed=1), ids_for(model, 1, 6, seed=2)
+    with residtap.capture(model) as cap:
+        model(a)
+        view, kept = cap.resid, cap.resid.clone()
+        model(b)
+    assert torch.equal(view, cap.resid) and not torch.equal(kept, cap.resid)
+    assert torch.equal(kept, run_reference(model, a).outputs["resid"])
+
+
+def test_two_captures_on_one_model_are_independent(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 6)
+    with residtap.capture(model, layers=[0], outputs=("resid",)) as c1, \
+            residtap.capture(model, layers=[2, 1], positions=[-1], outputs=("normed", "stats")) as c2:
+        model(ids)
+    assert_same_outputs(c1, run_reference(model, ids, layers=[0]), ("resid",))
+    assert_same_outputs(c2, run_reference(model, ids, layers=[2, 1], positions=[-1],
+                                          outputs=("normed", "stats")), ("normed", "stats"))
+
+
+def test_bare_model_and_reference_backend(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
+    check(model, ids_for(model, 2, 5))
+    cap = check(model, ids_for(model, 2, 5), backend="reference")
+    assert cap.backend == "reference"
+
+
+def test_last_resid_is_raw_and_normed_equals_last_hidden_state(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=("resid", "normed")) as cap:
+        out = model(ids, output_hidden_states=True)
+    hs = out.hidden_states
+    for i in range(len(hs) - 1):
+        assert torch.equal(cap.resid[i], hs[i])
+    assert not torch.equal(cap.resid[-1], hs[-1])
+    assert torch.equal(cap.normed[-1], hs[-1])
+
+
+def test_delta_is_each_blocks_contribution(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    with residtap.capture(model, outputs=("resid", "delta")) as cap:
+        model(ids_for(model, 2, 5))
+    assert torch.equal(cap.delta[0], cap.resid[0])  # index 0: the embeddings themselves
+    for i in range(1, 3):
+        assert torch.equal(cap.delta[i], cap.resid[i] - cap.resid[i - 1])
+
+
+def test_capture_in_training_mode_with_grad(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    model.train()
+    try:
+        torch.manual_seed(0)
+        ids = ids_for(model, 2, 5)
+        with residtap.capture(model, outputs=OUTPUTS) as cap:
+            out = model(ids, labels=ids)
+        out.loss.backward()  # capturing must not break autograd
+        assert cap.resid.requires_grad is False
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)

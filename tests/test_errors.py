@@ -1,0 +1,165 @@
+"""Bad input: a clear error naming the argument; nothing left registered; nothing half-done."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import residtap
+from helpers import ids_for, tiny_gpt2
+from residtap import backend
+from residtap._build import BuildInfo
+
+
+def hook_counts(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def model():
+    m = tiny_gpt2(2, 64, 2, torch.float32)
+    before = hook_counts(m)
+    yield m
+    assert hook_counts(m) == before, "a hook was left registered"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers=[3]), r"layers: expected residual indices in \[-3, 2\].*got 3"),
+    (dict(layers=[-4]), r"layers: .*got -4"),
+    (dict(layers=[1, 1]), r"layers: expected distinct"),
+    (dict(layers=[]), r"layers: expected at least one"),
+    (dict(layers="all"), r"layers: expected None, an int or a sequence of ints, got 'all'"),
+    (dict(positions=[0.5]), r"positions: expected None, an int, a slice"),
+    (dict(positions=[]), r"positions: expected at least one position"),
+    (dict(positions=torch.zeros(2, 2, dtype=torch.long)), r"positions: expected a 1-D integer tensor"),
+    (dict(outputs=("resid", "logits")), r"outputs: expected a non-empty subset of .*'logits'"),
+    (dict(outputs=()), r"outputs: expected a non-empty subset"),
+    (dict(dtype=torch.float64), r"dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, got torch.float64"),
+    (dict(dtype="int8"), r"dtype: expected None or one of"),
+    (dict(backend="triton"), r"backend: expected one of"),
+    (dict(blocks="transformer.nope"), r"blocks: expected a module path .* has no attribute 'nope'"),
+    (dict(final_norm=3), r"final_norm: expected a module, a path or None, got int"),
+    (dict(final_norm=None, outputs=("normed",)), r"outputs: 'normed' needs a final norm"),
+])
+def test_bad_arguments_raise_at_construction(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        residtap.capture(model, **kwargs)
+
+
+def test_unknown_model_lists_families_and_says_what_to_pass():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return self.norm(x)
+
+    m = Tiny()
+    with pytest.raises(ValueError, match=r"does not know .*Supported families: .*gpt2.*blocks=.*final_norm="):
+        residtap.capture(m)
+    # ...and given both, it works and matches the reference
+    x = torch.randn(2, 3, 4)
+    with residtap.capture(m, blocks="layers", final_norm="norm", outputs=("resid", "normed")) as cap:
+        m(x)
+    ref = residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm", outputs=("resid", "normed"))
+    assert torch.equal(cap.resid, ref.outputs["resid"]) and torch.equal(cap.normed, ref.outputs["normed"])
+    assert hook_counts(m) == 0
+
+
+def test_positions_out_of_range_for_the_actual_length(model):
+    cap = residtap.capture(model, positions=[0, 9])
+    with pytest.raises(ValueError, match=r"positions: expected positions in \[-5, 5\) .* length 5, got \[9\]"):
+        with cap:
+            model(ids_for(model, 2, 5))
+    with pytest.raises(residtap.CaptureError, match="raised"):
+        cap.resid
+    with cap:  # the same capture still works for a long enough input
+        model(ids_for(model, 2, 10))
+    assert cap.resid.shape == (3, 2, 2, 64)
+
+
+def test_empty_slice_for_the_actual_length(model):
+    with pytest.raises(ValueError, match=r"positions: the slice .* selects no position"):
+        with residtap.capture(model, positions=slice(8, None)):
+            model(ids_for(model, 1, 5))
+
+
+def test_reading_before_any_forward(model):
+    cap = residtap.capture(model)
+    with pytest.raises(residtap.CaptureError, match=r"cap.resid: no forward has run"):
+        cap.resid
+    with cap:
+        with pytest.raises(residtap.CaptureError, match=r"no forward has run"):
+            cap.resid
+
+
+def test_reading_an_output_that_was_not_requested(model):
+    with residtap.capture(model, outputs=("resid",)) as cap:
+        model(ids_for(model, 1, 3))
+    with pytest.raises(residtap.CaptureError, match=r"cap.normed: 'normed' was not requested"):
+        cap.normed
+    with pytest.raises(residtap.CaptureError, match=r"cap.stats: 'stats' was not requested"):
+        cap.stats
+
+
+class Boom(Exception):
+    pass
+
+
+def test_forward_raising_inside_the_context_removes_hooks_and_propagates_unchanged(model):
+    err = Boom("from block 1")
+
+    def explode(*_):
+        raise err
+
+    h = model.transformer.h[1].register_forward_pre_hook(explode)
+    try:
+        cap = residtap.capture(model, outputs=("resid", "stats"))
+        with pytest.raises(Boom) as info:
+            with cap:
+                model(ids_for(model, 1, 4))
+        assert info.value is err
+    finally:
+        h.remove()
+    with pytest.raises(residtap.CaptureError, match="the last forward raised"):
+        cap.resid
+
+
+def test_entering_twice_is_an_error(model):
+    cap = residtap.capture(model)
+    with cap:
+        with pytest.raises(RuntimeError, match="already active"):
+            cap.__enter__()
+
+
+def test_non_module_model():
+    with pytest.raises(ValueError, match="model: expected a torch.nn.Module, got str"):
+        residtap.capture("gpt2")
+
+
+def test_backend_fallback_warns_once_and_explicit_compiled_raises(monkeypatch, model):
+    from residtap import _build
+
+    failed = BuildInfo(False, False, (), None, "RuntimeError: no compiler", None)
+    monkeypatch.setattr(_build, "_info", failed)
+    monkeypatch.setattr(backend, "_warned", set())
+    ids = ids_for(model, 1, 3)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch reference because the extension could not be built"):
+        with residtap.capture(model) as cap:
+            model(ids)
+    assert cap.backend == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: no second warning
+        with residtap.capture(model) as cap2:
+            model(ids)
+    assert torch.equal(cap.resid, cap2.resid)
+    with pytest.raises(RuntimeError, match="backend='compiled' was requested but the extension could not"):
+        with residtap.capture(model, backend="compiled"):
+            model(ids)

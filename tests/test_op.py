@@ -1,0 +1,150 @@
+"""The capture op on CPU, called directly, against the reference contract, over awkward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import DTYPES, assert_l2_close
+from residtap import ops, reference
+
+WIDTHS = (1, 3, 64, 66, 129, 768)
+ROWS = ((1, 1), (2, 5), (3, 33))
+
+
+def make_inputs(batch, seq, d, dtype, seed=0, centre=0.0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, d, seq) if noncontig else (batch, seq, d)
+    out = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
+    inp = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
+    if noncontig:  # same values layout-wise, strides that are not row-major
+        out, inp = out.transpose(1, 2), inp.transpose(1, 2)
+    w = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype)
+    b = (torch.randn(d, generator=g) * 0.1).to(dtype)
+    return out, inp, w, b
+
+
+def index_for(kind, batch, seq):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(1)
+    if kind == "1d":
+        return torch.randint(0, seq, (min(seq + 2, 5),), generator=g)
+    return torch.randint(0, seq, (batch, 3), generator=g)
+
+
+def run_op(out, inp, index, w, b, eps, cap_dtype, affine=True, with_inp=True):
+    batch = out.shape[0]
+    n_pos = out.shape[1] if index is None else index.shape[-1]
+    d = out.shape[2]
+    bufs = {n: torch.full((batch, n_pos, d), float("nan"), dtype=cap_dtype) for n in ("resid", "delta", "normed")}
+    bufs.update({n: torch.full((batch, n_pos), float("nan")) for n in ("mean", "rstd", "l2", "maxabs")})
+    ops.capture_block(out, inp if with_inp else None, index,
+                      norm_weight=w if affine else None, norm_bias=b if affine else None,
+                      norm_kind="layer_norm", eps=eps, **bufs)
+    return bufs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", WIDTHS)
+@pytest.mark.parametrize("batch,seq", ROWS)
+@pytest.mark.parametrize("index_kind", [None, "1d", "2d"])
+def test_op_matches_reference(extension, dtype, d, batch, seq, index_kind):
+    out, inp, w, b = make_inputs(batch, seq, d, dtype, seed=d + seq)
+    index = index_for(index_kind, batch, seq)
+    eps = 1e-5
+    got = run_op(out, inp, index, w, b, eps, dtype)
+    want = reference.block_outputs(out, inp, sel=index, final_norm=reference.layer_norm_fn(w, b, eps),
+                                   eps=eps, outputs=reference.OUTPUTS)
+    for name in ("resid", "delta", "normed"):
+        assert torch.equal(got[name], want[name]), name
+    for name in ("mean", "rstd", "maxabs"):
+        assert torch.equal(got[name], getattr(want["stats"], name)), name
+    assert_l2_close(got["l2"], reference.take(torch.linalg.vector_norm(out.double(), dim=-1), index))
+
+
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cap_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "noncontig", "centre30", "no_affine", "no_inp"])
+def test_op_casts_layouts_and_variants(extension, model_dtype, cap_dtype, variant):
+    out, inp, w, b = make_inputs(2, 9, 66, model_dtype, seed=3, centre=30.0 if variant == "centre30" else 0.0,
+                                 noncontig=variant == "noncontig")
+    affine, with_inp = variant != "no_affine", variant != "no_inp"
+    got = run_op(out, inp, None, w, b, 1e-5, cap_dtype, affine=affine, with_inp=with_inp)
+    norm = reference.layer_norm_fn(w if affine else None, b if affine else None, 1e-5)
+    want = reference.block_outputs(out, inp if with_inp else None, dtype=cap_dtype, final_norm=norm,
+                                   eps=1e-5, outputs=reference.OUTPUTS)
+    for name in ("resid", "delta", "normed"):
+        assert got[name].dtype == cap_dtype
+        assert torch.equal(got[name], want[name]), name
+    for name in ("mean", "rstd", "maxabs"):
+        assert torch.equal(got[name], getattr(want["stats"], name)), name
+
+
+def test_op_writes_only_requested_outputs(extension):
+    out, inp, w, b = make_inputs(2, 4, 64, torch.float32)
+    resid = torch.zeros(2, 4, 64)
+    sentinel = torch.full((2, 4), 7.0)
+    ops.capture_block(out, inp, None, resid=resid, l2=None, maxabs=None)
+    assert torch.equal(resid, out)
+    ops.capture_block(out, inp, None, maxabs=sentinel)
+    assert torch.equal(sentinel, out.abs().amax(-1))
+
+
+def test_op_maxabs_propagates_nan(extension):
+    out = torch.randn(1, 3, 8)
+    out[0, 1, 5] = float("nan")
+    m = torch.empty(1, 3)
+    ops.capture_block(out, None, None, maxabs=m)
+    assert torch.equal(m.isnan(), out.abs().amax(-1).isnan())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(extension, dtype):
+    out, inp, w, b = make_inputs(2, 5, 64, dtype)
+    index = torch.tensor([4, 0, 2])
+    bufs = [torch.empty(2, 3, 64, dtype=dtype) for _ in range(3)] + [torch.empty(2, 3) for _ in range(4)]
+    torch.library.opcheck(torch.ops.residtap.capture_block.default,
+                          (out, inp, index, w, b, "layer_norm", 1e-5, *bufs))
+    bufs = [torch.empty(2, 5, 64, dtype=torch.float32), None, None, None, None, torch.empty(2, 5), None]
+    torch.library.opcheck(torch.ops.residtap.capture_block.default,
+                          (out, None, None, None, None, "none", 1e-5, *bufs))
+
+
+def test_op_under_torch_compile(extension):
+    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
+    resid = torch.empty(2, 5, 64)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(o, i, r):
+        ops.capture_block(o, i, None, resid=r)
+        return o * 2
+
+    f(out, inp, resid)
+    assert torch.equal(resid, out)
+
+
+@pytest.mark.parametrize("kwargs,argname", [
+    (dict(out=torch.zeros(2, 3)), "out"),
+    (dict(out=torch.zeros(2, 3, 4, dtype=torch.int32)), "out"),
+    (dict(inp=torch.zeros(2, 3, 5)), "inp"),
+    (dict(index=torch.tensor([0.0])), "index"),
+    (dict(index=torch.zeros(3, 1, dtype=torch.long)), "index"),
+    (dict(index=torch.tensor([3]), resid=torch.zeros(2, 1, 4)), "index"),  # out of range for seq 3
+    (dict(resid=torch.zeros(2, 3, 5)), "resid"),
+    (dict(resid=torch.zeros(2, 3, 4, dtype=torch.float64)), "resid"),
+    (dict(delta=torch.zeros(2, 4, 3).transpose(1, 2)), "delta"),
+    (dict(mean=torch.zeros(2, 3, dtype=torch.float16)), "mean"),
+    (dict(l2=torch.zeros(2, 4)), "l2"),
+    (dict(norm_weight=torch.zeros(5)), "norm_weight"),
+    (dict(norm_bias=torch.zeros(4, dtype=torch.float16)), "norm_bias"),
+    (dict(norm_kind="rms"), "norm_kind"),
+    (dict(norm_kind="none", normed=torch.zeros(2, 3, 4)), "normed"),
+])
+def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
+    args = dict(out=torch.zeros(2, 3, 4), inp=None, index=None, norm_kind="layer_norm",
+                resid=torch.zeros(2, 3, 4))
+    args.update(kwargs)
+    out = args.pop("out")
+    with pytest.raises(RuntimeError, match=f"'{argname}' expected"):
+        ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)

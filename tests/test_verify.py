@@ -1,0 +1,93 @@
+"""residtap.verify and `residtap verify`: the seed's finding as a report and an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import residtap
+from helpers import DTYPES, ids_for, tiny_gpt2
+from residtap import cli
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_layer,d", [(1, 64), (3, 66)])
+def test_report_every_layer_raw_except_the_last_which_is_final_norm(extension, dtype, n_layer, d):
+    model = tiny_gpt2(n_layer, d, 2 if d == 64 else 3, dtype)
+    rep = residtap.verify(model, ids_for(model, 2, 6))
+    assert rep.ok and rep.n_layers == n_layer and rep.n_hidden_states == n_layer + 1
+    for row in rep.rows[:-1]:
+        assert row.raw_exact and row.raw_maxabs == 0.0
+    last = rep.rows[-1]
+    assert not last.raw_exact and last.raw_maxabs > 0
+    assert last.normed_exact and last.normed_maxabs == 0.0 and last.matches == "normed"
+    assert rep.convention.startswith("last entry is final_norm")
+    d = rep.to_dict()
+    assert json.loads(json.dumps(d))["ok"] is True and len(d["rows"]) == n_layer + 1
+    text = str(rep)
+    assert "final_norm(raw)" in text and text.rstrip().endswith("OK")
+
+
+def test_report_with_attention_mask(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    assert residtap.verify(model, ids, attention_mask=mask).ok
+
+
+def test_report_fails_when_the_last_state_is_not_explained(extension):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    wrong = nn.LayerNorm(64, eps=1e-3)  # not the model's ln_f: cannot reproduce hidden_states[-1]
+    rep = residtap.verify(model, ids_for(model, 2, 6), final_norm=wrong)
+    assert not rep.ok and rep.rows[-1].matches == "neither"
+    assert "FAILED" in str(rep)
+
+
+def test_cli_verify_table_and_json(extension, capsys):
+    assert cli.main(["verify", "--batch", "1", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-small (random init), 12 blocks" in out and out.rstrip().endswith("OK")
+    assert out.count("exact") >= 13
+    assert cli.main(["verify", "--batch", "1", "--seq", "4", "--dtype", "bfloat16", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ok"] and rep["n_layers"] == 12 and rep["dtype"] == "bfloat16"
+    assert [r["matches"] for r in rep["rows"]] == ["raw"] * 12 + ["normed"]
+
+
+def test_cli_verify_exit_code_1_when_not_ok(extension, monkeypatch, capsys):
+    verify_mod = sys.modules["residtap.verify"]
+    real = verify_mod.verify
+    monkeypatch.setattr(verify_mod, "verify",
+                        lambda m, ids, **kw: real(m, ids, final_norm=nn.LayerNorm(768, eps=0.1), **kw))
+    assert cli.main(["verify", "--batch", "1", "--seq", "4"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path):
+    with pytest.raises(SystemExit, match=r"--model .* could not be loaded offline"):
+        cli.main(["verify", "--model", str(tmp_path / "nothing-here")])
+
+
+def test_cli_bad_dtype(capsys):
+    assert cli.main(["verify", "--dtype", "float64"]) == 2
+    assert "--dtype: expected None or one of" in capsys.readouterr().err
+
+
+def test_cli_verify_local_model_directory(extension, tmp_path, capsys):
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    model.save_pretrained(tmp_path / "tiny")
+    assert cli.main(["verify", "--model", str(tmp_path / "tiny"), "--batch", "1", "--seq", "5"]) == 0
+    assert "2 blocks" in capsys.readouterr().out
+
+
+def test_cli_env_reports_extension_and_backend(extension, capsys):
+    assert cli.main(["env", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["extension_loaded"] is True and "cpu" in rep["extension_devices"]
+    assert rep["backend_by_device"]["cpu"] == "compiled"
+    assert rep["torch"] == torch.__version__
