@@ -3,7 +3,8 @@ state from its hook arguments.
 
 Adding a family is one line in ``FAMILIES``: the HF ``config.model_type``, then the dotted paths of
 the decoder blocks and of the final norm, relative to ``model.base_model`` (the bare model, which
-both ``XModel`` and ``XForCausalLM`` expose).
+both ``XModel`` and ``XForCausalLM`` expose). A final norm whose attribute exists but is None (OPT
+with ``do_layer_norm_before=False``) means "no final norm".
 """
 
 from __future__ import annotations
@@ -21,12 +22,26 @@ from .selection import NOT_GIVEN
 class Family:
     blocks: str  # path of the nn.ModuleList of decoder blocks, relative to model.base_model
     final_norm: str | None  # path of the final norm, or None when the family has none
+    # A module HF applies after the final norm to make last_hidden_state (OPT's project_out, which
+    # may change the width); verify re-applies it to explain hidden_states[-1]. None where absent.
+    project_out: str | None = None
 
 
+# Checked against transformers 5.17-5.24 (models/<type>/modeling_<type>.py). Every hidden state
+# here is the first positional argument of its block; blocks return a tensor or a tuple.
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(blocks="h", final_norm="ln_f"),
+    "gpt2": Family("h", "ln_f"),
+    "gptj": Family("h", "ln_f"),
+    "gpt_neox": Family("layers", "final_layer_norm"),  # Pythia
+    "opt": Family("decoder.layers", "decoder.final_layer_norm", project_out="decoder.project_out"),
+    "llama": Family("layers", "norm"),  # RMSNorm
+    "mistral": Family("layers", "norm"),  # RMSNorm
+    "qwen2": Family("layers", "norm"),  # RMSNorm
+    "gemma": Family("layers", "norm"),  # RMSNorm with (1 + w); embeddings scaled by sqrt(d)
+    "phi": Family("layers", "final_layernorm"),
+    "bloom": Family("h", "ln_f"),  # hidden_states[0] is after word_embeddings_layernorm
+    "falcon": Family("h", "ln_f"),
 }
-
 
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
@@ -39,10 +54,30 @@ class NormSpec:
     eps: float = 1e-5
 
 
-def norm_spec(module: nn.Module | None) -> NormSpec:
+# Where norms keep their epsilon: nn.LayerNorm / nn.RMSNorm / GemmaRMSNorm use `eps`, the
+# Llama-style RMSNorms `variance_epsilon`; configs name it per family.
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "variance_eps")
+_CONFIG_EPS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
+DEFAULT_EPS = 1e-5  # nn.LayerNorm's default, for stats when neither norm nor config names one
+
+
+def _first_float(obj, names) -> float | None:
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def norm_spec(module: nn.Module | None, config=None) -> NormSpec:
+    """How to re-apply ``module``; its eps (also the eps of stats mean/rstd) comes from the module,
+    else from ``config`` (``rms_norm_eps``, ``layer_norm_eps``...), else ``DEFAULT_EPS``."""
+    eps = _first_float(module, _EPS_ATTRS) if module is not None else None
+    if eps is None and config is not None:
+        eps = _first_float(config, _CONFIG_EPS)
+    eps = DEFAULT_EPS if eps is None else eps
     if module is None:
-        return NormSpec("none")
-    eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5)))
+        return NormSpec("none", eps=eps)
     if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
         return NormSpec("layer_norm", module.weight, module.bias, eps)
     return NormSpec("module", eps=eps)
@@ -56,6 +91,7 @@ class Layout:
     blocks: tuple[nn.Module, ...]
     final_norm: nn.Module | None
     norm: NormSpec
+    project_out: nn.Module | None = None  # applied by HF after the final norm (OPT), else None
 
     @property
     def n_layers(self) -> int:
@@ -67,32 +103,43 @@ class Layout:
 
     @staticmethod
     def hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
-        """The hidden state a block was called with (positional or keyword)."""
+        """The hidden state a block was called with: its first positional argument, else the
+        keyword ``hidden_states`` (or ``hidden_state`` / ``x``)."""
         if args and isinstance(args[0], torch.Tensor):
             return args[0]
-        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            return kwargs["hidden_states"]
+        for name in _HIDDEN_KWARGS:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                return kwargs[name]
         raise RuntimeError("residtap: could not find the hidden state among the block's arguments "
-                           f"(positional: {len(args)}, keywords: {sorted(kwargs)}); pass blocks= "
-                           "pointing at modules called with hidden_states first or by keyword")
+                           f"(positional: {len(args)}, keywords: {sorted(kwargs)}); expected it first "
+                           f"or as one of the keywords {_HIDDEN_KWARGS}. Pass blocks= pointing at "
+                           "modules called that way")
 
     @staticmethod
     def hidden_from_output(output: Any) -> torch.Tensor:
-        """A block's output hidden state: the tensor itself, or element 0 of a tuple/ModelOutput."""
-        if isinstance(output, torch.Tensor):
-            return output
-        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            return output[0]
-        raise RuntimeError(f"residtap: a block returned {type(output).__name__}; expected a tensor "
-                           "or a tuple whose first element is the hidden state")
+        """A block's output hidden state: the tensor itself, or the first element of a tuple, a
+        list or a dict / ModelOutput."""
+        first = output
+        if isinstance(output, (tuple, list)) and output:
+            first = output[0]
+        elif isinstance(output, dict) and output:
+            first = next(iter(output.values()))
+        if isinstance(first, torch.Tensor):
+            return first
+        raise RuntimeError(f"residtap: a block returned {type(output).__name__}; expected a tensor, "
+                           "or a tuple / ModelOutput whose first element is the hidden state")
 
 
-def _get_path(root: nn.Module, path: str, arg: str) -> nn.Module:
+_HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x")
+
+
+def _get_path(root: nn.Module, path: str, arg: str, source: str = "") -> nn.Module | None:
+    """The attribute at dotted ``path`` below ``root``; None where the last attribute is None."""
     mod = root
     for part in path.split("."):
         if not hasattr(mod, part):
-            raise ValueError(f"{arg}: expected a module path inside {type(root).__name__}, got {path!r} "
-                             f"({type(mod).__name__} has no attribute {part!r})")
+            raise ValueError(f"{arg}: expected a module path inside {type(root).__name__}{source}, got "
+                             f"{path!r} ({type(mod).__name__} has no attribute {part!r})")
         mod = getattr(mod, part)
     return mod
 
@@ -101,29 +148,41 @@ def _supported() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
+def _how_to_pass() -> str:
+    return ("pass blocks= (the decoder blocks: a dotted path relative to the model such as "
+            "'model.layers', the nn.ModuleList, or a list of modules) and final_norm= (a path such as "
+            "'model.norm', the module, or None if the model has none); or register the family once "
+            "with residtap.FAMILIES['<model_type>'] = residtap.Family(blocks='layers', "
+            "final_norm='norm'), paths relative to model.base_model")
+
+
 def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> Layout:
     """Find ``model``'s blocks and final norm, from ``FAMILIES`` or from explicit arguments.
 
     ``blocks``: an nn.ModuleList / sequence of modules, or a dotted path relative to ``model``.
-    ``final_norm``: a module, a dotted path, or None (no final norm).
+    ``final_norm``: a module, a dotted path relative to ``model``, or None (no final norm).
+    Either one given explicitly overrides the table; a model not in the table needs both.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     base = getattr(model, "base_model", model)
     name = model_type or type(model).__name__
 
-    if blocks is NOT_GIVEN or final_norm is NOT_GIVEN:
-        if family is None:
-            raise ValueError(
-                f"model: residtap does not know the model type {model_type!r} "
-                f"({type(model).__name__}). Supported families: {_supported()}. For another model, "
-                "pass blocks= (the decoder blocks, e.g. blocks='model.layers' or the ModuleList) and "
-                "final_norm= (e.g. final_norm='model.norm', the module, or None if it has none).")
+    if family is None and (blocks is NOT_GIVEN or final_norm is NOT_GIVEN):
+        what = (f"the model type {model_type!r}" if model_type
+                else "this model (it has no config.model_type)")
+        missing = " and ".join(a for a, v in (("blocks=", blocks), ("final_norm=", final_norm))
+                               if v is NOT_GIVEN)
+        raise ValueError(f"model: residtap does not know {what} ({type(model).__name__}), so it needs "
+                         f"{missing}. Supported families: {_supported()} (by config.model_type). "
+                         f"For another model, {_how_to_pass()}.")
+    source = f" (residtap's FAMILIES entry for {model_type!r}; {_how_to_pass()})"
 
     if blocks is NOT_GIVEN:
-        block_list = _get_path(base, family.blocks, "blocks")
+        block_list = _get_path(base, family.blocks, "blocks", source)
     elif isinstance(blocks, str):
         block_list = _get_path(model, blocks, "blocks")
     else:
@@ -131,12 +190,16 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     if isinstance(block_list, nn.Module) and not isinstance(block_list, (nn.ModuleList, nn.Sequential)):
         raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
                          f"got {type(block_list).__name__}")
-    block_list = tuple(block_list)
+    try:
+        block_list = tuple(block_list)
+    except TypeError:
+        raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
+                         f"got {type(block_list).__name__}") from None
     if not block_list or not all(isinstance(b, nn.Module) for b in block_list):
         raise ValueError(f"blocks: expected a non-empty sequence of modules, got {blocks!r}")
 
     if final_norm is NOT_GIVEN:
-        norm = _get_path(base, family.final_norm, "final_norm") if family.final_norm else None
+        norm = _get_path(base, family.final_norm, "final_norm", source) if family.final_norm else None
     elif isinstance(final_norm, str):
         norm = _get_path(model, final_norm, "final_norm")
     else:
@@ -144,4 +207,10 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     if norm is not None and not isinstance(norm, nn.Module):
         raise ValueError(f"final_norm: expected a module, a path or None, got {type(norm).__name__}")
 
-    return Layout(name, block_list, norm, norm_spec(norm))
+    project_out = None
+    if family is not None and family.project_out:
+        try:  # only verify uses it, to explain hidden_states[-1]; absent means nothing to re-apply
+            project_out = _get_path(base, family.project_out, "project_out", source)
+        except ValueError:
+            project_out = None
+    return Layout(name, block_list, norm, norm_spec(norm, config), project_out)

@@ -8,6 +8,7 @@ removed in ``finally``, whatever the forward raised.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -15,8 +16,10 @@ from torch import nn
 from . import backend as _backend
 from .arch import Layout, resolve_layout
 from .reference import STAT_NAMES, Stats, take
-from .selection import (NOT_GIVEN, PositionPlan, resolve_dtype, resolve_layers, resolve_outputs,
-                        resolve_positions)
+from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
+                        resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
+
+_UNSEEN = object()  # positions="last": the model's forward has not been called since the last use
 
 
 class CaptureError(RuntimeError):
@@ -28,7 +31,7 @@ class CaptureConfig:
     """What to capture, validated at construction (``ValueError`` naming the argument)."""
 
     layer_ids: tuple[int, ...]
-    positions: object  # None | int | slice | tuple[int, ...]
+    positions: object  # None | int | slice | tuple[int, ...] | "last" | KeepMask
     dtype: torch.dtype | None
     outputs: tuple[str, ...]
     backend: str | None
@@ -39,12 +42,7 @@ class CaptureConfig:
         if "normed" in outputs and layout.final_norm is None:
             raise ValueError(f"outputs: 'normed' needs a final norm, but {layout.family} has none "
                              "(pass final_norm= to name one)")
-        if isinstance(positions, torch.Tensor):  # read once here, never inside the forward
-            resolve_positions(positions.detach().cpu(), 2**62)
-            positions = tuple(positions.tolist())
-        elif positions is not None and not isinstance(positions, slice):
-            resolve_positions(positions, 2**62)  # type checks now; range checks per sequence length
-            positions = positions if isinstance(positions, int) else tuple(positions)
+        positions = resolve_position_spec(positions)  # tensors are read once here, never in a forward
         if backend is not None and backend not in _backend.BACKENDS:
             raise ValueError(f"backend: expected one of {_backend.BACKENDS} or None, got {backend!r}")
         return cls(tuple(resolve_layers(layers, layout.n_layers)), positions,
@@ -66,6 +64,20 @@ class Capture:
     The tensors are views into buffers this object allocates once per shape and reuses: they stay
     valid until the next forward inside this capture overwrites them. Keep a copy with ``.clone()``
     (or ``.cpu()``) if you need them longer.
+
+    ``positions`` (gathered on the device, bit-identical to gathering the reference):
+
+    - ``None``: every position; an int, a slice, or a sequence / 1-D tensor of ints (negatives
+      count from the end): the same positions in every row.
+    - ``"last"``: each row's last real token given the ``attention_mask`` the model was called with
+      (left, right or any padding; the model's own forward is hooked to read it, so call the model
+      you passed; no mask means every token is real). ``n_pos`` is 1; ``cap.positions`` says which
+      position each row used. Computed on the device inside the forward, with no host sync.
+    - a bool tensor ``[batch, seq]`` (e.g. ``attention_mask.bool()``): keep the True tokens, packed:
+      ``cap.resid`` is ``[len(layer_ids), n_kept, d_model]`` (stats ``[len(layer_ids), n_kept]``),
+      in row-major order, and ``cap.kept`` ``[n_kept, 2]`` holds the (row, position) of each.
+      Finding the kept tokens reads the mask once, at construction (one host sync there); each
+      forward must have exactly that ``[batch, seq]`` shape.
 
     Example::
 
@@ -89,6 +101,10 @@ class Capture:
         self._state = "empty"  # empty → running → complete | failed
         self._written = 0
         self._sel = None
+        self._shape = None  # (batch, seq) of the last forward
+        self._packed = isinstance(self.config.positions, KeepMask)
+        self._attention_mask = _UNSEEN
+        self._mask_arg = _positional_index(model, "attention_mask")
         self._norm_kind = "none"
         w = self.layout.norm.weight
         if "normed" in self.config.outputs and w is not None:
@@ -101,6 +117,10 @@ class Capture:
             raise RuntimeError("Capture: this capture is already active (entered twice)")
         blocks = self.layout.blocks
         try:
+            if self.config.positions == LAST:
+                self._attention_mask = _UNSEEN
+                self._handles.append(self.model.register_forward_pre_hook(self._on_model_call,
+                                                                          with_kwargs=True))
             self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
             for i, blk in enumerate(blocks):
                 if i + 1 in self._slot:
@@ -120,6 +140,13 @@ class Capture:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+
+    def _on_model_call(self, _module, args, kwargs):
+        # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_arg is not None and len(args) > self._mask_arg:
+            mask = args[self._mask_arg]
+        self._attention_mask = mask
 
     def _on_first_block(self, _module, args, kwargs):
         hidden = self.layout.hidden_from_args(args, kwargs)
@@ -141,18 +168,49 @@ class Capture:
             raise RuntimeError(f"residtap: expected the first block's hidden state to be "
                                f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
         batch, seq, d_model = hidden.shape
-        plan = self._plans.get(seq)
-        if plan is None:
-            plan = self._plans[seq] = resolve_positions(self.config.positions, seq)
-        self._sel = plan.as_selection(hidden.device)
+        rows, n_pos = batch, 1
+        spec = self.config.positions
+        if self._packed:
+            if (batch, seq) != (spec.batch, spec.seq):
+                raise ValueError(f"positions: the bool mask is [batch, seq] = [{spec.batch}, {spec.seq}] "
+                                 f"but the forward's hidden states are [{batch}, {seq}, ...]")
+            self._sel = spec.flat_index(hidden.device)  # into the output viewed as [1, batch*seq, d]
+            rows, n_pos = 1, spec.n_kept
+        elif spec == LAST:
+            self._sel = self._last_selection(batch, seq, hidden.device)
+        else:
+            plan = self._plans.get(seq)
+            if plan is None:
+                plan = self._plans[seq] = resolve_positions(spec, seq)
+            self._sel = plan.as_selection(hidden.device)
+            n_pos = plan.n_pos
+        self._shape = (batch, seq)
         cap_dtype = self.config.dtype or hidden.dtype
-        key = (batch, plan.n_pos, d_model, cap_dtype, hidden.dtype, hidden.device)
+        key = (rows, n_pos, d_model, cap_dtype, hidden.dtype, hidden.device)
         if key != self._key:
-            self._allocate(len(self.config.layer_ids), batch, plan.n_pos, d_model, cap_dtype, hidden)
+            self._allocate(len(self.config.layer_ids), rows, n_pos, d_model, cap_dtype, hidden)
             self._key = key
             self._choice = _backend.choose(self.config.backend, hidden.device)
             self._norm_kind = ("layer_norm" if _backend.fused_norm_ok(
                 self.layout.norm, hidden.dtype, hidden.device, d_model) else "module")
+
+    def _last_selection(self, batch: int, seq: int, device: torch.device):
+        """positions="last": each row's last real token, from the mask the model was called with."""
+        mask, self._attention_mask = self._attention_mask, _UNSEEN  # use each forward's mask once
+        if mask is _UNSEEN:
+            raise RuntimeError(
+                f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
+                "(its attention_mask is read there); call the model you passed to residtap.capture")
+        if mask is None:  # no padding: every row ends at the last position
+            return slice(seq - 1, seq)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch \
+                or mask.shape[1] < seq:
+            got = (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                   else type(mask).__name__)
+            raise ValueError(f"positions='last': expected the model's attention_mask to be [batch, "
+                             f">= seq] = [{batch}, >= {seq}] (1 = real token), got {got}")
+        index = last_token_index(mask, seq)  # [batch, 1] int64, device ops only: no host sync
+        return index if index.device == device else index.to(device, non_blocking=True)
 
     def _allocate(self, n_layers, batch, n_pos, d_model, cap_dtype, like: torch.Tensor) -> None:
         self._buffers = {}
@@ -169,6 +227,9 @@ class Capture:
         k = self._slot[layer_id]
         full_out = out = out.detach()
         inp = inp.detach() if inp is not None else None
+        if self._packed:  # [batch, seq, d] as one row [1, batch*seq, d]: a view when contiguous
+            out = out.reshape(1, -1, out.shape[-1])
+            inp = inp.reshape(1, -1, inp.shape[-1]) if inp is not None else None
         index = self._sel
         if isinstance(index, slice):  # a contiguous span is a view: nothing to gather
             out = out[:, index]
@@ -189,7 +250,10 @@ class Capture:
         if "normed" in bufs and not fused_norm:
             # The module's own code on the full tensor, then the gather: exact by construction.
             with torch.no_grad():
-                bufs["normed"].copy_(take(self.layout.final_norm(full_out), self._sel))
+                normed = self.layout.final_norm(full_out)
+                if self._packed:
+                    normed = normed.reshape(1, -1, normed.shape[-1])
+                bufs["normed"].copy_(take(normed, self._sel))
         self._written += 1
         if self._written == len(self.config.layer_ids):
             self._state = "complete"
@@ -204,18 +268,45 @@ class Capture:
         """"compiled" or "reference" once a forward has run."""
         return self._choice.name if self._choice else None
 
+    def _check_complete(self, attr: str) -> None:
+        if self._state == "empty":
+            raise CaptureError(f"cap.{attr}: no forward has run inside this capture yet")
+        if self._state == "failed":
+            raise CaptureError(f"cap.{attr}: the last forward raised, so the buffers are incomplete")
+        if self._state == "running":
+            raise CaptureError(f"cap.{attr}: the last forward reached {self._written} of "
+                               f"{len(self.config.layer_ids)} selected layers")
+
     def _get(self, name: str, output: str) -> torch.Tensor:
         if output not in self.config.outputs:
             raise CaptureError(f"cap.{output}: {output!r} was not requested (outputs="
                                f"{self.config.outputs}); pass outputs=(..., {output!r})")
-        if self._state == "empty":
-            raise CaptureError(f"cap.{output}: no forward has run inside this capture yet")
-        if self._state == "failed":
-            raise CaptureError(f"cap.{output}: the last forward raised, so the buffers are incomplete")
-        if self._state == "running":
-            raise CaptureError(f"cap.{output}: the last forward reached {self._written} of "
-                               f"{len(self.config.layer_ids)} selected layers")
-        return self._buffers[name]
+        self._check_complete(output)
+        buf = self._buffers[name]
+        return buf[:, 0] if self._packed else buf  # packed rows: [layers, n_kept, ...]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """int64 ``[n_kept, 2]``: the (row, position) of each token a bool-mask ``positions`` keeps,
+        in the order of the packed outputs (``cap.resid[l, i]`` is token ``kept[i]``)."""
+        if not self._packed:
+            raise CaptureError("cap.kept: only a bool mask [batch, seq] as positions= packs tokens; "
+                               f"this capture has positions={self.config.positions!r} (see cap.positions)")
+        return self.config.positions.kept
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 ``[batch, n_pos]``: the position of each captured token in the last forward (for
+        ``"last"``, each row's last real token), on the capture's device. Built when read."""
+        if self._packed:
+            raise CaptureError("cap.positions: a bool mask packs tokens; their (row, position) is cap.kept")
+        self._check_complete("positions")
+        (batch, seq), sel = self._shape, self._sel
+        device = next(iter(self._buffers.values())).device
+        if isinstance(sel, torch.Tensor):
+            return sel if sel.dim() == 2 else sel.unsqueeze(0).expand(batch, -1)
+        start, stop = (0, seq) if sel is None else (sel.start, sel.stop)
+        return torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1)
 
     @property
     def resid(self) -> torch.Tensor:
@@ -236,6 +327,20 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({self.layout.family}, layers={self.layer_ids}, outputs={self.config.outputs}, "
                 f"state={self._state})")
+
+
+def _positional_index(model: nn.Module, name: str) -> int | None:
+    """Where ``name`` sits among ``model.forward``'s positional parameters (None if it does not)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
 
 
 def capture(model: nn.Module, layers=None, positions=None, dtype=None, outputs=("resid",), *,

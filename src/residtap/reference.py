@@ -137,7 +137,10 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     """Run ``model(*args, **kwargs)`` with plain forward hooks that ``.clone()`` each block's input
     and output, then compute every requested output with torch ops as the contract says.
 
-    Selections follow :class:`residtap.Capture` exactly (same argument rules).
+    Selections follow :class:`residtap.Capture` exactly (same argument rules). ``positions="last"``
+    takes each row's last nonzero column of the ``attention_mask`` the model is called with (0 for a
+    row with none; the last position for every row without a mask); a bool tensor ``[batch, seq]``
+    keeps its True tokens by boolean indexing: outputs ``[layers, n_kept, ...]``, row-major.
     """
     from .arch import resolve_layout
     from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
@@ -168,12 +171,22 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         for h in handles:
             h.remove()
 
+    keep = positions if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool else None
     per_layer = []
     for lid in layer_ids:
         out, inp = saved[lid]
-        sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)
-        per_layer.append(block_outputs(out, inp, sel=sel, dtype=dtype, final_norm=layout.final_norm,
-                                       eps=layout.eps, outputs=outputs))
+        if keep is not None:
+            sel = None
+        elif isinstance(positions, str) and positions == "last":
+            sel = _last_real(model, args, kwargs, out.shape[:2]).to(out.device)
+        else:
+            sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)
+        res = block_outputs(out, inp, sel=sel, dtype=dtype, final_norm=layout.final_norm,
+                            eps=layout.eps, outputs=outputs)
+        if keep is not None:  # all positions computed, then x[keep]: [n_kept, ...]
+            k = keep.to(out.device)
+            res = {n: Stats(*(s[k] for s in v)) if n == "stats" else v[k] for n, v in res.items()}
+        per_layer.append(res)
     stacked = {}
     for name in outputs:
         if name == "stats":
@@ -182,3 +195,16 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         else:
             stacked[name] = torch.stack([r[name] for r in per_layer])
     return ReferenceResult(layer_ids, stacked, model_output)
+
+
+def _last_real(model, args, kwargs, shape) -> torch.Tensor:
+    """int64 ``[batch, 1]``: for each row, the last of the current ``seq`` columns of the model's
+    ``attention_mask`` that is nonzero (0 if none); ``seq - 1`` for every row without a mask."""
+    import inspect
+
+    batch, seq = shape
+    mask = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+    if mask is None:
+        return torch.full((batch, 1), seq - 1, dtype=torch.long)
+    rows = (mask[:, -seq:] != 0).tolist()
+    return torch.tensor([[max((j for j in range(seq) if row[j]), default=0)] for row in rows])

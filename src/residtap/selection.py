@@ -107,6 +107,89 @@ class PositionPlan:
         return self._device_index[key][1]
 
 
+LAST = "last"
+
+_POSITIONS_EXPECTED = ("None, an int, a slice, a sequence or 1-D tensor of ints, 'last' (each row's "
+                       "last real token) or a bool mask [batch, seq] of tokens to keep")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeepMask:
+    """``positions=<bool tensor [batch, seq]>``: keep the True tokens, packed in row-major order.
+
+    Built once at set-up: finding the kept tokens reads the mask (one host sync there, never
+    inside a forward). ``kept`` is int64 ``[n_kept, 2]``, the (row, position) of each kept token,
+    on the mask's device.
+    """
+
+    batch: int
+    seq: int
+    kept: torch.Tensor  # int64 [n_kept, 2], on the mask's device
+    _flat_host: torch.Tensor  # int64 [1, n_kept]: row * seq + position, on the host
+    _flat: dict = dataclasses.field(default_factory=dict)  # device -> _flat_host on that device
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "KeepMask":
+        if mask.dim() != 2:
+            raise ValueError(f"positions: a bool mask must be [batch, seq] (2-D), got shape "
+                             f"{tuple(mask.shape)}")
+        host = mask.detach().cpu()  # the set-up host sync the docstring mentions
+        kept_host = host.nonzero()  # [n_kept, 2], row-major: the order boolean indexing gives
+        if kept_host.shape[0] == 0:
+            raise ValueError(f"positions: the bool mask of shape {tuple(mask.shape)} keeps no token "
+                             "(every entry is False)")
+        flat = (kept_host[:, 0] * host.shape[1] + kept_host[:, 1]).unsqueeze(0)
+        return cls(host.shape[0], host.shape[1], kept_host.to(mask.device), flat)
+
+    @property
+    def n_kept(self) -> int:
+        return self._flat_host.shape[1]
+
+    def flat_index(self, device: torch.device) -> torch.Tensor:
+        """int64 ``[1, n_kept]`` on ``device``, for outputs viewed as ``[1, batch * seq, d]``
+        (cached per device; copied from pinned memory, so without a host sync)."""
+        key = str(device)
+        if key not in self._flat:
+            host = self._flat_host
+            if torch.device(device).type == "cuda":
+                host = host.pin_memory()
+            self._flat[key] = (host, host.to(device, non_blocking=True))
+        return self._flat[key][1]
+
+
+def last_token_index(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """int64 ``[batch, 1]``: each row's last position whose ``attention_mask`` is nonzero, among the
+    mask's last ``seq_len`` columns (those of the current tokens when a cache holds earlier ones);
+    0 for a row with no real token. Any padding layout (left, right, both). Computed on the mask's
+    device with tensor ops only: no host sync."""
+    real = attention_mask[:, -seq_len:] != 0  # [batch, seq]
+    pos = torch.arange(seq_len, device=real.device)
+    return torch.where(real, pos, 0).amax(dim=1, keepdim=True)
+
+
+def resolve_position_spec(positions):
+    """Check ``positions`` once, at set-up, without a sequence length: returns the spec to keep.
+
+    None | int | slice | tuple of ints (checked against each forward's length later), ``"last"``,
+    or a :class:`KeepMask` for a bool tensor ``[batch, seq]``. Tensors of ints are read here, once.
+    """
+    if isinstance(positions, str):
+        if positions != LAST:
+            raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
+        return LAST
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype == torch.bool:
+            return KeepMask.from_mask(positions)
+        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype.is_complex:
+            raise ValueError(f"positions: expected a 1-D integer tensor or a 2-D bool mask [batch, seq], "
+                             f"got a {positions.dtype} tensor of shape {tuple(positions.shape)}")
+        positions = tuple(positions.detach().cpu().tolist())
+    if positions is None or isinstance(positions, slice):
+        return positions
+    resolve_positions(positions, 2**62)  # type checks now; range checks per sequence length
+    return positions if _is_int(positions) else tuple(positions)
+
+
 def resolve_positions(positions, seq_len: int) -> PositionPlan:
     """None (all), an int, a slice, a sequence or 1-D tensor of ints; negatives as in Python."""
     if positions is None:
@@ -128,8 +211,7 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
         positions = positions.tolist()
     if not isinstance(positions, Sequence) or isinstance(positions, str) \
             or not all(map(_is_int, positions)):
-        raise ValueError(f"positions: expected None, an int, a slice, or a sequence / 1-D tensor of "
-                         f"ints, got {positions!r}")
+        raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
     if not positions:
         raise ValueError("positions: expected at least one position, got an empty sequence")
     bad = [p for p in positions if not -seq_len <= p < seq_len]

@@ -2,8 +2,11 @@
 
 For every residual index i it compares the raw residual captured from hooks (``resid_i``) and the
 model's final norm re-applied to it (``normed_i``) with ``hidden_states[i]``, and detects which
-convention the model follows (raw everywhere, or the last entry normalized) from the data, not from
-a table. Everything is computed on the model's device; one small summary is copied to the host.
+convention the model follows from the data, not from a table: raw everywhere, or the last entry
+normalized (HF's default, ``tie_last_hidden_states``), or the last entry passed through a
+projection after the norm (OPT's ``project_out``, which may change the width; re-applied here when
+the family table names it). A model without a final norm is reported as such, not as a failure.
+Everything is computed on the model's device; one small summary is copied to the host.
 """
 
 from __future__ import annotations
@@ -20,11 +23,18 @@ from .selection import NOT_GIVEN
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
     layer: int
-    raw_maxabs: float  # max |resid_i - hidden_states[i]|
+    raw_maxabs: float | None  # max |resid_i - hidden_states[i]| (None where the shapes differ)
     raw_exact: bool  # torch.equal(resid_i, hidden_states[i])
     normed_maxabs: float | None  # max |final_norm(resid_i) - hidden_states[i]|
     normed_exact: bool | None
-    matches: str  # "raw", "normed", "both" or "neither"
+    matches: str  # "raw", "normed", "both", "projected" or "neither"
+    # Last row only, where a projection follows the final norm: project_out(final_norm(resid_i)).
+    projected_maxabs: float | None = None
+    projected_exact: bool | None = None
+
+
+_WHAT = {"raw": "raw block output", "normed": "final_norm(raw)", "both": "raw (= normed)",
+         "projected": "project_out(final_norm(raw))", "neither": "NEITHER"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +46,13 @@ class VerifyReport:
     device: str
     has_final_norm: bool
     rows: tuple[LayerRow, ...]
+    d_model: int = 0  # width of the residual stream
+    last_width: int = 0  # width of hidden_states[-1] (differs from d_model after a projection)
+    has_projection: bool = False  # the family names a module applied after the final norm
+    tie_last_hidden_states: bool | None = None  # the config flag, where the config sets it
+
+    def _projection_name(self) -> str:
+        return "project_out(final_norm(raw output))" if self.has_final_norm else "project_out(raw output)"
 
     @property
     def convention(self) -> str:
@@ -43,17 +60,31 @@ class VerifyReport:
         if self.n_hidden_states != self.n_layers + 1:
             return (f"unexpected: {self.n_hidden_states} hidden states for {self.n_layers} blocks")
         last = self.rows[-1].matches
-        body_raw = all(r.matches in ("raw", "both") for r in self.rows[:-1])
-        if body_raw and last == "normed":
+        if not all(r.matches in ("raw", "both") for r in self.rows[:-1]):
+            return "unexplained: some entries match neither the raw residual nor its final norm"
+        if last == "normed":
             return "last entry is final_norm(raw output); all others are raw block outputs"
-        if body_raw and last in ("raw", "both"):
-            return "all entries are raw block outputs (no final norm applied to hidden_states)"
+        if last == "projected":
+            return (f"last entry is {self._projection_name()}, width {self.last_width} "
+                    f"(d_model {self.d_model}); all others are raw block outputs")
+        if last in ("raw", "both"):
+            if not self.has_final_norm:
+                why = "the model has no final norm"
+            elif self.tie_last_hidden_states is False:
+                why = "config.tie_last_hidden_states=False"
+            else:
+                why = "no final norm applied to hidden_states"
+            return f"all entries are raw block outputs ({why})"
+        if self.last_width != self.d_model:
+            return (f"unexplained: hidden_states[-1] has width {self.last_width}, not d_model "
+                    f"{self.d_model}, and residtap knows no projection to re-apply")
         return "unexplained: some entries match neither the raw residual nor its final norm"
 
     @property
     def ok(self) -> bool:
         """Every non-last entry equals the raw residual, and the last is explained exactly:
-        re-applying the final norm reproduces it (or it is itself raw, where nothing is applied)."""
+        re-applying the final norm (and the family's projection, if any) reproduces it, or it is
+        itself raw, where nothing is applied."""
         return not self.convention.startswith(("unexpected", "unexplained"))
 
     def to_dict(self) -> dict:
@@ -73,20 +104,34 @@ class VerifyReport:
         def yes(x):
             return "-" if x is None else ("exact" if x else "DIFF")
 
+        def what(matches):
+            return "project_out(raw)" if matches == "projected" and not self.has_final_norm \
+                else _WHAT[matches]
+
         head = (f"residtap verify: {self.model}, {self.n_layers} blocks, {self.dtype} on {self.device}\n"
                 f"{'layer':>5}  {'max|hook-hs|':>12}  {'hook==hs':>8}  {'max|norm(hook)-hs|':>18}  "
                 f"{'norm==hs':>8}  hidden_states[i] is")
         lines = [head]
         for r in self.rows:
-            what = {"raw": "raw block output", "normed": "final_norm(raw)", "both": "raw (= normed)",
-                    "neither": "NEITHER"}[r.matches]
             lines.append(f"{r.layer:>5}  {num(r.raw_maxabs):>12}  {yes(r.raw_exact):>8}  "
-                         f"{num(r.normed_maxabs):>18}  {yes(r.normed_exact):>8}  {what}")
+                         f"{num(r.normed_maxabs):>18}  {yes(r.normed_exact):>8}  {what(r.matches)}")
         lines.append(f"convention: {self.convention}")
         if not self.has_final_norm:
             lines.append("note: this model has no final norm, so nothing is re-applied")
+        last = self.rows[-1] if self.rows else None
+        if last is not None and last.projected_exact is not None:
+            lines.append(f"note: hidden_states[-1] has width {self.last_width} (d_model {self.d_model}): "
+                         f"{self._projection_name()} re-applied, max|diff| {num(last.projected_maxabs)}, "
+                         f"{yes(last.projected_exact)}")
         lines.append("OK" if self.ok else "FAILED: see the rows above")
         return "\n".join(lines)
+
+
+def _compare(cand: torch.Tensor | None, h: torch.Tensor, nan: torch.Tensor) -> list[torch.Tensor]:
+    """[max |cand - h|, 1.0 if equal else 0.0] on the device; NaNs where there is nothing to compare."""
+    if cand is None or cand.shape != h.shape:
+        return [nan, nan]
+    return [(cand.float() - h.float()).abs().amax(), (cand == h).all().float()]
 
 
 def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -98,8 +143,12 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         report = residtap.verify(model, input_ids)
         print(report); assert report.ok
     """
-    cap = Capture(model, layers=None, blocks=blocks, final_norm=final_norm, backend=backend,
-                  outputs=("resid", "normed") if _has_norm(model, blocks, final_norm) else ("resid",))
+    from .arch import resolve_layout
+
+    layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
+    has_norm = layout.final_norm is not None
+    cap = Capture(model, layers=None, blocks=layout.blocks, final_norm=layout.final_norm,
+                  backend=backend, outputs=("resid", "normed") if has_norm else ("resid",))
     kwargs = {"output_hidden_states": True}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -110,37 +159,42 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         raise ValueError(f"model: {type(model).__name__} returned no hidden_states with "
                          "output_hidden_states=True")
     resid = cap.resid
-    normed = cap.normed if "normed" in cap.config.outputs else None
+    normed = cap.normed if has_norm else None
 
-    # All comparisons on the device; one [n, 4] summary comes back to the host at the end.
+    # All comparisons on the device; one [n, 6] summary comes back to the host at the end.
     nan = torch.tensor(float("nan"), device=resid.device)
+    n = min(len(hs), resid.shape[0])
     summary = []
-    for i in range(min(len(hs), resid.shape[0])):
-        h = hs[i]
-        row = []
-        for cand in (resid[i], None if normed is None else normed[i]):
-            if cand is None or cand.shape != h.shape:
-                row += [nan, nan]
-            else:
-                row += [(cand.float() - h.float()).abs().amax(), (cand == h).all().float()]
-        summary.append(torch.stack(row))
+    for i in range(n):
+        row = _compare(resid[i], hs[i], nan) + _compare(None if normed is None else normed[i], hs[i], nan)
+        projected = None
+        if i == n - 1 and layout.project_out is not None:
+            with torch.no_grad():  # what HF does after the blocks: project_out(final_norm(x))
+                projected = layout.project_out(resid[i] if normed is None else normed[i])
+        summary.append(torch.stack(row + _compare(projected, hs[i], nan)))
     table = torch.stack(summary).cpu().tolist()
 
+    def exact(flag: float) -> bool | None:
+        return None if flag != flag else flag == 1.0
+
+    def value(x: float) -> float | None:
+        return None if x != x else x
+
     rows = []
-    for i, (raw_max, raw_eq, n_max, n_eq) in enumerate(table):
-        raw_exact = raw_eq == 1.0
-        normed_exact = None if n_eq != n_eq else n_eq == 1.0
-        matches = {(True, True): "both", (True, False): "raw", (False, True): "normed",
-                   (False, False): "neither"}[(raw_exact, bool(normed_exact))]
-        rows.append(LayerRow(i, raw_max, raw_exact, None if n_max != n_max else n_max, normed_exact, matches))
-    return VerifyReport(model=getattr(getattr(model, "config", None), "_name_or_path", None)
-                        or type(model).__name__,
-                        n_layers=cap.layout.n_layers, n_hidden_states=len(hs),
+    for i, (raw_max, raw_eq, n_max, n_eq, p_max, p_eq) in enumerate(table):
+        raw_exact, normed_exact, projected_exact = raw_eq == 1.0, exact(n_eq), exact(p_eq)
+        if projected_exact and not raw_exact and not normed_exact:
+            matches = "projected"
+        else:
+            matches = {(True, True): "both", (True, False): "raw", (False, True): "normed",
+                       (False, False): "neither"}[(raw_exact, bool(normed_exact))]
+        rows.append(LayerRow(i, value(raw_max), raw_exact, value(n_max), normed_exact, matches,
+                             value(p_max), projected_exact))
+    config = getattr(model, "config", None)
+    tie = getattr(config, "tie_last_hidden_states", None)
+    return VerifyReport(model=getattr(config, "_name_or_path", None) or type(model).__name__,
+                        n_layers=layout.n_layers, n_hidden_states=len(hs),
                         dtype=str(resid.dtype).replace("torch.", ""), device=str(resid.device),
-                        has_final_norm=cap.layout.final_norm is not None, rows=tuple(rows))
-
-
-def _has_norm(model, blocks, final_norm) -> bool:
-    from .arch import resolve_layout
-
-    return resolve_layout(model, blocks=blocks, final_norm=final_norm).final_norm is not None
+                        has_final_norm=has_norm, rows=tuple(rows), d_model=resid.shape[-1],
+                        last_width=hs[-1].shape[-1], has_projection=layout.project_out is not None,
+                        tie_last_hidden_states=tie if isinstance(tie, bool) else None)
