@@ -1,0 +1,155 @@
+"""Shared plumbing for the scripts in benchmarks/: argument parsing, timing, JSON rows, tables.
+
+Small on purpose; every benchmark imports it as ``from _common import ...`` (the scripts run as
+``python benchmarks/bench_x.py``, so this directory is on ``sys.path``).
+
+    parser = base_parser(__doc__)            # --smoke, --device, --iters, --warmup, --out
+    args = parser.parse_args()
+    t = median_time(lambda: f(x), device=args.device, iters=args.iters, warmup=args.warmup)
+    rows.append(row(bench="op", shape=[8, 768], dtype="bfloat16", median_s=t))
+    print_table(rows, ["shape", "dtype", "median_s"])
+    path = write_rows(rows, "bench_op", args.out)
+
+``row(**fields)`` stamps each row with the environment (GPU name, torch / CUDA / transformers
+versions, UTC time), so a results file read on its own says where its numbers came from.
+``write_rows`` writes ``<out>/<name>-<device slug>.json`` (default ``benchmarks/results/``): a JSON
+list of rows, replacing an earlier file for the same benchmark and device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "write_rows",
+           "print_table", "device_slug"]
+
+
+def base_parser(description: str | None) -> argparse.ArgumentParser:
+    """An ArgumentParser with the flags every benchmark shares (add your own after)."""
+    p = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, a few seconds, runs on CPU too (what CI runs)")
+    p.add_argument("--device", default=None,
+                   help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
+    p.add_argument("--out", default=None,
+                   help=f"directory for the JSON results (default {RESULTS_DIR})")
+    return p
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def environment(device: str = "cpu") -> dict:
+    """GPU name (or CPU model), library versions; the same for every row of a run."""
+    import transformers
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        hw = torch.cuda.get_device_name(idx)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(idx)))
+    else:
+        hw, cap = platform.processor() or platform.machine(), None
+    return {
+        "device": dev.type,
+        "hardware": hw,
+        "capability": cap,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def row(device: str | torch.device = "cpu", **fields) -> dict:
+    """One result row: the environment of ``device``, the time now (UTC), then ``fields``."""
+    stamp = dict(environment(str(device)))
+    stamp["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp.update(fields)
+    return stamp
+
+
+def median_time(fn: Callable[[], object], *, device: str | torch.device = "cpu", iters: int = 10,
+                warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in seconds over ``iters`` calls after ``warmup`` calls.
+
+    On CUDA each call is bracketed by CUDA events on the current stream (GPU time of the work
+    ``fn`` enqueues, no host sync between calls except reading the events at the end); on CPU,
+    ``time.perf_counter``.
+    """
+    dev = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(dev)
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_slug(rows: Sequence[dict]) -> str:
+    """'nvidia-h200', 'cpu', ... from the first row's hardware, for file names."""
+    if not rows:
+        return "empty"
+    r = rows[0]
+    name = r.get("hardware") if r.get("device") == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "unknown"
+
+
+def write_rows(rows: Sequence[dict], name: str, out_dir: str | Path | None = None) -> Path:
+    """Write ``rows`` as a JSON list to ``<out_dir>/<name>-<device slug>.json``; returns the path."""
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{device_slug(rows)}.json"
+    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+def print_table(rows: Iterable[dict], columns: Sequence[str]) -> None:
+    """A plain fixed-width table of the given columns (missing values print as '-')."""
+    cells = [[_fmt(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for line in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
