@@ -118,9 +118,10 @@ def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...]) -> str:
 
 def _load() -> BuildInfo:
     cuda_home, cuda_skip = _cuda_plan()
-    if cuda_home is not None and not os.environ.get("CUDA_HOME"):
+    nvcc_home = cuda_home or _find_nvcc()
+    if nvcc_home is not None and not os.environ.get("CUDA_HOME"):
         # cpp_extension decides CUDA_HOME when it is first imported and guesses /usr/local.
-        os.environ["CUDA_HOME"] = str(cuda_home)
+        os.environ["CUDA_HOME"] = str(nvcc_home)
     from torch.utils import cpp_extension
 
     with_cuda = cuda_home is not None
