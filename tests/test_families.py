@@ -1,0 +1,249 @@
+"""Every supported family, bare model and causal-LM wrapper, with a tiny random config built here:
+verify's report (found from the data), and capture against the reference bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+import residtap
+from helpers import assert_same_outputs
+from residtap.reference import OUTPUTS, run_reference
+
+D, EPS = 64, 3e-5  # an eps no family uses by default, so reading the wrong one shows
+_COMMON = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DECODER = dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=4, max_position_embeddings=32)
+_GQA = dict(_DECODER, intermediate_size=128, num_key_value_heads=2, rms_norm_eps=EPS)
+_OPT = dict(_DECODER, ffn_dim=128, word_embed_proj_dim=D)
+
+# name -> (config class, kwargs, what hidden_states[-1] is, how the final norm is re-applied)
+FAMILIES = {
+    "gpt2": (T.GPT2Config, dict(n_layer=2, n_embd=D, n_head=4, n_positions=32, layer_norm_epsilon=EPS),
+             "normed", "layer_norm"),
+    "gptj": (T.GPTJConfig, dict(n_layer=2, n_embd=D, n_head=4, rotary_dim=8, n_positions=32,
+                                layer_norm_epsilon=EPS), "normed", "layer_norm"),
+    "gpt_neox": (T.GPTNeoXConfig, dict(_DECODER, intermediate_size=128, layer_norm_eps=EPS),
+                 "normed", "layer_norm"),
+    "opt": (T.OPTConfig, _OPT, "normed", "layer_norm"),
+    "opt-no-final-norm": (T.OPTConfig, dict(_OPT, do_layer_norm_before=False), "raw", "none"),
+    "opt-project-out": (T.OPTConfig, dict(_OPT, word_embed_proj_dim=48), "projected", "layer_norm"),
+    "opt-no-norm-project-out": (T.OPTConfig, dict(_OPT, word_embed_proj_dim=48, do_layer_norm_before=False),
+                                "projected", "none"),  # the shape of facebook/opt-350m
+    "llama": (T.LlamaConfig, _GQA, "normed", "module"),
+    "mistral": (T.MistralConfig, _GQA, "normed", "module"),
+    "qwen2": (T.Qwen2Config, _GQA, "normed", "module"),
+    "gemma": (T.GemmaConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "phi": (T.PhiConfig, dict(_DECODER, intermediate_size=128, layer_norm_eps=EPS), "normed", "layer_norm"),
+    "bloom": (T.BloomConfig, dict(n_layer=2, hidden_size=D, n_head=4, layer_norm_epsilon=EPS),
+              "normed", "layer_norm"),
+    "falcon": (T.FalconConfig, dict(_DECODER, layer_norm_epsilon=EPS), "normed", "layer_norm"),
+    "falcon-new-arch": (T.FalconConfig, dict(_DECODER, layer_norm_epsilon=EPS, new_decoder_architecture=True,
+                                             num_kv_heads=2), "normed", "layer_norm"),
+}
+WRAPPERS = ("causal-lm", "bare")
+
+IDS = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+PADDED = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1],   # left padding
+                       [1, 1, 1, 1, 1, 1, 0, 0]])  # right padding
+
+
+def _build(name: str) -> nn.Module:
+    cls, kwargs, _, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cls(**kwargs, **_COMMON)).eval()
+    # Norm weights start at 1 (Gemma: 0, used as 1 + w) and biases at 0: move them, so that a
+    # norm re-applied with the wrong weights, bias or (1 + w) convention cannot pass.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                for p in mod.parameters(recurse=False):
+                    p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name: str, wrapper: str, dtype=torch.float32) -> nn.Module:
+        if (name, dtype) not in cache:
+            cache[name, dtype] = (_build(name) if dtype == torch.float32
+                                  else copy.deepcopy(get(name, "causal-lm")).to(dtype))
+        lm = cache[name, dtype]
+        return lm if wrapper == "causal-lm" else lm.base_model
+
+    return get
+
+
+def test_every_family_in_the_table_is_tested():
+    tested = {cls.model_type for cls, *_ in FAMILIES.values()}
+    assert tested == set(residtap.FAMILIES)
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_verify_detects_the_convention(models, name, wrapper):
+    model = models(name, wrapper)
+    assert (model.base_model is not model) == (wrapper == "causal-lm")  # XForCausalLM / XModel
+    rep = residtap.verify(model, IDS, PADDED)
+    last_is = FAMILIES[name][2]
+    assert rep.ok, str(rep)
+    assert rep.n_hidden_states == rep.n_layers + 1 == 3
+    assert [r.matches for r in rep.rows[:-1]] == ["raw", "raw"]
+    assert all(r.raw_exact and r.raw_maxabs == 0.0 for r in rep.rows[:-1])
+    last = rep.rows[-1]
+    assert last.matches == last_is
+    text = str(rep)
+    if last_is == "normed":  # re-applying the model's own final norm reproduces hidden_states[-1]
+        assert last.normed_exact and last.normed_maxabs == 0.0 and not last.raw_exact
+        assert rep.convention.startswith("last entry is final_norm(raw output)")
+    elif last_is == "raw":
+        assert not rep.has_final_norm and last.normed_exact is None
+        assert rep.convention == "all entries are raw block outputs (the model has no final norm)"
+        assert "no final norm" in text
+    else:  # project_out after the (optional) final norm changes the width: re-applied, exact
+        assert last.projected_exact and last.projected_maxabs == 0.0 and last.raw_maxabs is None
+        assert rep.last_width == 48 and rep.d_model == D
+        assert "width 48 (d_model 64)" in rep.convention
+        assert rep.convention.startswith("last entry is project_out(" + ("final_norm(" if rep.has_final_norm else "raw"))
+    assert text.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_capture_matches_reference_with_padding_on_both_sides(extension, models, name, wrapper, dtype):
+    model = models(name, wrapper, dtype)
+    has_norm = FAMILIES[name][3] != "none"
+    outputs = OUTPUTS if has_norm else tuple(o for o in OUTPUTS if o != "normed")
+    with residtap.capture(model, outputs=outputs, backend="compiled") as cap:
+        model(IDS, attention_mask=PADDED)
+    ref = run_reference(model, IDS, attention_mask=PADDED, outputs=outputs)
+    assert cap.layer_ids == ref.layer_ids == [0, 1, 2]
+    assert cap.resid.shape == (3, 2, 8, D) and cap.resid.dtype == dtype
+    assert_same_outputs(cap, ref, outputs)
+    # The reference itself agrees with HF: hidden_states[1] is block 0's raw output, and where
+    # hidden_states[-1] is normalized, it is the normed last residual.
+    with torch.no_grad():
+        hs = model(IDS, attention_mask=PADDED, output_hidden_states=True).hidden_states
+    assert torch.equal(cap.resid[1], hs[1])
+    if has_norm and FAMILIES[name][2] == "normed":
+        assert torch.equal(cap.normed[-1], hs[-1])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_norm_kind_and_eps_read_from_each_family(models, name):
+    model = models(name, "causal-lm")
+    layout = residtap.capture(model).layout
+    assert layout.norm.kind == FAMILIES[name][3]
+    # The stats eps is the final norm's: the config's where the family sets one, else LayerNorm's
+    # default (OPT builds its norms without an eps).
+    assert layout.eps == (1e-5 if name.startswith("opt") else EPS)
+    assert (layout.project_out is not None) == name.endswith("project-out")
+
+
+def test_tie_last_hidden_states_false_is_reported_not_failed(models):
+    model = copy.deepcopy(models("llama", "causal-lm"))
+    model.config.tie_last_hidden_states = False
+    rep = residtap.verify(model, IDS, PADDED)
+    assert rep.ok and rep.rows[-1].matches == "raw" and rep.has_final_norm
+    assert rep.convention == "all entries are raw block outputs (config.tie_last_hidden_states=False)"
+
+
+def test_a_projection_residtap_does_not_know_is_not_explained(models, monkeypatch):
+    monkeypatch.setitem(residtap.FAMILIES, "opt", residtap.Family("decoder.layers", "decoder.final_layer_norm"))
+    rep = residtap.verify(models("opt-project-out", "causal-lm"), IDS, PADDED)
+    assert not rep.ok and rep.rows[-1].matches == "neither"
+    assert "hidden_states[-1] has width 48, not d_model 64" in rep.convention
+    assert "FAILED" in str(rep)
+
+
+def test_gemma_resid0_is_the_embedding_scaled_by_sqrt_d(models):
+    model = models("gemma", "bare")
+    with residtap.capture(model, layers=0) as cap:
+        model(IDS)
+    plain = nn.functional.embedding(IDS, model.embed_tokens.weight)
+    assert torch.equal(cap.resid[0], plain * torch.tensor(D ** 0.5))
+    assert not torch.equal(cap.resid[0], plain)
+
+
+# ---------------------------------------------------------------- models residtap does not know
+class KwargBlock(nn.Module):
+    """A block called with hidden_states= as a keyword, returning a tuple, a dict or a tensor."""
+
+    def __init__(self, d: int, returns: str):
+        super().__init__()
+        self.lin, self.returns = nn.Linear(d, d), returns
+
+    def forward(self, *, hidden_states, scale=1.0):
+        out = hidden_states + scale * torch.tanh(self.lin(hidden_states))
+        return {"tuple": (out, None), "dict": {"hidden_states": out, "aux": None}, "tensor": out}[self.returns]
+
+
+class Toy(nn.Module):
+    def __init__(self, d: int = 8, returns: str = "tuple"):
+        super().__init__()
+        self.embed = nn.Embedding(16, d)
+        self.trunk = nn.ModuleDict({"blocks": nn.ModuleList(KwargBlock(d, returns) for _ in range(3))})
+        self.norm = nn.RMSNorm(d, eps=1e-4)
+
+    def forward(self, ids, attention_mask=None):
+        x = self.embed(ids)
+        for blk in self.trunk["blocks"]:
+            out = blk(hidden_states=x, scale=0.5)
+            x = out if isinstance(out, torch.Tensor) else (out[0] if isinstance(out, tuple) else out["hidden_states"])
+        return self.norm(x)
+
+
+def test_unknown_model_error_lists_families_and_says_what_to_pass():
+    m = Toy()
+    with pytest.raises(ValueError) as info:
+        residtap.capture(m)
+    msg = str(info.value)
+    assert msg.startswith("model: residtap does not know this model (it has no config.model_type) (Toy)")
+    assert all(name in msg for name in residtap.FAMILIES)
+    assert "blocks=" in msg and "final_norm=" in msg and "residtap.FAMILIES[" in msg
+    with pytest.raises(ValueError, match=r"so it needs final_norm=\. Supported"):
+        residtap.capture(m, blocks="trunk.blocks")  # one of the two is not enough
+    m.config = T.PretrainedConfig()
+    m.config.model_type = "my-arch"
+    with pytest.raises(ValueError, match=r"does not know the model type 'my-arch' \(Toy\)"):
+        residtap.capture(m)
+
+
+@pytest.mark.parametrize("returns", ["tuple", "dict", "tensor"])
+@pytest.mark.parametrize("given", ["paths", "modules"])
+def test_explicit_blocks_and_final_norm(extension, returns, given):
+    torch.manual_seed(0)
+    m = Toy(returns=returns)
+    with torch.no_grad():
+        m.norm.weight.normal_()
+    spec = (dict(blocks="trunk.blocks", final_norm="norm") if given == "paths"
+            else dict(blocks=list(m.trunk["blocks"]), final_norm=m.norm))
+    ids = torch.randint(0, 16, (2, 5))
+    with residtap.capture(m, outputs=OUTPUTS, **spec) as cap:
+        out = m(ids)
+    assert cap.layout.eps == 1e-4 and cap.layout.norm.kind == "module"
+    ref = run_reference(m, ids, outputs=OUTPUTS, **spec)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    assert torch.equal(cap.normed[-1], out)  # nn.RMSNorm re-applied through the module: exact
+
+
+def test_explicit_final_norm_none_overrides_the_table(models):
+    model = models("llama", "causal-lm")
+    with pytest.raises(ValueError, match=r"outputs: 'normed' needs a final norm"):
+        residtap.capture(model, final_norm=None, outputs=("normed",))
+    cap = residtap.capture(model, final_norm=None, outputs=("resid", "stats"))
+    assert cap.layout.final_norm is None and cap.layout.eps == EPS  # the config's rms_norm_eps
+
+
+def test_a_renamed_table_path_says_where_it_came_from(models, monkeypatch):
+    monkeypatch.setitem(residtap.FAMILIES, "llama", residtap.Family("decoder_layers", "norm"))
+    with pytest.raises(ValueError, match=r"blocks: expected a module path inside LlamaModel \(residtap's "
+                                         r"FAMILIES entry for 'llama'.*has no attribute 'decoder_layers'"):
+        residtap.capture(models("llama", "causal-lm"))
