@@ -1,0 +1,838 @@
+"""Extraction at scale: stream captured activations to disk at forward speed, resumable, multi-process.
+
+    residtap.extract("random:gpt2-small", "tokens.npy", "acts/", layers=[0, 6, 12], seq_len=128)
+    residtap extract --model PATH --data corpus.jsonl --out acts/ --seq-len 1024 --dtype bfloat16
+    torchrun --nproc-per-node 8 -m residtap extract ...          # data parallel, one merged manifest
+
+The pipeline, per batch (two Capture objects alternate, so one can be copied out while the other fills)::
+
+    compute stream:  [wait: slot k free] forward with Capture k → event F
+    copy stream:     [wait F] D2H of every captured tensor into a pinned host shard buffer → event C_k
+    writer threads:  [wait the shard's last C] safetensors file → fsync → sha256 → rename → manifest
+
+Capture k's buffers are overwritten by its next forward only after C_k (the compute stream waits on
+it), so no copy ever reads half-overwritten data; ``record_stream`` keeps buffers freed by a shape
+change alive until the copy stream is done with them. On CPU the copy is a plain ``copy_`` and the
+rest is identical. Host memory is bounded: at most ``host_memory // shard_bytes`` shard buffers exist.
+
+Shards are fixed groups of whole batches (``seqs_per_shard`` sequences), so a shard's bytes depend
+only on its sequences: a killed run resumes by skipping the shards its manifest lists, and with N
+processes rank r computes shards r, r+N, ... — the same files a single process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import inputs as _inputs
+from . import store as _store
+from .capture import Capture
+from .reference import OUTPUTS, STAT_NAMES
+from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value, name: str) -> int:
+    """An int (bytes) or a string like "512MiB", "1GiB", "2.5GB" → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)) \
+            and m.group(2).lower() in _SIZE_UNITS:
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"{name}: expected a byte count such as 1073741824, '512MiB' or '1GiB', got {value!r}")
+    if n < 1:
+        raise ValueError(f"{name}: expected a positive size, got {value!r}")
+    return n
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class ExtractOptions:
+    """How the pipeline runs (validated at construction; ``ValueError`` names the argument)."""
+
+    batch_size: int = 8
+    seq_len: int | None = None
+    packing: str = "pack"
+    max_tokens: int | None = None
+    shard_size: int = 1 << 30  # bytes of activations per shard (rounded to whole batches, at least one)
+    host_memory: int = 8 << 30  # bytes of host shard buffers, at most
+    writers: int = 2
+    verify_existing: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "writers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.packing not in _inputs.PACKINGS:
+            raise ValueError(f"packing: expected one of {_inputs.PACKINGS}, got {self.packing!r}")
+
+
+@dataclasses.dataclass
+class ExtractResult:
+    """What a call to :func:`extract` did (for this process; ``manifest`` is the directory's)."""
+
+    out: str
+    complete: bool
+    n_shards: int  # in the whole extraction
+    shards_written: int  # by this process in this call
+    shards_skipped: int  # already complete before this call (resume)
+    n_tokens: int  # input tokens forwarded by this call
+    n_rows: int  # captured rows written by this call
+    bytes_written: int
+    seconds: float  # from the first forward to the last shard durable
+    waits: dict  # seconds blocked, by what: "model" (the forward), "d2h", "disk"
+    manifest: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _positions_rule(p):
+    """The positions setting as JSON (manifest): "all", an int, "start:stop:step" or a list."""
+    if p is None:
+        return "all"
+    if isinstance(p, slice):
+        return f"{'' if p.start is None else p.start}:{'' if p.stop is None else p.stop}:" \
+               f"{'' if p.step is None else p.step}"
+    return p if isinstance(p, (int, str)) else list(p)
+
+
+def model_identity(model: nn.Module) -> dict:
+    """The config's sha256 (without version/path keys) and a cheap weights fingerprint (each
+    parameter's name, shape, dtype and first 64 values): enough to tell two models apart on resume."""
+    cfg = getattr(model, "config", None)
+    cfg_d = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    for k in ("transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype",
+              "_attn_implementation_autoset", "_commit_hash"):
+        cfg_d.pop(k, None)
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        if p.device.type != "meta":
+            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    p0 = next(model.parameters())
+    return {"model_config_sha256": hashlib.sha256(json.dumps(cfg_d, sort_keys=True, default=str).encode())
+            .hexdigest(), "model_weights_fingerprint": h.hexdigest(), "model_dtype": str(p0.dtype)[6:]}
+
+
+def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map=None):
+    """``random:SIZE[,key=value...]`` (a seeded random GPT-2, no download) or a local HF model
+    (directory or cached name, loaded offline). Returns (model, name, tokenizer or None)."""
+    if spec.startswith("random:"):
+        from .models import random_gpt2
+
+        size, *pairs = spec[len("random:"):].split(",")
+        overrides = {}
+        for pair in pairs:
+            k, eq, v = pair.partition("=")
+            if not eq or not k:
+                raise ValueError(f"model: expected 'random:SIZE[,key=value...]', got {spec!r}")
+            overrides[k.strip()] = float(v) if "." in v else int(v)
+        model = random_gpt2(size, seed=seed, dtype=dtype or torch.float32, device=device, **overrides)
+        return model, f"{spec} (random init, seed {seed})", None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"device_map": device_map} if device_map else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto", local_files_only=True, **kw)
+    except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
+        raise ValueError(f"model: {spec!r} could not be loaded offline ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
+                         "config.json and weights, a name already in the HF cache, or random:gpt2-small") from e
+    if not device_map:
+        model = model.to(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception:  # a model without a tokenizer is fine for token-id inputs
+        tok = None
+    return model.eval(), spec, tok
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"tokenizer: {path!r} could not be loaded offline ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+class _Waits:
+    """Seconds the pipeline spent blocked, by what it waited on."""
+
+    def __init__(self):
+        self.t = {"model": 0.0, "d2h": 0.0, "disk": 0.0}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def on(self, what: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.t[what] += time.perf_counter() - t0
+
+
+class _HostShard:
+    """Host buffers for one shard: per stored tensor name, per layer, ``[rows, ...]`` (pinned on CUDA)."""
+
+    def __init__(self, specs: dict, n_layers: int, rows: int, pin: bool):
+        self.out = {name: [torch.empty((rows, *tail), dtype=dt, pin_memory=pin) for _ in range(n_layers)]
+                    for name, (tail, dt) in specs.items()}
+        self.block: _inputs.Block | None = None
+        self.rows = 0
+        self.event = None  # CUDA: recorded on the copy stream after this shard's last copy
+
+
+class _Manifest:
+    """The manifest this process keeps up to date: manifest.json (one process) or its rank part."""
+
+    def __init__(self, out: str, header: dict, records: dict[int, dict], rank: int, world: int):
+        self.out, self.header, self.records = out, header, records
+        self.rank, self.world = rank, world
+        self.mine: dict[int, dict] = {}
+        self._lock = threading.Lock()
+
+    def path(self) -> str:
+        return os.path.join(self.out, _store.MANIFEST if self.world == 1 else _store.part_name(self.rank))
+
+    def add(self, record: dict) -> None:
+        with self._lock:
+            self.records[record["index"]] = record
+            self.mine[record["index"]] = record
+            self._write(complete=False)
+
+    def _write(self, complete: bool, **extra) -> None:
+        shards = self.records if self.world == 1 else self.mine
+        _store.write_json_atomic(self.path(), {**self.header, **extra, "complete": complete,
+                                               "shards": [shards[i] for i in sorted(shards)]})
+
+
+def _fmt_waits(waits: dict, elapsed: float, label: str) -> str:
+    e = max(elapsed, 1e-9)
+    return " ".join(f"{label if k == 'model' else k} {100 * v / e:.0f}%" for k, v in waits.items())
+
+
+def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
+            batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
+            packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
+            shard_size="1GiB", host_memory="8GiB", writers: int = 2, device=None, model_dtype=None,
+            seed: int = 0, backend: str | None = None, model_name: str | None = None,
+            progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
+            world_size: int | None = None) -> ExtractResult:
+    """Run ``model`` over ``data`` and write the captured activations to ``out`` (shards + manifest).
+
+    ``model``: an nn.Module (HF causal LM or bare model), ``"random:gpt2-small[,n_layer=2,...]"``,
+    or a local HF model path / cached name (loaded offline). ``data``: a .npy of token ids (1-D stream
+    or 2-D ``[n, seq_len]``), a .txt (one document per line) or .jsonl (``text_field``) file, a saved
+    HF dataset directory, or an array/tensor of ids. ``layers``, ``positions``, ``outputs``, ``dtype``
+    select what is captured, as in :func:`residtap.capture`. ``max_tokens`` stops after the first
+    ``ceil(max_tokens / seq_len)`` sequences. ``packing``: "pack" (concatenate documents, cut into
+    ``seq_len``) or "pad" (a document per sequence, right-padded; padding rows are not stored).
+
+    Writes ``out/manifest.json`` and ``out/shard-NNNNNN.safetensors``; read them back with
+    :func:`residtap.open`. Running the same call again after a crash resumes after the complete
+    shards; a directory holding another model's or settings' extraction is refused
+    (ManifestMismatchError). Under ``torchrun`` (or with ``rank``/``world_size``) each process writes
+    the shards ``i`` with ``i % world_size == rank`` and rank 0 merges one manifest at the end.
+
+    Example::
+
+        res = residtap.extract("random:gpt2-small", ids_npy, "acts/", layers=[6], seq_len=128)
+        acts = residtap.open("acts/")
+        acts.layer(6)[:10]        # [10, 768]
+    """
+    opts = ExtractOptions(batch_size=batch_size, seq_len=seq_len, packing=packing, max_tokens=max_tokens,
+                          shard_size=parse_size(shard_size, "shard_size"),
+                          host_memory=parse_size(host_memory, "host_memory"), writers=writers,
+                          verify_existing=verify_existing)
+    rank, world, local_rank = _dist_env(rank, world_size)
+    if isinstance(model, str):
+        dev = device or _default_device(local_rank, world)
+        model, name, model_tok = load_model(model, dtype=resolve_dtype(model_dtype, "model_dtype"),
+                                            device=dev, seed=seed)
+    elif isinstance(model, nn.Module):
+        name, model_tok = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "")
+                                            or type(model).__name__), None
+        if model_dtype is not None:
+            raise ValueError("model_dtype: only applies when model is a name or path; convert the module "
+                             "yourself (model.to(dtype))")
+    else:
+        raise ValueError(f"model: expected an nn.Module, 'random:SIZE' or a local HF model path, got "
+                         f"{type(model).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(os.fspath(tokenizer))
+    tokenizer = tokenizer if tokenizer is not None else model_tok
+    model.eval()
+
+    # Captures hook the bare model, which is what runs (no LM head: its logits are not needed).
+    base = getattr(model, "base_model", model)
+    probe = Capture(base, layers, positions, dtype, outputs, backend=backend)  # validates the selection
+    cfg = probe.config
+    if isinstance(cfg.positions, KeepMask):
+        raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
+                         "slice, a list of ints or 'last' (each sequence's last real token)")
+    if seq_len is None and not (isinstance(data, (str, os.PathLike)) and os.fspath(data).endswith(".npy")
+                                or hasattr(data, "shape")):
+        seq_len = min(1024, int(getattr(model.config, "max_position_embeddings",
+                                        getattr(model.config, "n_positions", 1024)) or 1024))
+    source = _inputs.open_source(data, seq_len=seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
+                                 tokenizer=tokenizer, text_field=text_field, split=split)
+    seq_len = source.seq_len
+    if cfg.positions == LAST:
+        pos, n_pos = None, 1  # per sequence, from its mask (see _Run._rows)
+    else:
+        plan = resolve_positions(cfg.positions, seq_len)  # ValueError if a position is out of range
+        pos = np.asarray(plan.index if plan.index is not None else range(plan.span.start, plan.span.stop))
+        n_pos = len(pos)
+
+    first = next(model.parameters())
+    d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
+    cap_dtype = cfg.dtype or first.dtype
+    L = len(cfg.layer_ids)
+    specs = {}  # stored tensor name → (shape after rows, dtype)
+    for o in ("resid", "delta", "normed"):
+        if o in cfg.outputs:
+            specs[o] = ((d_model,), cap_dtype)
+    if "stats" in cfg.outputs:
+        for s in STAT_NAMES:
+            specs[s] = ((), torch.float32)
+    row_bytes = sum(L * math.prod(t) * torch.empty((), dtype=dt).element_size() for t, dt in specs.values())
+    seq_bytes = n_pos * row_bytes
+    batches_per_shard = max(1, opts.shard_size // (seq_bytes * opts.batch_size))
+    seqs_per_shard = batches_per_shard * opts.batch_size
+    shard_bytes = seqs_per_shard * seq_bytes
+    n_buffers = min(opts.writers + 1, opts.host_memory // shard_bytes)
+    if n_buffers < 2:
+        raise ValueError(f"host_memory: a shard of {seqs_per_shard} sequences takes {shard_bytes} bytes and "
+                         f"the pipeline needs at least 2 shard buffers (one filling while one is written), "
+                         f"but host_memory={opts.host_memory}; raise host_memory or lower shard_size / "
+                         "batch_size")
+
+    settings = {"model": name, **model_identity(model), "layer_ids": list(cfg.layer_ids),
+                "outputs": list(cfg.outputs), "dtype": str(cap_dtype)[6:],
+                "positions": _positions_rule(cfg.positions), "seq_len": seq_len, "packing": opts.packing,
+                "batch_size": opts.batch_size, "seqs_per_shard": seqs_per_shard,
+                "max_tokens": opts.max_tokens, "data": source.describe()}
+    import transformers
+    import safetensors
+
+    from . import __version__
+    header = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION, "settings": settings,
+              "versions": {"residtap": __version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+              "d_model": d_model, "positions_per_sequence": n_pos,
+              "tensors": {"activations": "<output>.<layer_id> [rows, d_model] (stats: [rows] float32)",
+                          "per_row": list(_store.ROW_TENSORS), "per_sequence": list(_store.SEQ_TENSORS)}}
+
+    out = os.fspath(out)
+    group = _init_group(world)
+    try:
+        records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
+        if complete:
+            m = _store.read_json(os.path.join(out, _store.MANIFEST))
+            return ExtractResult(out, True, m.get("n_shards", len(records)), 0, len(records), 0, 0, 0, 0.0,
+                                 _Waits().t, m)
+        manifest = _Manifest(out, header, records, rank, world)
+        run = _Run(base, cfg, backend, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
+                   manifest, rank, world, progress, first.device)
+        run.go()
+        final = _finish(out, header, manifest, run, rank, world, group)
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(group)
+    return ExtractResult(out, final.get("complete", False), final.get("n_shards", run.n_blocks),
+                         run.written, run.skipped, run.n_tokens, run.n_rows, run.bytes, run.seconds,
+                         dict(run.waits.t), final)
+
+
+def _dist_env(rank, world_size):
+    if (rank is None) != (world_size is None):
+        raise ValueError("rank, world_size: pass both or neither (torchrun sets RANK and WORLD_SIZE)")
+    if rank is None:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank}, {world_size}")
+    return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _default_device(local_rank: int, world: int) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+    return "cpu"
+
+
+def _init_group(world: int):
+    """A gloo group for the two barriers of a multi-process run (CPU tensors: no NCCL needed). Ranks
+    may finish far apart after a resume, so the timeout is long."""
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise ValueError("world_size > 1 needs torchrun (MASTER_ADDR/MASTER_PORT unset): "
+                             "torchrun --nproc-per-node N -m residtap extract ...")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+
+def _barrier(group) -> None:
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
+
+
+def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
+    """Create or check ``out``; return (complete records, whether the extraction is already complete).
+
+    Rank 0 creates the directory and the initial manifest before any other rank looks at it.
+    """
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise _store.os_error(e, "creating the output directory", out) from e
+        existing = _store.manifest_paths(out)
+        if not existing:
+            foreign = [f for f in os.listdir(out) if not (f.startswith(".shard-") or f == "manifest.json.tmp")]
+            if foreign:
+                raise _store.StoreError(f"out: {out!r} is not empty ({len(foreign)} entries, e.g. "
+                                        f"{sorted(foreign)[:3]}) and holds no residtap manifest; refusing to "
+                                        "write there: choose a new or empty directory")
+            _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
+                                                                           "shards": []})
+        _check_compatible(out, header)
+    _barrier(group)
+    if rank != 0:
+        _check_compatible(out, header)
+    manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
+    main = manifests[0]
+    records = _store.merged_records(manifests)
+    if main.get("complete"):
+        if verify and rank == 0:
+            _store.open_activations(out, verify=True)
+        return records, True
+    owned = lambda i: i % world == rank  # noqa: E731
+    for i in sorted(records):
+        if not owned(i):
+            continue
+        r = records[i]
+        path = os.path.join(out, r["file"])
+        if not os.path.exists(path):  # deleted by hand (e.g. after a checksum error): recompute it
+            print(f"residtap extract: shard {i} is listed but missing; it will be recomputed", file=sys.stderr)
+            del records[i]
+            continue
+        size = os.path.getsize(path)
+        if size != r["bytes"] or (verify and _store.sha256_file(path) != r["sha256"]):
+            raise _store.ShardCorruptError(
+                f"shard {i} ({path!r}) does not match the manifest ("
+                + (f"{size} bytes, expected {r['bytes']}" if size != r["bytes"] else "sha256 differs")
+                + "): the file is corrupted. Delete it and run the same command again to recompute it.")
+    _store.remove_stale_temporaries(out, owned)
+    return records, False
+
+
+def _check_compatible(out: str, header: dict) -> None:
+    for p in _store.manifest_paths(out):
+        have = _store.read_json(p)
+        diff = _store.settings_difference(have["settings"], header["settings"])
+        if diff:
+            raise _store.ManifestMismatchError(
+                f"out: {out!r} holds an extraction made with different settings ({os.path.basename(p)}): "
+                + "; ".join(diff) + ". Nothing was written. Use a new --out directory, or the same settings "
+                "to resume.")
+        if have.get("versions") != header["versions"]:
+            print(f"residtap extract: warning: {out!r} was started with {have.get('versions')}, resuming "
+                  f"with {header['versions']}; shards may not be byte-identical across versions",
+                  file=sys.stderr)
+
+
+def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> dict:
+    """Mark the extraction complete: one process writes manifest.json; with several, each writes its
+    part and rank 0 merges them once all are done."""
+    n = run.n_blocks
+    if world > 1:
+        with manifest._lock:
+            manifest._write(complete=False, done=True, n_shards=n)
+        _barrier(group)
+    final = {}
+    if rank == 0:
+        paths = _store.manifest_paths(out)
+        records = _store.merged_records([_store.read_json(p) for p in paths])
+        missing = [i for i in range(n) if i not in records]
+        if missing:
+            raise _store.StoreError(f"the extraction in {out!r} is missing shards {missing[:10]} after all "
+                                    "processes finished; run the same command again")
+        shards = [records[i] for i in range(n)]
+        totals = {k: sum(int(r[k]) for r in shards) for k in ("n_seqs", "n_tokens", "n_rows", "bytes")}
+        final = {**header, "complete": True, "n_shards": n, "totals": totals, "shards": shards}
+        _store.write_json_atomic(os.path.join(out, _store.MANIFEST), final)
+        for p in paths:
+            if os.path.basename(p) != _store.MANIFEST:
+                os.remove(p)
+    _barrier(group)
+    if rank != 0:
+        final = _store.read_json(os.path.join(out, _store.MANIFEST))
+    return final
+
+
+class _Run:
+    """One process's pass over its shards: forwards, copies, writer threads, progress."""
+
+    def __init__(self, base, cfg, backend, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
+                 n_buffers, manifest: _Manifest, rank, world, progress, device):
+        self.base, self.cfg, self.backend, self.source, self.opts = base, cfg, backend, source, opts
+        self.specs, self.pos, self.n_pos, self.seqs_per_shard = specs, pos, n_pos, seqs_per_shard
+        self.n_buffers, self.manifest, self.rank, self.world = n_buffers, manifest, rank, world
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.progress = progress
+        self.waits = _Waits()
+        self.written = self.n_tokens = self.n_rows = self.bytes = 0
+        self.skipped = 0
+        self.n_blocks = 0
+        self.seconds = 0.0
+        self.errors: list[BaseException] = []
+        self._stats_lock = threading.Lock()
+        self.vocab = _vocab_size(base)
+
+    def wanted(self, index: int) -> bool:
+        return index % self.world == self.rank and index not in self.manifest.records
+
+    # -------------------------------------------------------------------- writer side
+    def _writer(self, jobs: queue.Queue, pool: queue.Queue, bar) -> None:
+        while (host := jobs.get()) is not None:
+            try:
+                if self.errors:
+                    continue  # stop writing once anything failed; the buffer goes back below
+                if host.event is not None:
+                    with self.waits.on("d2h"):
+                        host.event.synchronize()
+                tensors, n_rows = self._shard_tensors(host)
+                b = host.block
+                meta = {"format": _store.FORMAT, "shard": b.index, "seq_start": b.seq_start,
+                        "layer_ids": ",".join(map(str, self.cfg.layer_ids))}
+                with self.waits.on("disk"):
+                    rec = _store.write_shard(self.manifest.out, b.index, tensors, meta)
+                    record = {"index": b.index, **rec, "seq_start": b.seq_start,
+                              "seq_stop": b.seq_start + b.n_seqs, "n_seqs": b.n_seqs,
+                              "n_tokens": b.n_tokens, "n_rows": n_rows,
+                              "source_first": b.source[0].tolist(), "source_last": b.source[-1].tolist()}
+                    self.manifest.add(record)
+                with self._stats_lock:
+                    self.written += 1
+                    self.n_rows += n_rows
+                    self.bytes += rec["bytes"]
+                if bar is not None:
+                    bar.set_postfix_str(self._postfix(), refresh=False)
+            except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
+                self.errors.append(e)
+            finally:
+                host.block, host.event = None, None
+                pool.put(host)
+
+    def _shard_tensors(self, host: _HostShard) -> tuple[dict, int]:
+        b = host.block
+        n, p = b.n_seqs, self.n_pos
+        seq_index = np.repeat(np.arange(b.seq_start, b.seq_start + n, dtype=np.int64), p)
+        keep = None
+        if self.pos is None:  # "last": each sequence's last real token (right padding)
+            position = (np.full(n, b.input_ids.shape[1] - 1) if b.attention_mask is None
+                        else b.attention_mask.sum(1) - 1).astype(np.int32)
+        else:
+            position = np.tile(self.pos.astype(np.int32), n)
+            if b.attention_mask is not None:  # padding rows are not stored
+                keep_np = b.attention_mask[:, self.pos].reshape(-1)
+                if not keep_np.all():
+                    keep = torch.from_numpy(keep_np)
+                    seq_index, position = seq_index[keep_np], position[keep_np]
+        tensors = {}
+        for name, per_layer in host.out.items():
+            for lid, t in zip(self.cfg.layer_ids, per_layer):
+                t = t[:host.rows]
+                tensors[_store.tensor_name(name, lid)] = t if keep is None else t[keep]
+        tensors["seq_index"] = torch.from_numpy(seq_index)
+        tensors["position"] = torch.from_numpy(position)
+        tensors["input_ids"] = torch.from_numpy(b.input_ids.astype(np.int32))
+        tensors["source"] = torch.from_numpy(b.source)
+        if b.attention_mask is not None:
+            tensors["attention_mask"] = torch.from_numpy(b.attention_mask.astype(np.uint8))
+        return tensors, len(seq_index)
+
+    def _postfix(self) -> str:
+        label = "gpu" if self.cuda else "cpu"
+        el = time.perf_counter() - self._t0
+        return f"wait {_fmt_waits(self.waits.t, el, label)} | shards {self.written}"
+
+    # -------------------------------------------------------------------- main side
+    def go(self) -> None:
+        opts = self.opts
+        rows = self.seqs_per_shard * self.n_pos
+        L = len(self.cfg.layer_ids)
+        pool: queue.Queue = queue.Queue()
+        for _ in range(self.n_buffers):
+            pool.put(_HostShard(self.specs, L, rows, pin=self.cuda))
+        jobs: queue.Queue = queue.Queue()
+        total = None
+        if self.source.n_sequences is not None:
+            n = self.source.n_sequences
+            total = sum(min(self.seqs_per_shard, n - i * self.seqs_per_shard)
+                        for i in range(math.ceil(n / self.seqs_per_shard)) if self.wanted(i)) * self.source.seq_len
+        show = self.progress if self.progress is not None else (sys.stderr.isatty() and self.rank == 0)
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
+                       desc=f"extract{f' rank {self.rank}' if self.world > 1 else ''}")
+        threads = [threading.Thread(target=self._writer, args=(jobs, pool, bar), daemon=True,
+                                    name=f"residtap-writer-{k}") for k in range(self.n_buffers - 1)]
+        for t in threads:
+            t.start()
+        caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
+                        self.cfg.outputs, backend=self.backend) for _ in range(2)]
+        base = self.base
+        copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        slot_free = [None, None]  # CUDA events: capture k's last copy done
+        inflight: collections.deque = collections.deque()
+        self._t0 = time.perf_counter()
+        k = 0
+        try:
+            with torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
+                                          else contextlib.nullcontext()):
+                for item in self.source.blocks(self.seqs_per_shard, self.wanted):
+                    if self.errors:
+                        break
+                    if isinstance(item, int):
+                        self.n_blocks = item + 1
+                        self.skipped += item in self.manifest.records
+                        continue
+                    block = item
+                    self.n_blocks = block.index + 1
+                    with self.waits.on("disk"):  # every host buffer is still being written
+                        host = pool.get()
+                    host.block, host.rows = block, 0
+                    for b0 in range(0, block.n_seqs, opts.batch_size):
+                        ids = block.input_ids[b0:b0 + opts.batch_size]
+                        mask = None if block.attention_mask is None else block.attention_mask[b0:b0 + opts.batch_size]
+                        self._check_ids(ids, block.seq_start + b0)
+                        cap = caps[k % 2]
+                        if self.cuda:
+                            if slot_free[k % 2] is not None:  # its last copy must finish first
+                                torch.cuda.current_stream().wait_event(slot_free[k % 2])
+                            if len(inflight) >= 2:  # keep the host at most two forwards ahead
+                                with self.waits.on("model"):
+                                    inflight.popleft().synchronize()
+                        x = self._to_device(ids)
+                        kw = {} if mask is None else {"attention_mask": self._to_device(mask.astype(np.int64))}
+                        if self.cuda:
+                            with cap:
+                                base(input_ids=x, use_cache=False, **kw)
+                        else:
+                            with self.waits.on("model"), cap:
+                                base(input_ids=x, use_cache=False, **kw)
+                        slot_free[k % 2] = self._copy_out(cap, host, copy_stream, inflight)
+                        host.rows += ids.shape[0] * self.n_pos
+                        k += 1
+                        if bar is not None:
+                            bar.update(int(ids.size if mask is None else mask.sum()))
+                    if self.cuda:
+                        host.event = torch.cuda.Event()
+                        host.event.record(copy_stream)
+                    self.n_tokens += block.n_tokens
+                    jobs.put(host)
+                    if bar is not None:
+                        bar.set_postfix_str(self._postfix(), refresh=False)
+        finally:
+            for _ in threads:
+                jobs.put(None)  # writers finish the shards already handed over, then stop
+            for t in threads:
+                t.join()
+            self.seconds = time.perf_counter() - self._t0
+            if bar is not None:
+                bar.set_postfix_str(self._postfix())
+                bar.close()
+        if self.errors:
+            raise self.errors[0]
+        if self.n_blocks == 0:
+            raise ValueError(f"data: no complete sequence of {self.source.seq_len} tokens in the input")
+
+    def _check_ids(self, ids: np.ndarray, first_seq: int) -> None:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (self.vocab is not None and hi >= self.vocab):
+            bad = lo if lo < 0 else hi
+            row = int(np.argwhere((ids == bad).any(1))[0, 0])
+            raise ValueError(f"data: token id {bad} in sequence {first_seq + row} is outside the model's "
+                             f"vocabulary [0, {self.vocab})")
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.cuda:  # pinned, so the upload is asynchronous
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _copy_out(self, cap: Capture, host: _HostShard, copy_stream, inflight):
+        """Copy capture ``cap``'s tensors into ``host`` rows [host.rows, ...). CUDA: on the copy stream,
+        after the forward; returns the event that frees ``cap`` for its next forward."""
+        srcs = {}
+        for o in ("resid", "delta", "normed"):
+            if o in self.specs:
+                srcs[o] = getattr(cap, o)  # [L, B, P, D]; raises if the forward did not fill it
+        if "stats" in self.cfg.outputs:
+            srcs.update(cap.stats._asdict())  # each [L, B, P]
+        r0 = host.rows
+        if not self.cuda:
+            for name, src in srcs.items():
+                for li, dst in enumerate(host.out[name]):
+                    s = src[li].reshape(-1, *src.shape[3:])
+                    dst[r0:r0 + s.shape[0]].copy_(s)
+            return None
+        fwd_done = torch.cuda.Event()
+        fwd_done.record()
+        inflight.append(fwd_done)
+        copy_stream.wait_event(fwd_done)
+        with torch.cuda.stream(copy_stream):
+            for name, src in srcs.items():
+                # The buffers belong to the compute stream's allocator pool: keep them alive until
+                # this stream is done even if the next forward reallocates (shape change).
+                src.record_stream(copy_stream)
+                for li, dst in enumerate(host.out[name]):
+                    s = src[li].reshape(-1, *src.shape[3:])  # contiguous: one DMA per layer
+                    dst[r0:r0 + s.shape[0]].copy_(s, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return done
+
+
+def _vocab_size(model) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except Exception:  # a model without the HF accessor: the embedding raises its own error
+        return None
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _parse_ints(text: str, name: str):
+    if text in (None, "all"):
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: expected 'all', an int, a comma list '0,6,12' or a range 'a:b[:step]', "
+                         f"got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _parse_layers(text: str):
+    sel = _parse_ints(text, "--layers")
+    if isinstance(sel, slice):  # a:b → those residual indices (a, b explicit: the model is not loaded yet)
+        if sel.start is None or sel.stop is None or sel.start < 0 or sel.stop < 0:
+            raise ValueError(f"--layers: a range needs both ends, non-negative, e.g. 0:13; got {text!r}")
+        return list(range(sel.start, sel.stop, sel.step or 1))
+    return sel
+
+
+def cmd_extract(args) -> int:
+    layers = _parse_layers(args.layers)
+    try:
+        res = extract(args.model, args.data, args.out, layers=layers, positions="last" if args.positions == "last" else
+                      _parse_ints(args.positions, "--positions"), outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
+                      batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
+                      split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
+                      writers=args.writers, device=args.device, model_dtype=args.model_dtype, seed=args.seed,
+                      backend=args.backend, progress=False if args.no_progress else None,
+                      verify_existing=not args.no_verify_existing)
+    except _store.StoreError as e:
+        print(f"residtap extract: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        t = res.manifest.get("totals", {})
+        print(f"residtap extract: {res.out}: {'complete' if res.complete else 'incomplete'}, "
+              f"{res.n_shards} shards, {t.get('n_rows', '?')} rows ({t.get('bytes', 0) / 1e9:.3f} GB); this "
+              f"run wrote {res.shards_written} shards ({res.shards_skipped} already done) in "
+              f"{res.seconds:.1f} s, {res.tokens_per_s:,.0f} tok/s")
+    return 0
+
+
+def register_cli(sub) -> None:
+    e = sub.add_parser("extract", help="stream captured activations to disk (shards + manifest), resumable",
+                       description="Capture the residual stream of a model over a dataset and write it to "
+                                   "safetensors shards with a JSON manifest. Re-running the same command "
+                                   "resumes after the last complete shard. Data parallel: torchrun "
+                                   "--nproc-per-node N -m residtap extract ...")
+    e.add_argument("--model", required=True,
+                   help="local HF model directory or cached name (offline), or random:gpt2-small"
+                        "[,n_layer=2,n_embd=64,...] (seeded random weights)")
+    e.add_argument("--data", required=True, help=".npy token ids, .txt (a document per line), .jsonl, or a "
+                                                 "dataset directory saved with datasets' save_to_disk")
+    e.add_argument("--out", required=True, help="output directory (created; resumed if it holds this run)")
+    e.add_argument("--layers", default="all", help="residual indices: all, 12, 0,6,12 or a:b (default all)")
+    e.add_argument("--positions", default="all", help="positions per sequence: all, last (last real token), -1, 0,5,9 or a:b[:step]")
+    e.add_argument("--outputs", default="resid", help=f"comma list of {','.join(OUTPUTS)} (default resid)")
+    e.add_argument("--dtype", default=None, help="capture dtype (default: the model's)")
+    e.add_argument("--model-dtype", default=None, help="dtype to load the model in (default: checkpoint's)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: a 2-D .npy's width, else min(1024, model max))")
+    e.add_argument("--max-tokens", type=int, default=None, help="stop after ceil(N / seq_len) sequences")
+    e.add_argument("--packing", default="pack", choices=_inputs.PACKINGS,
+                   help="pack: concatenate documents and cut; pad: one document per sequence, padded")
+    e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    e.add_argument("--text-field", default="text", help="JSONL / dataset text field (default text)")
+    e.add_argument("--split", default=None, help="dataset split (default train)")
+    e.add_argument("--shard-size", default="1GiB", help="activation bytes per shard, whole batches (1GiB)")
+    e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")
+    e.add_argument("--writers", type=int, default=2, help="writer threads (2)")
+    e.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
+    e.add_argument("--seed", type=int, default=0, help="seed of random: models")
+    e.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-verify-existing", action="store_true",
+                   help="on resume, check existing shards' sizes only, not their sha256")
+    e.set_defaults(func=cmd_extract)
+
+
+def _register() -> None:
+    from . import cli
+
+    if register_cli not in cli._EXTRA_COMMANDS:
+        cli._EXTRA_COMMANDS.append(register_cli)
+
+
+_register()

@@ -1,0 +1,382 @@
+"""Where the token sequences of an extraction come from: .npy token ids, text or JSONL files through a
+tokenizer, or a local HF dataset (``datasets.load_from_disk``).
+
+A source yields fixed-length sequences in one deterministic order, grouped into blocks (one block per
+shard). Every sequence carries where it came from: ``(document, token offset in that document)``.
+
+- ``packing="pack"``: documents are concatenated (the tokenizer's EOS after each document that does not
+  already end with it) and cut into ``seq_len`` tokens; the incomplete tail is dropped.
+- ``packing="pad"``: each document is cut into pieces of at most ``seq_len`` tokens; a short piece is
+  padded on the right and its ``attention_mask`` marks the real tokens.
+
+A 1-D ``.npy`` is one token stream (pack only); a 2-D ``.npy`` ``[n, seq_len]`` holds the sequences as
+they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+
+PACKINGS = ("pack", "pad")
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclasses.dataclass
+class Block:
+    """The sequences of one shard. ``input_ids`` ``[n, seq_len]`` int64; ``attention_mask`` ``[n, seq_len]``
+    bool or None (packed); ``source`` ``[n, 2]`` int64: (document, token offset) of each first token."""
+
+    index: int
+    seq_start: int
+    input_ids: np.ndarray
+    attention_mask: np.ndarray | None
+    source: np.ndarray
+
+    @property
+    def n_seqs(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (unpadded) input tokens."""
+        if self.attention_mask is None:
+            return int(self.input_ids.size)
+        return int(self.attention_mask.sum())
+
+
+def _file_fingerprint(path: str) -> dict:
+    """Size plus sha256 of the first and last MiB: cheap, and enough to notice a different file."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(1 << 20, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return {"bytes": size, "sha256_head_tail": h.hexdigest()}
+
+
+class Source:
+    """Base: subclasses give ``_sequences()`` (ids, mask, (doc, offset)) in order, and a fingerprint."""
+
+    kind: str = ""
+
+    def __init__(self, seq_len: int, packing: str, max_seqs: int | None):
+        self.seq_len = seq_len
+        self.packing = packing
+        self.max_seqs = max_seqs
+
+    def describe(self) -> dict:  # what identifies the input in the manifest
+        raise NotImplementedError
+
+    @property
+    def n_sequences(self) -> int | None:
+        """Known in advance (npy) or None (streams)."""
+        return None
+
+    def _sequences(self) -> Iterator[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]]:
+        raise NotImplementedError
+
+    def blocks(self, seqs_per_block: int, wanted) -> Iterator[Block | int]:
+        """Blocks in order; for a block index where ``wanted(i)`` is false only the index is yielded
+        (its sequences are still read, for streams, so that later blocks start at the right place)."""
+        ids, masks, srcs = [], [], []
+        index = start = n = 0
+        for seq, mask, src in self._sequences():
+            if self.max_seqs is not None and n >= self.max_seqs:
+                break
+            if wanted(index):
+                ids.append(seq)
+                masks.append(mask)
+                srcs.append(src)
+            n += 1
+            if n - start == seqs_per_block:
+                yield self._block(index, start, ids, masks, srcs) if wanted(index) else index
+                ids, masks, srcs = [], [], []
+                index, start = index + 1, n
+        if n > start:  # the last, partial block
+            yield self._block(index, start, ids, masks, srcs) if wanted(index) else index
+
+    def _block(self, index, start, ids, masks, srcs) -> Block:
+        mask = None if masks[0] is None else np.stack(masks)
+        return Block(index, start, np.stack(ids), mask, np.asarray(srcs, dtype=np.int64))
+
+
+class NpySource(Source):
+    kind = "npy"
+
+    def __init__(self, path: str, seq_len: int | None, packing: str, max_seqs: int | None):
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data: could not read {path!r} as a .npy array ({e})") from e
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"data: expected integer token ids in {path!r}, got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            if packing != "pack":
+                raise ValueError(f"packing: a 1-D .npy ({path!r}) is one token stream with no document "
+                                 "boundaries, so only packing='pack' applies; got 'pad'")
+            if seq_len is None:
+                raise ValueError("seq_len: a 1-D .npy token stream needs seq_len (the length to cut it "
+                                 "into), got None")
+        elif arr.ndim == 2:
+            if seq_len is not None and seq_len != arr.shape[1]:
+                raise ValueError(f"seq_len: the 2-D .npy {path!r} holds sequences of length "
+                                 f"{arr.shape[1]}; pass seq_len={arr.shape[1]} or None, got {seq_len}")
+            seq_len = arr.shape[1]
+        else:
+            raise ValueError(f"data: expected a 1-D token stream or a 2-D [n, seq_len] array in {path!r}, "
+                             f"got shape {arr.shape}")
+        super().__init__(seq_len, packing, max_seqs)
+        self.path, self.arr = path, arr
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "shape": list(self.arr.shape),
+                "dtype": str(self.arr.dtype), **_file_fingerprint(self.path)}
+
+    @property
+    def n_sequences(self) -> int:
+        n = self.arr.shape[0] if self.arr.ndim == 2 else self.arr.shape[0] // self.seq_len
+        return n if self.max_seqs is None else min(n, self.max_seqs)
+
+    def blocks(self, seqs_per_block: int, wanted) -> Iterator[Block | int]:
+        # Random access: blocks nobody here wants cost nothing.
+        n, t = self.n_sequences, self.seq_len
+        for index in range(math.ceil(n / seqs_per_block)):
+            if not wanted(index):
+                yield index
+                continue
+            a, b = index * seqs_per_block, min(n, (index + 1) * seqs_per_block)
+            if self.arr.ndim == 2:
+                ids = np.asarray(self.arr[a:b], dtype=np.int64)
+                src = np.stack([np.arange(a, b), np.zeros(b - a, dtype=np.int64)], 1)
+            else:
+                ids = np.asarray(self.arr[a * t:b * t], dtype=np.int64).reshape(b - a, t)
+                src = np.stack([np.zeros(b - a, dtype=np.int64), np.arange(a, b) * t], 1)
+            yield Block(index, a, ids, None, src.astype(np.int64))
+
+
+class ArraySource(NpySource):
+    """An in-memory array or tensor of token ids (the Python API), same rules as a .npy."""
+
+    kind = "array"
+
+    def __init__(self, arr, seq_len, packing, max_seqs):
+        arr = np.asarray(arr.cpu() if hasattr(arr, "cpu") else arr)
+        if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+            raise ValueError(f"data: expected integer token ids of shape [n_tokens] or [n, seq_len], got "
+                             f"dtype {arr.dtype} shape {arr.shape}")
+        if arr.ndim == 1 and packing != "pack":
+            raise ValueError("packing: a 1-D token array has no document boundaries; only 'pack' applies")
+        if arr.ndim == 1 and seq_len is None:
+            raise ValueError("seq_len: a 1-D token array needs seq_len, got None")
+        if arr.ndim == 2 and seq_len not in (None, arr.shape[1]):
+            raise ValueError(f"seq_len: the array holds sequences of length {arr.shape[1]}, got {seq_len}")
+        Source.__init__(self, seq_len or arr.shape[1], packing, max_seqs)
+        self.path, self.arr = None, arr
+
+    def describe(self) -> dict:
+        a = np.ascontiguousarray(self.arr)
+        return {"kind": self.kind, "shape": list(a.shape), "dtype": str(a.dtype),
+                "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+
+
+class DocumentSource(Source):
+    """Documents (token lists) from text, JSONL or a dataset, packed or padded."""
+
+    def __init__(self, path: str, seq_len: int | None, packing: str, max_seqs: int | None, tokenizer,
+                 text_field: str):
+        if seq_len is None:
+            raise ValueError("seq_len: text and dataset inputs need seq_len (tokens per sequence), got None")
+        super().__init__(seq_len, packing, max_seqs)
+        self.path, self.text_field = path, text_field
+        self.tokenizer = tokenizer
+        self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"tokenizer: the {self.kind} input {self.path!r} needs a tokenizer (the "
+                             "model's, or pass tokenizer= / --tokenizer DIR); got none")
+
+    def describe(self) -> dict:
+        tok = self.tokenizer
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "text_field": self.text_field,
+                "tokenizer": None if tok is None else {
+                    "class": type(tok).__name__, "vocab_size": len(tok),
+                    "name_or_path": str(getattr(tok, "name_or_path", "")),
+                    "eos": self.eos, "pad": self.pad},
+                **self._fingerprint()}
+
+    def _fingerprint(self) -> dict:
+        return _file_fingerprint(self.path)
+
+    def _texts(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def _documents(self) -> Iterator[list[int]]:
+        """Token ids per document, tokenizing texts a thousand at a time (fast tokenizers batch)."""
+        self._need_tokenizer()
+        chunk: list[str] = []
+        for text in self._texts():
+            chunk.append(text)
+            if len(chunk) == 1000:
+                yield from self.tokenizer(chunk)["input_ids"]
+                chunk = []
+        if chunk:
+            yield from self.tokenizer(chunk)["input_ids"]
+
+    def _sequences(self):
+        t = self.seq_len
+        if self.packing == "pad":
+            for doc_i, doc in enumerate(self._documents()):
+                doc = np.asarray(doc, dtype=np.int64)
+                for off in range(0, len(doc), t):
+                    piece = doc[off:off + t]
+                    ids = np.full(t, self.pad, dtype=np.int64)
+                    ids[:len(piece)] = piece
+                    mask = np.zeros(t, dtype=bool)
+                    mask[:len(piece)] = True
+                    yield ids, mask, (doc_i, off)
+            return
+        # pack: a running buffer of tokens with, for each, its (document, offset)
+        buf = np.empty(0, dtype=np.int64)
+        where = np.empty((0, 2), dtype=np.int64)
+        for doc_i, doc in enumerate(self._documents()):
+            doc = list(doc)
+            if self.eos is not None and (not doc or doc[-1] != self.eos):
+                doc.append(self.eos)
+            buf = np.concatenate([buf, np.asarray(doc, dtype=np.int64)])
+            where = np.concatenate([where, np.stack([np.full(len(doc), doc_i, dtype=np.int64),
+                                                     np.arange(len(doc), dtype=np.int64)], 1)])
+            n_full = len(buf) // t
+            for k in range(n_full):
+                yield buf[k * t:(k + 1) * t], None, tuple(int(v) for v in where[k * t])
+            buf, where = buf[n_full * t:], where[n_full * t:]
+
+
+class TextSource(DocumentSource):
+    """One document per non-empty line of a UTF-8 text file."""
+
+    kind = "text"
+
+    def _texts(self):
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line.strip():
+                    yield line
+
+
+class JsonlSource(DocumentSource):
+    """One JSON object per line; the document is its ``text_field``."""
+
+    kind = "jsonl"
+
+    def _texts(self):
+        with open(self.path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"data: line {lineno} of {self.path!r} is not valid JSON ({e})") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get(self.text_field), str):
+                    fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise ValueError(f"text_field: line {lineno} of {self.path!r} has no string field "
+                                     f"{self.text_field!r} (it has {fields}); pass text_field= / "
+                                     "--text-field")
+                yield obj[self.text_field]
+
+
+class DatasetSource(DocumentSource):
+    """A dataset saved with ``datasets``' ``save_to_disk``: an ``input_ids`` column (already tokenized)
+    or a text column."""
+
+    kind = "hf_dataset"
+
+    def __init__(self, path, seq_len, packing, max_seqs, tokenizer, text_field, split):
+        super().__init__(path, seq_len, packing, max_seqs, tokenizer, text_field)
+        try:
+            import datasets
+        except ImportError as e:
+            raise ValueError(f"data: {path!r} looks like a saved HF dataset, which needs the `datasets` "
+                             "package (pip install 'residtap[data]' or pip install datasets)") from e
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None:
+                split = "train" if "train" in ds else (next(iter(ds)) if len(ds) == 1 else None)
+            if split not in ds:
+                raise ValueError(f"split: the dataset {path!r} has splits {sorted(ds)}; got {split!r}")
+            ds = ds[split]
+        self.split = split
+        self.ds = ds
+        cols = ds.column_names
+        self.column = "input_ids" if "input_ids" in cols else text_field
+        if self.column not in cols:
+            raise ValueError(f"text_field: the dataset {path!r} has columns {cols}, neither 'input_ids' "
+                             f"nor {text_field!r}; pass text_field= / --text-field")
+
+    def _fingerprint(self) -> dict:
+        return {"split": self.split, "rows": len(self.ds), "column": self.column,
+                "dataset_fingerprint": getattr(self.ds, "_fingerprint", None)}
+
+    def _texts(self):
+        for batch in self.ds.iter(batch_size=1000):
+            yield from batch[self.column]
+
+    def _documents(self):
+        if self.column != "input_ids":
+            yield from super()._documents()
+            return
+        for batch in self.ds.iter(batch_size=1000):
+            yield from batch["input_ids"]
+
+
+def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | None, tokenizer=None,
+                text_field: str = "text", split: str | None = None) -> Source:
+    """Pick the source for ``data``: a path (.npy, .txt, .jsonl, a saved dataset directory) or an array."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len: expected a positive int or None, got {seq_len!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+
+    def cap(t):  # max_tokens → whole sequences: the first ceil(max_tokens / seq_len)
+        return None if max_tokens is None else math.ceil(max_tokens / t)
+
+    if not isinstance(data, (str, os.PathLike)):
+        if not hasattr(data, "shape"):
+            raise ValueError(f"data: expected a path or an array/tensor of token ids, got {type(data).__name__}")
+        width = data.shape[1] if len(data.shape) == 2 else seq_len
+        return ArraySource(data, seq_len, packing, cap(width) if width else None)
+    path = os.fspath(data)
+    if not os.path.exists(path):
+        raise ValueError(f"data: {path!r} does not exist")
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json",
+                                                                     "dataset_dict.json")):
+            raise ValueError(f"data: the directory {path!r} is not a dataset saved with save_to_disk "
+                             "(no dataset_info.json / dataset_dict.json)")
+        return DatasetSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field, split)
+    lower = path.lower()
+    if lower.endswith(".npy"):
+        src = NpySource(path, seq_len, packing, None)
+        src.max_seqs = cap(src.seq_len)
+        return src
+    if lower.endswith(TEXT_SUFFIXES):
+        return TextSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field)
+    if lower.endswith(JSONL_SUFFIXES):
+        return JsonlSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field)
+    raise ValueError(f"data: expected a .npy, .txt, .jsonl file or a saved HF dataset directory, got {path!r}")

@@ -1,0 +1,511 @@
+"""Activation stores on disk: safetensors shards plus a JSON manifest, written crash-safe, read
+memory-mapped.
+
+An output directory::
+
+    manifest.json               settings, versions, and one record per complete shard (file, bytes,
+                                sha256, sequences, rows, source offsets); "complete": true at the end
+    shard-000000.safetensors    "<output>.<layer_id>" per captured output and residual index:
+                                  resid/delta/normed [rows, d_model], mean/rstd/l2/maxabs [rows] float32
+                                "input_ids" [seqs, seq_len] int32, "source" [seqs, 2] int64
+                                  (document, token offset of each sequence's first token)
+                                "attention_mask" [seqs, seq_len] uint8 (padded inputs only)
+                                "seq_index" [rows] int64, "position" [rows] int32 (where each row is from)
+    manifest.rank<r>.json       during a multi-process run: rank r's complete shards (merged at the end)
+
+A row is one captured token: the selected positions of each sequence, padding left out.
+
+Crash safety: a shard is written under a temporary name, fsynced, hashed, renamed, and only then
+recorded in the manifest, which is itself replaced atomically (temporary file, fsync, rename). A file
+the manifest does not list is never taken as complete.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import hashlib
+import json
+import math
+import os
+import struct
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "residtap.activations"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ROW_TENSORS = ("seq_index", "position")
+SEQ_TENSORS = ("input_ids", "attention_mask", "source")
+
+# safetensors dtype codes → torch dtypes (the ones we write, and a few more to read others' files)
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class StoreError(RuntimeError):
+    """Reading or writing an activation store failed; the message says what, where and what to do."""
+
+
+class ManifestMismatchError(StoreError):
+    """The output directory holds an extraction made with different settings."""
+
+
+class ShardCorruptError(StoreError):
+    """A shard's bytes do not match the manifest (size or sha256)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
+
+
+def tensor_name(output: str, layer_id: int) -> str:
+    return f"{output}.{layer_id}"
+
+
+# ---------------------------------------------------------------------------------------- writing
+def os_error(e: OSError, doing: str, path: str) -> StoreError:
+    """An OSError as one clear sentence: what we were doing, where, why, and what to do."""
+    why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOTDIR: "a component of the path is not a "
+           "directory"}.get(e.errno, e.strerror or str(e))
+    hint = (" Free some space (or choose another --out) and run the same command again: it resumes "
+            "after the last complete shard." if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    return StoreError(f"{doing} {path!r} failed: {why} ({type(e).__name__} errno {e.errno}).{hint}")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry needs its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Replace ``path`` with ``obj`` as JSON, never leaving a half-written file under that name."""
+    tmp = f"{path}.tmp"
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise os_error(e, "writing the manifest", path) from e
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with builtins.open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers
+    return h.hexdigest()
+
+
+def _save_file(tensors: dict, path: str, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+
+
+def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    """Write one shard crash-safe; return its manifest record fields (file, bytes, sha256).
+
+    The file appears under its final name only once complete and fsynced; on any error the temporary
+    file is removed and a StoreError says why.
+    """
+    name = shard_name(index)
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    try:
+        # One metadata key: safetensors keeps metadata in a hash map whose order varies between
+        # processes, and the bytes of a shard must not.
+        _save_file(tensors, tmp, {"residtap": json.dumps(metadata, sort_keys=True)})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # Hash what is in the file (read back from the page cache): the record vouches for the bytes.
+        digest = sha256_file(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, final)
+        fsync_dir(directory)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise os_error(e, f"writing shard {index} to", tmp) from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return {"file": name, "bytes": size, "sha256": digest}
+
+
+def remove_stale_temporaries(directory: str, owns) -> None:
+    """Temporary shard files left by a killed run (``owns(index)`` says which are this rank's)."""
+    for f in os.listdir(directory):
+        if f.startswith(".shard-") and f.endswith(".safetensors.tmp"):
+            try:
+                index = int(f[len(".shard-"):-len(".safetensors.tmp")])
+            except ValueError:
+                continue
+            if owns(index):
+                _remove_quietly(os.path.join(directory, f))
+
+
+# ---------------------------------------------------------------------------------------- manifests
+def read_json(path: str) -> dict:
+    try:
+        with builtins.open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise StoreError(f"the manifest {path!r} is not valid JSON ({e}); it was not written by residtap "
+                         "or was edited") from e
+    except OSError as e:
+        raise os_error(e, "reading the manifest", path) from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise StoreError(f"{path!r} is not a residtap activation manifest (format "
+                         f"{obj.get('format') if isinstance(obj, dict) else None!r}, expected {FORMAT!r})")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path!r} has format_version {obj.get('format_version')!r}; this residtap reads "
+                         f"and writes version {FORMAT_VERSION}")
+    return obj
+
+
+def manifest_paths(directory: str) -> list[str]:
+    """manifest.json first (if present), then the rank parts of an unfinished multi-process run."""
+    paths = [os.path.join(directory, MANIFEST)] if os.path.exists(os.path.join(directory, MANIFEST)) else []
+    parts = sorted(f for f in os.listdir(directory) if f.startswith("manifest.rank") and f.endswith(".json"))
+    return paths + [os.path.join(directory, f) for f in parts]
+
+
+def settings_difference(have: dict, want: dict) -> list[str]:
+    """Human-readable differences between two settings dicts (empty when equal)."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        if have.get(k) != want.get(k):
+            out.append(f"{k}: directory has {json.dumps(have.get(k))}, this run has {json.dumps(want.get(k))}")
+    return out
+
+
+def merged_records(manifests: Sequence[dict]) -> dict[int, dict]:
+    records: dict[int, dict] = {}
+    for m in manifests:
+        for r in m.get("shards", []):
+            records.setdefault(int(r["index"]), r)
+    return records
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_header(path: str) -> tuple[dict, int]:
+    """The safetensors header of ``path`` and the byte offset where its data starts.
+
+    Format (safetensors spec): 8-byte little-endian header length N, N bytes of JSON mapping each
+    name to {dtype, shape, data_offsets: [begin, end]} relative to the data start, then the data.
+    """
+    with builtins.open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ShardCorruptError(f"shard {path!r} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise ShardCorruptError(f"shard {path!r} has an implausible header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardCorruptError(f"shard {path!r} has a damaged safetensors header ({e})") from e
+    return header, 8 + n
+
+
+class _Shard:
+    """One shard file, memory-mapped lazily (copy-on-write: never modifies the file)."""
+
+    def __init__(self, path: str, record: dict):
+        self.path, self.record = path, record
+        self.header, self.data_start = read_header(path)
+        self._map = None
+
+    def names(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.header:
+            raise KeyError(f"{name!r} is not in shard {self.path!r}")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        raw = self._map[self.data_start + begin:self.data_start + end]
+        return torch.from_numpy(raw).view(dtype).view(info["shape"])
+
+
+class LayerArray:
+    """One captured output at one residual index, over all shards: ``[n_rows, d_model]`` (stats and
+    per-row columns: ``[n_rows]``). Memory-mapped; indexing reads only the rows asked for.
+
+    ``a[i]``, ``a[i:j]``, ``a[index_tensor]`` return tensors (copies); ``a.shards`` the per-shard
+    memory-mapped tensors; ``len(a)``, ``a.shape``, ``a.dtype``. Usable as a map-style torch Dataset.
+    """
+
+    def __init__(self, shards: list[_Shard], name: str):
+        self.name = name
+        self._shards = shards
+        self._parts: list[torch.Tensor | None] = [None] * len(shards)
+        lengths = [int(s.header[name]["shape"][0]) for s in shards]
+        self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        first = shards[0].header[name]
+        self.dtype = _DTYPES[first["dtype"]]
+        self.shape = (int(self._offsets[-1]), *first["shape"][1:])
+
+    def part(self, k: int) -> torch.Tensor:
+        if self._parts[k] is None:
+            self._parts[k] = self._shards[k].tensor(self.name)
+        return self._parts[k]
+
+    @property
+    def shards(self) -> list[torch.Tensor]:
+        return [self.part(k) for k in range(len(self._shards))]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        n = len(self)
+        if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
+            i = int(idx)
+            if not -n <= i < n:
+                raise IndexError(f"row {i} out of range for {n} rows")
+            i %= n
+            k = int(np.searchsorted(self._offsets, i, side="right") - 1)
+            return self.part(k)[i - int(self._offsets[k])].clone()
+        if isinstance(idx, slice):
+            idx = np.arange(n)[idx]
+        idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
+        if idx.dtype == bool or idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise IndexError(f"expected an int, a slice or a 1-D integer index, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        idx = idx % max(n, 1)
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        which = np.searchsorted(self._offsets, idx, side="right") - 1
+        for k in np.unique(which):
+            sel = np.nonzero(which == k)[0]
+            local = torch.from_numpy(idx[sel] - self._offsets[k])
+            out[torch.from_numpy(sel)] = self.part(int(k))[local]
+        return out
+
+    def to_tensor(self) -> torch.Tensor:
+        """All rows in memory: ``torch.cat`` of the shards."""
+        return torch.cat(self.shards) if self._shards else torch.empty(self.shape, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return f"LayerArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, shards={len(self._shards)})"
+
+
+class Activations:
+    """An extraction on disk, read memory-mapped. Made by :func:`open_activations` (``residtap.open``).
+
+    ::
+
+        acts = residtap.open("acts/")
+        acts.layer_ids, acts.outputs, acts.d_model, acts.n_rows
+        x = acts.layer(6)                 # LayerArray [n_rows, d_model] of resid at residual index 6
+        x[:1024]                          # a tensor
+        acts.column("seq_index")          # [n_rows]: which sequence each row is from (also "position")
+        loader = torch.utils.data.DataLoader(acts.dataset(6, batch_size=4096), batch_size=None)
+    """
+
+    def __init__(self, path: str, *, verify: bool = False, allow_partial: bool = False):
+        if not os.path.isdir(path):
+            raise StoreError(f"{path!r} is not a directory holding a residtap extraction")
+        paths = manifest_paths(path)
+        if not paths:
+            raise StoreError(f"{path!r} holds no {MANIFEST}: not a residtap extraction (or none has started)")
+        manifests = [read_json(p) for p in paths]
+        self.path = path
+        self.manifest = manifests[0]
+        complete = self.manifest.get("complete", False) and len(manifests) == 1
+        if not complete and not allow_partial:
+            raise StoreError(f"the extraction in {path!r} is not complete (its manifest says "
+                             f"complete=false); run the same extract command again to finish it, or pass "
+                             "allow_partial=True to read the shards complete so far")
+        self.complete = complete
+        self.records = [r for _, r in sorted(merged_records(manifests).items())]
+        self.settings = self.manifest["settings"]
+        self.layer_ids: list[int] = list(self.settings["layer_ids"])
+        self.outputs: tuple[str, ...] = tuple(self.settings["outputs"])
+        self.d_model: int = int(self.manifest["d_model"])
+        self._shards = []
+        for r in self.records:
+            p = os.path.join(path, r["file"])
+            if not os.path.exists(p):
+                raise ShardCorruptError(f"shard {r['index']} ({p!r}) is listed in the manifest but missing")
+            size = os.path.getsize(p)
+            if size != r["bytes"]:
+                raise ShardCorruptError(f"shard {r['index']} ({p!r}) has {size} bytes, the manifest says "
+                                        f"{r['bytes']}: the file is truncated or was replaced")
+            self._shards.append(_Shard(p, r))
+        if verify:
+            self.verify()
+        self._arrays: dict[str, LayerArray] = {}
+
+    @property
+    def n_rows(self) -> int:
+        return sum(int(r["n_rows"]) for r in self.records)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.records)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return self._shards[0].names() if self._shards else []
+
+    def verify(self) -> None:
+        """Hash every shard and compare with the manifest; ShardCorruptError names the first that differs."""
+        for s in self._shards:
+            got = sha256_file(s.path)
+            if got != s.record["sha256"]:
+                raise ShardCorruptError(
+                    f"shard {s.record['index']} ({s.path!r}) fails its checksum: sha256 {got}, the manifest "
+                    f"says {s.record['sha256']}. The file is corrupted; delete it and run the same extract "
+                    "command again to recompute it")
+
+    def _array(self, name: str) -> LayerArray:
+        if not self._shards:
+            raise StoreError(f"the extraction in {self.path!r} has no complete shard yet")
+        if name not in self._arrays:
+            self._arrays[name] = LayerArray(self._shards, name)
+        return self._arrays[name]
+
+    def layer(self, layer_id: int, output: str = "resid") -> LayerArray:
+        """Rows of ``output`` ("resid", "delta", "normed", or a stat: "mean", "rstd", "l2", "maxabs") at
+        residual index ``layer_id``: ``[n_rows, d_model]`` (stats ``[n_rows]``)."""
+        stored = [o for o in self.outputs if o != "stats"] + (
+            ["mean", "rstd", "l2", "maxabs"] if "stats" in self.outputs else [])
+        if output not in stored:
+            raise ValueError(f"output: expected one of {stored} (what this extraction holds), got {output!r}")
+        if layer_id not in self.layer_ids:
+            raise ValueError(f"layer_id: expected one of the extracted residual indices {self.layer_ids}, "
+                             f"got {layer_id!r}")
+        return self._array(tensor_name(output, layer_id))
+
+    def column(self, name: str) -> LayerArray:
+        """A per-row column: "seq_index" (global sequence index) or "position" (in the sequence)."""
+        if name not in ROW_TENSORS:
+            raise ValueError(f"name: expected one of {ROW_TENSORS}, got {name!r}")
+        return self._array(name)
+
+    def sequences(self, name: str = "input_ids") -> torch.Tensor:
+        """Per-sequence tensors of all shards, concatenated: "input_ids" [n_seqs, seq_len], "source"
+        [n_seqs, 2], "attention_mask" (padded inputs)."""
+        if name not in SEQ_TENSORS:
+            raise ValueError(f"name: expected one of {SEQ_TENSORS}, got {name!r}")
+        return self._array(name).to_tensor()
+
+    def dataset(self, layers, output: str = "resid", *, batch_size: int | None = None,
+                shuffle: bool = True, seed: int = 0, buffer_shards: int = 4,
+                drop_last: bool = False) -> "ShuffledRows":
+        """A torch IterableDataset of rows for SAE training — see :class:`ShuffledRows`."""
+        return ShuffledRows(self, layers, output, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                            buffer_shards=buffer_shards, drop_last=drop_last)
+
+    def __repr__(self) -> str:
+        return (f"Activations({self.path!r}, layers={self.layer_ids}, outputs={self.outputs}, "
+                f"rows={self.n_rows}, shards={self.n_shards}, complete={self.complete})")
+
+
+class ShuffledRows(torch.utils.data.IterableDataset):
+    """Rows in random order, reading a few shards at a time (sequential reads, bounded memory).
+
+    Each epoch: shuffle the shard order, then for each window of ``buffer_shards`` shards load their rows,
+    shuffle them together, and yield them — one row ``[d_model]`` (``[len(layers), d_model]`` for a
+    list of layers) at a time, or ``[batch_size, ...]`` batches (faster; use DataLoader(batch_size=None)).
+    With DataLoader workers, each worker takes every num_workers-th shard. ``set_epoch(e)`` changes the
+    order; the same seed and epoch give the same order.
+    """
+
+    def __init__(self, acts: Activations, layers, output="resid", *, batch_size=None, shuffle=True,
+                 seed=0, buffer_shards=4, drop_last=False):
+        super().__init__()
+        self.single = isinstance(layers, (int, np.integer))
+        layers = [int(layers)] if self.single else list(layers)
+        if not layers:
+            raise ValueError("layers: expected a residual index or a non-empty list of them, got []")
+        self.arrays = [acts.layer(lid, output) for lid in layers]
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        if not isinstance(buffer_shards, int) or buffer_shards < 1:
+            raise ValueError(f"buffer_shards: expected a positive int, got {buffer_shards!r}")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.buffer_shards, self.drop_last = buffer_shards, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.arrays[0])
+        if self.batch_size is None:
+            return n
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _window(self, shard_ids) -> torch.Tensor:
+        parts = [torch.stack([a.part(k) for a in self.arrays], 1) if not self.single else self.arrays[0].part(k)
+                 for k in shard_ids]
+        return torch.cat(parts)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n_shards = len(self.arrays[0]._shards)
+        order = torch.randperm(n_shards, generator=g).tolist() if self.shuffle else list(range(n_shards))
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            order = order[info.id::info.num_workers]
+        carry = None
+        for w in range(0, len(order), self.buffer_shards):
+            rows = self._window(order[w:w + self.buffer_shards])
+            if self.shuffle:
+                rows = rows[torch.randperm(len(rows), generator=g)]
+            else:
+                rows = rows.clone()  # a copy: never hand out views of the file mapping
+            if self.batch_size is None:
+                yield from rows
+                continue
+            if carry is not None:
+                rows = torch.cat([carry, rows])
+            full = len(rows) // self.batch_size * self.batch_size
+            if full:  # (split of an empty tensor would yield one empty batch)
+                yield from rows[:full].split(self.batch_size)
+            carry = rows[full:] if full < len(rows) else None
+        if carry is not None and not self.drop_last:
+            yield carry
+
+
+def open_activations(path: str | os.PathLike, *, verify: bool = False,
+                     allow_partial: bool = False) -> Activations:
+    """Open an extraction directory (``residtap.open``). Shard sizes are always checked against the
+    manifest; ``verify=True`` also checks every shard's sha256 (reads everything once)."""
+    return Activations(os.fspath(path), verify=verify, allow_partial=allow_partial)

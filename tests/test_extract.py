@@ -1,0 +1,384 @@
+"""residtap.extract / residtap.open: shards equal the capture bit for bit, crash-safe resume, clear
+errors, and the multi-process split. Tiny models (2 layers, width 64), a few dozen batches."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import residtap
+from helpers import tiny_gpt2
+from residtap import store
+from residtap.cli import main as cli_main
+
+RANDOM = "random:gpt2-small,n_layer=2,n_embd=64,n_head=2,vocab_size=100,n_positions=64"
+VOCAB = 97  # helpers.tiny_gpt2
+
+
+def ids_file(tmp_path, n_tokens=1000, vocab=VOCAB, seed=0, shape=None):
+    arr = np.random.default_rng(seed).integers(0, vocab, size=n_tokens).astype(np.int32)
+    if shape is not None:
+        arr = arr.reshape(shape)
+    path = tmp_path / f"ids{seed}.npy"
+    np.save(path, arr)
+    return str(path), arr
+
+
+def tokenizer_dir(tmp_path):
+    """A word-level tokenizer built locally: words w0..w89 → ids 3..92, [PAD]=1, [EOS]=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(90)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    path = tmp_path / "tok"
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def documents(n_docs=23, seed=1):
+    rng = np.random.default_rng(seed)
+    return [[int(v) for v in rng.integers(0, 90, size=int(rng.integers(1, 30)))] for _ in range(n_docs)]
+
+
+def captured(model, ids, mask=None, **sel):
+    """What residtap.capture gives for one batch of the bare model (the pipeline's source of truth)."""
+    base = model.base_model
+    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask, dtype=torch.long)}
+    with torch.inference_mode(), residtap.capture(base, **sel) as cap:
+        base(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False, **kw)
+    return cap
+
+
+def shard_files(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("shard-"))
+
+
+def assert_same_dirs(a, b):
+    fa, fb = shard_files(a), shard_files(b)
+    assert fa == fb and fa
+    _, mismatch, errors = filecmp.cmpfiles(a, b, fa, shallow=False)
+    assert not mismatch and not errors, f"shards differ: {mismatch or errors}"
+    ma, mb = (json.load(open(os.path.join(d, "manifest.json"))) for d in (a, b))
+    assert ma["shards"] == mb["shards"] and ma["complete"] and mb["complete"]
+
+
+# ------------------------------------------------------------------------------------------ content
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["model-dtype", "bf16"])
+def test_shards_equal_capture(tmp_path, dtype):
+    model = tiny_gpt2()
+    path, arr = ids_file(tmp_path, 16 * 21 + 5)  # 21 sequences of 16: last shard and batch partial
+    sel = dict(layers=[0, 2], positions=slice(2, 14, 3), dtype=dtype, outputs=("resid", "delta", "normed", "stats"))
+    res = residtap.extract(model, path, tmp_path / "out", seq_len=16, batch_size=4, shard_size="6KiB",
+                           progress=False, **sel)
+    assert res.complete and res.n_shards == res.shards_written > 2
+    acts = residtap.open(tmp_path / "out", verify=True)
+    assert acts.layer_ids == [0, 2] and acts.d_model == 64
+    per_shard = acts.manifest["settings"]["seqs_per_shard"]
+    assert per_shard % 4 == 0
+    seqs = arr[:16 * 21].reshape(21, 16)
+    pos = np.arange(2, 14, 3)
+    want = {k: [] for k in ("resid", "delta", "normed", "mean", "rstd", "l2", "maxabs")}
+    for b0 in range(0, 21, 4):  # the pipeline's batches never straddle a shard
+        cap = captured(model, seqs[b0:b0 + 4], **sel)
+        for k in want:
+            src = getattr(cap, k) if k in ("resid", "delta", "normed") else getattr(cap.stats, k)
+            want[k].append(src.reshape(2, -1, *src.shape[3:]))
+    for k, parts in want.items():
+        full = torch.cat(parts, 1)
+        for i, lid in enumerate([0, 2]):
+            got = acts.layer(lid, k).to_tensor()
+            assert got.dtype == full.dtype and torch.equal(got, full[i]), f"{k}.{lid}"
+    assert acts.n_rows == 21 * len(pos)
+    assert torch.equal(acts.column("seq_index").to_tensor(), torch.arange(21).repeat_interleave(len(pos)))
+    assert torch.equal(acts.column("position").to_tensor(), torch.from_numpy(np.tile(pos, 21)).int())
+    assert torch.equal(acts.sequences("input_ids"), torch.from_numpy(seqs).int())
+    assert torch.equal(acts.sequences("source")[:, 1], torch.arange(21) * 16)
+    m = acts.manifest
+    assert m["totals"]["n_rows"] == 21 * len(pos) and m["totals"]["n_tokens"] == 21 * 16
+    for r in m["shards"]:
+        assert store.sha256_file(tmp_path / "out" / r["file"]) == r["sha256"]
+    s = m["settings"]
+    assert s["positions"] == "2:14:3" and s["layer_ids"] == [0, 2] and s["dtype"] == (
+        "bfloat16" if dtype else "float32")
+    assert {"residtap", "torch", "transformers"} <= set(m["versions"])
+
+
+def test_text_padded_and_packed(tmp_path):
+    model = tiny_gpt2()
+    tok = tokenizer_dir(tmp_path)
+    docs = documents()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in d), "id": i}) + "\n"
+                             for i, d in enumerate(docs)))
+    # pad: one document piece per sequence, right-padded; rows only for real tokens
+    residtap.extract(model, str(jsonl), tmp_path / "pad", tokenizer=tok, seq_len=8, batch_size=3,
+                     packing="pad", shard_size="4KiB", outputs=("resid",), progress=False)
+    acts = residtap.open(tmp_path / "pad")
+    pieces = [(i, off, d[off:off + 8]) for i, d in enumerate(docs) for off in range(0, len(d), 8)]
+    mask = acts.sequences("attention_mask").bool()
+    ids = acts.sequences("input_ids")
+    assert mask.shape == (len(pieces), 8)
+    for k, (doc_i, off, p) in enumerate(pieces):
+        assert ids[k, :len(p)].tolist() == [t + 3 for t in p] and mask[k].sum() == len(p)
+        assert ids[k, len(p):].eq(1).all()  # [PAD]
+        assert acts.sequences("source")[k].tolist() == [doc_i, off]
+    assert acts.n_rows == sum(len(d) for d in docs)
+    got = acts.layer(2).to_tensor()
+    seq_index, position = acts.column("seq_index").to_tensor(), acts.column("position").to_tensor()
+    settings = acts.manifest["settings"]
+    for b0 in range(0, len(pieces), 3):  # the pipeline's batches (seqs_per_shard is a multiple of 3)
+        cap = captured(model, ids[b0:b0 + 3].long(), mask[b0:b0 + 3], layers=[2])
+        for r in range(min(3, len(pieces) - b0)):
+            rows = seq_index == b0 + r
+            assert torch.equal(position[rows], torch.nonzero(mask[b0 + r]).flatten().int())
+            assert torch.equal(got[rows], cap.resid[0, r][mask[b0 + r]])
+    assert settings["packing"] == "pad" and settings["data"]["tokenizer"]["eos"] == 2
+    # pack: documents joined with [EOS], cut into 8; the tail is dropped
+    residtap.extract(model, str(jsonl), tmp_path / "pack", tokenizer=tok, seq_len=8, batch_size=3,
+                     shard_size="4KiB", layers=[1], positions="last", progress=False)
+    acts = residtap.open(tmp_path / "pack")
+    stream = [t + 3 for d in docs for t in d + [-1]]  # -1 + 3 = [EOS]
+    n = len(stream) // 8
+    assert acts.sequences("input_ids").flatten().tolist() == stream[:n * 8]
+    assert acts.n_rows == n and acts.column("position").to_tensor().eq(7).all()
+    first = acts.sequences("source")[1].tolist()  # where token 8 of the stream came from
+    lens = np.cumsum([len(d) + 1 for d in docs])
+    doc = int(np.searchsorted(lens, 8, side="right"))
+    assert first == [doc, 8 - (int(lens[doc - 1]) if doc else 0)]
+    cap = captured(model, acts.sequences("input_ids")[:3].long(), layers=[1], positions=-1)
+    assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0])
+
+
+def test_reader_array_and_shuffled_rows(tmp_path):
+    path, _ = ids_file(tmp_path, 8 * 30)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1, 2], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    a = acts.layer(1)
+    full = a.to_tensor()
+    assert a.shape == (240, 64) and len(a.shards) == acts.n_shards > 3
+    idx = np.array([239, 0, 17, 17, 100, -1])
+    assert torch.equal(a[idx], full[idx]) and torch.equal(a[5:77:3], full[5:77:3]) and torch.equal(a[-2], full[-2])
+    with pytest.raises(IndexError):
+        a[240]
+    ds = acts.dataset(1, batch_size=32, seed=3, buffer_shards=2)
+    batches = list(ds)
+    assert len(batches) == len(ds) == 8 and all(b.shape == (32, 64) for b in batches[:-1])
+    rows = torch.cat(batches)
+    # every row exactly once, in a different order; the same order again for the same seed
+    assert not torch.equal(rows, full)
+    assert torch.equal(rows[torch.argsort(rows[:, 0])], full[torch.argsort(full[:, 0])])
+    assert torch.equal(torch.cat(list(acts.dataset(1, batch_size=32, seed=3, buffer_shards=2))), rows)
+    two = next(iter(acts.dataset([1, 2], shuffle=False)))
+    assert torch.equal(two, torch.stack([full[0], acts.layer(2)[0]]))
+    loader = torch.utils.data.DataLoader(acts.dataset(2, batch_size=50), batch_size=None, num_workers=0)
+    assert sum(len(b) for b in loader) == 240
+    with pytest.raises(ValueError, match="layer_id"):
+        acts.layer(0)
+
+
+# ------------------------------------------------------------------------------------------ reliability
+def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch):
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 24)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", outputs=("resid", "stats"), progress=False)
+    residtap.extract(model, path, tmp_path / "ref", **kw)
+    real = store._save_file
+    calls = []
+
+    def full_disk(tensors, p, metadata):
+        calls.append(p)
+        if len(calls) == 4:  # part of the file reaches the disk, then the device is full
+            with open(p, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, p, metadata)
+
+    monkeypatch.setattr(store, "_save_file", full_disk)
+    with pytest.raises(store.StoreError, match="no space left on device") as e:
+        residtap.extract(model, path, tmp_path / "out", writers=1, **kw)
+    assert "resumes" in str(e.value)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert not m["complete"] and len(m["shards"]) == 3  # the three shards before the failure, no more
+    assert all(os.path.exists(tmp_path / "out" / r["file"]) for r in m["shards"])
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+    with pytest.raises(store.StoreError, match="not complete"):
+        residtap.open(tmp_path / "out")
+    assert residtap.open(tmp_path / "out", allow_partial=True).n_shards == 3
+    monkeypatch.setattr(store, "_save_file", real)
+    res = residtap.extract(model, path, tmp_path / "out", **kw)
+    assert res.shards_skipped == 3 and res.shards_written == res.n_shards - 3
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+    again = residtap.extract(model, path, tmp_path / "out", **kw)  # complete: nothing to do
+    assert again.complete and again.shards_written == 0
+
+
+def test_mismatched_settings_or_model_are_refused(tmp_path):
+    path, _ = ids_file(tmp_path, 8 * 6)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", **kw)
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    with pytest.raises(residtap.ManifestMismatchError, match="layer_ids"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", layers=[1], **kw)
+    with pytest.raises(residtap.ManifestMismatchError, match="model_weights_fingerprint"):
+        residtap.extract(tiny_gpt2(seed=1), path, tmp_path / "out", **kw)
+    other, _ = ids_file(tmp_path, 8 * 6, seed=5)
+    with pytest.raises(residtap.ManifestMismatchError, match="data"):
+        residtap.extract(tiny_gpt2(), other, tmp_path / "out", **kw)
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    # a directory with someone else's files
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(store.StoreError, match="not empty"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "foreign", **kw)
+
+
+def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
+    path, _ = ids_file(tmp_path, 8 * 10)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, **kw)
+    victim = out / shard_files(out)[1]
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[-5] ^= 0x40
+    victim.write_bytes(bytes(bad))
+    residtap.open(out)  # sizes match: only the checksum can tell
+    with pytest.raises(residtap.ShardCorruptError, match="shard 1 .*checksum"):
+        residtap.open(out, verify=True)
+    # an unfinished extraction resumes only over intact shards
+    m = json.loads((out / "manifest.json").read_text())
+    m["complete"] = False
+    store.write_json_atomic(str(out / "manifest.json"), m)
+    with pytest.raises(residtap.ShardCorruptError, match="shard 1 .*corrupted"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    victim.write_bytes(good[:-3])
+    with pytest.raises(residtap.ShardCorruptError, match="bytes"):
+        residtap.open(out, allow_partial=True)
+    victim.unlink()  # the remedy the message gives: delete it and run again
+    res = residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert res.shards_written == 1 and victim.read_bytes() == good
+    residtap.open(out, verify=True)
+
+
+def test_unwritable_output(tmp_path, monkeypatch, capsys):
+    path, _ = ids_file(tmp_path, 8 * 4)
+    (tmp_path / "file").write_text("x")
+    args = ["extract", "--model", RANDOM, "--data", path, "--seq-len", "8", "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "file" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "creating the output directory" in err and "not a directory" in err
+    real = builtins.open
+
+    def deny(p, mode="r", *a, **k):
+        if str(p).startswith(str(tmp_path / "ro")) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real(p, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", deny)  # as root, chmod cannot make a directory unwritable
+    (tmp_path / "ro").mkdir()
+    assert cli_main(args + ["--out", str(tmp_path / "ro")]) == 1
+    err = capsys.readouterr().err
+    assert "writing the manifest" in err and "permission denied" in err
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_bad_arguments(tmp_path, capsys):
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 100, vocab=200)
+    with pytest.raises(ValueError, match=r"token id \d+ in sequence \d+ is outside .*\[0, 97\)"):
+        residtap.extract(model, path, tmp_path / "a", seq_len=8, progress=False)
+    ok, _ = ids_file(tmp_path, 64)
+    with pytest.raises(ValueError, match="packing"):
+        residtap.extract(model, ok, tmp_path / "b", seq_len=8, packing="pad")
+    two, _ = ids_file(tmp_path, 64, seed=2, shape=(8, 8))
+    with pytest.raises(ValueError, match="seq_len: the 2-D"):
+        residtap.extract(model, two, tmp_path / "c", seq_len=4)
+    with pytest.raises(ValueError, match="positions"):
+        residtap.extract(model, ok, tmp_path / "d", seq_len=8, positions=[9])
+    with pytest.raises(ValueError, match="host_memory"):
+        residtap.extract(model, ok, tmp_path / "e", seq_len=8, shard_size="1MiB", host_memory="1MiB")
+    with pytest.raises(ValueError, match="shard_size"):
+        residtap.extract(model, ok, tmp_path / "f", seq_len=8, shard_size="lots")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"body": "w1 w2"}\n')
+    with pytest.raises(ValueError, match="text_field.*body"):
+        residtap.extract(model, str(jsonl), tmp_path / "g", seq_len=8, tokenizer=tokenizer_dir(tmp_path))
+    with pytest.raises(ValueError, match="tokenizer"):
+        residtap.extract(model, str(jsonl), tmp_path / "h", seq_len=8)
+    assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "i"),
+                     "--layers", "0,9"]) == 2
+    assert "layers" in capsys.readouterr().err
+    for d in "abcdefghi":
+        assert not (tmp_path / d).exists() or not shard_files(tmp_path / d)
+
+
+# ------------------------------------------------------------------------------------------ processes
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", RESIDTAP_NO_CUDA="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cli(path, out, *extra):
+    return [sys.executable, "-m", "residtap", "extract", "--model", RANDOM, "--data", path, "--out",
+            str(out), "--seq-len", "8", "--batch-size", "2", "--shard-size", "2KiB", "--no-progress",
+            "--outputs", "resid,stats", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_byte_identical(tmp_path):
+    path, _ = ids_file(tmp_path, 8 * 400, vocab=100)
+    ref = subprocess.run(_cli(path, tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "manifest.json"
+    deadline = time.monotonic() + 90
+    n_done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            n_done = len(json.loads(manifest.read_text())["shards"])
+        except (OSError, ValueError, KeyError):
+            n_done = 0
+        if n_done >= 20:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = json.loads(manifest.read_text())
+    assert not m["complete"] and 20 <= len(m["shards"]) < 200
+    rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(m['shards'])} already done)" in rerun.stdout
+    assert_same_dirs(tmp_path / "ref", out)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path):
+    path, _ = ids_file(tmp_path, 8 * 30, vocab=100)
+    one = subprocess.run(_cli(path, tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "residtap", *_cli(path, tmp_path / "two")[3:]]
+    two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_dirs(tmp_path / "one", tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # parts merged away
