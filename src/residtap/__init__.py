@@ -9,10 +9,14 @@ See README.md for the exactness contract.
 
 from .arch import FAMILIES, Family
 from .capture import Capture, CaptureConfig, CaptureError, capture
+from .extract import ExtractResult, extract
 from .reference import Stats
+from .store import Activations, ManifestMismatchError, ShardCorruptError, StoreError
+from .store import open_activations as open  # noqa: A001  (residtap.open(DIR), by design)
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = ["Capture", "CaptureConfig", "CaptureError", "FAMILIES", "Family", "Stats", "VerifyReport",
-           "capture", "verify", "__version__"]
+           "capture", "verify", "__version__", "extract", "ExtractResult", "open", "Activations",
+           "StoreError", "ManifestMismatchError", "ShardCorruptError"]

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_env)
 
+    from .extract import register_cli  # noqa: F401  (importing the module adds "extract" below)
+
     for register in _EXTRA_COMMANDS:
         register(sub)
     return p
