@@ -4,6 +4,7 @@ rows), bit-identical to gathering the reference; and clear errors for bad positi
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -80,12 +81,14 @@ def test_last_without_a_mask_is_the_final_position(extension, models):
 
 
 def test_last_reads_a_positional_attention_mask(extension, models):
-    model = models["gpt2", torch.float32]  # forward(input_ids, cache, attention_mask, ...)
+    model = models["gpt2", torch.float32]  # forward(input_ids, <cache args>, attention_mask, ...)
     ids, mask = ids_for(model, B, S), MASKS["right"]
+    k = list(inspect.signature(model.forward).parameters).index("attention_mask")
+    args = (ids, *[None] * (k - 1), mask)
     with residtap.capture(model, positions="last") as cap:
-        model(ids, None, mask)
+        model(*args)
     assert cap.positions.tolist() == [[p] for p in LAST["right"]]
-    ref = run_reference(model, ids, None, mask, positions="last")
+    ref = run_reference(model, *args, positions="last")
     assert torch.equal(cap.resid, ref.outputs["resid"])
 
 
@@ -103,13 +106,15 @@ def test_last_follows_each_forward_mask(extension, models):
 def test_last_with_a_cache_uses_the_current_columns(extension, models):
     model = models["llama", torch.float32]
     ids, mask = ids_for(model, 2, S), MASKS["left"][:2]
+    # transformers renamed past_key_values to cache (5.2x); use whichever this version has
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        cache = model(ids, attention_mask=mask, use_cache=True)[name]
     nxt = torch.tensor([[5, 6], [7, 8]])  # two new tokens; the mask covers the cache too
     step_mask = torch.cat([mask, torch.tensor([[1, 0], [1, 1]])], dim=1)  # [2, S + 2]
     with residtap.capture(model, positions="last", outputs=OUTPUTS) as cap:
-        model(nxt, attention_mask=step_mask, cache=copy.deepcopy(cache))
-    ref = run_reference(model, nxt, attention_mask=step_mask, cache=copy.deepcopy(cache),
+        model(nxt, attention_mask=step_mask, **{name: copy.deepcopy(cache)})
+    ref = run_reference(model, nxt, attention_mask=step_mask, **{name: copy.deepcopy(cache)},
                         positions="last", outputs=OUTPUTS)
     assert_same_outputs(cap, ref, OUTPUTS)
     assert cap.positions.tolist() == [[0], [1]]

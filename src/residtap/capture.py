@@ -72,7 +72,8 @@ class Capture:
     - ``"last"``: each row's last real token given the ``attention_mask`` the model was called with
       (left, right or any padding; the model's own forward is hooked to read it, so call the model
       you passed; no mask means every token is real). ``n_pos`` is 1; ``cap.positions`` says which
-      position each row used. Computed on the device inside the forward, with no host sync.
+      position each row used. Computed on the device inside the forward, with no host sync
+      (give the mask on the model's device, as HF expects; a mask elsewhere is copied over).
     - a bool tensor ``[batch, seq]`` (e.g. ``attention_mask.bool()``): keep the True tokens, packed:
       ``cap.resid`` is ``[len(layer_ids), n_kept, d_model]`` (stats ``[len(layer_ids), n_kept]``),
       in row-major order, and ``cap.kept`` ``[n_kept, 2]`` holds the (row, position) of each.

@@ -78,6 +78,18 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     return sorted(resolved)
 
 
+def _on_device(cache: dict, make_host, device: torch.device) -> torch.Tensor:
+    """A host index tensor on ``device``, made once per device and kept in ``cache`` (with its
+    pinned source, which must outlive the asynchronous copy): never a host sync."""
+    key = str(device)
+    if key not in cache:
+        host = make_host()
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        cache[key] = (host, host.to(device, non_blocking=True))
+    return cache[key][1]
+
+
 @dataclasses.dataclass
 class PositionPlan:
     """Positions resolved for one sequence length: ``span`` (a contiguous slice, taken as a view)
@@ -98,13 +110,7 @@ class PositionPlan:
         """None, a slice, or an int64 index on ``device`` (cached; made without a host sync)."""
         if self.index is None:
             return None if self.n_pos == self.seq_len else self.span
-        key = str(device)
-        if key not in self._device_index:
-            host = torch.tensor(self.index, dtype=torch.long)
-            if torch.device(device).type == "cuda":
-                host = host.pin_memory()  # so the copy is asynchronous, never a host sync
-            self._device_index[key] = (host, host.to(device, non_blocking=True))
-        return self._device_index[key][1]
+        return _on_device(self._device_index, lambda: torch.tensor(self.index, dtype=torch.long), device)
 
 
 LAST = "last"
@@ -148,13 +154,7 @@ class KeepMask:
     def flat_index(self, device: torch.device) -> torch.Tensor:
         """int64 ``[1, n_kept]`` on ``device``, for outputs viewed as ``[1, batch * seq, d]``
         (cached per device; copied from pinned memory, so without a host sync)."""
-        key = str(device)
-        if key not in self._flat:
-            host = self._flat_host
-            if torch.device(device).type == "cuda":
-                host = host.pin_memory()
-            self._flat[key] = (host, host.to(device, non_blocking=True))
-        return self._flat[key][1]
+        return _on_device(self._flat, lambda: self._flat_host, device)
 
 
 def last_token_index(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
