@@ -110,7 +110,8 @@ def test_verify_detects_the_convention(models, name, wrapper):
         assert last.projected_exact and last.projected_maxabs == 0.0 and last.raw_maxabs is None
         assert rep.last_width == 48 and rep.d_model == D
         assert "width 48 (d_model 64)" in rep.convention
-        assert rep.convention.startswith("last entry is project_out(" + ("final_norm(" if rep.has_final_norm else "raw"))
+        inner = "final_norm(raw output)" if rep.has_final_norm else "raw output"
+        assert rep.convention.startswith(f"last entry is project_out({inner})")
     assert text.rstrip().endswith("OK")
 
 
@@ -156,7 +157,8 @@ def test_tie_last_hidden_states_false_is_reported_not_failed(models):
 
 
 def test_a_projection_residtap_does_not_know_is_not_explained(models, monkeypatch):
-    monkeypatch.setitem(residtap.FAMILIES, "opt", residtap.Family("decoder.layers", "decoder.final_layer_norm"))
+    no_projection = residtap.Family("decoder.layers", "decoder.final_layer_norm")
+    monkeypatch.setitem(residtap.FAMILIES, "opt", no_projection)
     rep = residtap.verify(models("opt-project-out", "causal-lm"), IDS, PADDED)
     assert not rep.ok and rep.rows[-1].matches == "neither"
     assert "hidden_states[-1] has width 48, not d_model 64" in rep.convention
@@ -182,7 +184,8 @@ class KwargBlock(nn.Module):
 
     def forward(self, *, hidden_states, scale=1.0):
         out = hidden_states + scale * torch.tanh(self.lin(hidden_states))
-        return {"tuple": (out, None), "dict": {"hidden_states": out, "aux": None}, "tensor": out}[self.returns]
+        return {"tuple": (out, None), "dict": {"hidden_states": out, "aux": None},
+                "tensor": out}[self.returns]
 
 
 class Toy(nn.Module):
@@ -196,7 +199,9 @@ class Toy(nn.Module):
         x = self.embed(ids)
         for blk in self.trunk["blocks"]:
             out = blk(hidden_states=x, scale=0.5)
-            x = out if isinstance(out, torch.Tensor) else (out[0] if isinstance(out, tuple) else out["hidden_states"])
+            if blk.returns != "tensor":
+                out = out[0] if blk.returns == "tuple" else out["hidden_states"]
+            x = out
         return self.norm(x)
 
 

@@ -170,7 +170,8 @@ def test_bool_mask_shape_must_match_the_forward(models):
 @pytest.mark.parametrize("positions,match", [
     ("first", r"positions: expected None, an int, a slice, .*'last'.*got 'first'"),
     ("LAST", r"got 'LAST'"),
-    (torch.zeros(S, dtype=torch.bool), r"positions: a bool mask must be \[batch, seq\] \(2-D\), got shape \(8,\)"),
+    (torch.zeros(S, dtype=torch.bool),
+     r"positions: a bool mask must be \[batch, seq\] \(2-D\), got shape \(8,\)"),
     (torch.zeros(1, B, S, dtype=torch.bool), r"a bool mask must be \[batch, seq\].*\(1, 3, 8\)"),
     (torch.zeros(B, S, dtype=torch.bool), r"positions: the bool mask of shape \(3, 8\) keeps no token"),
     (torch.ones(B, S), r"positions: expected a 1-D integer tensor or a 2-D bool mask \[batch, seq\], got a "
@@ -207,7 +208,8 @@ class Toy(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("mask,got", [(torch.ones(2, 4), r"shape \(2, 4\)"), (torch.ones(3, 5), r"shape \(3, 5\)"),
+@pytest.mark.parametrize("mask,got", [(torch.ones(2, 4), r"shape \(2, 4\)"),
+                                      (torch.ones(3, 5), r"shape \(3, 5\)"),
                                       (torch.ones(2, 1, 5, 5), r"shape \(2, 1, 5, 5\)"), ("yes", "str")])
 def test_last_with_a_mask_of_the_wrong_shape(mask, got):
     m = Toy()
@@ -251,6 +253,6 @@ def test_no_host_sync_in_the_hooks(extension, monkeypatch):
             with cap:
                 m(x, attention_mask=attn)
     for cap, kw in zip(caps, (dict(attention_mask=attn, positions="last"), dict(positions=attn.bool()))):
-        assert_same_outputs(cap, run_reference(m, x, blocks="blocks", final_norm="norm", outputs=OUTPUTS, **kw),
-                            OUTPUTS)
+        ref = run_reference(m, x, blocks="blocks", final_norm="norm", outputs=OUTPUTS, **kw)
+        assert_same_outputs(cap, ref, OUTPUTS)
     assert caps[0].positions.tolist() == [[4], [2]]

@@ -27,7 +27,7 @@ class Family:
     project_out: str | None = None
 
 
-# Checked against transformers 5.17-5.24 (models/<type>/modeling_<type>.py). Every hidden state
+# Checked against transformers 5.24 (models/<type>/modeling_<type>.py). Every hidden state
 # here is the first positional argument of its block; blocks return a tensor or a tuple.
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("h", "ln_f"),
@@ -42,6 +42,7 @@ FAMILIES: dict[str, Family] = {
     "bloom": Family("h", "ln_f"),  # hidden_states[0] is after word_embeddings_layernorm
     "falcon": Family("h", "ln_f"),
 }
+
 
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
