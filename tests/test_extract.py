@@ -335,29 +335,43 @@ def _env():
     return env
 
 
-def _cli(path, out, *extra):
+CLI_ARGS = ["--seq-len", "8", "--batch-size", "2", "--shard-size", "2KiB", "--outputs", "resid,stats"]
+
+
+def _cli(path, out):
     return [sys.executable, "-m", "residtap", "extract", "--model", RANDOM, "--data", path, "--out",
-            str(out), "--seq-len", "8", "--batch-size", "2", "--shard-size", "2KiB", "--no-progress",
-            "--outputs", "resid,stats", *extra]
+            str(out), "--no-progress", *CLI_ARGS]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted single-process run, in this process, single-threaded like the subprocesses
+    (so that every run computes with the same kernels): the bytes the others must reproduce."""
+    d = tmp_path_factory.mktemp("reference")
+    path, _ = ids_file(d, 8 * 400, vocab=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(d / "ref"),
+                         "--no-progress", *CLI_ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return path, d / "ref"
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_byte_identical(tmp_path):
-    path, _ = ids_file(tmp_path, 8 * 400, vocab=100)
-    ref = subprocess.run(_cli(path, tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=120)
-    assert ref.returncode == 0, ref.stderr
+def test_sigkill_then_rerun_resumes_byte_identical(tmp_path, reference_run):
+    path, ref = reference_run
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "manifest.json"
     deadline = time.monotonic() + 90
-    n_done = 0
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            n_done = len(json.loads(manifest.read_text())["shards"])
+            if len(json.loads(manifest.read_text())["shards"]) >= 20:
+                break
         except (OSError, ValueError, KeyError):
-            n_done = 0
-        if n_done >= 20:
-            break
+            pass
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
     proc.send_signal(signal.SIGKILL)
@@ -367,18 +381,16 @@ def test_sigkill_then_rerun_resumes_byte_identical(tmp_path):
     rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({len(m['shards'])} already done)" in rerun.stdout
-    assert_same_dirs(tmp_path / "ref", out)
+    assert_same_dirs(ref, out)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(tmp_path):
-    path, _ = ids_file(tmp_path, 8 * 30, vocab=100)
-    one = subprocess.run(_cli(path, tmp_path / "one"), env=_env(), capture_output=True, text=True, timeout=120)
-    assert one.returncode == 0, one.stderr
+def test_torchrun_two_processes_equal_one(tmp_path, reference_run):
+    path, ref = reference_run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "residtap", *_cli(path, tmp_path / "two")[3:]]
     two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_dirs(tmp_path / "one", tmp_path / "two")
-    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # parts merged away
+    assert_same_dirs(ref, tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(ref))  # rank parts merged away
