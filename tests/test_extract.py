@@ -163,6 +163,22 @@ def test_text_padded_and_packed(tmp_path):
     assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0])
 
 
+def test_saved_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")  # optional: pip install 'residtap[data]'
+    docs = documents(9)
+    datasets.Dataset.from_dict({"input_ids": docs}).save_to_disk(tmp_path / "ids")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"text": [" ".join(f"w{t}" for t in d) for d in docs]})}).save_to_disk(tmp_path / "text")
+    kw = dict(seq_len=8, batch_size=2, packing="pad", shard_size="2KiB", progress=False)
+    residtap.extract(tiny_gpt2(), str(tmp_path / "ids"), tmp_path / "a", **kw)
+    residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "b", tokenizer=tokenizer_dir(tmp_path), **kw)
+    a, b = residtap.open(tmp_path / "a"), residtap.open(tmp_path / "b")
+    mask = b.sequences("attention_mask").bool()
+    assert a.n_rows == b.n_rows == sum(map(len, docs))
+    assert torch.equal(a.sequences("input_ids")[mask], b.sequences("input_ids")[mask] - 3)
+    assert b.manifest["settings"]["data"]["split"] == "train"
+
+
 def test_reader_array_and_shuffled_rows(tmp_path):
     path, _ = ids_file(tmp_path, 8 * 30)
     residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",

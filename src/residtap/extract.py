@@ -279,9 +279,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     elif isinstance(model, nn.Module):
         name, model_tok = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "")
                                             or type(model).__name__), None
-        if model_dtype is not None:
-            raise ValueError("model_dtype: only applies when model is a name or path; convert the module "
-                             "yourself (model.to(dtype))")
+        if model_dtype is not None or device is not None:
+            raise ValueError("model_dtype, device: only apply when model is a name or path; move or "
+                             "convert the module yourself (model.to(device, dtype))")
     else:
         raise ValueError(f"model: expected an nn.Module, 'random:SIZE' or a local HF model path, got "
                          f"{type(model).__name__}")
@@ -312,6 +312,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         n_pos = len(pos)
 
     first = next(model.parameters())
+    devices = {p.device for p in base.parameters() if p.device.type != "meta"}
+    if len(devices) > 1:
+        raise ValueError(f"model: its parameters are on several devices ({sorted(map(str, devices))}); "
+                         "extract captures into one device's buffers, so dispatch over several devices "
+                         "(device_map) is not supported yet: run one process per device with torchrun")
     d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
     cap_dtype = cfg.dtype or first.dtype
     L = len(cfg.layer_ids)
@@ -439,9 +444,11 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     main = manifests[0]
     records = _store.merged_records(manifests)
     if main.get("complete"):
-        if verify and rank == 0:
-            _store.open_activations(out, verify=True)
-        return records, True
+        if rank == 0:
+            _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
+            for p in _store.manifest_paths(out)[1:]:  # parts a killed merge left: superseded
+                os.remove(p)
+        return _store.merged_records(manifests[:1]), True
     owned = lambda i: i % world == rank  # noqa: E731
     for i in sorted(records):
         if not owned(i):
@@ -603,6 +610,7 @@ class _Run:
         for _ in range(self.n_buffers):
             pool.put(_HostShard(self.specs, L, rows, pin=self.cuda))
         jobs: queue.Queue = queue.Queue()
+        self._t0 = time.perf_counter()
         total = None
         if self.source.n_sequences is not None:
             n = self.source.n_sequences
@@ -710,6 +718,12 @@ class _Run:
                 srcs[o] = getattr(cap, o)  # [L, B, P, D]; raises if the forward did not fill it
         if "stats" in self.cfg.outputs:
             srcs.update(cap.stats._asdict())  # each [L, B, P]
+        for name, src in srcs.items():
+            want = host.out[name][0]
+            if src.dtype != want.dtype or src.shape[3:] != want.shape[1:]:  # copy_ would convert quietly
+                raise RuntimeError(f"residtap extract: captured {name} is {src.dtype} {tuple(src.shape)}, "
+                                   f"expected {want.dtype} [..., {', '.join(map(str, want.shape[1:]))}] (the "
+                                   "model's hidden states differ from its parameters' dtype or hidden_size)")
         r0 = host.rows
         if not self.cuda:
             for name, src in srcs.items():

@@ -346,7 +346,9 @@ class Activations:
         manifests = [read_json(p) for p in paths]
         self.path = path
         self.manifest = manifests[0]
-        complete = self.manifest.get("complete", False) and len(manifests) == 1
+        complete = bool(self.manifest.get("complete", False))
+        if complete:  # rank parts left by a merge that was killed before deleting them: superseded
+            manifests = manifests[:1]
         if not complete and not allow_partial:
             raise StoreError(f"the extraction in {path!r} is not complete (its manifest says "
                              f"complete=false); run the same extract command again to finish it, or pass "

@@ -1,0 +1,166 @@
+"""Extraction throughput: residtap.extract of all layers vs a plain forward vs a raw write of the same bytes.
+
+For each model (random-init GPT-2-small bf16 at 16x1024 and GPT-2-XL-size bf16 at 8x1024 on a GPU;
+a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over the same batches:
+
+  forward_s        the bare model's forward over all batches (no capture), synchronized at the end
+  extract_<t>_s    residtap.extract of every residual index (outputs=resid) to a RAM-backed directory
+                   (t=ram, /dev/shm) and to a disk-backed one (t=disk, --disk-dir), from the first
+                   forward to the last shard durable (fsynced, hashed, renamed, in the manifest)
+  raw_<t>_s        writing the same number of bytes as shard-sized files with os.write + fsync, from
+                   the same number of threads as the pipeline has writers
+
+Ratios: x_forward_<t> = extract / forward (target <= 1.05 while the disk keeps up) and
+bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pipeline reached (target
+>= 0.90 when the disk is the bound). ``bound_<t>`` says which limit applied: "forward" when the raw
+write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is what the
+pipeline's threads spent blocked on (seconds): the model, device-to-host copies, the disk.
+
+    python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
+    python benchmarks/bench_extract.py --smoke         # CPU, seconds
+    python benchmarks/bench_extract.py --disk-dir /scratch --batches 16
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+from _common import base_parser, print_table, resolve_device, row, write_rows
+
+import residtap
+from residtap.models import random_gpt2
+
+CONFIGS = {  # name → (size, overrides, dtype, batch, seq, batches)
+    "gpt2-small": ("gpt2-small", {}, torch.bfloat16, 16, 1024, 24),
+    "gpt2-xl": ("gpt2-xl", {}, torch.bfloat16, 8, 1024, 12),
+}
+SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64),
+                  torch.float32, 2, 32, 16)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:
+    base = model.base_model
+    with torch.inference_mode():
+        x = ids[:batch].to(device)
+        base(input_ids=x, use_cache=False)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        for b0 in range(0, len(ids), batch):
+            base(input_ids=ids[b0:b0 + batch].to(device, non_blocking=True), use_cache=False)
+        sync(device)
+        return time.perf_counter() - t0
+
+
+def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> float:
+    """Write n_bytes as files of file_bytes (fsync each) from `threads` threads; seconds."""
+    buf = np.random.default_rng(0).integers(0, 255, size=file_bytes, dtype=np.uint8).tobytes()
+    n_files = max(1, round(n_bytes / file_bytes))
+    todo = list(range(n_files))
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            path = os.path.join(directory, f"raw-{i}.bin")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for i in range(n_files):
+        os.remove(os.path.join(directory, f"raw-{i}.bin"))
+    return seconds
+
+
+def run_extract(model, ids, directory, batch, writers, shard_size, host_memory, device):
+    out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
+    try:
+        res = residtap.extract(model, ids, out, batch_size=batch, writers=writers, shard_size=shard_size,
+                               host_memory=host_memory, progress=False, verify_existing=False)
+        sync(device)
+        return res
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--models", default=None, help=f"comma list of {','.join(CONFIGS)} (default all)")
+    p.add_argument("--batches", type=int, default=None, help="batches per measurement (default per model)")
+    p.add_argument("--ram-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    p.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on the disk to measure")
+    p.add_argument("--writers", type=int, default=None, help="writer threads (default min(4, cores))")
+    p.add_argument("--shard-size", default=None, help="bytes per shard (default 1 batch's worth)")
+    args = p.parse_args()
+    device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
+    configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in (args.models.split(",") if args.models
+                                                                 else CONFIGS)}
+    writers = args.writers or max(1, min(4, (os.cpu_count() or 2)))
+    rows = []
+    for name, (size, overrides, dtype, batch, seq, n_batches) in configs.items():
+        n_batches = args.batches or n_batches
+        model = random_gpt2(size, dtype=dtype, device=device, **overrides)
+        cfg = model.config
+        ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq), generator=torch.Generator().manual_seed(0))
+        n_res = cfg.n_layer + 1
+        elem = torch.empty((), dtype=dtype).element_size()
+        batch_bytes = batch * seq * n_res * cfg.n_embd * elem
+        shard = args.shard_size or batch_bytes  # one batch per shard: the most manifest traffic
+        host_memory = max(shard if isinstance(shard, int) else 0, batch_bytes) * (writers + 1) + (1 << 20)
+        fwd_s = time_forward(model, ids, batch, device)
+        # a short warm-up extraction: allocator, pinned pool, captures, kernels
+        run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, shard, host_memory, device)
+        r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
+             "batches": n_batches, "writers": writers, "forward_s": fwd_s}
+        for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
+            res = run_extract(model, ids, d, batch, writers, shard, host_memory, device)
+            raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1), writers)
+            r[f"extract_{tag}_s"] = res.seconds
+            r[f"raw_{tag}_s"] = raw_s
+            r[f"GB_{tag}"] = res.bytes_written / 1e9
+            r[f"x_forward_{tag}"] = res.seconds / fwd_s
+            r[f"bw_frac_{tag}"] = raw_s / res.seconds
+            r[f"bound_{tag}"] = "forward" if raw_s < fwd_s else "write"
+            r[f"waits_{tag}"] = {k: round(v, 4) for k, v in res.waits.items()}
+        rows.append(row(device, bench="extract", **r))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, ["model", "dtype", "batch", "seq", "layers", "batches", "forward_s", "extract_ram_s",
+                       "raw_ram_s", "x_forward_ram", "bw_frac_ram", "bound_ram", "extract_disk_s",
+                       "raw_disk_s", "x_forward_disk", "bw_frac_disk", "bound_disk"])
+    for r in rows:
+        print(f"{r['model']}: waits ram {r['waits_ram']}  disk {r['waits_disk']}")
+    print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
