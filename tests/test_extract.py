@@ -203,6 +203,10 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     assert torch.equal(two, torch.stack([full[0], acts.layer(2)[0]]))
     loader = torch.utils.data.DataLoader(acts.dataset(2, batch_size=50), batch_size=None, num_workers=0)
     assert sum(len(b) for b in loader) == 240
+    # max_tokens: the first ceil(50 / 8) sequences; the progress bar path runs too
+    res = residtap.extract(tiny_gpt2(), path, tmp_path / "few", seq_len=8, batch_size=2, max_tokens=50,
+                           layers=[1, 2], progress=True)
+    assert res.n_tokens == 56 and torch.equal(residtap.open(tmp_path / "few").layer(1).to_tensor(), full[:56])
     with pytest.raises(ValueError, match="layer_id"):
         acts.layer(0)
 
@@ -311,6 +315,20 @@ def test_unwritable_output(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "writing the manifest" in err and "permission denied" in err
     assert os.listdir(tmp_path / "ro") == []
+
+
+def test_cli_selection_parsing():
+    from residtap.extract import _parse_ints, _parse_layers, parse_size
+
+    assert _parse_layers("all") is None and _parse_layers("0:3") == [0, 1, 2] and _parse_layers("-1") == -1
+    assert _parse_layers("0,6,12") == [0, 6, 12]
+    assert _parse_ints("1:9:2", "--positions") == slice(1, 9, 2) and _parse_ints("-1", "--positions") == -1
+    assert parse_size("1GiB", "x") == 2**30 and parse_size("1.5kB", "x") == 1500 and parse_size(7, "x") == 7
+    for bad in ("0:", "a,b"):
+        with pytest.raises(ValueError, match="--layers"):
+            _parse_layers(bad)
+    with pytest.raises(ValueError, match="shard_size"):
+        parse_size("-1GiB", "shard_size")
 
 
 def test_bad_arguments(tmp_path, capsys):

@@ -22,7 +22,6 @@ processes rank r computes shards r, r+N, ... — the same files a single process
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -297,12 +296,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     if isinstance(cfg.positions, KeepMask):
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
                          "slice, a list of ints or 'last' (each sequence's last real token)")
-    if seq_len is None and not (isinstance(data, (str, os.PathLike)) and os.fspath(data).endswith(".npy")
-                                or hasattr(data, "shape")):
-        seq_len = min(1024, int(getattr(model.config, "max_position_embeddings",
-                                        getattr(model.config, "n_positions", 1024)) or 1024))
+    max_pos = getattr(model.config, "max_position_embeddings", getattr(model.config, "n_positions", None))
     source = _inputs.open_source(data, seq_len=seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
-                                 tokenizer=tokenizer, text_field=text_field, split=split)
+                                 tokenizer=tokenizer, text_field=text_field, split=split,
+                                 default_seq_len=min(1024, int(max_pos or 1024)))
     seq_len = source.seq_len
     if cfg.positions == LAST:
         pos, n_pos = None, 1  # per sequence, from its mask (see _Run._rows)
@@ -361,8 +358,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
         if complete:
             m = _store.read_json(os.path.join(out, _store.MANIFEST))
-            return ExtractResult(out, True, m.get("n_shards", len(records)), 0, len(records), 0, 0, 0, 0.0,
-                                 _Waits().t, m)
+            return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
+                                 shards_written=0, shards_skipped=len(records), n_tokens=0, n_rows=0,
+                                 bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, cfg, backend, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, first.device)
@@ -373,9 +371,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             import torch.distributed as dist
 
             dist.destroy_process_group(group)
-    return ExtractResult(out, final.get("complete", False), final.get("n_shards", run.n_blocks),
-                         run.written, run.skipped, run.n_tokens, run.n_rows, run.bytes, run.seconds,
-                         dict(run.waits.t), final)
+    return ExtractResult(out=out, complete=final.get("complete", False),
+                         n_shards=final.get("n_shards", run.n_blocks), shards_written=run.written,
+                         shards_skipped=run.skipped, n_tokens=run.n_tokens, n_rows=run.n_rows,
+                         bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
+                         manifest=final)
 
 
 def _dist_env(rank, world_size):

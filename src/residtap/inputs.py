@@ -113,7 +113,8 @@ class Source:
 class NpySource(Source):
     kind = "npy"
 
-    def __init__(self, path: str, seq_len: int | None, packing: str, max_seqs: int | None):
+    def __init__(self, path: str, seq_len: int | None, packing: str, max_seqs: int | None,
+                 default_seq_len: int | None = None):
         try:
             arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
@@ -124,6 +125,7 @@ class NpySource(Source):
             if packing != "pack":
                 raise ValueError(f"packing: a 1-D .npy ({path!r}) is one token stream with no document "
                                  "boundaries, so only packing='pack' applies; got 'pad'")
+            seq_len = seq_len or default_seq_len
             if seq_len is None:
                 raise ValueError("seq_len: a 1-D .npy token stream needs seq_len (the length to cut it "
                                  "into), got None")
@@ -344,23 +346,30 @@ class DatasetSource(DocumentSource):
 
 
 def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | None, tokenizer=None,
-                text_field: str = "text", split: str | None = None) -> Source:
-    """Pick the source for ``data``: a path (.npy, .txt, .jsonl, a saved dataset directory) or an array."""
+                text_field: str = "text", split: str | None = None, default_seq_len: int | None = None) -> Source:
+    """Pick the source for ``data``: a path (.npy, .txt, .jsonl, a saved dataset directory) or an array.
+
+    ``seq_len`` None: a 2-D array's width, else ``default_seq_len``."""
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
         raise ValueError(f"seq_len: expected a positive int or None, got {seq_len!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+    width_from_data = (hasattr(data, "shape") and len(data.shape) == 2) or (  # maybe: a .npy decides
+        isinstance(data, (str, os.PathLike)) and os.fspath(data).lower().endswith(".npy"))
+    if seq_len is None and not width_from_data:
+        seq_len = default_seq_len
 
     def cap(t):  # max_tokens → whole sequences: the first ceil(max_tokens / seq_len)
-        return None if max_tokens is None else math.ceil(max_tokens / t)
+        return None if max_tokens is None or t is None else math.ceil(max_tokens / t)
 
     if not isinstance(data, (str, os.PathLike)):
         if not hasattr(data, "shape"):
             raise ValueError(f"data: expected a path or an array/tensor of token ids, got {type(data).__name__}")
-        width = data.shape[1] if len(data.shape) == 2 else seq_len
-        return ArraySource(data, seq_len, packing, cap(width) if width else None)
+        width = data.shape[1] if len(data.shape) == 2 else (seq_len or default_seq_len)
+        return ArraySource(data, seq_len if len(data.shape) == 2 else width, packing,
+                           cap(width) if width else None)
     path = os.fspath(data)
     if not os.path.exists(path):
         raise ValueError(f"data: {path!r} does not exist")
@@ -369,14 +378,14 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
                                                                      "dataset_dict.json")):
             raise ValueError(f"data: the directory {path!r} is not a dataset saved with save_to_disk "
                              "(no dataset_info.json / dataset_dict.json)")
-        return DatasetSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field, split)
+        return DatasetSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field, split)
     lower = path.lower()
     if lower.endswith(".npy"):
-        src = NpySource(path, seq_len, packing, None)
+        src = NpySource(path, seq_len, packing, None, default_seq_len)
         src.max_seqs = cap(src.seq_len)
         return src
     if lower.endswith(TEXT_SUFFIXES):
-        return TextSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field)
+        return TextSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
     if lower.endswith(JSONL_SUFFIXES):
-        return JsonlSource(path, seq_len, packing, cap(seq_len or 1), tokenizer, text_field)
+        return JsonlSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
     raise ValueError(f"data: expected a .npy, .txt, .jsonl file or a saved HF dataset directory, got {path!r}")
