@@ -13,8 +13,10 @@ a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over th
 Ratios: x_forward_<t> = extract / forward (target <= 1.05 while the disk keeps up) and
 bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pipeline reached (target
 >= 0.90 when the disk is the bound). ``bound_<t>`` says which limit applied: "forward" when the raw
-write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is what the
-pipeline's threads spent blocked on (seconds): the model, device-to-host copies, the disk.
+write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is where the
+pipeline's threads spent their time (seconds): the main thread in the forward ("model") or blocked
+for a free host buffer ("disk"); the writers blocked on device-to-host copies ("d2h") or writing and
+hashing ("write", summed over writers).
 
     python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
     python benchmarks/bench_extract.py --smoke         # CPU, seconds

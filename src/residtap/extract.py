@@ -100,7 +100,7 @@ class ExtractResult:
     n_rows: int  # captured rows written by this call
     bytes_written: int
     seconds: float  # from the first forward to the last shard durable
-    waits: dict  # seconds blocked, by what: "model" (the forward), "d2h", "disk"
+    waits: dict  # seconds, by what on: "model", "disk", "d2h", "write" (see _Waits)
     manifest: dict
 
     @property
@@ -181,10 +181,12 @@ def load_tokenizer(path: str):
 
 # ------------------------------------------------------------------------------------------ pipeline
 class _Waits:
-    """Seconds the pipeline spent blocked, by what it waited on."""
+    """Seconds spent, by what on: the main thread in the forward ("model": on CUDA, waiting for the
+    GPU) or blocked for a free host buffer ("disk": the writers are behind); the writer threads
+    blocked on a device-to-host copy ("d2h") or busy writing and hashing ("write", summed)."""
 
     def __init__(self):
-        self.t = {"model": 0.0, "d2h": 0.0, "disk": 0.0}
+        self.t = {"model": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -232,9 +234,11 @@ class _Manifest:
                                                "shards": [shards[i] for i in sorted(shards)]})
 
 
-def _fmt_waits(waits: dict, elapsed: float, label: str) -> str:
+def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int) -> str:
     e = max(elapsed, 1e-9)
-    return " ".join(f"{label if k == 'model' else k} {100 * v / e:.0f}%" for k, v in waits.items())
+    return (f"wait {label} {100 * waits['model'] / e:.0f}% disk {100 * waits['disk'] / e:.0f}% "
+            f"d2h {100 * waits['d2h'] / (e * n_writers):.0f}% | writers busy "
+            f"{100 * waits['write'] / (e * n_writers):.0f}%")
 
 
 def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
@@ -549,7 +553,7 @@ class _Run:
                 b = host.block
                 meta = {"format": _store.FORMAT, "shard": b.index, "seq_start": b.seq_start,
                         "layer_ids": ",".join(map(str, self.cfg.layer_ids))}
-                with self.waits.on("disk"):
+                with self.waits.on("write"):
                     rec = _store.write_shard(self.manifest.out, b.index, tensors, meta)
                     record = {"index": b.index, **rec, "seq_start": b.seq_start,
                               "seq_stop": b.seq_start + b.n_seqs, "n_seqs": b.n_seqs,
@@ -599,7 +603,7 @@ class _Run:
     def _postfix(self) -> str:
         label = "gpu" if self.cuda else "cpu"
         el = time.perf_counter() - self._t0
-        return f"wait {_fmt_waits(self.waits.t, el, label)} | shards {self.written}"
+        return f"{_fmt_waits(self.waits.t, el, label, self.n_buffers - 1)} | shards {self.written}"
 
     # -------------------------------------------------------------------- main side
     def go(self) -> None:
