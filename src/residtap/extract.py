@@ -13,7 +13,8 @@ The pipeline, per batch (two Capture objects alternate, so one can be copied out
 Capture k's buffers are overwritten by its next forward only after C_k (the compute stream waits on
 it), so no copy ever reads half-overwritten data; ``record_stream`` keeps buffers freed by a shape
 change alive until the copy stream is done with them. On CPU the copy is a plain ``copy_`` and the
-rest is identical. Host memory is bounded: at most ``host_memory // shard_bytes`` shard buffers exist.
+rest is identical. Host memory is bounded: the shard buffers (and, for padded inputs, the writers'
+compacted copies) fit in ``host_memory``; at most ``writers + 1`` buffers exist.
 
 Shards are fixed groups of whole batches (``seqs_per_shard`` sequences), so a shard's bytes depend
 only on its sequences: a killed run resumes by skipping the shards its manifest lists, and with N
@@ -199,6 +200,16 @@ class _Waits:
                 self.t[what] += time.perf_counter() - t0
 
 
+def _host_shard_bytes(specs: dict, n_layers: int, rows: int, pinned: bool) -> int:
+    """Host bytes of one shard buffer. Pinned blocks come from torch's caching host allocator, which
+    rounds each request up to a power of two: count that, so host_memory really bounds the total."""
+    total = 0
+    for tail, dt in specs.values():
+        n = rows * math.prod(tail) * torch.empty((), dtype=dt).element_size()
+        total += n_layers * (1 << (n - 1).bit_length() if pinned and n > 1 else n)
+    return total
+
+
 class _HostShard:
     """Host buffers for one shard: per stored tensor name, per layer, ``[rows, ...]`` (pinned on CUDA)."""
 
@@ -277,6 +288,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     rank, world, local_rank = _dist_env(rank, world_size)
     if isinstance(model, str):
         dev = device or _default_device(local_rank, world)
+        if world > 1 and dev == "cuda":  # one GPU per process, as torchrun numbers them
+            dev = f"cuda:{local_rank % torch.cuda.device_count()}"
         model, name, model_tok = load_model(model, dtype=resolve_dtype(model_dtype, "model_dtype"),
                                             device=dev, seed=seed)
     elif isinstance(model, nn.Module):
@@ -332,10 +345,13 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     seq_bytes = n_pos * row_bytes
     batches_per_shard = max(1, opts.shard_size // (seq_bytes * opts.batch_size))
     seqs_per_shard = batches_per_shard * opts.batch_size
-    shard_bytes = seqs_per_shard * seq_bytes
+    shard_bytes = _host_shard_bytes(specs, L, seqs_per_shard * n_pos, pinned=first.device.type == "cuda")
+    if opts.packing == "pad" and cfg.positions != LAST:  # a writer compacts the real-token rows: a copy
+        shard_bytes += _host_shard_bytes(specs, L, seqs_per_shard * n_pos, pinned=False)
     n_buffers = min(opts.writers + 1, opts.host_memory // shard_bytes)
     if n_buffers < 2:
-        raise ValueError(f"host_memory: a shard of {seqs_per_shard} sequences takes {shard_bytes} bytes and "
+        raise ValueError(f"host_memory: a shard of {seqs_per_shard} sequences takes {shard_bytes} bytes of "
+                         f"host buffers and "
                          f"the pipeline needs at least 2 shard buffers (one filling while one is written), "
                          f"but host_memory={opts.host_memory}; raise host_memory or lower shard_size / "
                          "batch_size")
@@ -535,6 +551,7 @@ class _Run:
         self.seconds = 0.0
         self.errors: list[BaseException] = []
         self._stats_lock = threading.Lock()
+        self._t0 = time.perf_counter()  # reset when the first forward starts
         self.vocab = _vocab_size(base)
 
     def wanted(self, index: int) -> bool:
@@ -614,7 +631,6 @@ class _Run:
         for _ in range(self.n_buffers):
             pool.put(_HostShard(self.specs, L, rows, pin=self.cuda))
         jobs: queue.Queue = queue.Queue()
-        self._t0 = time.perf_counter()
         total = None
         if self.source.n_sequences is not None:
             n = self.source.n_sequences
