@@ -130,7 +130,8 @@ def main() -> int:
         n_batches = args.batches or n_batches
         model = random_gpt2(size, dtype=dtype, device=device, **overrides)
         cfg = model.config
-        ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq),
+                            generator=torch.Generator().manual_seed(0))
         n_res = cfg.n_layer + 1
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem

@@ -43,7 +43,8 @@ def tokenizer_dir(tmp_path):
     vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(90)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")
     path = tmp_path / "tok"
     fast.save_pretrained(path)
     return str(path)
@@ -81,7 +82,8 @@ def assert_same_dirs(a, b):
 def test_shards_equal_capture(tmp_path, dtype):
     model = tiny_gpt2()
     path, arr = ids_file(tmp_path, 16 * 21 + 5)  # 21 sequences of 16: last shard and batch partial
-    sel = dict(layers=[0, 2], positions=slice(2, 14, 3), dtype=dtype, outputs=("resid", "delta", "normed", "stats"))
+    sel = dict(layers=[0, 2], positions=slice(2, 14, 3), dtype=dtype,
+               outputs=("resid", "delta", "normed", "stats"))
     res = residtap.extract(model, path, tmp_path / "out", seq_len=16, batch_size=4, shard_size="6KiB",
                            progress=False, **sel)
     assert res.complete and res.n_shards == res.shards_written > 2
@@ -171,7 +173,8 @@ def test_saved_hf_dataset(tmp_path):
         {"text": [" ".join(f"w{t}" for t in d) for d in docs]})}).save_to_disk(tmp_path / "text")
     kw = dict(seq_len=8, batch_size=2, packing="pad", shard_size="2KiB", progress=False)
     residtap.extract(tiny_gpt2(), str(tmp_path / "ids"), tmp_path / "a", **kw)
-    residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "b", tokenizer=tokenizer_dir(tmp_path), **kw)
+    residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "b", tokenizer=tokenizer_dir(tmp_path),
+                     **kw)
     a, b = residtap.open(tmp_path / "a"), residtap.open(tmp_path / "b")
     mask = b.sequences("attention_mask").bool()
     assert a.n_rows == b.n_rows == sum(map(len, docs))
@@ -188,7 +191,8 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     full = a.to_tensor()
     assert a.shape == (240, 64) and len(a.shards) == acts.n_shards > 3
     idx = np.array([239, 0, 17, 17, 100, -1])
-    assert torch.equal(a[idx], full[idx]) and torch.equal(a[5:77:3], full[5:77:3]) and torch.equal(a[-2], full[-2])
+    assert torch.equal(a[idx], full[idx]) and torch.equal(a[5:77:3], full[5:77:3])
+    assert torch.equal(a[-2], full[-2])
     with pytest.raises(IndexError):
         a[240]
     ds = acts.dataset(1, batch_size=32, seed=3, buffer_shards=2)

@@ -59,7 +59,8 @@ def parse_size(value, name: str) -> int:
             and m.group(2).lower() in _SIZE_UNITS:
         n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
     else:
-        raise ValueError(f"{name}: expected a byte count such as 1073741824, '512MiB' or '1GiB', got {value!r}")
+        raise ValueError(f"{name}: expected a byte count such as 1073741824, '512MiB' or '1GiB', "
+                         f"got {value!r}")
     if n < 1:
         raise ValueError(f"{name}: expected a positive size, got {value!r}")
     return n
@@ -160,7 +161,8 @@ def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"model: {spec!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
-                         "config.json and weights, a name already in the HF cache, or random:gpt2-small") from e
+                         "config.json and weights, a name already in the HF cache, or "
+                         "random:gpt2-small") from e
     if not device_map:
         model = model.to(device)
     try:
@@ -403,7 +405,7 @@ def _dist_env(rank, world_size):
         raise ValueError("rank, world_size: pass both or neither (torchrun sets RANK and WORLD_SIZE)")
     if rank is None:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+    if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank}, {world_size}")
     return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
 
@@ -449,7 +451,8 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
             raise _store.os_error(e, "creating the output directory", out) from e
         existing = _store.manifest_paths(out)
         if not existing:
-            foreign = [f for f in os.listdir(out) if not (f.startswith(".shard-") or f == "manifest.json.tmp")]
+            foreign = [f for f in os.listdir(out)
+                       if not (f.startswith(".shard-") or f == "manifest.json.tmp")]
             if foreign:
                 raise _store.StoreError(f"out: {out!r} is not empty ({len(foreign)} entries, e.g. "
                                         f"{sorted(foreign)[:3]}) and holds no residtap manifest; refusing to "
@@ -476,7 +479,8 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         r = records[i]
         path = os.path.join(out, r["file"])
         if not os.path.exists(path):  # deleted by hand (e.g. after a checksum error): recompute it
-            print(f"residtap extract: shard {i} is listed but missing; it will be recomputed", file=sys.stderr)
+            print(f"residtap extract: shard {i} is listed but missing; it will be recomputed",
+                  file=sys.stderr)
             del records[i]
             continue
         size = os.path.getsize(path)
@@ -634,8 +638,9 @@ class _Run:
         total = None
         if self.source.n_sequences is not None:
             n = self.source.n_sequences
-            total = sum(min(self.seqs_per_shard, n - i * self.seqs_per_shard)
-                        for i in range(math.ceil(n / self.seqs_per_shard)) if self.wanted(i)) * self.source.seq_len
+            total = self.source.seq_len * sum(min(self.seqs_per_shard, n - i * self.seqs_per_shard)
+                                              for i in range(math.ceil(n / self.seqs_per_shard))
+                                              if self.wanted(i))
         show = self.progress if self.progress is not None else (sys.stderr.isatty() and self.rank == 0)
         bar = None
         if show:
@@ -671,8 +676,9 @@ class _Run:
                         host = pool.get()
                     host.block, host.rows = block, 0
                     for b0 in range(0, block.n_seqs, opts.batch_size):
-                        ids = block.input_ids[b0:b0 + opts.batch_size]
-                        mask = None if block.attention_mask is None else block.attention_mask[b0:b0 + opts.batch_size]
+                        batch = slice(b0, b0 + opts.batch_size)
+                        ids = block.input_ids[batch]
+                        mask = None if block.attention_mask is None else block.attention_mask[batch]
                         self._check_ids(ids, block.seq_start + b0)
                         cap = caps[k % 2]
                         if self.cuda:
@@ -682,7 +688,8 @@ class _Run:
                                 with self.waits.on("model"):
                                     inflight.popleft().synchronize()
                         x = self._to_device(ids)
-                        kw = {} if mask is None else {"attention_mask": self._to_device(mask.astype(np.int64))}
+                        kw = ({} if mask is None else
+                              {"attention_mask": self._to_device(mask.astype(np.int64))})
                         if self.cuda:
                             with cap:
                                 base(input_ids=x, use_cache=False, **kw)
@@ -804,8 +811,9 @@ def _parse_layers(text: str):
 def cmd_extract(args) -> int:
     layers = _parse_layers(args.layers)
     try:
-        res = extract(args.model, args.data, args.out, layers=layers, positions="last" if args.positions == "last" else
-                      _parse_ints(args.positions, "--positions"), outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
+        positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
+        res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
+                      outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
                       batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
                       packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
                       split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
@@ -837,7 +845,8 @@ def register_cli(sub) -> None:
                                                  "dataset directory saved with datasets' save_to_disk")
     e.add_argument("--out", required=True, help="output directory (created; resumed if it holds this run)")
     e.add_argument("--layers", default="all", help="residual indices: all, 12, 0,6,12 or a:b (default all)")
-    e.add_argument("--positions", default="all", help="positions per sequence: all, last (last real token), -1, 0,5,9 or a:b[:step]")
+    e.add_argument("--positions", default="all",
+                   help="positions per sequence: all, last (last real token), -1, 0,5,9 or a:b[:step]")
     e.add_argument("--outputs", default="resid", help=f"comma list of {','.join(OUTPUTS)} (default resid)")
     e.add_argument("--dtype", default=None, help="capture dtype (default: the model's)")
     e.add_argument("--model-dtype", default=None, help="dtype to load the model in (default: checkpoint's)")

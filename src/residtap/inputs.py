@@ -346,7 +346,8 @@ class DatasetSource(DocumentSource):
 
 
 def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | None, tokenizer=None,
-                text_field: str = "text", split: str | None = None, default_seq_len: int | None = None) -> Source:
+                text_field: str = "text", split: str | None = None,
+                default_seq_len: int | None = None) -> Source:
     """Pick the source for ``data``: a path (.npy, .txt, .jsonl, a saved dataset directory) or an array.
 
     ``seq_len`` None: a 2-D array's width, else ``default_seq_len``."""
@@ -366,7 +367,8 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
 
     if not isinstance(data, (str, os.PathLike)):
         if not hasattr(data, "shape"):
-            raise ValueError(f"data: expected a path or an array/tensor of token ids, got {type(data).__name__}")
+            raise ValueError(f"data: expected a path or an array/tensor of token ids, "
+                             f"got {type(data).__name__}")
         width = data.shape[1] if len(data.shape) == 2 else (seq_len or default_seq_len)
         return ArraySource(data, seq_len if len(data.shape) == 2 else width, packing,
                            cap(width) if width else None)
@@ -388,4 +390,5 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
         return TextSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
     if lower.endswith(JSONL_SUFFIXES):
         return JsonlSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
-    raise ValueError(f"data: expected a .npy, .txt, .jsonl file or a saved HF dataset directory, got {path!r}")
+    raise ValueError(f"data: expected a .npy, .txt, .jsonl file or a saved HF dataset directory, "
+                     f"got {path!r}")

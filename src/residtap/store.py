@@ -205,7 +205,8 @@ def settings_difference(have: dict, want: dict) -> list[str]:
     out = []
     for k in sorted(set(have) | set(want)):
         if have.get(k) != want.get(k):
-            out.append(f"{k}: directory has {json.dumps(have.get(k))}, this run has {json.dumps(want.get(k))}")
+            out.append(f"{k}: directory has {json.dumps(have.get(k))}, "
+                       f"this run has {json.dumps(want.get(k))}")
     return out
 
 
@@ -321,7 +322,8 @@ class LayerArray:
         return torch.cat(self.shards) if self._shards else torch.empty(self.shape, dtype=self.dtype)
 
     def __repr__(self) -> str:
-        return f"LayerArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, shards={len(self._shards)})"
+        return (f"LayerArray({self.name!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"shards={len(self._shards)})")
 
 
 class Activations:
@@ -475,7 +477,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _window(self, shard_ids) -> torch.Tensor:
-        parts = [torch.stack([a.part(k) for a in self.arrays], 1) if not self.single else self.arrays[0].part(k)
+        parts = [self.arrays[0].part(k) if self.single else torch.stack([a.part(k) for a in self.arrays], 1)
                  for k in shard_ids]
         return torch.cat(parts)
 
