@@ -1,0 +1,258 @@
+"""Capturing every layer during a forward: residtap vs a plain forward, the reference and common baselines.
+
+On random-init GPT-2-architecture models (``residtap.models.random_gpt2``, the bare ``GPT2Model``
+without the LM head, so the denominator is the transformer alone): GPT-2-small size (12 layers,
+d 768) at batch 16 x 1024 and GPT-2-XL size (48 layers, d 1600) at batch 8 x 1024, in bfloat16 and
+float32 (--smoke: 2 layers, d 64, batch 2 x 32, on CPU). Methods, all under torch.no_grad with
+use_cache=False, every residual index 0..n_layers:
+
+  forward        the plain forward (the denominator)
+  capture        residtap.Capture(outputs=resid, delta, normed, stats, backend="compiled"), built
+                 once (its buffers are reused) and entered around each forward
+  reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
+  hidden_states  HF output_hidden_states=True (no copies; the final entry is after ln_f)
+  hooks_copy     plain forward hooks copying each block's output into one preallocated buffer
+  nnsight        nnsight's trace saving every block's output (only if nnsight imports)
+  tlens          TransformerLens run_with_cache of every resid_post on a HookedTransformer of the
+                 same size (only if transformer_lens imports; its own random weights)
+
+Each is timed as host wall time with the device synchronized before and after. The methods run
+round-robin (the order rotated each round) so that clock or thermal drift hits all of them alike;
+``ratio`` is the median over rounds of method time / forward time of the same round (target for
+capture: <= 1.01). Before timing, ``--check`` (on by default) runs capture and reference once and
+requires torch.equal for every output (l2: within 2 ulp, the contract's tolerance).
+
+    python benchmarks/bench_capture.py                  # GPU sizes (estimated about a minute on an H200)
+    python benchmarks/bench_capture.py --smoke          # CPU, seconds
+    python benchmarks/bench_capture.py --models small --dtypes bfloat16 --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import torch
+
+from _common import base_parser, print_table, resolve_device, row, write_rows
+
+import residtap
+from residtap._build import load_extension
+from residtap.models import random_gpt2, random_input_ids
+from residtap.reference import STAT_NAMES, run_reference
+
+OUTPUTS = ("resid", "delta", "normed", "stats")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CONFIGS = {  # name → (random_gpt2 size, overrides, batch, seq)
+    "small": ("gpt2-small", {}, 16, 1024),
+    "xl": ("gpt2-xl", {}, 8, 1024),
+}
+SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64), 2, 32)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hooks_copy_method(model, ids):
+    """Forward hooks that copy each block's output (and block 0's input) into one buffer."""
+    blocks = model.h
+    cfg = model.config
+    buf = torch.empty(cfg.n_layer + 1, *ids.shape, cfg.n_embd, dtype=model.dtype, device=ids.device)
+
+    def pre(_m, args, kwargs):
+        buf[0].copy_(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    def post(i):
+        def hook(_m, _args, output):
+            buf[i + 1].copy_(output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def run():
+        handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
+        try:
+            handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+            model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return run
+
+
+def nnsight_method(model, ids):
+    """nnsight's trace saving every block's output; None (with why) when it cannot run here."""
+    try:
+        from nnsight import NNsight
+    except ImportError:
+        return None, "not installed"
+    wrapped = NNsight(model)
+    n = len(model.h)
+
+    def run():
+        with wrapped.trace(input_ids=ids, use_cache=False):
+            saved = [wrapped.h[i].output.save() for i in range(n)]  # noqa: F841 (kept by the trace)
+    return run, None
+
+
+def tlens_method(model, ids):
+    """TransformerLens run_with_cache of every resid_post, on its own model of the same size."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return None, "not installed"
+    c = model.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head,
+                                  d_head=c.n_embd // c.n_head, d_mlp=4 * c.n_embd, n_ctx=c.n_positions,
+                                  d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
+                                  device=str(ids.device), dtype=model.dtype, seed=0)
+    tl = HookedTransformer(cfg).eval()
+
+    def run():
+        tl.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_resid_post"))
+    return run, None
+
+
+def check_capture(cap, model, ids) -> str | None:
+    """None when one capture equals the reference (l2 within 2 ulp of float64), else what differs."""
+    with cap:
+        model(input_ids=ids, use_cache=False)
+    ref = run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False).outputs
+    for name in ("resid", "delta", "normed"):
+        if not torch.equal(getattr(cap, name), ref[name]):
+            return f"{name} differs from the reference"
+    for stat in STAT_NAMES:
+        got, want = getattr(cap.stats, stat), getattr(ref["stats"], stat)
+        if stat != "l2":
+            if not torch.equal(got, want):
+                return f"stats.{stat} differs from the reference"
+            continue
+        finite = torch.isfinite(want)
+        ulp = (got[finite].view(torch.int32).long() - want[finite].view(torch.int32).long()).abs()
+        if not torch.equal(torch.isfinite(got), finite) or (ulp.numel() and int(ulp.max()) > 2):
+            return "stats.l2 is more than 2 ulp from the reference"
+    return None
+
+
+def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
+    """Per method, the list of ``iters`` wall times, measured in rotated round-robin order."""
+    names = list(methods)
+    times = {n: [] for n in names}
+    for r in range(warmup + iters):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync(device)
+            t0 = time.perf_counter()
+            methods[name]()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def measure(model, ids, device, iters: int, warmup: int, check: bool):
+    """(times per method, what the check found wrong or None, {optional method: why skipped}).
+
+    Everything built here (capture buffers, hook buffers, optional wrappers) is freed on return."""
+    cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled")
+    skipped = {}
+    with torch.no_grad():
+        problem = check_capture(cap, model, ids) if check else None
+
+        def run_capture():
+            with cap:
+                model(input_ids=ids, use_cache=False)
+
+        methods = {
+            "forward": lambda: model(input_ids=ids, use_cache=False),
+            "capture": run_capture,
+            "reference": lambda: run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False),
+            "hidden_states": lambda: model(input_ids=ids, use_cache=False, output_hidden_states=True),
+            "hooks_copy": hooks_copy_method(model, ids),
+        }
+        if problem:  # never time wrong code
+            del methods["capture"]
+        for name, make in (("nnsight", nnsight_method), ("tlens", tlens_method)):
+            try:
+                fn, why = make(model, ids)
+                if fn is not None:
+                    fn()  # fail here, before timing, if the API differs from what we expect
+            except Exception as e:  # an optional baseline must not stop the benchmark
+                fn, why = None, f"{type(e).__name__}: {e}"
+            if fn is None:
+                skipped[name] = why
+            else:
+                methods[name] = fn
+        return time_round_robin(methods, device, iters, warmup), problem, skipped
+
+
+def parse_list(text: str | None, allowed, flag: str) -> list[str]:
+    if not text:
+        return list(allowed)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"{flag}: expected a comma list of {','.join(allowed)}, got {text!r}")
+    return names
+
+
+def main() -> int:
+    p = base_parser(__doc__)
+    p.add_argument("--models", default=None, help=f"comma list of {','.join(CONFIGS)} (default all)")
+    p.add_argument("--dtypes", default=None, help=f"comma list of {','.join(DTYPES)} (default both)")
+    p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    p.add_argument("--seq", type=int, default=None, help="override every model's sequence length")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare one capture with the reference before timing (default on)")
+    args = p.parse_args()
+    device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
+    configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in parse_list(args.models, CONFIGS, "--models")}
+    dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
+    if args.smoke:  # tiny tensors: intra-op threads only add wake-ups, badly so on a busy 2-core CI box
+        torch.set_num_threads(1)
+    iters = args.iters or (5 if args.smoke else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+
+    info = load_extension()
+    if not info.loaded:
+        raise SystemExit(f"bench_capture: the compiled residtap extension did not load: {info.error}")
+    if device.type == "cuda" and not info.with_cuda:
+        raise SystemExit(f"bench_capture: the extension was built without CUDA ({info.cuda_skipped_because})")
+
+    rows, failed, skipped = [], [], {}
+    for name, (size, overrides, batch, seq) in configs.items():
+        batch, seq = args.batch or batch, args.seq or seq
+        for dname in dtypes:
+            model = random_gpt2(size, dtype=DTYPES[dname], device=device, lm_head=False, **overrides)
+            common = dict(bench="capture", model=name, layers=model.config.n_layer,
+                          d_model=model.config.n_embd, batch=batch, seq=seq, dtype=dname)
+            times, problem, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
+                                              device, iters, warmup, args.check)
+            del model  # free it (and the caches below) before the next size is built
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            skipped.update(why_not)
+            if problem:
+                failed.append(f"{name} {dname}: {problem}")
+                rows.append(row(device, method="capture", check=f"FAILED: {problem}", **common))
+            fwd = times["forward"]
+            for method, ts in times.items():
+                extra = {"check": "passed" if args.check else "skipped"} if method == "capture" else {}
+                rows.append(row(device, method=method, median_s=statistics.median(ts),
+                                ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
+
+    print_table(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "check"])
+    for extra, why in skipped.items():
+        print(f"{extra}: skipped: {why}")
+    print(f"wrote {write_rows(rows, 'bench_capture', args.out)}")
+    for f in failed:
+        print(f"CHECK FAILED (capture not timed): {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
