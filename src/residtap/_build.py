@@ -46,15 +46,18 @@ _info: BuildInfo | None = None
 
 
 def _find_nvcc() -> Path | None:
-    candidates = []
+    """The CUDA toolkit root: $CUDA_HOME if set, else the first candidate with both nvcc and the
+    runtime headers (an `nvcc` on PATH may be a wrapper script in /usr/local/bin, whose
+    parent has no toolkit)."""
     if os.environ.get("CUDA_HOME"):
-        candidates.append(Path(os.environ["CUDA_HOME"]))
+        home = Path(os.environ["CUDA_HOME"])
+        return home if (home / "bin" / "nvcc").exists() else None
+    candidates = [Path("/usr/local/cuda")]
     which = shutil.which("nvcc")
     if which:
         candidates.append(Path(which).resolve().parent.parent)
-    candidates.append(Path("/usr/local/cuda"))
     for home in candidates:
-        if (home / "bin" / "nvcc").exists():
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
             return home
     return None
 
