@@ -38,13 +38,17 @@ inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-enum class NormKind { kNone = 0, kLayerNorm = 1 };
+// kTorchLayerNorm: the same LayerNorm, but normed, mean and rstd come from torch's own
+// native_layer_norm even where a backend could replay its arithmetic (the parity guard's choice
+// when replay and the installed torch disagree; the CPU op always calls torch anyway).
+enum class NormKind { kNone = 0, kLayerNorm = 1, kTorchLayerNorm = 2 };
 
 inline NormKind parse_norm_kind(c10::string_view s) {
   if (s == "layer_norm") return NormKind::kLayerNorm;
+  if (s == "torch_layer_norm") return NormKind::kTorchLayerNorm;
   if (s == "none") return NormKind::kNone;
   TORCH_CHECK(false, "residtap.capture_block: argument 'norm_kind' expected one of "
-                     "'layer_norm', 'none', got '", std::string(s), "'");
+                     "'layer_norm', 'torch_layer_norm', 'none', got '", std::string(s), "'");
 }
 
 // What every backend needs to know, after validation. Tensors are kept as given (outputs are

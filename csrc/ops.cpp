@@ -10,7 +10,10 @@ TORCH_LIBRARY(residtap, m) {
   //
   //   index      None: all positions (seq == n_pos); int64 [n_pos]: the same positions for every
   //              row; int64 [batch, n_pos]: positions per row. Values must lie in [0, seq).
-  //   norm_kind  "layer_norm" (weight/bias optional) or "none" (normed must then be None).
+  //   norm_kind  "layer_norm" (weight/bias optional); "torch_layer_norm", the same values but
+  //              normed, mean and rstd always from torch's own native_layer_norm (what the parity
+  //              guard selects when a backend's replay of torch's arithmetic ever differs); or
+  //              "none" (normed must then be None).
   //   eps        the final norm's eps, also used for stats mean/rstd.
   //   resid      [batch, n_pos, d_model], capture dtype: out, cast as .to(dtype).
   //   delta      same: (out - inp) in the model dtype, then cast; out itself when inp is None.
