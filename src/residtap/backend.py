@@ -62,14 +62,77 @@ def choose(requested: str | None, device: torch.device) -> Choice:
 
 
 def fused_norm_ok(norm, dtype: torch.dtype, device: torch.device, d_model: int) -> bool:
-    """Whether the compiled op may compute ``normed`` itself for this (norm, dtype, width, device);
-    when False the capture calls the final-norm module instead (exact by construction).
-
-    The CPU op calls torch's own layer_norm, so it always matches. The CUDA parity guard (which
-    needs one host sync) belongs here, cached per combination; Capture calls this at set-up for
-    the model's dtype so that nothing synchronizes inside the forward.
-    """
+    """Whether the op may compute ``normed`` itself for this (norm, dtype, device): the norm is a
+    LayerNorm whose parameters share the model's dtype and device. When False the capture calls
+    the final-norm module instead (exact by construction). Whether the CUDA op then replays
+    torch's arithmetic or calls torch is :func:`norm_parity`'s decision."""
     if norm.kind != "layer_norm":
         return False
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     return all(p.dtype == dtype and p.device == torch.device(device) for p in params)
+
+
+# The parity guard. The CUDA op replays torch's own CUDA LayerNorm arithmetic (normed, and the
+# stats mean/rstd) step for step; a future torch that changed its kernel would make the replay
+# differ. So the first time a combination is used, the op runs on a probe next to torch and, if
+# a single bit differs, the capture asks the op for torch's own norm ("torch_layer_norm") from
+# then on, with one warning. Probing needs one host sync: Capture probes at set-up; a
+# combination first seen inside a forward (where nothing may sync) takes torch's norm, unprobed.
+_parity: dict[tuple, bool] = {}
+
+ParityKey = tuple  # (device, dtype, d_model, weight?, bias?, eps)
+
+
+def parity_key(device, dtype: torch.dtype, d_model: int, weight, bias, eps: float) -> ParityKey:
+    return (str(torch.device(device)), dtype, int(d_model), weight is not None, bias is not None,
+            float(eps))
+
+
+def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None, eps: float = 1e-5,
+                *, probe: bool = True) -> bool | None:
+    """Whether the compiled op's fused LayerNorm (``weight``/``bias`` None for the stats-only
+    moments) is bit-identical to torch's for this combination. Only CUDA replays torch's
+    arithmetic; every other device answers True. With ``probe=False`` an unprobed combination
+    answers None instead of synchronizing."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    key = parity_key(device, dtype, d_model, weight, bias, eps)
+    if key in _parity or not probe:
+        return _parity.get(key)
+    ok, detail = _probe_parity(device, dtype, d_model, weight, bias, eps)
+    _parity[key] = ok
+    if not ok:
+        warnings.warn(
+            f"residtap: the fused CUDA LayerNorm differs from torch {torch.__version__} for "
+            f"{dtype}, width {d_model} ({detail}); calling torch's own layer_norm for it instead "
+            "(exact, a little slower). Please report this with `residtap env`.",
+            RuntimeWarning, stacklevel=3)
+    return ok
+
+
+def _probe_parity(device, dtype, d_model, weight, bias, eps) -> tuple[bool, str]:
+    """Run the op and torch on probe rows (centred at 0 and at 30, several row counts)."""
+    from . import ops
+
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    for rows in (1, 7, 133):
+        x = torch.randn(1, rows, d_model, generator=g)
+        x[:, rows // 2:] += 30.0
+        x = x.to(device=device, dtype=dtype)
+        normed = torch.empty_like(x) if weight is not None or bias is not None else None
+        mean = torch.empty(1, rows, device=device)
+        rstd = torch.empty(1, rows, device=device)
+        with torch.no_grad():
+            ops.capture_block(x, norm_weight=weight, norm_bias=bias,
+                              norm_kind="layer_norm" if normed is not None else "none", eps=eps,
+                              normed=normed, mean=mean, rstd=rstd)
+            _, m_ref, r_ref = torch.native_layer_norm(x.float(), (d_model,), None, None, eps)
+            checks = [("mean", mean, m_ref.view(1, rows)), ("rstd", rstd, r_ref.view(1, rows))]
+            if normed is not None:
+                checks.append(("normed", normed,
+                               torch.nn.functional.layer_norm(x, (d_model,), weight, bias, eps)))
+        for name, got, want in checks:
+            if not torch.equal(got, want):
+                return False, f"{name} differs on a {rows}-row probe"
+    return True, ""

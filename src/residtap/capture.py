@@ -106,11 +106,12 @@ class Capture:
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
         self._mask_arg = _positional_index(model, "attention_mask")
-        self._norm_kind = "none"
-        w = self.layout.norm.weight
-        if "normed" in self.config.outputs and w is not None:
-            # Any parity check (one host sync) runs now, at set-up, not inside the forward.
-            _backend.fused_norm_ok(self.layout.norm, w.dtype, w.device, w.shape[-1])
+        # How the op gets normed / mean+rstd, decided per shape in _begin: op_norm_kind is passed
+        # to the op; fused_normed says whether the op writes normed (else the module's code does).
+        self._op_norm_kind = "none"
+        self._fused_normed = False
+        self._op_norm_params = (None, None)
+        self._probe_parity()
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "Capture":
@@ -192,8 +193,56 @@ class Capture:
             self._allocate(len(self.config.layer_ids), rows, n_pos, d_model, cap_dtype, hidden)
             self._key = key
             self._choice = _backend.choose(self.config.backend, hidden.device)
-            self._norm_kind = ("layer_norm" if _backend.fused_norm_ok(
-                self.layout.norm, hidden.dtype, hidden.device, d_model) else "module")
+            self._plan_norm(hidden.dtype, hidden.device, d_model)
+
+    def _norm_params(self):
+        norm = self.layout.norm
+        return tuple(p.detach() if p is not None else None for p in (norm.weight, norm.bias))
+
+    def _probe_parity(self) -> None:
+        """The CUDA parity guard, run here at set-up (one host sync) for the model's own dtype and
+        device, so that nothing synchronizes inside a forward. See backend.norm_parity."""
+        outputs = self.config.outputs
+        if "normed" not in outputs and "stats" not in outputs:
+            return
+        param = next(self.model.parameters(), None)
+        if param is None or param.device.type != "cuda":
+            return
+        d_model = self._guess_d_model()
+        if d_model is None or _backend.choose(self.config.backend, param.device).name != "compiled":
+            return
+        norm = self.layout.norm
+        if "normed" in outputs and _backend.fused_norm_ok(norm, param.dtype, param.device, d_model):
+            _backend.norm_parity(param.device, param.dtype, d_model, *self._norm_params(), norm.eps)
+        if "stats" in outputs:
+            _backend.norm_parity(param.device, param.dtype, d_model, None, None, norm.eps)
+
+    def _guess_d_model(self) -> int | None:
+        w = self.layout.norm.weight
+        if w is not None:
+            return int(w.shape[-1])
+        emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+        return int(emb.weight.shape[-1]) if getattr(emb, "weight", None) is not None else None
+
+    def _plan_norm(self, dtype: torch.dtype, device: torch.device, d_model: int) -> None:
+        """Inside the forward, without syncing: a combination the set-up probe did not cover (or
+        one whose probe failed) gets torch's own norm from the op ("torch_layer_norm")."""
+        norm, outputs = self.layout.norm, self.config.outputs
+        self._fused_normed = "normed" in outputs and _backend.fused_norm_ok(norm, dtype, device, d_model)
+        compiled = self._choice.name == "compiled"
+
+        def replay_ok(weight, bias) -> bool:
+            return not compiled or _backend.norm_parity(device, dtype, d_model, weight, bias, norm.eps,
+                                                        probe=False) is True
+
+        self._op_norm_params = self._norm_params() if self._fused_normed else (None, None)
+        ok = ((not self._fused_normed or replay_ok(*self._op_norm_params))
+              and ("stats" not in outputs or replay_ok(None, None)))
+        if self._fused_normed or "stats" in outputs:
+            self._op_norm_kind = "layer_norm" if ok and self._fused_normed else (
+                "none" if ok else "torch_layer_norm")
+        else:
+            self._op_norm_kind = "none"
 
     def _last_selection(self, batch: int, seq: int, device: torch.device):
         """positions="last": each row's last real token, from the mask the model was called with."""
@@ -237,13 +286,11 @@ class Capture:
             inp = inp[:, index] if inp is not None else None
             index = None
         bufs = {name: buf[k] for name, buf in self._buffers.items()}
-        norm = self.layout.norm
-        fused_norm = self._norm_kind == "layer_norm"
+        fused_norm = self._fused_normed
+        weight, bias = self._op_norm_params
         self._choice.fn(
-            out, inp, index,
-            norm_weight=norm.weight.detach() if fused_norm and norm.weight is not None else None,
-            norm_bias=norm.bias.detach() if fused_norm and norm.bias is not None else None,
-            norm_kind="layer_norm" if fused_norm else "none", eps=norm.eps,
+            out, inp, index, norm_weight=weight, norm_bias=bias,
+            norm_kind=self._op_norm_kind, eps=self.layout.norm.eps,
             resid=bufs.get("resid"), delta=bufs.get("delta"),
             normed=bufs.get("normed") if fused_norm else None,
             mean=bufs.get("mean"), rstd=bufs.get("rstd"), l2=bufs.get("l2"), maxabs=bufs.get("maxabs"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-NORM_KINDS = ("layer_norm", "none")
+NORM_KINDS = ("layer_norm", "torch_layer_norm", "none")
 
 
 def capture_block(

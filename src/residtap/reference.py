@@ -116,7 +116,8 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
     outputs = [k for k, v in wanted.items() if v is not None]
     if any(v is not None for v in stat_bufs.values()):
         outputs.append("stats")
-    norm = layer_norm_fn(norm_weight, norm_bias, eps) if norm_kind == "layer_norm" else None
+    layer_norm = norm_kind in ("layer_norm", "torch_layer_norm")
+    norm = layer_norm_fn(norm_weight, norm_bias, eps) if layer_norm else None
     res = block_outputs(out, inp, sel=index, dtype=None, final_norm=norm, eps=eps, outputs=outputs)
     for k, buf in wanted.items():
         if buf is not None:
