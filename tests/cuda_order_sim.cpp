@@ -1,0 +1,191 @@
+// Host-side check of the fused CUDA kernel's replay of torch's LayerNorm order of operations.
+//
+// The fast kernel (csrc/cuda/capture_cuda.cu) packs several of torch's 128 "virtual threads" into
+// each physical thread and several rows into each block, then replays torch's Welford updates and
+// merge tree in that layout. Whether the replay visits the same operations in the same order is a
+// question of indices, not of GPU arithmetic, so it can be answered on a CPU: this program
+// compiles the kernel's own layout and reduction code (csrc/cuda/ln_arith.cuh) for the host,
+// emulates the round-to-nearest intrinsics with IEEE float operations (-ffp-contract=off) and
+// runs each simulated block's 128 threads as std::threads whose warp shuffles meet at barriers
+// (lock step, like a warp). Every row's mean and rstd must equal, bit for bit, a plain
+// transcription of torch's order (GPU.md): virtual thread t reads vectors t, t+128, ...; shuffle-down
+// merges 16, 8, 4, 2, 1 in each warp; then ((w0 + w2) + (w1 + w3)).
+//
+// What this cannot check: the GPU's own arithmetic (rsqrtf is emulated by 1/sqrtf on both sides),
+// memory access, or speed. tests/test_cuda.py does that on a GPU.
+//
+// Output: one line per layout, then "configs N mismatches M"; exit status 1 if M > 0.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __host__
+#define __forceinline__ inline
+
+// Round-to-nearest float operations, as the CUDA intrinsics define them.
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __frcp_rn(float a) { return 1.0f / a; }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+static inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }  // same on both sides
+static inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+
+// A warp in lock step: each shuffle publishes the value, waits for all 32 lanes, reads the source
+// lane (its own value when the source is past lane 31, as __shfl_down_sync does), waits again.
+struct WarpSim {
+  float slot[32];
+  std::barrier<> bar{32};
+};
+thread_local WarpSim* tl_warp = nullptr;
+thread_local int tl_lane = 0;
+
+static inline float __shfl_down_sync(unsigned, float v, int delta) {
+  tl_warp->slot[tl_lane] = v;
+  tl_warp->bar.arrive_and_wait();
+  const int src = tl_lane + delta;
+  const float r = src < 32 ? tl_warp->slot[src] : v;
+  tl_warp->bar.arrive_and_wait();
+  return r;
+}
+
+#include "ln_arith.cuh"
+
+using residtap::cuda_impl::FastLayout;
+using residtap::cuda_impl::Moments;
+using residtap::cuda_impl::VwarpOwner;
+using residtap::cuda_impl::welford_combine;
+using residtap::cuda_impl::welford_push;
+
+constexpr float kEps = 1e-5f;
+
+// torch's order, transcribed directly (one virtual thread at a time, no layout tricks).
+static void torch_order(const float* row, int d, float& mean, float& rstd) {
+  const int nvec = d / 4;
+  Moments vt[128];
+  for (int t = 0; t < 128; ++t) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int v = t; v < nvec; v += 128) {
+      for (int i = 0; i < 4; ++i) {
+        const float n = __fadd_rn(m.n, 1.f);
+        welford_push(m.mean, m.m2, row[4 * v + i], __frcp_rn(n));
+        m.n = n;
+      }
+    }
+    vt[t] = m;
+  }
+  Moments w[4];
+  for (int k = 0; k < 4; ++k) {
+    Moments lanes[32];
+    for (int l = 0; l < 32; ++l) lanes[l] = vt[32 * k + l];
+    for (int o = 16; o > 0; o /= 2) {
+      Moments next[32];
+      for (int l = 0; l < 32; ++l) next[l] = welford_combine(lanes[l], l + o < 32 ? lanes[l + o] : lanes[l]);
+      std::memcpy(lanes, next, sizeof(lanes));
+    }
+    w[k] = lanes[0];
+  }
+  // warps 2, 3 hand over to 0, 1; then warp 1 to warp 0
+  const Moments f = welford_combine(welford_combine(w[0], w[2]), welford_combine(w[1], w[3]));
+  mean = f.mean;
+  rstd = rsqrtf(__fadd_rn(__fdiv_rn(f.m2, static_cast<float>(d)), kEps));
+}
+
+// One simulated block of the fast kernel: kTeams rows, each thread doing exactly what
+// fast_rows_kernel does with its units (the same header functions, the same indices).
+template <int kElemBytes, int K>
+static int check_block(int d, std::mt19937& rng, float centre) {
+  using L = FastLayout<kElemBytes, K>;
+  constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
+  std::normal_distribution<float> dist(centre, 3.f);
+  std::vector<std::vector<float>> rows(L::kTeams, std::vector<float>(d));
+  for (auto& r : rows)
+    for (auto& x : r) x = dist(rng);
+  std::vector<Moments> vwarp(4 * L::kTeams);
+  WarpSim warps[4];
+  std::vector<std::thread> threads;
+  for (int tid = 0; tid < residtap::cuda_impl::kBlock; ++tid) {
+    threads.emplace_back([&, tid] {
+      tl_warp = &warps[tid / 32];
+      tl_lane = tid % 32;
+      const int team = tid / kT, tp = tid % kT;
+      const int tp_off = 4 * kU * tp;
+      const float* row = rows[team].data();
+      Moments m[L::kSlots];
+      for (auto& s : m) s = Moments{0.f, 0.f, 0.f};
+      for (int y = 0; y < kY; ++y) {
+        int nv = 0;
+        for (int j = 0; j < K; ++j) {
+          if (tp_off + L::offset(y, j) >= d) continue;
+          float xf[kN];
+          std::memcpy(xf, row + tp_off + L::offset(y, j), sizeof(xf));
+          residtap::cuda_impl::welford_unit<kU>(&m[kU * y], xf, j);
+          ++nv;
+        }
+        residtap::cuda_impl::set_counts<kU>(&m[kU * y], nv);
+      }
+      residtap::cuda_impl::reduce_virtual_warps<kU, kT, kY>(m);
+      for (int w = 0; w < 4; ++w)
+        if (tp == VwarpOwner<kU, kT>::p(w)) vwarp[4 * team + w] = m[kU * VwarpOwner<kU, kT>::y(w)];
+    });
+  }
+  for (auto& t : threads) t.join();
+  int bad = 0;
+  for (int team = 0; team < L::kTeams; ++team) {
+    float mean, rstd, want_mean, want_rstd;
+    residtap::cuda_impl::finish_moments(&vwarp[4 * team], d, kEps, mean, rstd);
+    torch_order(rows[team].data(), d, want_mean, want_rstd);
+    if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
+      if (bad == 0)
+        std::printf("  MISMATCH bytes=%d K=%d d=%d team=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n",
+                    kElemBytes, K, d, team, mean, want_mean, rstd, want_rstd);
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+// The launcher's choice of K for a width (capture_cuda.cu, launch_rows).
+template <int kElemBytes>
+static int check_width(int d, std::mt19937& rng, float centre) {
+  const int k = (d / 4 + 127) / 128;
+  if (k <= 1) return check_block<kElemBytes, 1>(d, rng, centre);
+  if (k <= 2) return check_block<kElemBytes, 2>(d, rng, centre);
+  if (k <= 4) return check_block<kElemBytes, 4>(d, rng, centre);
+  if (k <= 8) return check_block<kElemBytes, 8>(d, rng, centre);
+  return check_block<kElemBytes, 16>(d, rng, centre);
+}
+
+int main() {
+  // Widths on both sides of every K boundary, tiny ones (most virtual threads empty), and the
+  // model widths of GPU.md's probe.
+  const int widths[] = {8,    16,   24,   64,   72,   96,   128,  136,  256,  504,  512,  520,
+                        768,  1000, 1024, 1032, 1280, 1600, 2048, 2056, 2560, 3072, 4096, 4104,
+                        5120, 6144, 7168, 8184, 8192};
+  std::mt19937 rng(1234);
+  int configs = 0, mismatches = 0;
+  for (float centre : {0.f, 30.f}) {
+    for (int d : widths) {
+      // float: units of 4 elements; 16-bit types: units of 8 (other widths take the generic kernel)
+      mismatches += check_width<4>(d, rng, centre);
+      ++configs;
+      if (d % 8 == 0) {
+        mismatches += check_width<2>(d, rng, centre);
+        ++configs;
+      }
+    }
+  }
+  std::printf("configs %d mismatches %d\n", configs, mismatches);
+  return mismatches == 0 ? 0 : 1;
+}
