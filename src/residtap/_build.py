@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -125,7 +126,15 @@ def _load() -> BuildInfo:
     if nvcc_home is not None and not os.environ.get("CUDA_HOME"):
         # cpp_extension decides CUDA_HOME when it is first imported and guesses /usr/local.
         os.environ["CUDA_HOME"] = str(nvcc_home)
-    from torch.utils import cpp_extension
+    # Its import logs "No CUDA runtime is found" on GPU-less machines, which is noise here: the
+    # build needs nvcc, not a GPU, and `residtap env` reports what was built.
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_log.setLevel(level)
 
     with_cuda = cuda_home is not None
     archs = _cuda_archs() if with_cuda else ()
