@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import backend as _backend
 from .arch import Layout, resolve_layout
-from .reference import STAT_NAMES, Stats, take
+from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
                         resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
 
@@ -24,6 +25,18 @@ _UNSEEN = object()  # positions="last": the model's forward has not been called 
 
 class CaptureError(RuntimeError):
     """Reading a capture that has nothing valid to give (not run, failed, not requested)."""
+
+
+class _DeviceOps(NamedTuple):
+    """How the layers whose hidden states are on one (device, dtype) are captured: decided at the
+    first such layer of a shape, inside the forward, without a host sync (see _plan_norm)."""
+
+    choice: _backend.Choice
+    norm_kind: str  # passed to the op
+    fused_normed: bool  # the op writes normed; else the final-norm module's own code does
+    norm_params: tuple  # (weight, bias) on this device for the op, or (None, None)
+    norm_device: torch.device | None  # where the module runs when it computes normed itself
+    stamp: tuple | None  # the norm's tensors when norm_params are copies of them (else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +93,22 @@ class Capture:
       Finding the kept tokens reads the mask once, at construction (one host sync there); each
       forward must have exactly that ``[batch, seq]`` shape.
 
+    One layer at a time, on one device or several::
+
+        cap.layer("resid", 12)        # [batch, n_pos, d_model]: a view, like cap.resid[k]
+        cap.layer("stats", 12).rstd   # [batch, n_pos]
+        cap.per_layer("normed")       # a list aligned with cap.layer_ids
+        cap.devices                   # where each layer's buffers are, aligned with cap.layer_ids
+
+    A model dispatched over several devices (``device_map`` / accelerate's hooks, or blocks moved by
+    hand) is captured where it runs: each layer's buffers are allocated, at the first forward of a
+    shape, on the device its hidden state arrives on (layer 0, the embeddings: where the first
+    block's input is), and the op runs there (backend and parity guard per device). The stacked
+    ``cap.resid``, ``delta``, ``normed`` and ``stats`` then cannot exist and raise CaptureError; read
+    ``cap.layer`` / ``cap.per_layer``, or gather on one device with
+    ``torch.stack([t.to(device) for t in cap.per_layer("resid")])``. With every layer on one device
+    nothing changes: one stacked buffer per output, and ``cap.layer`` gives views into it.
+
     Example::
 
         with residtap.capture(model, layers=[-1], outputs=("resid", "normed")) as cap:
@@ -96,21 +125,30 @@ class Capture:
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
         self._handles: list = []
         self._plans: dict[int, PositionPlan] = {}
-        self._buffers: dict[str, torch.Tensor] = {}
+        # Buffers, allocated per shape in _begin. Every layer on one device: one stacked buffer per
+        # name [n_layers, rows, n_pos, ...] and per-layer views into it; else per-layer buffers only.
+        self._buffers: dict[str, torch.Tensor] = {}  # stacked; empty when stored per layer
+        self._layer_bufs: list[dict[str, torch.Tensor]] = []  # per selected layer: [rows, n_pos, ...]
+        self._buf_devices: list[torch.device] = []  # per selected layer: where its buffers are
+        self._stacked = True
+        self._spec = None  # (rows, n_pos, d_model, capture dtype) of the buffers
         self._key = None
-        self._choice: _backend.Choice | None = None
+        self._choice: _backend.Choice | None = None  # the first hidden state's device's
+        self._ops: dict[tuple, _DeviceOps] = {}  # (device, dtype) -> how the op runs there, per shape
+        self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, (weight, bias) copies)
         self._state = "empty"  # empty → running → complete | failed
         self._written = 0
-        self._sel = None
+        self._sel = None  # the selection on the first hidden state's device
+        self._sels: dict = {}  # device -> this forward's selection there
         self._shape = None  # (batch, seq) of the last forward
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
         self._mask_arg = _positional_index(model, "attention_mask")
-        # How the op gets normed / mean+rstd, decided per shape in _begin: op_norm_kind is passed
-        # to the op; fused_normed says whether the op writes normed (else the module's code does).
-        self._op_norm_kind = "none"
-        self._fused_normed = False
-        self._op_norm_params = (None, None)
+        # Where each selected layer's hidden state is expected (None: the first hidden state's
+        # device), read from the blocks (_predict_homes) and corrected by what forwards show.
+        self._homes: list[torch.device | None] = self._predict_homes()
+        self._anchor = None  # the first hidden state's device when _homes were last read
+        self._homes_version = 0  # part of the allocation key: bumped whenever _homes change
         self._probe_parity()
 
     # ------------------------------------------------------------------ hooks
@@ -187,17 +225,58 @@ class Capture:
             self._sel = plan.as_selection(hidden.device)
             n_pos = plan.n_pos
         self._shape = (batch, seq)
+        self._sels = {hidden.device: self._sel}
+        if hidden.device != self._anchor:  # first forward, or the model moved: read its blocks again
+            self._homes = [hidden.device if h is None else h for h in self._predict_homes()]
+            self._anchor = hidden.device
+            self._homes_version += 1
         cap_dtype = self.config.dtype or hidden.dtype
-        key = (rows, n_pos, d_model, cap_dtype, hidden.dtype, hidden.device)
+        key = (rows, n_pos, d_model, cap_dtype, hidden.dtype, hidden.device, self._homes_version)
         if key != self._key:
-            self._allocate(len(self.config.layer_ids), rows, n_pos, d_model, cap_dtype, hidden)
+            self._allocate(rows, n_pos, d_model, cap_dtype)
             self._key = key
-            self._choice = _backend.choose(self.config.backend, hidden.device)
-            self._plan_norm(hidden.dtype, hidden.device, d_model)
+            self._ops = {}
+            self._choice = self._ops_for(hidden.device, hidden.dtype, d_model).choice
+
+    def _predict_homes(self) -> list[torch.device | None]:
+        """Where each selected layer's hidden state will arrive, read from the model without running
+        it: the device block ``i-1`` runs on (see _module_device). Layer 0 is the first block's input,
+        whose device _begin sees (None here). A guess for allocating before the layers arrive: a layer
+        seen on another device gets buffers there (_rehome)."""
+        blocks = self.layout.blocks
+        return [None if lid == 0 else _module_device(blocks[lid - 1]) for lid in self.config.layer_ids]
 
     def _norm_params(self):
         norm = self.layout.norm
         return tuple(p.detach() if p is not None else None for p in (norm.weight, norm.bias))
+
+    def _norm_stamp(self) -> tuple:
+        """What identifies the final norm's tensors and their contents: a move, a replacement or an
+        in-place update (training) changes it. Host-side reads only."""
+        return tuple(None if p is None else (p.device, p.data_ptr(), _version(p))
+                     for p in (self.layout.norm.weight, self.layout.norm.bias))
+
+    def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
+        """The final norm's (weight, bias), detached, on ``device``, and the stamp they were copied
+        at (None when they are the module's own tensors, already there).
+
+        Where the model keeps its final norm on another GPU than a layer, the fused op needs the
+        weights on the layer's GPU: a copy (bit-identical) made once per device, at set-up for the
+        devices the blocks are on, else at first use, and made again when the stamp changes. Copies
+        rather than moving each layer's hidden state to the norm and back: the op then runs where
+        the layer is, and a forward moves nothing; the arithmetic is torch's CUDA LayerNorm on
+        either GPU. Between device types (a CPU norm, a GPU layer) torch's arithmetic differs, and
+        weights on the meta device (offloaded) cannot be copied: no copy, so the module computes
+        normed on its own device, as the model would (see _write)."""
+        params = self._norm_params()
+        if all(p is None or p.device == device or p.device.type != device.type for p in params):
+            return params, None
+        stamp = self._norm_stamp()
+        kept = self._norm_copies.get(device)
+        if kept is None or kept[0] != stamp:
+            kept = self._norm_copies[device] = (stamp, tuple(None if p is None else _to(p, device)
+                                                             for p in params))
+        return kept[1], stamp
 
     def _probe_parity(self) -> None:
         """The CUDA parity guard, run here at set-up (one host sync) for the model's own dtype and
@@ -206,16 +285,25 @@ class Capture:
         if "normed" not in outputs and "stats" not in outputs:
             return
         param = next(self.model.parameters(), None)
-        if param is None or param.device.type != "cuda":
+        if param is None:
             return
-        d_model = self._guess_d_model()
-        if d_model is None or _backend.choose(self.config.backend, param.device).name != "compiled":
+        # The model's first device, and every other device its blocks run on (device_map).
+        devices = dict.fromkeys([param.device, *(h for h in self._homes if h is not None)])
+        cuda = [d for d in devices if d.type == "cuda"]
+        d_model = self._guess_d_model() if cuda else None
+        if d_model is None:
             return
         norm = self.layout.norm
-        if "normed" in outputs and _backend.fused_norm_ok(norm, param.dtype, param.device, d_model):
-            _backend.norm_parity(param.device, param.dtype, d_model, *self._norm_params(), norm.eps)
-        if "stats" in outputs:
-            _backend.norm_parity(param.device, param.dtype, d_model, None, None, norm.eps)
+        for device in cuda:
+            if _backend.choose(self.config.backend, device).name != "compiled":
+                continue
+            if "normed" in outputs and norm.kind == "layer_norm":
+                (weight, bias), _ = self._norm_params_on(device)
+                on_device = dataclasses.replace(norm, weight=weight, bias=bias)
+                if _backend.fused_norm_ok(on_device, param.dtype, device, d_model):
+                    _backend.norm_parity(device, param.dtype, d_model, weight, bias, norm.eps)
+            if "stats" in outputs:
+                _backend.norm_parity(device, param.dtype, d_model, None, None, norm.eps)
 
     def _guess_d_model(self) -> int | None:
         w = self.layout.norm.weight
@@ -224,25 +312,38 @@ class Capture:
         emb = getattr(self.model, "get_input_embeddings", lambda: None)()
         return int(emb.weight.shape[-1]) if getattr(emb, "weight", None) is not None else None
 
-    def _plan_norm(self, dtype: torch.dtype, device: torch.device, d_model: int) -> None:
-        """Inside the forward, without syncing: a combination the set-up probe did not cover (or
-        one whose probe failed) gets torch's own norm from the op ("torch_layer_norm")."""
+    def _ops_for(self, device: torch.device, dtype: torch.dtype, d_model: int) -> _DeviceOps:
+        ops = self._ops.get((device, dtype))
+        if ops is None or (ops.stamp is not None and ops.stamp != self._norm_stamp()):
+            ops = self._ops[(device, dtype)] = self._plan_norm(dtype, device, d_model)
+        return ops
+
+    def _plan_norm(self, dtype: torch.dtype, device: torch.device, d_model: int) -> _DeviceOps:
+        """Inside the forward, without syncing: the backend for ``device`` and how the op gets
+        normed / mean+rstd there. A combination the set-up probe did not cover (or one whose probe
+        failed) gets torch's own norm from the op ("torch_layer_norm")."""
+        choice = _backend.choose(self.config.backend, device)
         norm, outputs = self.layout.norm, self.config.outputs
-        self._fused_normed = "normed" in outputs and _backend.fused_norm_ok(norm, dtype, device, d_model)
-        compiled = self._choice.name == "compiled"
+        (weight, bias), stamp = ((self._norm_params_on(device) if "normed" in outputs and
+                                  norm.kind == "layer_norm" else ((None, None), None)))
+        on_device = dataclasses.replace(norm, weight=weight, bias=bias)
+        fused_normed = "normed" in outputs and _backend.fused_norm_ok(on_device, dtype, device, d_model)
+        compiled = choice.name == "compiled"
 
         def replay_ok(weight, bias) -> bool:
             return not compiled or _backend.norm_parity(device, dtype, d_model, weight, bias, norm.eps,
                                                         probe=False) is True
 
-        self._op_norm_params = self._norm_params() if self._fused_normed else (None, None)
-        ok = ((not self._fused_normed or replay_ok(*self._op_norm_params))
+        params = (weight, bias) if fused_normed else (None, None)
+        ok = ((not fused_normed or replay_ok(*params))
               and ("stats" not in outputs or replay_ok(None, None)))
-        if self._fused_normed or "stats" in outputs:
-            self._op_norm_kind = "layer_norm" if ok and self._fused_normed else (
-                "none" if ok else "torch_layer_norm")
+        if fused_normed or "stats" in outputs:
+            kind = "layer_norm" if ok and fused_normed else ("none" if ok else "torch_layer_norm")
         else:
-            self._op_norm_kind = "none"
+            kind = "none"
+        norm_device = _module_device(self.layout.final_norm) if self.layout.final_norm is not None else None
+        return _DeviceOps(choice, kind, fused_normed, params, norm_device,
+                          stamp if fused_normed else None)
 
     def _last_selection(self, batch: int, seq: int, device: torch.device):
         """positions="last": each row's last real token, from the mask the model was called with."""
@@ -262,49 +363,121 @@ class Capture:
         index = last_token_index(mask, seq)  # [batch, 1] int64, device ops only: no host sync
         return index if index.device == device else index.to(device, non_blocking=True)
 
-    def _allocate(self, n_layers, batch, n_pos, d_model, cap_dtype, like: torch.Tensor) -> None:
-        self._buffers = {}
+    def _stacked_on(self, devices: list[torch.device]) -> bool:
+        """Whether layers on these devices get one stacked buffer per output (all on one device).
+        The one place that decides; tests on a one-device machine patch it to force per-layer
+        buffers, the storage a model on several devices gets."""
+        return len(set(devices)) == 1
+
+    def _allocate(self, rows, n_pos, d_model, cap_dtype) -> None:
+        self._buffers, self._layer_bufs = {}, []  # the old shape's buffers go first
+        self._spec = (rows, n_pos, d_model, cap_dtype)
+        self._buf_devices = list(self._homes)
+        self._stacked = self._stacked_on(self._buf_devices)
+        if self._stacked:
+            self._buffers = self._new_buffers((len(self._buf_devices),), self._buf_devices[0])
+            self._layer_bufs = [{name: buf[k] for name, buf in self._buffers.items()}
+                                for k in range(len(self._buf_devices))]
+        else:
+            self._layer_bufs = [self._new_buffers((), device) for device in self._buf_devices]
+
+    def _new_buffers(self, lead: tuple, device: torch.device) -> dict[str, torch.Tensor]:
+        rows, n_pos, d_model, cap_dtype = self._spec
+        bufs = {}
         for name in ("resid", "delta", "normed"):
             if name in self.config.outputs:
-                self._buffers[name] = torch.empty(n_layers, batch, n_pos, d_model, dtype=cap_dtype,
-                                                  device=like.device)
+                bufs[name] = torch.empty(*lead, rows, n_pos, d_model, dtype=cap_dtype, device=device)
         if "stats" in self.config.outputs:
             for name in STAT_NAMES:
-                self._buffers[name] = torch.empty(n_layers, batch, n_pos, dtype=torch.float32,
-                                                  device=like.device)
+                bufs[name] = torch.empty(*lead, rows, n_pos, dtype=torch.float32, device=device)
+        return bufs
+
+    def _rehome(self, k: int, device: torch.device) -> None:
+        """Layer ``k``'s hidden state arrived on another device than its buffers (its block's
+        parameters did not say where it runs, or the model moved but not its first block's input):
+        buffers there now (an allocation, no sync), and that device from the next forward on."""
+        self._homes[k] = device
+        self._homes_version += 1
+        self._layer_bufs[k] = self._new_buffers((), device)
+        self._buf_devices[k] = device
+        self._stacked = False  # the other layers keep their views for this forward
+
+    def _restack(self) -> None:
+        """End of a forward stored per layer whose layers all turned out to be on one device (a
+        model moved onto one device after it was split): stack them, one copy this once, so that
+        cap.resid works as for any one-device model and the next forwards reuse the stack."""
+        if not self._stacked_on(self._buf_devices):
+            return
+        self._buffers = {name: torch.stack([b[name] for b in self._layer_bufs])
+                         for name in self._layer_bufs[0]}
+        self._layer_bufs = [{name: buf[k] for name, buf in self._buffers.items()}
+                            for k in range(len(self._buf_devices))]
+        self._stacked = True
+        self._key = (*self._key[:-1], self._homes_version)
+
+    def _sel_on(self, device: torch.device):
+        """This forward's position selection on ``device``, made once per forward and device."""
+        sel = self._sels.get(device, _UNSEEN)
+        if sel is _UNSEEN:
+            sel = self._sels[device] = self._selection_for(device)
+        return sel
+
+    def _selection_for(self, device: torch.device):
+        first = self._sel
+        if not isinstance(first, torch.Tensor):  # None or a slice: no device
+            return first
+        if self._packed:
+            return self.config.positions.flat_index(device)  # cached per device, from pinned memory
+        if isinstance(self.config.positions, str):  # "last": this forward's, made on the device
+            return _to(first, device)
+        return self._plans[self._shape[1]].as_selection(device)  # cached per device
 
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         k = self._slot[layer_id]
         full_out = out = out.detach()
+        device = out.device
+        if device != self._buf_devices[k]:
+            self._rehome(k, device)
         inp = inp.detach() if inp is not None else None
+        if inp is not None and inp.device != device:
+            # accelerate moves a block's input inside the block's forward: the hook sees it where
+            # the previous block left it. A copy, so delta is still out - inp exactly.
+            inp = _to(inp, device)
+        ops = self._ops_for(device, out.dtype, out.shape[-1])
         if self._packed:  # [batch, seq, d] as one row [1, batch*seq, d]: a view when contiguous
             out = out.reshape(1, -1, out.shape[-1])
             inp = inp.reshape(1, -1, inp.shape[-1]) if inp is not None else None
-        index = self._sel
+        index = self._sel_on(device)
         if isinstance(index, slice):  # a contiguous span is a view: nothing to gather
             out = out[:, index]
             inp = inp[:, index] if inp is not None else None
             index = None
-        bufs = {name: buf[k] for name, buf in self._buffers.items()}
-        fused_norm = self._fused_normed
-        weight, bias = self._op_norm_params
-        self._choice.fn(
+        bufs = self._layer_bufs[k]
+        weight, bias = ops.norm_params
+        ops.choice.fn(
             out, inp, index, norm_weight=weight, norm_bias=bias,
-            norm_kind=self._op_norm_kind, eps=self.layout.norm.eps,
+            norm_kind=ops.norm_kind, eps=self.layout.norm.eps,
             resid=bufs.get("resid"), delta=bufs.get("delta"),
-            normed=bufs.get("normed") if fused_norm else None,
+            normed=bufs.get("normed") if ops.fused_normed else None,
             mean=bufs.get("mean"), rstd=bufs.get("rstd"), l2=bufs.get("l2"), maxabs=bufs.get("maxabs"),
         )
-        if "normed" in bufs and not fused_norm:
-            # The module's own code on the full tensor, then the gather: exact by construction.
+        if "normed" in bufs and not ops.fused_normed:
+            # The module's own code on the full tensor, then the gather: exact by construction. A
+            # norm kept on another device (device_map) gets a copy of the hidden state there, rather
+            # than residtap copying an arbitrary module per device; the result comes back by copy_.
             with torch.no_grad():
-                normed = self.layout.final_norm(full_out)
+                x = full_out
+                if ops.norm_device is not None and ops.norm_device != device:
+                    x = _to(x, ops.norm_device)
+                normed = self.layout.final_norm(x)
                 if self._packed:
                     normed = normed.reshape(1, -1, normed.shape[-1])
-                bufs["normed"].copy_(take(normed, self._sel))
+                bufs["normed"].copy_(take(normed, self._sel_on(normed.device)))
         self._written += 1
         if self._written == len(self.config.layer_ids):
             self._state = "complete"
+            if not self._stacked:
+                self._restack()
 
     # ------------------------------------------------------------------ results
     @property
@@ -325,13 +498,66 @@ class Capture:
             raise CaptureError(f"cap.{attr}: the last forward reached {self._written} of "
                                f"{len(self.config.layer_ids)} selected layers")
 
-    def _get(self, name: str, output: str) -> torch.Tensor:
+    def _check_requested(self, output: str, attr: str) -> None:
         if output not in self.config.outputs:
-            raise CaptureError(f"cap.{output}: {output!r} was not requested (outputs="
+            raise CaptureError(f"cap.{attr}: {output!r} was not requested (outputs="
                                f"{self.config.outputs}); pass outputs=(..., {output!r})")
+
+    def _get(self, name: str, output: str) -> torch.Tensor:
+        self._check_requested(output, output)
         self._check_complete(output)
+        if not self._stacked:
+            raise self._not_stacked(output)
         buf = self._buffers[name]
         return buf[:, 0] if self._packed else buf  # packed rows: [layers, n_kept, ...]
+
+    def _not_stacked(self, output: str) -> CaptureError:
+        where: dict[str, list[int]] = {}
+        for lid, device in zip(self.config.layer_ids, self._buf_devices):
+            where.setdefault(str(device), []).append(lid)
+        places = "; ".join(f"{device}: layers {lids}" for device, lids in where.items())
+        return CaptureError(
+            f"cap.{output}: the captured layers live on several devices ({places}), so they are not "
+            f"one stacked tensor; read them per layer with cap.layer({output!r}, layer_id) or "
+            f"cap.per_layer({output!r}) (a list aligned with cap.layer_ids), or gather them on one "
+            f"device: torch.stack([t.to(device) for t in cap.per_layer({output!r})])")
+
+    def layer(self, output: str, layer_id: int):
+        """One captured layer's ``output``, a view into this capture's buffers on the device that
+        layer ran on (valid until the next forward, like ``cap.resid``), whether the layers are on
+        one device or several. ``output``: "resid", "delta" or "normed" → ``[batch, n_pos, d_model]``
+        (``[n_kept, d_model]`` for a bool-mask ``positions``); "stats" → :class:`Stats` of
+        ``[batch, n_pos]``. ``layer_id``: a residual index in ``cap.layer_ids`` (negatives count
+        from the end, as in ``layers=``). On one device, ``cap.layer("resid", cap.layer_ids[k])``
+        is ``cap.resid[k]``."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        if not isinstance(layer_id, int) or isinstance(layer_id, bool):
+            raise ValueError(f"layer_id: expected an int residual index, got {type(layer_id).__name__}")
+        n = self.layout.n_layers + 1
+        k = self._slot.get(layer_id + n if -n <= layer_id < 0 else layer_id)
+        attr = f"layer({output!r}, {layer_id})"
+        if k is None:
+            raise CaptureError(f"cap.{attr}: residual index {layer_id} was not captured (layer_ids="
+                               f"{self.layer_ids}); pass layers=[..., {layer_id}]")
+        self._check_requested(output, attr)
+        self._check_complete(attr)
+        bufs = self._layer_bufs[k]
+        if output == "stats":
+            return Stats(*(bufs[s][0] if self._packed else bufs[s] for s in STAT_NAMES))
+        return bufs[output][0] if self._packed else bufs[output]
+
+    def per_layer(self, output: str) -> list:
+        """``[cap.layer(output, i) for i in cap.layer_ids]``: each on its own layer's device."""
+        return [self.layer(output, lid) for lid in self.config.layer_ids]
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The device of each captured layer's buffers, aligned with ``layer_ids``: one device
+        unless the model is dispatched over several."""
+        if self._state == "empty":
+            raise CaptureError("cap.devices: no forward has run inside this capture yet")
+        return list(self._buf_devices)
 
     @property
     def kept(self) -> torch.Tensor:
@@ -345,12 +571,12 @@ class Capture:
     @property
     def positions(self) -> torch.Tensor:
         """int64 ``[batch, n_pos]``: the position of each captured token in the last forward (for
-        ``"last"``, each row's last real token), on the capture's device. Built when read."""
+        ``"last"``, each row's last real token), on the first layer's device. Built when read."""
         if self._packed:
             raise CaptureError("cap.positions: a bool mask packs tokens; their (row, position) is cap.kept")
         self._check_complete("positions")
         (batch, seq), sel = self._shape, self._sel
-        device = next(iter(self._buffers.values())).device
+        device = self._buf_devices[0]
         if isinstance(sel, torch.Tensor):
             return sel if sel.dim() == 2 else sel.unsqueeze(0).expand(batch, -1)
         start, stop = (0, seq) if sel is None else (sel.start, sel.stop)
@@ -375,6 +601,32 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({self.layout.family}, layers={self.layer_ids}, outputs={self.config.outputs}, "
                 f"state={self._state})")
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (nor in-place updates outside)
+        return None
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without a host sync where that is safe: onto a GPU the copy is queued
+    (GPU to GPU it is ordered on both devices' current streams); onto the CPU it must be complete
+    before the CPU reads it, so it waits (the model's own CPU↔GPU moves wait too)."""
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    """The device ``module`` computes on: accelerate's execution device when it is dispatched (its
+    weights may be offloaded to the CPU or the meta device), else its first parameter's, else None."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
 
 
 def _positional_index(model: nn.Module, name: str) -> int | None:
