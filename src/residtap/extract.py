@@ -16,6 +16,10 @@ change alive until the copy stream is done with them. On CPU the copy is a plain
 rest is identical. Host memory is bounded: the shard buffers (and, for padded inputs, the writers'
 compacted copies) fit in ``host_memory``; at most ``writers + 1`` buffers exist.
 
+A model dispatched over several GPUs (``device_map``) is captured on each layer's own device; each
+device then has its own copy stream and its own events F and C_k, and the writers wait for every
+device's C.
+
 Shards are fixed groups of whole batches (``seqs_per_shard`` sequences), so a shard's bytes depend
 only on its sequences: a killed run resumes by skipping the shards its manifest lists, and with N
 processes rank r computes shards r, r+N, ... — the same files a single process writes.
@@ -220,7 +224,7 @@ class _HostShard:
                     for name, (tail, dt) in specs.items()}
         self.block: _inputs.Block | None = None
         self.rows = 0
-        self.event = None  # CUDA: recorded on the copy stream after this shard's last copy
+        self.events: list = []  # CUDA: one per copy stream (device), after this shard's last copy
 
 
 class _Manifest:
@@ -275,7 +279,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     :func:`residtap.open`. Running the same call again after a crash resumes after the complete
     shards; a directory holding another model's or settings' extraction is refused
     (ManifestMismatchError). Under ``torchrun`` (or with ``rank``/``world_size``) each process writes
-    the shards ``i`` with ``i % world_size == rank`` and rank 0 merges one manifest at the end.
+    the shards ``i`` with ``i % world_size == rank`` and rank 0 merges one manifest at the end. A
+    model dispatched over several devices (``device_map``) is captured on each layer's device and
+    copied out from there; its inputs go to the device of its first parameter.
 
     Example::
 
@@ -327,12 +333,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         pos = np.asarray(plan.index if plan.index is not None else range(plan.span.start, plan.span.stop))
         n_pos = len(pos)
 
-    first = next(model.parameters())
-    devices = {p.device for p in base.parameters() if p.device.type != "meta"}
-    if len(devices) > 1:
-        raise ValueError(f"model: its parameters are on several devices ({sorted(map(str, devices))}); "
-                         "extract captures into one device's buffers, so dispatch over several devices "
-                         "(device_map) is not supported yet: run one process per device with torchrun")
+    first = next(model.parameters())  # inputs go to its device; a device_map model moves them on
     d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
     cap_dtype = cfg.dtype or first.dtype
     L = len(cfg.layer_ids)
@@ -567,9 +568,10 @@ class _Run:
             try:
                 if self.errors:
                     continue  # stop writing once anything failed; the buffer goes back below
-                if host.event is not None:
+                if host.events:
                     with self.waits.on("d2h"):
-                        host.event.synchronize()
+                        for event in host.events:
+                            event.synchronize()
                 tensors, n_rows = self._shard_tensors(host)
                 b = host.block
                 meta = {"format": _store.FORMAT, "shard": b.index, "seq_start": b.seq_start,
@@ -590,7 +592,7 @@ class _Run:
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
                 self.errors.append(e)
             finally:
-                host.block, host.event = None, None
+                host.block, host.events = None, []
                 pool.put(host)
 
     def _shard_tensors(self, host: _HostShard) -> tuple[dict, int]:
@@ -655,9 +657,12 @@ class _Run:
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
                         self.cfg.outputs, backend=self.backend) for _ in range(2)]
         base = self.base
-        copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        slot_free = [None, None]  # CUDA events: capture k's last copy done
-        inflight: collections.deque = collections.deque()
+        # CUDA: a copy stream per device holding captured layers (the model's device first; more
+        # for a model dispatched over several), and per capture the (device, event) pairs of its
+        # last copies, which that device's next forward into it waits for.
+        copy_streams = {self.device: torch.cuda.Stream(self.device)} if self.cuda else {}
+        slot_free: list[list] = [[], []]
+        inflight: collections.deque = collections.deque()  # per forward: its events, one per device
         self._t0 = time.perf_counter()
         k = 0
         try:
@@ -682,11 +687,12 @@ class _Run:
                         self._check_ids(ids, block.seq_start + b0)
                         cap = caps[k % 2]
                         if self.cuda:
-                            if slot_free[k % 2] is not None:  # its last copy must finish first
-                                torch.cuda.current_stream().wait_event(slot_free[k % 2])
+                            for dev, event in slot_free[k % 2]:  # its last copies must finish first
+                                torch.cuda.current_stream(dev).wait_event(event)
                             if len(inflight) >= 2:  # keep the host at most two forwards ahead
                                 with self.waits.on("model"):
-                                    inflight.popleft().synchronize()
+                                    for event in inflight.popleft():
+                                        event.synchronize()
                         x = self._to_device(ids)
                         kw = ({} if mask is None else
                               {"attention_mask": self._to_device(mask.astype(np.int64))})
@@ -696,14 +702,14 @@ class _Run:
                         else:
                             with self.waits.on("model"), cap:
                                 base(input_ids=x, use_cache=False, **kw)
-                        slot_free[k % 2] = self._copy_out(cap, host, copy_stream, inflight)
+                        slot_free[k % 2] = self._copy_out(cap, host, copy_streams, inflight)
                         host.rows += ids.shape[0] * self.n_pos
                         k += 1
                         if bar is not None:
                             bar.update(int(ids.size if mask is None else mask.sum()))
-                    if self.cuda:
-                        host.event = torch.cuda.Event()
-                        host.event.record(copy_stream)
+                    for stream in copy_streams.values():
+                        host.events.append(torch.cuda.Event())
+                        host.events[-1].record(stream)
                     self.n_tokens += block.n_tokens
                     jobs.put(host)
                     if bar is not None:
@@ -736,43 +742,54 @@ class _Run:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _copy_out(self, cap: Capture, host: _HostShard, copy_stream, inflight):
-        """Copy capture ``cap``'s tensors into ``host`` rows [host.rows, ...). CUDA: on the copy stream,
-        after the forward; returns the event that frees ``cap`` for its next forward."""
-        srcs = {}
+    def _copy_out(self, cap: Capture, host: _HostShard, copy_streams: dict, inflight) -> list:
+        """Copy capture ``cap``'s tensors into ``host`` rows [host.rows, ...), each layer from the
+        device it was captured on. CUDA: on that device's copy stream, after the forward there;
+        returns the (device, event) pairs that free ``cap`` for its next forward."""
+        srcs = {}  # stored name -> per layer [B, P, ...]: views into cap's buffers
         for o in ("resid", "delta", "normed"):
             if o in self.specs:
-                srcs[o] = getattr(cap, o)  # [L, B, P, D]; raises if the forward did not fill it
+                srcs[o] = cap.per_layer(o)  # raises if the forward did not fill it
         if "stats" in self.cfg.outputs:
-            srcs.update(cap.stats._asdict())  # each [L, B, P]
-        for name, src in srcs.items():
-            want = host.out[name][0]
-            if src.dtype != want.dtype or src.shape[3:] != want.shape[1:]:  # copy_ would convert quietly
+            for s, per_layer in zip(STAT_NAMES, zip(*cap.per_layer("stats"))):
+                srcs[s] = per_layer  # each [B, P]
+        for name, per_layer in srcs.items():
+            want, src = host.out[name][0], per_layer[0]  # every layer's buffer has one dtype and shape
+            if src.dtype != want.dtype or src.shape[2:] != want.shape[1:]:  # copy_ would convert quietly
                 raise RuntimeError(f"residtap extract: captured {name} is {src.dtype} {tuple(src.shape)}, "
                                    f"expected {want.dtype} [..., {', '.join(map(str, want.shape[1:]))}] (the "
                                    "model's hidden states differ from its parameters' dtype or hidden_size)")
         r0 = host.rows
-        if not self.cuda:
-            for name, src in srcs.items():
-                for li, dst in enumerate(host.out[name]):
-                    s = src[li].reshape(-1, *src.shape[3:])
-                    dst[r0:r0 + s.shape[0]].copy_(s)
-            return None
-        fwd_done = torch.cuda.Event()
-        fwd_done.record()
-        inflight.append(fwd_done)
-        copy_stream.wait_event(fwd_done)
-        with torch.cuda.stream(copy_stream):
-            for name, src in srcs.items():
-                # The buffers belong to the compute stream's allocator pool: keep them alive until
-                # this stream is done even if the next forward reallocates (shape change).
-                src.record_stream(copy_stream)
-                for li, dst in enumerate(host.out[name]):
-                    s = src[li].reshape(-1, *src.shape[3:])  # contiguous: one DMA per layer
-                    dst[r0:r0 + s.shape[0]].copy_(s, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(copy_stream)
-        return done
+        by_device: dict[torch.device, list] = {}  # in name, then layer order
+        for name, per_layer in srcs.items():
+            for src, dst in zip(per_layer, host.out[name]):
+                s = src.reshape(-1, *src.shape[2:])  # contiguous: one DMA per layer
+                by_device.setdefault(src.device, []).append((s, dst[r0:r0 + s.shape[0]]))
+        freed, forwards = [], []
+        for device, pairs in by_device.items():
+            if not (self.cuda and device.type == "cuda"):  # CPU: the forward is done, copy now
+                for s, dst in pairs:
+                    dst.copy_(s)
+                continue
+            fwd_done = torch.cuda.Event()
+            fwd_done.record(torch.cuda.current_stream(device))
+            forwards.append(fwd_done)
+            if device not in copy_streams:
+                copy_streams[device] = torch.cuda.Stream(device)
+            stream = copy_streams[device]
+            stream.wait_event(fwd_done)
+            with torch.cuda.stream(stream):
+                for s, dst in pairs:
+                    # The buffers belong to the compute stream's allocator pool: keep them alive
+                    # until this stream is done even if the next forward reallocates (shape change).
+                    s.record_stream(stream)
+                    dst.copy_(s, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            freed.append((device, done))
+        if forwards:
+            inflight.append(forwards)
+        return freed
 
 
 def _vocab_size(model) -> int | None:
