@@ -181,8 +181,14 @@ __device__ __forceinline__ bool resolve_row(const Params& p, int64_t r, int64_t&
 // ------------------------------------------------------------------------------ fast kernel
 // The layout (FastLayout, in ln_arith.cuh) and the replay of torch's order are shared with the
 // host-side simulation in tests/cuda_order_sim.cpp, which checks them against torch's order.
+// At least 3 blocks (384 threads) per SM: up to 170 registers per thread, enough to hold a row
+// slice, a chunk of input units and the Welford slots without spilling (4 blocks spilled up to
+// 364 bytes per thread in the float K = 2 layout). Each thread keeps 8-16 16-byte loads in
+// flight, so 384 threads per SM already cover HBM's latency-bandwidth product.
+constexpr int kFastMinBlocks = 3;
+
 template <typename InT, typename OutT, int K>
-__global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
+__global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const Params p) {
   using L = FastLayout<sizeof(InT), K>;
   constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
   __shared__ Moments s_vwarp[L::kTeams][4];
@@ -230,10 +236,22 @@ __global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
     for (int s = 0; s < L::kSlots; ++s) m[s] = Moments{0.f, 0.f, 0.f};
     double l2 = 0.0;
     float mx = 0.f;
+    // Units go in chunks whose input loads are all issued before any store: a load placed after
+    // a store is not hoisted above it (the compiler cannot rule out aliasing), so one unit at a
+    // time would expose the full memory latency per unit (seen in the SASS).
 #pragma unroll
-    for (int y = 0; y < kY; ++y)
+    for (int c0 = 0; c0 < L::kUnits; c0 += L::kChunk) {
+      Unit<InT, kN> xi[L::kChunk];
+      if (has_delta && has_inp) {
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
+        for (int c = 0; c < L::kChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
+          if (valid[y][j]) load_unit(irow + L::offset(y, j), xi[c]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < L::kChunk; ++c) {
+        const int y = (c0 + c) / K, j = (c0 + c) % K;  // y-major: each slot sees j in order
         if (!valid[y][j]) continue;
         float xf[kN];
         unpack(x[y][j], xf);
@@ -253,10 +271,8 @@ __global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
         }
         if (has_delta) {
           if (has_inp) {
-            Unit<InT, kN> xi;
-            load_unit(irow + L::offset(y, j), xi);
             float fi[kN];
-            unpack(xi, fi);
+            unpack(xi[c], fi);
 #pragma unroll
             for (int i = 0; i < kN; ++i) {
               // torch's sub: computed in float, rounded once to the model dtype
@@ -269,6 +285,7 @@ __global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
           store_vec(p_out<OutT>(p.delta) + orow + L::offset(y, j), r);
         }
       }
+    }
 
     // ---- torch's merge tree; l2 and maxabs over the team (the double sum's order is ours)
     if (welford) {
@@ -326,24 +343,29 @@ __global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
       const InT* wrow = static_cast<const InT*>(p.weight) + tp_off;
       const InT* brow = static_cast<const InT*>(p.bias) + tp_off;
 #pragma unroll
-      for (int y = 0; y < kY; ++y)
+      for (int c0 = 0; c0 < L::kUnits; c0 += L::kNormChunk) {
+        Unit<InT, kN> wu[L::kNormChunk], bu[L::kNormChunk];  // loads first, stores after (see above)
 #pragma unroll
-        for (int j = 0; j < K; ++j) {
+        for (int c = 0; c < L::kNormChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
+          if (!valid[y][j]) continue;
+          if (has_w) load_unit(wrow + L::offset(y, j), wu[c]);
+          if (has_b) load_unit(brow + L::offset(y, j), bu[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < L::kNormChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
           if (!valid[y][j]) continue;
           float xf[kN], wf[kN], bf[kN];
           unpack(x[y][j], xf);
           if (has_w) {
-            Unit<InT, kN> wu;
-            load_unit(wrow + L::offset(y, j), wu);
-            unpack(wu, wf);
+            unpack(wu[c], wf);
           } else {
 #pragma unroll
             for (int i = 0; i < kN; ++i) wf[i] = 1.f;
           }
           if (has_b) {
-            Unit<InT, kN> bu;
-            load_unit(brow + L::offset(y, j), bu);
-            unpack(bu, bf);
+            unpack(bu[c], bf);
           } else {
 #pragma unroll
             for (int i = 0; i < kN; ++i) bf[i] = -0.f;
@@ -356,6 +378,7 @@ __global__ void __launch_bounds__(kBlock, 4) fast_rows_kernel(const Params p) {
           }
           store_vec(p_out<OutT>(p.normed) + orow + L::offset(y, j), r);
         }
+      }
     }
   }
 }

@@ -88,6 +88,12 @@ struct FastLayout {
   static constexpr int kTeams = kBlock / kT;
   static constexpr int kTeamWarps = kT > 32 ? kT / 32 : 1;
   static constexpr int kLanes = kT < 32 ? kT : 32;  // team lanes within one warp
+  static constexpr int kUnits = kY * K;  // 16-byte units per thread and row
+  // Units whose loads are issued together before their stores: inp for delta (kChunk), weight
+  // and bias for normed (kNormChunk, two loads per unit). Sized to fit the register budget.
+  static constexpr int kChunk = 4;
+  static constexpr int kNormChunk = 2;
+  static_assert(kUnits % kChunk == 0 && kUnits % kNormChunk == 0, "units come in whole chunks");
   static_assert(kUT * kY == 128 && kY >= 1 && kT <= kBlock, "bad layout");
   __host__ __device__ static constexpr int offset(int y, int j) { return 4 * (kUT * y + 128 * j); }
 };
