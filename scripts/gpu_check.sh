@@ -36,7 +36,8 @@ i = load_extension()
 print(i)
 assert i.loaded and i.with_cuda, i.error or i.cuda_skipped_because"
 if [[ " ${FAILED[*]} " == *" build "* ]]; then echo "build failed: nothing else can run" | tee -a "$LOG"; exit 1; fi
-step cuda-tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_order.py tests/test_parity.py
+step cuda-tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_order.py tests/test_parity.py \
+    tests/test_device_map.py
 step bench-op 90 python3 benchmarks/bench_op.py --out "$OUT"
 step bench-capture 120 python3 benchmarks/bench_capture.py --out "$OUT"
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py
