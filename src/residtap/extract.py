@@ -262,7 +262,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
             shard_size="1GiB", host_memory="8GiB", writers: int = 2, device=None, model_dtype=None,
-            seed: int = 0, backend: str | None = None, model_name: str | None = None,
+            seed: int = 0, device_map=None, backend: str | None = None, model_name: str | None = None,
             progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
             world_size: int | None = None) -> ExtractResult:
     """Run ``model`` over ``data`` and write the captured activations to ``out`` (shards + manifest).
@@ -281,7 +281,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     (ManifestMismatchError). Under ``torchrun`` (or with ``rank``/``world_size``) each process writes
     the shards ``i`` with ``i % world_size == rank`` and rank 0 merges one manifest at the end. A
     model dispatched over several devices (``device_map``) is captured on each layer's device and
-    copied out from there; its inputs go to the device of its first parameter.
+    copied out from there; its inputs go to the device its embeddings compute on. ``device_map``
+    (``"auto"``, ``"balanced"``, a dict, ...) loads a model given by name that way (accelerate);
+    ``device`` then does not apply.
 
     Example::
 
@@ -294,7 +296,15 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                           host_memory=parse_size(host_memory, "host_memory"), writers=writers,
                           verify_existing=verify_existing)
     rank, world, local_rank = _dist_env(rank, world_size)
-    if isinstance(model, str):
+    if device_map is not None and (not isinstance(model, str) or device is not None or world > 1):
+        raise ValueError(f"device_map: only applies to a model given by name or path, without device "
+                         f"and without torchrun (one process spreads the model itself), got "
+                         f"device_map={device_map!r} with model={type(model).__name__}, device={device!r}, "
+                         f"world_size={world}")
+    if isinstance(model, str) and device_map is not None:
+        model, name, model_tok = load_model(model, dtype=resolve_dtype(model_dtype, "model_dtype"),
+                                            seed=seed, device_map=device_map)
+    elif isinstance(model, str):
         dev = device or _default_device(local_rank, world)
         if world > 1 and dev == "cuda":  # one GPU per process, as torchrun numbers them
             dev = f"cuda:{local_rank % torch.cuda.device_count()}"
@@ -333,7 +343,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         pos = np.asarray(plan.index if plan.index is not None else range(plan.span.start, plan.span.stop))
         n_pos = len(pos)
 
-    first = next(model.parameters())  # inputs go to its device; a device_map model moves them on
+    first = next(model.parameters())
+    # Inputs go where the embeddings compute: with device_map / offloading (accelerate) the first
+    # parameter may be on another device or on "meta"; accelerate's hooks move them on from there.
+    in_device = _input_device(model, first.device)
     d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
     cap_dtype = cfg.dtype or first.dtype
     L = len(cfg.layer_ids)
@@ -348,7 +361,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     seq_bytes = n_pos * row_bytes
     batches_per_shard = max(1, opts.shard_size // (seq_bytes * opts.batch_size))
     seqs_per_shard = batches_per_shard * opts.batch_size
-    shard_bytes = _host_shard_bytes(specs, L, seqs_per_shard * n_pos, pinned=first.device.type == "cuda")
+    shard_bytes = _host_shard_bytes(specs, L, seqs_per_shard * n_pos, pinned=in_device.type == "cuda")
     if opts.packing == "pad" and cfg.positions != LAST:  # a writer compacts the real-token rows: a copy
         shard_bytes += _host_shard_bytes(specs, L, seqs_per_shard * n_pos, pinned=False)
     n_buffers = min(opts.writers + 1, opts.host_memory // shard_bytes)
@@ -386,7 +399,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, cfg, backend, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
-                   manifest, rank, world, progress, first.device)
+                   manifest, rank, world, progress, in_device)
         run.go()
         final = _finish(out, header, manifest, run, rank, world, group)
     finally:
@@ -825,6 +838,32 @@ def _parse_layers(text: str):
     return sel
 
 
+def _parse_device_map(text: str | None):
+    """--device-map: a strategy name for transformers, or a JSON file mapping modules to devices."""
+    if text is None or not text.endswith(".json"):
+        return text
+    try:
+        with open(text) as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--device-map: expected auto, balanced, sequential or a JSON file of "
+                         f"{{module: device}}, could not read {text!r}: {e}")
+    if not isinstance(mapping, dict):
+        raise SystemExit(f"--device-map: {text!r} must hold a JSON object {{module: device}}, got "
+                         f"{type(mapping).__name__}")
+    return mapping
+
+
+def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    """Where the model's inputs belong: its embeddings' execution device (accelerate), else the
+    first parameter's that is not on the meta device, else ``fallback``."""
+    from .capture import _module_device
+
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    device = _module_device(emb) if emb is not None else None
+    return device or _module_device(model) or fallback
+
+
 def cmd_extract(args) -> int:
     layers = _parse_layers(args.layers)
     try:
@@ -835,6 +874,7 @@ def cmd_extract(args) -> int:
                       packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
                       split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
                       writers=args.writers, device=args.device, model_dtype=args.model_dtype, seed=args.seed,
+                      device_map=_parse_device_map(args.device_map),
                       backend=args.backend, progress=False if args.no_progress else None,
                       verify_existing=not args.no_verify_existing)
     except _store.StoreError as e:
@@ -880,6 +920,9 @@ def register_cli(sub) -> None:
     e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")
     e.add_argument("--writers", type=int, default=2, help="writer threads (2)")
     e.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
+    e.add_argument("--device-map", default=None,
+                   help="load the model spread over devices (accelerate): auto, balanced, sequential, "
+                        "or a JSON file {module: device}; replaces --device")
     e.add_argument("--seed", type=int, default=0, help="seed of random: models")
     e.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
     e.add_argument("--no-progress", action="store_true")
