@@ -12,6 +12,10 @@ use_cache=False, every residual index 0..n_layers:
   reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
   hidden_states  HF output_hidden_states=True (no copies; the final entry is after ln_f)
   hooks_copy     plain forward hooks copying each block's output into one preallocated buffer
+  bytes_floor    the plain forward, then one device copy per captured layer moving the bytes the
+                 capture must move at least (block output and input read, resid/delta/normed
+                 written): what a capture running at the copy ceiling, not overlapped with the
+                 forward, would cost. capture's ratio cannot go below this one.
   nnsight        nnsight's trace saving every block's output (only if nnsight imports)
   tlens          TransformerLens run_with_cache of every resid_post on a HookedTransformer of the
                  same size (only if transformer_lens imports; its own random weights)
@@ -116,6 +120,21 @@ def tlens_method(model, ids):
     return run, None
 
 
+def bytes_floor_method(model, ids):
+    """The forward, then per captured layer a copy moving that layer's minimum capture bytes."""
+    n_layers, d = model.config.n_layer, model.config.n_embd
+    elt = next(model.parameters()).element_size()
+    per_layer = ids.numel() * d * elt * 5 // 2  # read + write = 2 reads + 3 writes of the layer
+    src = torch.empty(per_layer, dtype=torch.uint8, device=ids.device)
+    dst = torch.empty_like(src)
+
+    def run():
+        model(input_ids=ids, use_cache=False)
+        for _ in range(n_layers + 1):
+            dst.copy_(src)
+    return run
+
+
 def check_capture(cap, model, ids) -> str | None:
     """None when one capture equals the reference (l2 within 2 ulp of float64), else what differs."""
     with cap:
@@ -172,6 +191,7 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
             "reference": lambda: run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False),
             "hidden_states": lambda: model(input_ids=ids, use_cache=False, output_hidden_states=True),
             "hooks_copy": hooks_copy_method(model, ids),
+            "bytes_floor": bytes_floor_method(model, ids),
         }
         if problem:  # never time wrong code
             del methods["capture"]
