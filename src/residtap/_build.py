@@ -104,7 +104,7 @@ def _cuda_archs() -> tuple[str, ...]:
 def _sources(with_cuda: bool) -> list[Path]:
     srcs = [CSRC / "ops.cpp", *sorted(CSRC.glob("cpu/*.cpp"))]
     if with_cuda:
-        srcs += sorted(CSRC.glob("cuda/*.cu"))
+        srcs += sorted(CSRC.glob("cuda/*.cu")) + sorted(CSRC.glob("cuda/*.cpp"))  # kernels; host side
     return srcs
 
 

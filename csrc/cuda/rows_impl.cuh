@@ -1,76 +1,25 @@
-// CUDA implementation of residtap::capture_block: one fused pass over each selected row that writes
-// resid, delta, normed and the per-token stats, reading the block's output (and input) once.
-//
-// Exactness (see ln_arith.cuh and ../shared/GPU.md): normed, mean and rstd replay torch's own CUDA
-// LayerNorm arithmetic. Torch has two LayerNorm paths; which one ran for the reference decides the
-// bits, so this file decides per call, the way torch would for the tensor the reference normalizes:
-//   * torch's vectorized kernel (width % 4 == 0, pointers aligned to 4 elements): reproduced here;
-//   * torch's two-kernel fallback (width % 4 != 0, misaligned pointers, width > 2^24): NOT
-//     reproduced; for that call normed and/or mean/rstd are computed by calling torch's own
-//     native_layer_norm on the block output and gathering the selected rows (exact by
-//     construction, but it allocates temporaries; no model we know of has such widths).
-//   * norm_kind "torch_layer_norm" (chosen by the Python parity guard when the fused arithmetic
-//     ever disagrees with the installed torch) always takes that torch route for normed/mean/rstd.
-// resid, delta, l2 and maxabs never need torch.
-//
-// Speed: rows up to 8192 wide go through `fast_rows_kernel`, which keeps its slice of the row in
-// registers between the statistics and the normalization (one read of out/inp, 16-byte loads),
-// and packs several rows per 128-thread block for narrow widths ("teams" of kT threads per row).
-// Other shapes (misaligned pointers, 16-bit widths % 8 != 0, wider rows) use `generic_rows_kernel`:
-// same arithmetic, scalar loads, one block per row, the row re-read for normalization.
-//
-// No host synchronization and no device allocation on these paths; launches go to the current
-// stream, so the op can be captured in a CUDA graph.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// The row kernels and their launcher, included once per model dtype by rows_<dtype>.cu (see
+// capture_cuda.cu for what they compute and why, ln_arith.cuh for the arithmetic order).
+#pragma once
+
+#include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <type_traits>
-#include <vector>
 
-#include "../capture_common.h"
 #include "ln_arith.cuh"
+#include "rows.cuh"
 
 namespace residtap {
 namespace cuda_impl {
 namespace {
-
-
-// Everything a kernel needs, by value. Row outputs are contiguous [rows, d] in OutT; a null
-// pointer means "not requested from this launch".
-struct Params {
-  const void* out;
-  const void* inp;
-  const int64_t* index;
-  const void* weight;
-  const void* bias;
-  void* resid;
-  void* delta;
-  void* normed;
-  float* mean;
-  float* rstd;
-  float* l2;
-  float* maxabs;
-  int64_t rows;  // batch * n_pos
-  int64_t n_pos;
-  int64_t seq;
-  int64_t out_sb, out_ss, inp_sb, inp_ss;  // strides of out / inp in elements (batch, seq)
-  int d;
-  int index_2d;  // index is [batch, n_pos] (else [n_pos])
-  float eps;
-  int welford;   // compute the moments (for normed and/or mean/rstd)
-  int bias_only; // bias given without weight (torch uses a different expression)
-};
 
 // ------------------------------------------------------------------------------ conversions
 template <typename T>
@@ -475,56 +424,6 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
   }
 }
 
-// ------------------------------------------------------------------------------ host side
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-// Fails with a clear message when this build has no kernel image for the current GPU (cached per
-// device; a host-side query, no synchronization).
-void check_arch(int device) {
-  static std::mutex mu;
-  static std::vector<int> ok;  // 0 unknown, 1 fine
-  {
-    std::lock_guard<std::mutex> g(mu);
-    if (device < static_cast<int>(ok.size()) && ok[device]) return;
-  }
-  cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, generic_rows_kernel<float, float>);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky: clear it so later checks do not trip over it
-    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-    TORCH_CHECK(false, "residtap.capture_block: the CUDA kernels of this build have no code for ",
-                prop->name, " (compute capability ", prop->major, ".", prop->minor, "): ",
-                cudaGetErrorString(err), ". Rebuild for it with RESIDTAP_CUDA_ARCHS=", prop->major,
-                ".", prop->minor, " (builds are cached per architecture list) in a new Python "
-                "process, or use backend='reference'.");
-  }
-  std::lock_guard<std::mutex> g(mu);
-  if (device >= static_cast<int>(ok.size())) ok.resize(device + 1, 0);
-  ok[device] = 1;
-}
-
-// The single dtype dispatch point: calls f(InT{}, OutT{}) with the C++ types of the model and
-// capture dtypes.
-template <typename F>
-void dispatch_types(at::ScalarType in, at::ScalarType out, F&& f) {
-  auto with_out = [&](auto in_tag) {
-    switch (out) {
-      case at::kFloat: return f(in_tag, float{});
-      case at::kBFloat16: return f(in_tag, c10::BFloat16{});
-      case at::kHalf: return f(in_tag, c10::Half{});
-      default: TORCH_CHECK(false, "residtap.capture_block: unsupported capture dtype ", out);
-    }
-  };
-  switch (in) {
-    case at::kFloat: return with_out(float{});
-    case at::kBFloat16: return with_out(c10::BFloat16{});
-    case at::kHalf: return with_out(c10::Half{});
-    default: TORCH_CHECK(false, "residtap.capture_block: unsupported model dtype ", in);
-  }
-}
-
 int64_t grid_for(int64_t blocks) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
 }
@@ -559,9 +458,10 @@ bool fast_kernel_fits(const Params& p) {
   return true;
 }
 
+}  // namespace
+
 template <typename InT, typename OutT>
-void launch_rows(const Params& p) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+void launch_rows(const Params& p, cudaStream_t stream) {
   if (fast_kernel_fits<InT, OutT>(p)) {
     const int nvec = p.d / 4;
     const int k = (nvec + 127) / 128;  // vectors per virtual thread
@@ -575,134 +475,13 @@ void launch_rows(const Params& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether torch's vectorized LayerNorm kernel (the one reproduced here) runs for x: torch makes a
-// non-contiguous input contiguous first (a fresh, aligned copy) and checks 4-element alignment of
-// input, weight and bias (its output is always fresh).
-bool torch_takes_fast_ln(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t d) {
-  const size_t align = 4 * x.element_size();
-  if (d <= 0 || d % 4 != 0 || d > (int64_t{1} << 24)) return false;
-  if (x.is_contiguous() && !aligned(x.const_data_ptr(), align)) return false;
-  if (w.defined() && !aligned(w.const_data_ptr(), align)) return false;
-  if (b.defined() && !aligned(b.const_data_ptr(), align)) return false;
-  return true;
-}
-
-// Rows of x ([batch, seq] or [batch, seq, d]) at the selected positions.
-at::Tensor gather_positions(const at::Tensor& x, const CaptureArgs& a) {
-  if (!a.index.defined()) return x;
-  if (a.index.dim() == 1) return x.index_select(1, a.index);
-  if (x.dim() == 2) return x.gather(1, a.index);
-  return x.gather(1, a.index.unsqueeze(-1).expand({a.batch, a.n_pos, x.size(2)}));
-}
-
-void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& inp,
-                        const std::optional<at::Tensor>& index,
-                        const std::optional<at::Tensor>& norm_weight,
-                        const std::optional<at::Tensor>& norm_bias, c10::string_view norm_kind,
-                        double eps, const std::optional<at::Tensor>& resid,
-                        const std::optional<at::Tensor>& delta,
-                        const std::optional<at::Tensor>& normed,
-                        const std::optional<at::Tensor>& mean,
-                        const std::optional<at::Tensor>& rstd,
-                        const std::optional<at::Tensor>& l2,
-                        const std::optional<at::Tensor>& maxabs) {
-  CaptureArgs a = make_capture_args(out, inp, index, norm_weight, norm_bias, norm_kind, eps, resid,
-                                    delta, normed, mean, rstd, l2, maxabs);
-  const c10::cuda::CUDAGuard guard(a.out.device());
-  check_arch(a.out.get_device());
-  const int64_t rows = a.batch * a.n_pos;
-  if (rows == 0) return;
-  at::NoGradGuard no_grad;
-  const int64_t d = a.d_model;
-  TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), "residtap.capture_block: argument 'out' "
-              "expected d_model < 2^31, got ", d);
-
-  // Which of normed / mean+rstd replay torch's vectorized kernel here, and which call torch.
-  const bool torch_norm = a.norm == NormKind::kTorchLayerNorm;
-  const bool want_mr = a.mean.defined() || a.rstd.defined();
-  const bool fused_normed =
-      a.normed.defined() && !torch_norm && torch_takes_fast_ln(a.out, a.weight, a.bias, d);
-  // stats are defined on out.float(): for a float model that is `out` itself (its alignment
-  // counts), for 16-bit models a fresh, aligned copy.
-  const bool fused_mr =
-      want_mr && !torch_norm &&
-      (a.out.scalar_type() == at::kFloat ? torch_takes_fast_ln(a.out, {}, {}, d)
-                                         : d > 0 && d % 4 == 0 && d <= (int64_t{1} << 24));
-  if (a.normed.defined() && !fused_normed) {
-    // torch's own LayerNorm on the whole block output, then the gather: the reference, literally.
-    const at::Tensor y = std::get<0>(at::native_layer_norm(a.out, {d}, a.weight, a.bias, eps));
-    a.normed.copy_(gather_positions(y, a));
-  }
-  if (want_mr && !fused_mr) {
-    const auto st = at::native_layer_norm(a.out.to(at::kFloat), {d}, {}, {}, eps);
-    if (a.mean.defined()) a.mean.copy_(gather_positions(std::get<1>(st).view({a.batch, a.seq}), a));
-    if (a.rstd.defined()) a.rstd.copy_(gather_positions(std::get<2>(st).view({a.batch, a.seq}), a));
-  }
-
-  Params base{};
-  base.out = a.out.const_data_ptr();
-  base.inp = a.inp.defined() ? a.inp.const_data_ptr() : nullptr;
-  base.index = a.index.defined() ? a.index.const_data_ptr<int64_t>() : nullptr;
-  base.weight = a.weight.defined() ? a.weight.const_data_ptr() : nullptr;
-  base.bias = a.bias.defined() ? a.bias.const_data_ptr() : nullptr;
-  base.rows = rows;
-  base.n_pos = a.n_pos;
-  base.seq = a.seq;
-  base.out_sb = a.out.stride(0);
-  base.out_ss = a.out.stride(1);
-  base.inp_sb = a.inp.defined() ? a.inp.stride(0) : 0;
-  base.inp_ss = a.inp.defined() ? a.inp.stride(1) : 0;
-  base.d = static_cast<int>(d);
-  base.index_2d = a.index.defined() && a.index.dim() == 2;
-  base.eps = static_cast<float>(eps);
-  base.bias_only = !a.weight.defined() && a.bias.defined();
-
-  // One launch per capture dtype among the row outputs (normally exactly one); the per-token
-  // stats go with the first.
-  struct RowOut {
-    at::Tensor t;
-    void* Params::*field;
-  };
-  std::vector<RowOut> row_outs;
-  if (a.resid.defined()) row_outs.push_back({a.resid, &Params::resid});
-  if (a.delta.defined()) row_outs.push_back({a.delta, &Params::delta});
-  if (fused_normed) row_outs.push_back({a.normed, &Params::normed});
-  const bool kernel_stats = a.l2.defined() || a.maxabs.defined() || fused_mr;
-  std::vector<at::ScalarType> out_types;
-  for (const auto& r : row_outs) {
-    if (std::find(out_types.begin(), out_types.end(), r.t.scalar_type()) == out_types.end())
-      out_types.push_back(r.t.scalar_type());
-  }
-  if (out_types.empty() && kernel_stats) out_types.push_back(a.out.scalar_type());
-
-  for (size_t k = 0; k < out_types.size(); ++k) {
-    Params p = base;
-    bool wants_normed = false;
-    for (const auto& r : row_outs) {
-      if (r.t.scalar_type() != out_types[k]) continue;
-      p.*(r.field) = r.t.data_ptr();
-      wants_normed |= r.field == &Params::normed;
-    }
-    if (k == 0) {
-      p.l2 = a.l2.defined() ? a.l2.data_ptr<float>() : nullptr;
-      p.maxabs = a.maxabs.defined() ? a.maxabs.data_ptr<float>() : nullptr;
-      if (fused_mr) {
-        p.mean = a.mean.defined() ? a.mean.data_ptr<float>() : nullptr;
-        p.rstd = a.rstd.defined() ? a.rstd.data_ptr<float>() : nullptr;
-      }
-    }
-    p.welford = wants_normed || p.mean != nullptr || p.rstd != nullptr;
-    dispatch_types(a.out.scalar_type(), out_types[k], [&](auto in_tag, auto out_tag) {
-      launch_rows<decltype(in_tag), decltype(out_tag)>(p);
-    });
-  }
-}
-
-}  // namespace
 }  // namespace cuda_impl
-
-TORCH_LIBRARY_IMPL(residtap, CUDA, m) {
-  m.impl("capture_block", &cuda_impl::capture_block_cuda);
-}
-
 }  // namespace residtap
+
+// Instantiates the launchers of one model dtype for every capture dtype.
+#define RESIDTAP_INSTANTIATE_ROWS(InT)                                             \
+  namespace residtap::cuda_impl {                                                  \
+  template void launch_rows<InT, float>(const Params&, cudaStream_t);              \
+  template void launch_rows<InT, c10::BFloat16>(const Params&, cudaStream_t);      \
+  template void launch_rows<InT, c10::Half>(const Params&, cudaStream_t);          \
+  }
