@@ -1,5 +1,5 @@
 // Every residtap schema, defined once. Backends add implementations in their own files
-// (cpu/capture_cpu.cpp, cuda/capture_cuda.cu) with TORCH_LIBRARY_IMPL.
+// (cpu/capture_cpu.cpp, cuda/capture_cuda.cpp) with TORCH_LIBRARY_IMPL.
 #include <torch/library.h>
 
 TORCH_LIBRARY(residtap, m) {

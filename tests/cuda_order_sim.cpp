@@ -1,6 +1,6 @@
 // Host-side check of the fused CUDA kernel's replay of torch's LayerNorm order of operations.
 //
-// The fast kernel (csrc/cuda/capture_cuda.cu) packs several of torch's 128 "virtual threads" into
+// The fast kernel (csrc/cuda/rows_impl.cuh) packs several of torch's 128 "virtual threads" into
 // each physical thread and several rows into each block, then replays torch's Welford updates and
 // merge tree in that layout. Whether the replay visits the same operations in the same order is a
 // question of indices, not of GPU arithmetic, so it can be answered on a CPU: this program
@@ -156,7 +156,7 @@ static int check_block(int d, std::mt19937& rng, float centre) {
   return bad;
 }
 
-// The launcher's choice of K for a width (capture_cuda.cu, launch_rows).
+// The launcher's choice of K for a width (rows_impl.cuh, launch_rows).
 template <int kElemBytes>
 static int check_width(int d, std::mt19937& rng, float centre) {
   const int k = (d / 4 + 127) / 128;

@@ -9,7 +9,7 @@
 //   * var = m2 / D, rstd = rsqrtf(var + eps), y = fma(w, rstd * (x - mean), b).
 //
 // Only the order of operations matters, not which physical thread performs them, so the kernels
-// in capture_cuda.cu hold several virtual threads per physical thread ("slots") and replay the
+// in rows_impl.cuh hold several virtual threads per physical thread ("slots") and replay the
 // same merge tree. Every operation below is an explicit round-to-nearest intrinsic so that the
 // compiler can neither contract nor re-associate it (never build with fast-math).
 //

@@ -1,4 +1,4 @@
-// What the host code (capture_cuda.cu) and the kernels (rows_impl.cuh, compiled in one
+// What the host code (capture_cuda.cpp) and the kernels (rows_impl.cuh, compiled in one
 // translation unit per model dtype so that they build in parallel) share: the parameter struct and
 // the launchers' declarations. No kernels here.
 #pragma once

@@ -1,5 +1,5 @@
 // The row kernels and their launcher, included once per model dtype by rows_<dtype>.cu (see
-// capture_cuda.cu for what they compute and why, ln_arith.cuh for the arithmetic order).
+// capture_cuda.cpp for what they compute and why, ln_arith.cuh for the arithmetic order).
 #pragma once
 
 #include <cuda_runtime.h>
