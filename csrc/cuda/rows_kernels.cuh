@@ -1,0 +1,426 @@
+// The row kernels (device code only; the launchers are in rows_impl.cuh). Kept free of host-only
+// and ATen headers so that tests/cuda_kernel_emu.cpp can compile these very kernels for the CPU,
+// with CUDA's built-ins emulated, and check them on a machine without a GPU.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "ln_arith.cuh"
+#include "rows.cuh"
+
+namespace residtap {
+namespace cuda_impl {
+namespace {
+
+// ------------------------------------------------------------------------------ conversions
+template <typename T>
+__device__ __forceinline__ float to_f(T v) {
+  return static_cast<float>(v);  // exact for float, c10::BFloat16 and c10::Half
+}
+
+// float -> T with round to nearest even; c10's constructors are what torch's own kernels use.
+template <typename T>
+__device__ __forceinline__ T from_f(float v) {
+  return static_cast<T>(v);
+}
+
+// A value of the model dtype cast to the capture dtype, as Tensor.to() does (identity: same bits).
+template <typename OutT, typename InT>
+__device__ __forceinline__ OutT cast_out(InT v) {
+  if constexpr (std::is_same_v<OutT, InT>) {
+    return v;
+  } else {
+    return static_cast<OutT>(to_f(v));
+  }
+}
+
+// Same, when the value is also at hand as a float (saves re-converting it).
+template <typename OutT, typename InT>
+__device__ __forceinline__ OutT cast_out(InT v, float vf) {
+  if constexpr (std::is_same_v<OutT, InT>) {
+    return v;
+  } else {
+    return from_f<OutT>(vf);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T* p_out(void* ptr) {
+  return static_cast<T*>(ptr);
+}
+
+// --------------------------------------------------------------------------- memory access
+template <typename T, int N>
+struct alignas(16) Unit {  // one 16-byte load of the model dtype
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_unit(const T* src, Unit<T, N>& dst) {
+  static_assert(sizeof(T) * N == 16, "a unit is 16 bytes");
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+  memcpy(&dst, &raw, 16);
+}
+
+// The unit's values as floats (exact). bfloat16 is the upper half of a float: one shift or one
+// mask per element instead of the generic extract-and-shift.
+template <typename T, int N>
+__device__ __forceinline__ void unpack(const Unit<T, N>& u, float (&f)[N]) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t w[N / 2];
+    memcpy(w, &u, sizeof(w));
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = to_f(u.v[i]);
+  }
+}
+
+// Store N values of T (8, 16 or 32 bytes; dst aligned to min(16, bytes)) as streaming stores:
+// captured buffers are not read again by the forward, so they should not evict its activations.
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* dst, const T (&v)[N]) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int c = 0; c < kBytes / 16; ++c) {
+      uint4 raw;
+      memcpy(&raw, reinterpret_cast<const char*>(v) + 16 * c, 16);
+      __stcs(reinterpret_cast<uint4*>(dst) + c, raw);
+    }
+  } else {
+    static_assert(kBytes == 8, "stores are 8, 16 or 32 bytes");
+    uint2 raw;
+    memcpy(&raw, v, 8);
+    __stcs(reinterpret_cast<uint2*>(dst), raw);
+  }
+}
+
+// Offsets (elements) of the selected row r's data in out and inp; false if the index is bad
+// (after a device-side assert, like torch's own indexing; checking on the host would sync).
+__device__ __forceinline__ bool resolve_row(const Params& p, int64_t r, int64_t& out_off,
+                                            int64_t& inp_off) {
+  const int64_t b = r / p.n_pos;
+  const int64_t pos = r - b * p.n_pos;
+  int64_t s = pos;
+  if (p.index != nullptr) {
+    s = p.index[p.index_2d ? r : pos];
+    CUDA_KERNEL_ASSERT_MSG(s >= 0 && s < p.seq,
+                           "residtap.capture_block: 'index' value outside [0, seq)");
+    if (s < 0 || s >= p.seq) return false;
+  }
+  out_off = b * p.out_sb + s * p.out_ss;
+  inp_off = b * p.inp_sb + s * p.inp_ss;
+  return true;
+}
+
+// ------------------------------------------------------------------------------ fast kernel
+// The layout (FastLayout, in ln_arith.cuh) and the replay of torch's order are shared with the
+// host-side simulation in tests/cuda_order_sim.cpp, which checks them against torch's order.
+// At least 3 blocks (384 threads) per SM: up to 170 registers per thread, enough to hold a row
+// slice, a chunk of input units and the Welford slots without spilling (4 blocks spilled up to
+// 364 bytes per thread in the float K = 2 layout). Each thread keeps 8-16 16-byte loads in
+// flight, so 384 threads per SM already cover HBM's latency-bandwidth product.
+constexpr int kFastMinBlocks = 3;
+
+template <typename InT, typename OutT, int K>
+__global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const Params p) {
+  using L = FastLayout<sizeof(InT), K>;
+  constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
+  __shared__ Moments s_vwarp[L::kTeams][4];
+  __shared__ float s_moments[L::kTeams][2];
+  __shared__ double s_l2[L::kTeams][L::kTeamWarps];
+  __shared__ float s_max[L::kTeams][L::kTeamWarps];
+
+  const int team = threadIdx.x / kT;
+  const int tp = threadIdx.x % kT;  // thread within the team
+  const int lane = threadIdx.x % 32;
+  const int team_warp = tp / 32;
+  const int tp_off = 4 * kU * tp;   // element offset of this thread's first unit in a row
+  // What this launch writes (uniform over the grid).
+  const bool has_inp = p.inp != nullptr, has_resid = p.resid != nullptr;
+  const bool has_delta = p.delta != nullptr, has_normed = p.normed != nullptr;
+  const bool has_w = p.weight != nullptr, has_b = p.bias != nullptr;
+  const bool welford = p.welford != 0, bias_only = p.bias_only != 0;
+
+  for (int64_t group = blockIdx.x; group * L::kTeams < p.rows; group += gridDim.x) {
+    const int64_t row = group * L::kTeams + team;
+    int64_t ooff = 0, ioff = 0;
+    const bool active = row < p.rows && resolve_row(p, row, ooff, ioff);
+    const InT* xrow = static_cast<const InT*>(p.out) + ooff + tp_off;
+    const InT* irow = static_cast<const InT*>(p.inp) + ioff + tp_off;
+    const int64_t orow = row * p.d + tp_off;
+
+    // ---- read the row slice once (all loads in flight together)
+    Unit<InT, kN> x[kY][K];
+    bool valid[kY][K];
+#pragma unroll
+    for (int y = 0; y < kY; ++y)
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        valid[y][j] = active && tp_off + L::offset(y, j) < p.d;
+        if (valid[y][j]) {
+          load_unit(xrow + L::offset(y, j), x[y][j]);
+        } else {
+          memset(&x[y][j], 0, sizeof(x[y][j]));
+        }
+      }
+
+    // ---- one pass: resid and delta out, l2 / maxabs, torch's Welford over each virtual thread
+    Moments m[L::kSlots];
+#pragma unroll
+    for (int s = 0; s < L::kSlots; ++s) m[s] = Moments{0.f, 0.f, 0.f};
+    double l2 = 0.0;
+    float mx = 0.f;
+    // Units go in chunks whose input loads are all issued before any store: a load placed after
+    // a store is not hoisted above it (the compiler cannot rule out aliasing), so one unit at a
+    // time would expose the full memory latency per unit (seen in the SASS).
+#pragma unroll
+    for (int c0 = 0; c0 < L::kUnits; c0 += L::kChunk) {
+      Unit<InT, kN> xi[L::kChunk];
+      if (has_delta && has_inp) {
+#pragma unroll
+        for (int c = 0; c < L::kChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
+          if (valid[y][j]) load_unit(irow + L::offset(y, j), xi[c]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < L::kChunk; ++c) {
+        const int y = (c0 + c) / K, j = (c0 + c) % K;  // y-major: each slot sees j in order
+        if (!valid[y][j]) continue;
+        float xf[kN];
+        unpack(x[y][j], xf);
+        double l2u = 0.0;
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
+          l2u = __fma_rn(static_cast<double>(xf[i]), static_cast<double>(xf[i]), l2u);
+          mx = max_nan(mx, fabsf(xf[i]));
+        }
+        l2 += l2u;
+        if (welford) welford_unit<kU>(&m[kU * y], xf, j);
+        OutT r[kN];
+        if (has_resid) {
+#pragma unroll
+          for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(x[y][j].v[i], xf[i]);
+          store_vec(p_out<OutT>(p.resid) + orow + L::offset(y, j), r);
+        }
+        if (has_delta) {
+          if (has_inp) {
+            float fi[kN];
+            unpack(xi[c], fi);
+#pragma unroll
+            for (int i = 0; i < kN; ++i) {
+              // torch's sub: computed in float, rounded once to the model dtype
+              r[i] = cast_out<OutT>(from_f<InT>(__fsub_rn(xf[i], fi[i])));
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(x[y][j].v[i], xf[i]);
+          }
+          store_vec(p_out<OutT>(p.delta) + orow + L::offset(y, j), r);
+        }
+      }
+    }
+
+    // ---- torch's merge tree; l2 and maxabs over the team (the double sum's order is ours)
+    if (welford) {
+#pragma unroll
+      for (int y = 0; y < kY; ++y) {
+        int nv = 0;
+#pragma unroll
+        for (int j = 0; j < K; ++j) nv += valid[y][j] ? 1 : 0;
+        set_counts<kU>(&m[kU * y], nv);
+      }
+      reduce_virtual_warps<kU, kT, kY>(m);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        if (tp == VwarpOwner<kU, kT>::p(w)) s_vwarp[team][w] = m[kU * VwarpOwner<kU, kT>::y(w)];
+      }
+    }
+#pragma unroll
+    for (int o = L::kLanes / 2; o > 0; o /= 2) {
+      l2 += __shfl_xor_sync(kFullMask, l2, o);
+      mx = max_nan(mx, __shfl_xor_sync(kFullMask, mx, o));
+    }
+    if (lane % L::kLanes == 0) {
+      s_l2[team][team_warp] = l2;
+      s_max[team][team_warp] = mx;
+    }
+    __syncthreads();
+    if (tp == 0 && active) {
+      if (welford) {
+        float mean, rstd;
+        finish_moments(s_vwarp[team], p.d, p.eps, mean, rstd);
+        s_moments[team][0] = mean;
+        s_moments[team][1] = rstd;
+        if (p.mean != nullptr) p.mean[row] = mean;
+        if (p.rstd != nullptr) p.rstd[row] = rstd;
+      }
+      if (p.l2 != nullptr) {
+        double acc = s_l2[team][0];
+#pragma unroll
+        for (int w = 1; w < L::kTeamWarps; ++w) acc += s_l2[team][w];
+        p.l2[row] = __double2float_rn(sqrt(acc));
+      }
+      if (p.maxabs != nullptr) {
+        float mm = s_max[team][0];
+#pragma unroll
+        for (int w = 1; w < L::kTeamWarps; ++w) mm = max_nan(mm, s_max[team][w]);
+        p.maxabs[row] = mm;
+      }
+    }
+    __syncthreads();
+
+    // ---- normalize from registers
+    if (has_normed) {
+      const float mean = s_moments[team][0];
+      const float rstd = s_moments[team][1];
+      const InT* wrow = static_cast<const InT*>(p.weight) + tp_off;
+      const InT* brow = static_cast<const InT*>(p.bias) + tp_off;
+#pragma unroll
+      for (int c0 = 0; c0 < L::kUnits; c0 += L::kNormChunk) {
+        Unit<InT, kN> wu[L::kNormChunk], bu[L::kNormChunk];  // loads first, stores after (see above)
+#pragma unroll
+        for (int c = 0; c < L::kNormChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
+          if (!valid[y][j]) continue;
+          if (has_w) load_unit(wrow + L::offset(y, j), wu[c]);
+          if (has_b) load_unit(brow + L::offset(y, j), bu[c]);
+        }
+#pragma unroll
+        for (int c = 0; c < L::kNormChunk; ++c) {
+          const int y = (c0 + c) / K, j = (c0 + c) % K;
+          if (!valid[y][j]) continue;
+          float xf[kN], wf[kN], bf[kN];
+          unpack(x[y][j], xf);
+          if (has_w) {
+            unpack(wu[c], wf);
+          } else {
+#pragma unroll
+            for (int i = 0; i < kN; ++i) wf[i] = 1.f;
+          }
+          if (has_b) {
+            unpack(bu[c], bf);
+          } else {
+#pragma unroll
+            for (int i = 0; i < kN; ++i) bf[i] = -0.f;
+          }
+          OutT r[kN];
+#pragma unroll
+          for (int i = 0; i < kN; ++i) {
+            const float yv = ln_apply(xf[i], mean, rstd, wf[i], bf[i], bias_only);
+            r[i] = cast_out<OutT>(from_f<InT>(yv));  // rounded once to the model dtype
+          }
+          store_vec(p_out<OutT>(p.normed) + orow + L::offset(y, j), r);
+        }
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- generic kernel
+// Any width and alignment: one block of 128 threads per row, physical thread = torch's virtual
+// thread, scalar loads, the row re-read (from L2, usually) for normalization. Moments only when
+// d % 4 == 0 (the host never asks otherwise).
+template <typename InT, typename OutT>
+__global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
+  __shared__ Moments s_vwarp[4];
+  __shared__ float s_moments[2];
+  __shared__ double s_l2[4];
+  __shared__ float s_max[4];
+  const int t = threadIdx.x;
+  const int lane = t % 32, warp = t / 32;
+  const InT* out = static_cast<const InT*>(p.out);
+  const InT* inp = static_cast<const InT*>(p.inp);
+  OutT* resid = static_cast<OutT*>(p.resid);
+  OutT* delta = static_cast<OutT*>(p.delta);
+  OutT* normed = static_cast<OutT*>(p.normed);
+  const InT* weight = static_cast<const InT*>(p.weight);
+  const InT* bias = static_cast<const InT*>(p.bias);
+  const int nvec = (p.d + 3) / 4;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    int64_t ooff = 0, ioff = 0;
+    const bool active = resolve_row(p, row, ooff, ioff);
+    Moments m[1] = {Moments{0.f, 0.f, 0.f}};
+    double l2 = 0.0;
+    float mx = 0.f;
+    if (active) {
+      for (int v = t; v < nvec; v += kBlock) {
+#pragma unroll
+        for (int ii = 0; ii < 4; ++ii) {
+          const int e = 4 * v + ii;
+          if (e >= p.d) break;
+          const InT xv = out[ooff + e];
+          const float xf = to_f(xv);
+          l2 = __fma_rn(static_cast<double>(xf), static_cast<double>(xf), l2);
+          mx = max_nan(mx, fabsf(xf));
+          if (resid != nullptr) resid[row * p.d + e] = cast_out<OutT>(xv);
+          if (delta != nullptr) {
+            delta[row * p.d + e] =
+                inp != nullptr ? cast_out<OutT>(from_f<InT>(__fsub_rn(xf, to_f(inp[ioff + e]))))
+                               : cast_out<OutT>(xv);
+          }
+          if (p.welford) {
+            m[0].n = __fadd_rn(m[0].n, 1.f);
+            welford_push(m[0].mean, m[0].m2, xf, __frcp_rn(m[0].n));
+          }
+        }
+      }
+    }
+    if (p.welford) {
+      reduce_virtual_warps<1, kBlock, 1>(m);
+      if (lane == 0) s_vwarp[warp] = m[0];  // virtual warp w's result sits at thread 32 * w
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      l2 += __shfl_xor_sync(kFullMask, l2, o);
+      mx = max_nan(mx, __shfl_xor_sync(kFullMask, mx, o));
+    }
+    if (lane == 0) {
+      s_l2[warp] = l2;
+      s_max[warp] = mx;
+    }
+    __syncthreads();
+    if (t == 0 && active) {
+      if (p.welford) {
+        float mean, rstd;
+        finish_moments(s_vwarp, p.d, p.eps, mean, rstd);
+        s_moments[0] = mean;
+        s_moments[1] = rstd;
+        if (p.mean != nullptr) p.mean[row] = mean;
+        if (p.rstd != nullptr) p.rstd[row] = rstd;
+      }
+      if (p.l2 != nullptr) p.l2[row] = __double2float_rn(sqrt(((s_l2[0] + s_l2[1]) + s_l2[2]) + s_l2[3]));
+      if (p.maxabs != nullptr) {
+        p.maxabs[row] = max_nan(max_nan(s_max[0], s_max[1]), max_nan(s_max[2], s_max[3]));
+      }
+    }
+    __syncthreads();
+    if (normed != nullptr && active) {
+      const float mean = s_moments[0], rstd = s_moments[1];
+      for (int e = t; e < p.d; e += kBlock) {
+        const float wf = weight != nullptr ? to_f(weight[e]) : 1.f;
+        const float bf = bias != nullptr ? to_f(bias[e]) : -0.f;
+        const float yv = ln_apply(to_f(out[ooff + e]), mean, rstd, wf, bf, p.bias_only);
+        normed[row * p.d + e] = cast_out<OutT>(from_f<InT>(yv));
+      }
+    }
+    __syncthreads();  // s_moments is rewritten by the next row
+  }
+}
+
+}  // namespace
+}  // namespace cuda_impl
+}  // namespace residtap

@@ -1,0 +1,414 @@
+// The fused CUDA kernels themselves (csrc/cuda/rows_kernels.cuh), compiled for the CPU and run
+// with CUDA's built-ins emulated, against host-side expectations. For machines without a GPU.
+//
+// Each emulated block is 128 cooperative threads (ucontext fibers on one OS thread, switched only
+// where a thread must wait) running the kernel function as written: threadIdx and blockIdx are set
+// for the running fiber, __shared__ variables are function statics (one block runs at a time),
+// __syncthreads() is a barrier of the block, and warp shuffles meet at a barrier of the warp (lock
+// step). Loads and stores are plain memory accesses; the round-to-nearest intrinsics are
+// IEEE float operations (-ffp-contract=off); c10::BFloat16 / c10::Half convert on the host exactly
+// as on the device (round to nearest even).
+//
+// Checked, per configuration (model dtype × capture dtype × width × rows × position index × norm
+// parameters × with/without the block input), against values computed here independently:
+//   resid, delta       bit for bit (a cast of out; out - inp rounded to the model dtype, then cast)
+//   maxabs             bit for bit
+//   l2                 within 2 ulp of a float64 sum (the contract's tolerance)
+//   mean, rstd, normed bit for bit against a direct transcription of torch's CUDA LayerNorm order
+//                      (as in cuda_order_sim.cpp; rsqrtf is 1/sqrtf on both sides here)
+// and every output row written (buffers start as NaN). This covers the kernels' indexing (teams,
+// units, the row gather and strides, partial and empty virtual threads), both kernels' control flow
+// and the order of their arithmetic. Not covered: the GPU's own arithmetic, memory model and
+// speed, and the host-side choice of kernel (capture_cuda.cpp), which tests/test_cuda.py covers
+// on a GPU.
+//
+// Output: "configs N failures M"; exit status 1 if M > 0.
+#include <cuda_runtime.h>  // vector types (uint2, uint4), cudaStream_t; host-compilable
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#undef __device__
+#undef __host__
+#undef __global__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#define __device__
+#define __host__
+#define __global__
+#define __forceinline__ inline
+#define __shared__ static  // one emulated block at a time: its shared memory
+#define __launch_bounds__(...)
+
+// ---------------------------------------------------------------- CUDA built-ins, emulated
+struct EmuDim {
+  unsigned x = 0, y = 0, z = 0;
+};
+EmuDim threadIdx, blockIdx, gridDim, blockDim;  // threadIdx: the running fiber's
+
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __frcp_rn(float a) { return 1.0f / a; }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+static inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+static inline float __double2float_rn(double a) { return static_cast<float>(a); }
+static inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+static inline float emu_rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+#define rsqrtf emu_rsqrtf
+
+static inline uint4 __ldg(const uint4* p) { return *p; }
+static inline void __stcs(uint4* p, uint4 v) { *p = v; }
+static inline void __stcs(uint2* p, uint2 v) { *p = v; }
+
+// Fibers: the scheduler resumes each unfinished fiber in turn; a fiber runs until it waits at a
+// barrier (or ends). A barrier opens when all its members have arrived.
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  unsigned tid = 0;
+  bool done = false;
+};
+static ucontext_t g_sched;
+static Fiber* g_fiber = nullptr;
+
+static void yield_to_scheduler() { swapcontext(&g_fiber->ctx, &g_sched); }
+
+struct Barrier {
+  int members, arrived = 0;
+  unsigned generation = 0;
+  explicit Barrier(int n) : members(n) {}
+  void arrive_and_wait() {
+    const unsigned gen = generation;
+    if (++arrived == members) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == gen) yield_to_scheduler();
+    threadIdx.x = g_fiber->tid;  // another fiber ran meanwhile
+  }
+};
+
+struct WarpEx {
+  uint64_t slot[32];
+  Barrier bar{32};
+};
+struct BlockEmu {
+  Barrier bar{128};
+  WarpEx warps[4];
+};
+BlockEmu* g_block = nullptr;
+
+static inline void __syncthreads() { g_block->bar.arrive_and_wait(); }
+
+template <typename T>
+static T warp_exchange(T v, int src_of(int lane, int arg), int arg) {
+  static_assert(sizeof(T) <= 8, "shuffles move up to 8 bytes");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  WarpEx& w = g_block->warps[threadIdx.x / 32];
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  w.slot[lane] = raw;
+  w.bar.arrive_and_wait();
+  const int src = src_of(lane, arg);
+  T r = v;
+  if (src >= 0 && src < 32) std::memcpy(&r, &w.slot[src], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}
+static int down_src(int lane, int d) { return lane + d; }  // past lane 31: own value
+static int xor_src(int lane, int m) { return lane ^ m; }
+template <typename T>
+static T __shfl_down_sync(unsigned, T v, int d) { return warp_exchange(v, down_src, d); }
+template <typename T>
+static T __shfl_xor_sync(unsigned, T v, int m) { return warp_exchange(v, xor_src, m); }
+
+#include "rows_kernels.cuh"
+
+using namespace residtap::cuda_impl;
+using BF16 = c10::BFloat16;
+using F16 = c10::Half;
+
+// Runs kernel() as a grid of `grid` blocks of 128 threads, one block after the other.
+static const std::function<void()>* g_kernel = nullptr;
+
+static void fiber_main() {
+  (*g_kernel)();
+  g_fiber->done = true;
+  swapcontext(&g_fiber->ctx, &g_sched);  // never resumed
+}
+
+static void launch(int grid, const std::function<void()>& kernel) {
+  gridDim.x = grid;
+  blockDim.x = kBlock;
+  g_kernel = &kernel;
+  for (int b = 0; b < grid; ++b) {
+    BlockEmu block;
+    g_block = &block;
+    blockIdx.x = b;
+    static std::vector<Fiber> fibers(kBlock);  // stacks allocated once, reused by every block
+    for (int t = 0; t < kBlock; ++t) {
+      Fiber& f = fibers[t];
+      f.tid = t;
+      f.done = false;
+      if (f.stack.empty()) f.stack.resize(256 * 1024);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (int live = kBlock; live > 0;) {
+      live = 0;
+      for (Fiber& f : fibers) {
+        if (f.done) continue;
+        g_fiber = &f;
+        threadIdx.x = f.tid;
+        swapcontext(&g_sched, &f.ctx);
+        live += f.done ? 0 : 1;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- expectations (independent)
+// torch's CUDA LayerNorm order for one row (GPU.md): virtual thread t reads 4-element vectors t,
+// t+128, ...; warps merge by shuffle-down 16..1; then ((w0 + w2) + (w1 + w3)).
+static void torch_moments(const float* row, int d, float eps, float& mean, float& rstd) {
+  Moments vt[128];
+  for (int t = 0; t < 128; ++t) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int v = t; v < d / 4; v += 128)
+      for (int i = 0; i < 4; ++i) {
+        const float n = m.n + 1.f;
+        welford_push(m.mean, m.m2, row[4 * v + i], 1.0f / n);
+        m.n = n;
+      }
+    vt[t] = m;
+  }
+  Moments w[4];
+  for (int k = 0; k < 4; ++k) {
+    Moments lanes[32];
+    for (int l = 0; l < 32; ++l) lanes[l] = vt[32 * k + l];
+    for (int o = 16; o > 0; o /= 2) {
+      Moments next[32];
+      for (int l = 0; l < 32; ++l) next[l] = welford_combine(lanes[l], l + o < 32 ? lanes[l + o] : lanes[l]);
+      std::memcpy(lanes, next, sizeof(lanes));
+    }
+    w[k] = lanes[0];
+  }
+  const Moments f = welford_combine(welford_combine(w[0], w[2]), welford_combine(w[1], w[3]));
+  mean = f.mean;
+  rstd = 1.0f / std::sqrt(f.m2 / static_cast<float>(d) + eps);
+}
+
+template <typename T>
+static float f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+static bool same_bits(T a, T b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+static int ulp_diff(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::abs(ia - ib);
+}
+
+struct Config {
+  int batch, seq, d;
+  int index_kind;  // 0 none, 1 [n_pos], 2 [batch, n_pos]
+  bool with_inp, with_w, with_b, with_normed, with_stats;
+  int seq_pad;     // extra rows between batches (strided out/inp)
+  int grid;        // emulated blocks (the kernels loop over the rest)
+  bool generic;    // run generic_rows_kernel instead of the fast one
+  float centre;
+};
+
+template <typename InT, typename OutT, int K>
+static void run_kernel(const Config& c, const Params& p) {
+  if (c.generic) {
+    launch(c.grid, [&] { generic_rows_kernel<InT, OutT>(p); });
+  } else {
+    launch(c.grid, [&] { fast_rows_kernel<InT, OutT, K>(p); });
+  }
+}
+
+template <typename InT, typename OutT>
+static void run_dispatch(const Config& c, const Params& p) {
+  const int k = (c.d / 4 + 127) / 128;  // the launcher's choice (rows_impl.cuh, launch_rows)
+  if (k <= 1) return run_kernel<InT, OutT, 1>(c, p);
+  if (k <= 2) return run_kernel<InT, OutT, 2>(c, p);
+  if (k <= 4) return run_kernel<InT, OutT, 4>(c, p);
+  if (k <= 8) return run_kernel<InT, OutT, 8>(c, p);
+  return run_kernel<InT, OutT, 16>(c, p);
+}
+
+template <typename InT, typename OutT>
+static std::string check(const Config& c, std::mt19937& rng) {
+  const int d = c.d, sstride = d, bstride = (c.seq + c.seq_pad) * d;
+  std::normal_distribution<float> dist(c.centre, 3.f);
+  std::vector<InT> out(static_cast<size_t>(c.batch) * bstride + 8), inp(out.size());
+  for (auto& v : out) v = static_cast<InT>(dist(rng));
+  for (auto& v : inp) v = static_cast<InT>(dist(rng));
+  std::vector<InT> w(d + 8), b(d + 8);
+  for (auto& v : w) v = static_cast<InT>(1.f + 0.5f * dist(rng) / 3.f - c.centre / 6.f);
+  for (auto& v : b) v = static_cast<InT>(0.1f * dist(rng));
+  // position index
+  std::vector<int64_t> index;
+  int n_pos = c.seq;
+  std::uniform_int_distribution<int> pick(0, c.seq - 1);
+  if (c.index_kind == 1) {
+    n_pos = 5;
+    for (int i = 0; i < n_pos; ++i) index.push_back(pick(rng));
+  } else if (c.index_kind == 2) {
+    n_pos = 3;
+    for (int i = 0; i < c.batch * n_pos; ++i) index.push_back(pick(rng));
+  }
+  const int64_t rows = static_cast<int64_t>(c.batch) * n_pos;
+  const OutT nan_out = static_cast<OutT>(NAN);
+  std::vector<OutT> resid(rows * d, nan_out), delta(rows * d, nan_out), normed(rows * d, nan_out);
+  std::vector<float> mean(rows, NAN), rstd(rows, NAN), l2(rows, NAN), maxabs(rows, NAN);
+
+  Params p{};
+  p.out = out.data();
+  p.inp = c.with_inp ? inp.data() : nullptr;
+  p.index = index.empty() ? nullptr : index.data();
+  p.weight = c.with_normed && c.with_w ? w.data() : nullptr;
+  p.bias = c.with_normed && c.with_b ? b.data() : nullptr;
+  p.resid = resid.data();
+  p.delta = delta.data();
+  p.normed = c.with_normed ? normed.data() : nullptr;
+  p.mean = c.with_stats ? mean.data() : nullptr;
+  p.rstd = c.with_stats ? rstd.data() : nullptr;
+  p.l2 = l2.data();
+  p.maxabs = maxabs.data();
+  p.rows = rows;
+  p.n_pos = n_pos;
+  p.seq = c.seq;
+  p.out_sb = p.inp_sb = bstride;
+  p.out_ss = p.inp_ss = sstride;
+  p.d = d;
+  p.index_2d = c.index_kind == 2;
+  p.eps = 1e-5f;
+  p.welford = c.with_normed || c.with_stats;
+  p.bias_only = p.bias != nullptr && p.weight == nullptr;
+  run_dispatch<InT, OutT>(c, p);
+
+  std::vector<float> xrow(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t bb = r / n_pos, pos = r % n_pos;
+    const int64_t s = c.index_kind == 0 ? pos : index[c.index_kind == 1 ? pos : r];
+    const InT* x = out.data() + bb * bstride + s * sstride;
+    const InT* xi = inp.data() + bb * bstride + s * sstride;
+    double sum = 0.0;
+    float mx = 0.f;
+    for (int e = 0; e < d; ++e) {
+      xrow[e] = f32(x[e]);
+      sum += static_cast<double>(xrow[e]) * xrow[e];
+      mx = std::fmax(mx, std::fabs(xrow[e]));
+      const OutT want_r = static_cast<OutT>(xrow[e]);
+      const OutT want_d = c.with_inp ? static_cast<OutT>(f32(static_cast<InT>(xrow[e] - f32(xi[e]))))
+                                     : want_r;
+      if (!same_bits(resid[r * d + e], want_r)) return "resid at row " + std::to_string(r);
+      if (!same_bits(delta[r * d + e], want_d)) return "delta at row " + std::to_string(r);
+    }
+    if (!same_bits(maxabs[r], mx)) return "maxabs at row " + std::to_string(r);
+    if (!(ulp_diff(l2[r], static_cast<float>(std::sqrt(sum))) <= 2)) return "l2 at row " + std::to_string(r);
+    if (!p.welford) continue;
+    float m, rs;
+    torch_moments(xrow.data(), d, p.eps, m, rs);
+    if (c.with_stats && (!same_bits(mean[r], m) || !same_bits(rstd[r], rs)))
+      return "mean/rstd at row " + std::to_string(r);
+    if (!c.with_normed) continue;
+    for (int e = 0; e < d; ++e) {
+      const float xm = xrow[e] - m;
+      float y;
+      if (p.bias_only) {
+        y = std::fmaf(rs, xm, f32(b[e]));
+      } else {
+        y = std::fmaf(p.weight ? f32(w[e]) : 1.f, rs * xm, p.bias ? f32(b[e]) : -0.f);
+      }
+      const OutT want = static_cast<OutT>(f32(static_cast<InT>(y)));
+      if (!same_bits(normed[r * d + e], want)) return "normed at row " + std::to_string(r);
+    }
+  }
+  return "";
+}
+
+int main() {
+  std::mt19937 rng(7);
+  int configs = 0, failures = 0;
+  auto report = [&](const char* types, const Config& c, const std::string& err) {
+    ++configs;
+    if (err.empty()) return;
+    ++failures;
+    std::printf("FAIL %s d=%d batch=%d seq=%d index=%d inp=%d w=%d b=%d normed=%d stats=%d pad=%d "
+                "grid=%d generic=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind, c.with_inp,
+                c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid, c.generic,
+                err.c_str());
+  };
+  // Fast-kernel widths for every K and for both unit sizes, tiny widths (mostly empty virtual
+  // threads); generic-kernel widths (16-bit % 8 != 0; above 8192).
+  const int fast_widths[] = {8, 64, 72, 200, 768, 1000, 1600, 4104, 8192};
+  int variant = 0;
+  for (int d : fast_widths) {
+    for (int index_kind = 0; index_kind < 3; ++index_kind) {
+      for (int rows_case = 0; rows_case < 2; ++rows_case) {
+        ++variant;
+        Config c{rows_case ? 3 : 1, rows_case ? 13 : 1, d, index_kind,
+                 variant % 3 != 0,  // inp
+                 variant % 4 != 1,  // weight
+                 variant % 5 != 2,  // bias
+                 variant % 6 != 3,  // normed
+                 variant % 7 != 4,  // stats
+                 rows_case ? 2 : 0, variant % 2 + 1, false, variant % 2 ? 30.f : 0.f};
+        if (index_kind != 0 && c.seq == 1) c.seq = 4;
+        report("float->float", c, check<float, float>(c, rng));
+        if (d % 8 == 0) {
+          report("bf16->bf16", c, check<BF16, BF16>(c, rng));
+          report("f16->f16", c, check<F16, F16>(c, rng));
+          report("bf16->float", c, check<BF16, float>(c, rng));
+        }
+        report("float->bf16", c, check<float, BF16>(c, rng));
+      }
+    }
+  }
+  const int generic_widths[] = {68, 100, 8196};
+  for (int d : generic_widths) {
+    for (int index_kind = 0; index_kind < 3; ++index_kind) {
+      ++variant;
+      Config c{2, 6, d, index_kind, variant % 2 == 0, true, variant % 3 != 0, true, true, 1,
+               variant % 2 + 1, true, 30.f};
+      report("float->float generic", c, check<float, float>(c, rng));
+      report("bf16->bf16 generic", c, check<BF16, BF16>(c, rng));
+      report("f16->float generic", c, check<F16, float>(c, rng));
+    }
+  }
+  std::printf("configs %d failures %d\n", configs, failures);
+  return failures == 0 ? 0 : 1;
+}
