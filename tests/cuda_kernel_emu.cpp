@@ -144,6 +144,7 @@ template <typename T>
 static T __shfl_xor_sync(unsigned, T v, int m) { return warp_exchange(v, xor_src, m); }
 
 #include "rows_kernels.cuh"
+#include "torch_ln_order.h"
 
 using namespace residtap::cuda_impl;
 using BF16 = c10::BFloat16;
@@ -192,36 +193,6 @@ static void launch(int grid, const std::function<void()>& kernel) {
 }
 
 // ---------------------------------------------------------------- expectations (independent)
-// torch's CUDA LayerNorm order for one row (GPU.md): virtual thread t reads 4-element vectors t,
-// t+128, ...; warps merge by shuffle-down 16..1; then ((w0 + w2) + (w1 + w3)).
-static void torch_moments(const float* row, int d, float eps, float& mean, float& rstd) {
-  Moments vt[128];
-  for (int t = 0; t < 128; ++t) {
-    Moments m{0.f, 0.f, 0.f};
-    for (int v = t; v < d / 4; v += 128)
-      for (int i = 0; i < 4; ++i) {
-        const float n = m.n + 1.f;
-        welford_push(m.mean, m.m2, row[4 * v + i], 1.0f / n);
-        m.n = n;
-      }
-    vt[t] = m;
-  }
-  Moments w[4];
-  for (int k = 0; k < 4; ++k) {
-    Moments lanes[32];
-    for (int l = 0; l < 32; ++l) lanes[l] = vt[32 * k + l];
-    for (int o = 16; o > 0; o /= 2) {
-      Moments next[32];
-      for (int l = 0; l < 32; ++l) next[l] = welford_combine(lanes[l], l + o < 32 ? lanes[l + o] : lanes[l]);
-      std::memcpy(lanes, next, sizeof(lanes));
-    }
-    w[k] = lanes[0];
-  }
-  const Moments f = welford_combine(welford_combine(w[0], w[2]), welford_combine(w[1], w[3]));
-  mean = f.mean;
-  rstd = 1.0f / std::sqrt(f.m2 / static_cast<float>(d) + eps);
-}
-
 template <typename T>
 static float f32(T v) {
   return static_cast<float>(v);
@@ -341,7 +312,7 @@ static std::string check(const Config& c, std::mt19937& rng) {
     if (!(ulp_diff(l2[r], static_cast<float>(std::sqrt(sum))) <= 2)) return "l2 at row " + std::to_string(r);
     if (!p.welford) continue;
     float m, rs;
-    torch_moments(xrow.data(), d, p.eps, m, rs);
+    torch_ln_moments(xrow.data(), d, p.eps, m, rs);
     if (c.with_stats && (!same_bits(mean[r], m) || !same_bits(rstd[r], rs)))
       return "mean/rstd at row " + std::to_string(r);
     if (!c.with_normed) continue;

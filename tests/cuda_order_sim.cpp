@@ -61,6 +61,7 @@ static inline float __shfl_down_sync(unsigned, float v, int delta) {
 }
 
 #include "ln_arith.cuh"
+#include "torch_ln_order.h"
 
 using residtap::cuda_impl::FastLayout;
 using residtap::cuda_impl::Moments;
@@ -69,38 +70,6 @@ using residtap::cuda_impl::welford_combine;
 using residtap::cuda_impl::welford_push;
 
 constexpr float kEps = 1e-5f;
-
-// torch's order, transcribed directly (one virtual thread at a time, no layout tricks).
-static void torch_order(const float* row, int d, float& mean, float& rstd) {
-  const int nvec = d / 4;
-  Moments vt[128];
-  for (int t = 0; t < 128; ++t) {
-    Moments m{0.f, 0.f, 0.f};
-    for (int v = t; v < nvec; v += 128) {
-      for (int i = 0; i < 4; ++i) {
-        const float n = __fadd_rn(m.n, 1.f);
-        welford_push(m.mean, m.m2, row[4 * v + i], __frcp_rn(n));
-        m.n = n;
-      }
-    }
-    vt[t] = m;
-  }
-  Moments w[4];
-  for (int k = 0; k < 4; ++k) {
-    Moments lanes[32];
-    for (int l = 0; l < 32; ++l) lanes[l] = vt[32 * k + l];
-    for (int o = 16; o > 0; o /= 2) {
-      Moments next[32];
-      for (int l = 0; l < 32; ++l) next[l] = welford_combine(lanes[l], l + o < 32 ? lanes[l + o] : lanes[l]);
-      std::memcpy(lanes, next, sizeof(lanes));
-    }
-    w[k] = lanes[0];
-  }
-  // warps 2, 3 hand over to 0, 1; then warp 1 to warp 0
-  const Moments f = welford_combine(welford_combine(w[0], w[2]), welford_combine(w[1], w[3]));
-  mean = f.mean;
-  rstd = rsqrtf(__fadd_rn(__fdiv_rn(f.m2, static_cast<float>(d)), kEps));
-}
 
 // One simulated block of the fast kernel: kTeams rows, each thread doing exactly what
 // fast_rows_kernel does with its units (the same header functions, the same indices).
@@ -145,7 +114,7 @@ static int check_block(int d, std::mt19937& rng, float centre) {
   for (int team = 0; team < L::kTeams; ++team) {
     float mean, rstd, want_mean, want_rstd;
     residtap::cuda_impl::finish_moments(&vwarp[4 * team], d, kEps, mean, rstd);
-    torch_order(rows[team].data(), d, want_mean, want_rstd);
+    torch_ln_moments(rows[team].data(), d, kEps, want_mean, want_rstd);
     if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
       if (bad == 0)
         std::printf("  MISMATCH bytes=%d K=%d d=%d team=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n",

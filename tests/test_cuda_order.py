@@ -30,8 +30,8 @@ def compile_and_run(tmp_path, source: str, *flags: str) -> tuple[int, int, str]:
         pytest.skip("no C++ compiler on PATH")
     exe = tmp_path / Path(source).stem
     subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-Wno-unknown-pragmas",
-                    "-Wno-attributes", "-I", str(CUDA_SRC), *flags, str(ROOT / "tests" / source),
-                    "-o", str(exe)], check=True)
+                    "-Wno-attributes", "-I", str(CUDA_SRC), "-I", str(ROOT / "tests"), *flags,
+                    str(ROOT / "tests" / source), "-o", str(exe)], check=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     last = run.stdout.strip().splitlines()[-1].split()
     return int(last[1]), int(last[3]), run.stdout + run.stderr
