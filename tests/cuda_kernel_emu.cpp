@@ -77,6 +77,7 @@ static inline float emu_rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 #define rsqrtf emu_rsqrtf
 
 static inline uint4 __ldg(const uint4* p) { return *p; }
+static inline uint2 __ldg(const uint2* p) { return *p; }
 static inline void __stcs(uint4* p, uint4 v) { *p = v; }
 static inline void __stcs(uint2* p, uint2 v) { *p = v; }
 
@@ -218,6 +219,7 @@ struct Config {
   int grid;        // emulated blocks (the kernels loop over the rest)
   bool generic;    // run generic_rows_kernel instead of the fast one
   float centre;
+  bool vec = false;  // generic kernel: whole 4-element vectors
 };
 
 template <typename InT, typename OutT, int K>
@@ -288,6 +290,7 @@ static std::string check(const Config& c, std::mt19937& rng) {
   p.eps = 1e-5f;
   p.welford = c.with_normed || c.with_stats;
   p.bias_only = p.bias != nullptr && p.weight == nullptr;
+  p.vec = c.vec;
   run_dispatch<InT, OutT>(c, p);
 
   std::vector<float> xrow(d);
@@ -339,9 +342,9 @@ int main() {
     if (err.empty()) return;
     ++failures;
     std::printf("FAIL %s d=%d batch=%d seq=%d index=%d inp=%d w=%d b=%d normed=%d stats=%d pad=%d "
-                "grid=%d generic=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind, c.with_inp,
+                "grid=%d generic=%d vec=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind, c.with_inp,
                 c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid, c.generic,
-                err.c_str());
+                c.vec, err.c_str());
   };
   // Fast-kernel widths for every K and for both unit sizes, tiny widths (mostly empty virtual
   // threads); generic-kernel widths (16-bit % 8 != 0; above 8192).
@@ -369,15 +372,17 @@ int main() {
       }
     }
   }
-  const int generic_widths[] = {68, 100, 8196};
+  const int generic_widths[] = {64, 68, 100, 8196, 12288};
   for (int d : generic_widths) {
     for (int index_kind = 0; index_kind < 3; ++index_kind) {
-      ++variant;
-      Config c{2, 6, d, index_kind, variant % 2 == 0, true, variant % 3 != 0, true, true, 1,
-               variant % 2 + 1, true, 30.f};
-      report("float->float generic", c, check<float, float>(c, rng));
-      report("bf16->bf16 generic", c, check<BF16, BF16>(c, rng));
-      report("f16->float generic", c, check<F16, float>(c, rng));
+      for (bool vec : {false, true}) {
+        ++variant;
+        Config c{2, 6, d, index_kind, variant % 2 == 0, variant % 4 != 1, variant % 3 != 0, true,
+                 true, 1, variant % 2 + 1, true, 30.f, vec};
+        report("float->float generic", c, check<float, float>(c, rng));
+        report("bf16->bf16 generic", c, check<BF16, BF16>(c, rng));
+        report("f16->float generic", c, check<F16, float>(c, rng));
+      }
     }
   }
   std::printf("configs %d failures %d\n", configs, failures);

@@ -35,6 +35,7 @@ struct Params {
   float eps;
   int welford;   // compute the moments (for normed and/or mean/rstd)
   int bias_only; // bias given without weight (torch uses a different expression)
+  int vec;       // generic kernel: whole 4-element vectors (d % 4 == 0, rows 4-element aligned)
 };
 
 inline bool aligned(const void* ptr, size_t bytes) {

@@ -50,6 +50,25 @@ bool fast_kernel_fits(const Params& p) {
   return true;
 }
 
+// Whether the generic kernel may load and store whole 4-element vectors (8 or 16 bytes).
+template <typename InT, typename OutT>
+bool generic_vec_fits(const Params& p) {
+  if (p.d <= 0 || p.d % 4 != 0) return false;
+  const size_t in_align = 4 * sizeof(InT), out_align = 4 * sizeof(OutT);
+  auto rows_ok = [&](const void* ptr, int64_t sb, int64_t ss) {
+    return ptr == nullptr || (aligned(ptr, in_align) && sb % 4 == 0 && ss % 4 == 0);
+  };
+  if (!rows_ok(p.out, p.out_sb, p.out_ss) || !rows_ok(p.inp, p.inp_sb, p.inp_ss)) return false;
+  for (const void* o : {static_cast<const void*>(p.resid), static_cast<const void*>(p.delta),
+                        static_cast<const void*>(p.normed)}) {
+    if (o != nullptr && !aligned(o, out_align)) return false;
+  }
+  for (const void* w : {p.weight, p.bias}) {
+    if (w != nullptr && !aligned(w, in_align)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 template <typename InT, typename OutT>
@@ -63,7 +82,9 @@ void launch_rows(const Params& p, cudaStream_t stream) {
     if (k <= 8) return launch_fast<InT, OutT, 8>(p, stream);
     return launch_fast<InT, OutT, 16>(p, stream);
   }
-  generic_rows_kernel<InT, OutT><<<grid_for(p.rows), kBlock, 0, stream>>>(p);
+  Params q = p;
+  q.vec = generic_vec_fits<InT, OutT>(p) ? 1 : 0;
+  generic_rows_kernel<InT, OutT><<<grid_for(p.rows), kBlock, 0, stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

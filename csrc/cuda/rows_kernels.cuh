@@ -331,8 +331,26 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
 
 // --------------------------------------------------------------------------- generic kernel
 // Any width and alignment: one block of 128 threads per row, physical thread = torch's virtual
-// thread, scalar loads, the row re-read (from L2, usually) for normalization. Moments only when
-// d % 4 == 0 (the host never asks otherwise).
+// thread, the row re-read (from L2, usually) for normalization. Moments only when d % 4 == 0 (the
+// host never asks otherwise). With p.vec (d % 4 == 0 and every row 4-element aligned: rows wider
+// than the fast kernel's 8192, 16-bit widths % 8 != 0) each thread loads whole 4-element vectors,
+// kGenericVecs of them issued together; otherwise (misaligned views) one element at a time. Both
+// visit each thread's elements in the same order.
+constexpr int kGenericVecs = 4;
+
+// Four consecutive values of T (8 or 16 bytes, aligned to that) in one load.
+template <typename T>
+__device__ __forceinline__ void load4(const T* src, T (&v)[4]) {
+  if constexpr (sizeof(T) == 4) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    memcpy(v, &raw, 16);
+  } else {
+    static_assert(sizeof(T) == 2, "float, bfloat16 or half");
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(src));
+    memcpy(v, &raw, 8);
+  }
+}
+
 template <typename InT, typename OutT>
 __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
   __shared__ Moments s_vwarp[4];
@@ -356,7 +374,48 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
     Moments m[1] = {Moments{0.f, 0.f, 0.f}};
     double l2 = 0.0;
     float mx = 0.f;
-    if (active) {
+    if (active && p.vec) {
+      for (int v0 = t; v0 < nvec; v0 += kGenericVecs * kBlock) {
+        InT xv[kGenericVecs][4], iv[kGenericVecs][4];
+#pragma unroll
+        for (int u = 0; u < kGenericVecs; ++u) {  // loads first, then the stores (see fast kernel)
+          const int v = v0 + u * kBlock;
+          if (v >= nvec) break;
+          load4(out + ooff + 4 * v, xv[u]);
+          if (delta != nullptr && inp != nullptr) load4(inp + ioff + 4 * v, iv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kGenericVecs; ++u) {
+          const int v = v0 + u * kBlock;
+          if (v >= nvec) break;
+          float xf[4];
+          OutT r[4];
+#pragma unroll
+          for (int ii = 0; ii < 4; ++ii) {
+            xf[ii] = to_f(xv[u][ii]);
+            l2 = __fma_rn(static_cast<double>(xf[ii]), static_cast<double>(xf[ii]), l2);
+            mx = max_nan(mx, fabsf(xf[ii]));
+            if (p.welford) {
+              m[0].n = __fadd_rn(m[0].n, 1.f);
+              welford_push(m[0].mean, m[0].m2, xf[ii], __frcp_rn(m[0].n));
+            }
+          }
+          if (resid != nullptr) {
+#pragma unroll
+            for (int ii = 0; ii < 4; ++ii) r[ii] = cast_out<OutT>(xv[u][ii], xf[ii]);
+            store_vec(resid + row * p.d + 4 * v, r);
+          }
+          if (delta != nullptr) {
+#pragma unroll
+            for (int ii = 0; ii < 4; ++ii) {
+              r[ii] = inp != nullptr ? cast_out<OutT>(from_f<InT>(__fsub_rn(xf[ii], to_f(iv[u][ii]))))
+                                     : cast_out<OutT>(xv[u][ii], xf[ii]);
+            }
+            store_vec(delta + row * p.d + 4 * v, r);
+          }
+        }
+      }
+    } else if (active) {
       for (int v = t; v < nvec; v += kBlock) {
 #pragma unroll
         for (int ii = 0; ii < 4; ++ii) {
@@ -408,7 +467,34 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
       }
     }
     __syncthreads();
-    if (normed != nullptr && active) {
+    if (normed != nullptr && active && p.vec) {
+      const float mean = s_moments[0], rstd = s_moments[1];
+      for (int v0 = t; v0 < nvec; v0 += kGenericVecs * kBlock) {
+        InT xv[kGenericVecs][4], wv[kGenericVecs][4], bv[kGenericVecs][4];
+#pragma unroll
+        for (int u = 0; u < kGenericVecs; ++u) {
+          const int v = v0 + u * kBlock;
+          if (v >= nvec) break;
+          load4(out + ooff + 4 * v, xv[u]);
+          if (weight != nullptr) load4(weight + 4 * v, wv[u]);
+          if (bias != nullptr) load4(bias + 4 * v, bv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kGenericVecs; ++u) {
+          const int v = v0 + u * kBlock;
+          if (v >= nvec) break;
+          OutT r[4];
+#pragma unroll
+          for (int ii = 0; ii < 4; ++ii) {
+            const float wf = weight != nullptr ? to_f(wv[u][ii]) : 1.f;
+            const float bf = bias != nullptr ? to_f(bv[u][ii]) : -0.f;
+            const float yv = ln_apply(to_f(xv[u][ii]), mean, rstd, wf, bf, p.bias_only);
+            r[ii] = cast_out<OutT>(from_f<InT>(yv));
+          }
+          store_vec(normed + row * p.d + 4 * v, r);
+        }
+      }
+    } else if (normed != nullptr && active) {
       const float mean = s_moments[0], rstd = s_moments[1];
       for (int e = t; e < p.d; e += kBlock) {
         const float wf = weight != nullptr ? to_f(weight[e]) : 1.f;
