@@ -39,15 +39,19 @@ step() {  # step NAME LIMIT_S COMMAND...  (the limit shrinks to what is left bef
 }
 
 : > "$LOG"
-step env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)"; nvcc --version | tail -1'
+step env 60 bash -c 'nvidia-smi -L; nvcc --version | tail -1; python3 -c "import torch, transformers
+print(torch.__version__, torch.version.cuda, transformers.__version__)"'
 step build 150 python3 -c "
 from residtap._build import load_extension
 i = load_extension()
 print(i)
 assert i.loaded and i.with_cuda, i.error or i.cuda_skipped_because"
-if [[ " ${FAILED[*]} " == *" build "* ]]; then echo "build failed: nothing else can run" | tee -a "$LOG"; exit 1; fi
-step cuda-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_cuda_order.py tests/test_parity.py \
-    tests/test_device_map.py
+if [[ " ${FAILED[*]} " == *" build "* ]]; then
+    echo "build failed: nothing else can run" | tee -a "$LOG"
+    exit 1
+fi
+step cuda-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    tests/test_cuda_order.py tests/test_parity.py tests/test_device_map.py
 step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
 step bench-capture 90 python3 benchmarks/bench_capture.py --out "$OUT"
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py

@@ -39,7 +39,8 @@ def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None) -> list[str
     bad = []
     res = {}
     for name, fn in (("op", ops.capture_block), ("ref", reference.capture_block)):
-        bufs = {n: torch.empty(2, n_pos, d, dtype=cap_dtype, device=DEVICE) for n in ("resid", "delta", "normed")}
+        bufs = {n: torch.empty(2, n_pos, d, dtype=cap_dtype, device=DEVICE)
+                for n in ("resid", "delta", "normed")}
         bufs.update({n: torch.empty(2, n_pos, device=DEVICE) for n in ("mean", "rstd", "maxabs")})
         fn(out, inp, index, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5, **bufs)
         res[name] = bufs

@@ -107,8 +107,9 @@ def test_extract_device_map_flag(extension, tmp_path):
     common = [sys.executable, "-m", "residtap", "extract", "--model", str(model_dir), "--data",
               str(tmp_path / "ids.npy"), "--layers", "0,3", "--outputs", "resid,normed", "--seq-len", "10",
               "--batch-size", "3", "--no-progress"]
-    for out, extra in (("plain", ["--device", "cpu"]), ("mapped", ["--device-map", str(tmp_path / "map.json")]),
-                       ("auto", ["--device-map", "auto"])):
+    runs = (("plain", ["--device", "cpu"]), ("mapped", ["--device-map", str(tmp_path / "map.json")]),
+            ("auto", ["--device-map", "auto"]))
+    for out, extra in runs:
         r = subprocess.run(common + ["--out", str(tmp_path / out), *extra], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     _same_extraction(tmp_path / "plain", tmp_path / "mapped", [0, 3], ("resid", "normed"))
