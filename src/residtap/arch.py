@@ -215,3 +215,15 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         except ValueError:
             project_out = None
     return Layout(name, block_list, norm, norm_spec(norm, config), project_out)
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device ``module`` computes on: accelerate's execution device when it is dispatched (its
+    weights may be offloaded to the CPU or the meta device), else its first parameter's, else None."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)

@@ -78,14 +78,7 @@ def fused_norm_ok(norm, dtype: torch.dtype, device: torch.device, d_model: int) 
 # a single bit differs, the capture asks the op for torch's own norm ("torch_layer_norm") from
 # then on, with one warning. Probing needs one host sync: Capture probes at set-up; a
 # combination first seen inside a forward (where nothing may sync) takes torch's norm, unprobed.
-_parity: dict[tuple, bool] = {}
-
-ParityKey = tuple  # (device, dtype, d_model, weight?, bias?, eps)
-
-
-def parity_key(device, dtype: torch.dtype, d_model: int, weight, bias, eps: float) -> ParityKey:
-    return (str(torch.device(device)), dtype, int(d_model), weight is not None, bias is not None,
-            float(eps))
+_parity: dict[tuple, bool] = {}  # (device, dtype, d_model, weight?, bias?, eps) -> verdict
 
 
 def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None, eps: float = 1e-5,
@@ -97,7 +90,7 @@ def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    key = parity_key(device, dtype, d_model, weight, bias, eps)
+    key = (str(device), dtype, int(d_model), weight is not None, bias is not None, float(eps))
     if key in _parity or not probe:
         return _parity.get(key)
     ok, detail = _probe_parity(device, dtype, d_model, weight, bias, eps)
@@ -112,27 +105,23 @@ def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None
 
 
 def _probe_parity(device, dtype, d_model, weight, bias, eps) -> tuple[bool, str]:
-    """Run the op and torch on probe rows (centred at 0 and at 30, several row counts)."""
-    from . import ops
+    """Run the op and the reference op on probe rows (centred at 0 and at 30, several row counts)."""
+    from . import ops, reference
 
+    norm_kind = "layer_norm" if weight is not None or bias is not None else "none"
     g = torch.Generator(device="cpu").manual_seed(1234)
     for rows in (1, 7, 133):
         x = torch.randn(1, rows, d_model, generator=g)
         x[:, rows // 2:] += 30.0
         x = x.to(device=device, dtype=dtype)
-        normed = torch.empty_like(x) if weight is not None or bias is not None else None
-        mean = torch.empty(1, rows, device=device)
-        rstd = torch.empty(1, rows, device=device)
-        with torch.no_grad():
-            ops.capture_block(x, norm_weight=weight, norm_bias=bias,
-                              norm_kind="layer_norm" if normed is not None else "none", eps=eps,
-                              normed=normed, mean=mean, rstd=rstd)
-            _, m_ref, r_ref = torch.native_layer_norm(x.float(), (d_model,), None, None, eps)
-            checks = [("mean", mean, m_ref.view(1, rows)), ("rstd", rstd, r_ref.view(1, rows))]
-            if normed is not None:
-                checks.append(("normed", normed,
-                               torch.nn.functional.layer_norm(x, (d_model,), weight, bias, eps)))
-        for name, got, want in checks:
-            if not torch.equal(got, want):
+        got, want = {}, {}
+        for res, fn in ((got, ops.capture_block), (want, reference.capture_block)):
+            res["mean"], res["rstd"] = (torch.empty(1, rows, device=device) for _ in range(2))
+            if norm_kind != "none":
+                res["normed"] = torch.empty_like(x)
+            with torch.no_grad():
+                fn(x, norm_weight=weight, norm_bias=bias, norm_kind=norm_kind, eps=eps, **res)
+        for name in got:
+            if not torch.equal(got[name], want[name]):
                 return False, f"{name} differs on a {rows}-row probe"
     return True, ""

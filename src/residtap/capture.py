@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .arch import Layout, resolve_layout
+from .arch import Layout, module_device, resolve_layout
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
                         resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
@@ -240,11 +240,11 @@ class Capture:
 
     def _predict_homes(self) -> list[torch.device | None]:
         """Where each selected layer's hidden state will arrive, read from the model without running
-        it: the device block ``i-1`` runs on (see _module_device). Layer 0 is the first block's input,
+        it: the device block ``i-1`` runs on (see arch.module_device). Layer 0 is the first block's input,
         whose device _begin sees (None here). A guess for allocating before the layers arrive: a layer
         seen on another device gets buffers there (_rehome)."""
         blocks = self.layout.blocks
-        return [None if lid == 0 else _module_device(blocks[lid - 1]) for lid in self.config.layer_ids]
+        return [None if lid == 0 else module_device(blocks[lid - 1]) for lid in self.config.layer_ids]
 
     def _norm_params(self):
         norm = self.layout.norm
@@ -293,17 +293,15 @@ class Capture:
         d_model = self._guess_d_model() if cuda else None
         if d_model is None:
             return
-        norm = self.layout.norm
+        eps = self.layout.norm.eps
         for device in cuda:
             if _backend.choose(self.config.backend, device).name != "compiled":
                 continue
-            if "normed" in outputs and norm.kind == "layer_norm":
-                (weight, bias), _ = self._norm_params_on(device)
-                on_device = dataclasses.replace(norm, weight=weight, bias=bias)
-                if _backend.fused_norm_ok(on_device, param.dtype, device, d_model):
-                    _backend.norm_parity(device, param.dtype, d_model, weight, bias, norm.eps)
+            (weight, bias), _, fused_normed = self._fused_norm_on(device, param.dtype, d_model)
+            if fused_normed:
+                _backend.norm_parity(device, param.dtype, d_model, weight, bias, eps)
             if "stats" in outputs:
-                _backend.norm_parity(device, param.dtype, d_model, None, None, norm.eps)
+                _backend.norm_parity(device, param.dtype, d_model, None, None, eps)
 
     def _guess_d_model(self) -> int | None:
         w = self.layout.norm.weight
@@ -311,6 +309,18 @@ class Capture:
             return int(w.shape[-1])
         emb = getattr(self.model, "get_input_embeddings", lambda: None)()
         return int(emb.weight.shape[-1]) if getattr(emb, "weight", None) is not None else None
+
+    def _fused_norm_on(self, device: torch.device, dtype: torch.dtype, d_model: int):
+        """((weight, bias) for the op on ``device``, the stamp of copied weights or None, whether
+        the op computes normed itself there); (None, None) and False when it does not."""
+        norm = self.layout.norm
+        if "normed" not in self.config.outputs or norm.kind != "layer_norm":
+            return (None, None), None, False
+        (weight, bias), stamp = self._norm_params_on(device)
+        on_device = dataclasses.replace(norm, weight=weight, bias=bias)
+        if not _backend.fused_norm_ok(on_device, dtype, device, d_model):
+            return (None, None), None, False
+        return (weight, bias), stamp, True
 
     def _ops_for(self, device: torch.device, dtype: torch.dtype, d_model: int) -> _DeviceOps:
         ops = self._ops.get((device, dtype))
@@ -323,27 +333,19 @@ class Capture:
         normed / mean+rstd there. A combination the set-up probe did not cover (or one whose probe
         failed) gets torch's own norm from the op ("torch_layer_norm")."""
         choice = _backend.choose(self.config.backend, device)
-        norm, outputs = self.layout.norm, self.config.outputs
-        (weight, bias), stamp = ((self._norm_params_on(device) if "normed" in outputs and
-                                  norm.kind == "layer_norm" else ((None, None), None)))
-        on_device = dataclasses.replace(norm, weight=weight, bias=bias)
-        fused_normed = "normed" in outputs and _backend.fused_norm_ok(on_device, dtype, device, d_model)
+        params, stamp, fused_normed = self._fused_norm_on(device, dtype, d_model)
         compiled = choice.name == "compiled"
 
         def replay_ok(weight, bias) -> bool:
-            return not compiled or _backend.norm_parity(device, dtype, d_model, weight, bias, norm.eps,
-                                                        probe=False) is True
+            return not compiled or _backend.norm_parity(device, dtype, d_model, weight, bias,
+                                                        self.layout.norm.eps, probe=False) is True
 
-        params = (weight, bias) if fused_normed else (None, None)
         ok = ((not fused_normed or replay_ok(*params))
-              and ("stats" not in outputs or replay_ok(None, None)))
-        if fused_normed or "stats" in outputs:
-            kind = "layer_norm" if ok and fused_normed else ("none" if ok else "torch_layer_norm")
-        else:
-            kind = "none"
-        norm_device = _module_device(self.layout.final_norm) if self.layout.final_norm is not None else None
-        return _DeviceOps(choice, kind, fused_normed, params, norm_device,
-                          stamp if fused_normed else None)
+              and ("stats" not in self.config.outputs or replay_ok(None, None)))
+        kind = ("layer_norm" if fused_normed else "none") if ok else "torch_layer_norm"
+        final_norm = self.layout.final_norm
+        norm_device = module_device(final_norm) if final_norm is not None else None
+        return _DeviceOps(choice, kind, fused_normed, params, norm_device, stamp)
 
     def _last_selection(self, batch: int, seq: int, device: torch.device):
         """positions="last": each row's last real token, from the mask the model was called with."""
@@ -376,10 +378,14 @@ class Capture:
         self._stacked = self._stacked_on(self._buf_devices)
         if self._stacked:
             self._buffers = self._new_buffers((len(self._buf_devices),), self._buf_devices[0])
-            self._layer_bufs = [{name: buf[k] for name, buf in self._buffers.items()}
-                                for k in range(len(self._buf_devices))]
+            self._layer_bufs = self._stacked_views()
         else:
             self._layer_bufs = [self._new_buffers((), device) for device in self._buf_devices]
+
+    def _stacked_views(self) -> list[dict[str, torch.Tensor]]:
+        """Per selected layer, its views into the stacked buffers."""
+        return [{name: buf[k] for name, buf in self._buffers.items()}
+                for k in range(len(self._buf_devices))]
 
     def _new_buffers(self, lead: tuple, device: torch.device) -> dict[str, torch.Tensor]:
         rows, n_pos, d_model, cap_dtype = self._spec
@@ -410,8 +416,7 @@ class Capture:
             return
         self._buffers = {name: torch.stack([b[name] for b in self._layer_bufs])
                          for name in self._layer_bufs[0]}
-        self._layer_bufs = [{name: buf[k] for name, buf in self._buffers.items()}
-                            for k in range(len(self._buf_devices))]
+        self._layer_bufs = self._stacked_views()
         self._stacked = True
         self._key = (*self._key[:-1], self._homes_version)
 
@@ -615,18 +620,6 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     (GPU to GPU it is ordered on both devices' current streams); onto the CPU it must be complete
     before the CPU reads it, so it waits (the model's own CPU↔GPU moves wait too)."""
     return t.to(device, non_blocking=device.type == "cuda")
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    """The device ``module`` computes on: accelerate's execution device when it is dispatched (its
-    weights may be offloaded to the CPU or the meta device), else its first parameter's, else None."""
-    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        return device
-    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
 
 
 def _positional_index(model: nn.Module, name: str) -> int | None:

@@ -47,6 +47,7 @@ from torch import nn
 
 from . import inputs as _inputs
 from . import store as _store
+from .arch import module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
@@ -857,11 +858,9 @@ def _parse_device_map(text: str | None):
 def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
     """Where the model's inputs belong: its embeddings' execution device (accelerate), else the
     first parameter's that is not on the meta device, else ``fallback``."""
-    from .capture import _module_device
-
     emb = getattr(model, "get_input_embeddings", lambda: None)()
-    device = _module_device(emb) if emb is not None else None
-    return device or _module_device(model) or fallback
+    device = module_device(emb) if emb is not None else None
+    return device or module_device(model) or fallback
 
 
 def cmd_extract(args) -> int:
