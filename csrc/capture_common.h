@@ -164,4 +164,13 @@ inline CaptureArgs make_capture_args(
   return a;
 }
 
+// Rows of x ([batch, seq] or [batch, seq, d]) at the selected positions of `a` (x itself when
+// every position is selected): what backends use where they call torch for a step.
+inline at::Tensor gather_positions(const at::Tensor& x, const CaptureArgs& a) {
+  if (!a.index.defined()) return x;
+  if (a.index.dim() == 1) return x.index_select(1, a.index);
+  if (x.dim() == 2) return x.gather(1, a.index);
+  return x.gather(1, a.index.unsqueeze(-1).expand({a.batch, a.n_pos, x.size(2)}));
+}
+
 }  // namespace residtap

@@ -30,14 +30,6 @@ void store_row_any(const at::Tensor& dst, int64_t row, const float* src, int64_t
   }
 }
 
-// Rows of `x` [batch, seq, d] at the selected positions, as a [batch, n_pos, d] tensor
-// (a view when every position is taken).
-at::Tensor gather_rows(const at::Tensor& x, const CaptureArgs& a) {
-  if (!a.index.defined()) return x;
-  if (a.index.dim() == 1) return x.index_select(1, a.index);
-  return x.gather(1, a.index.unsqueeze(-1).expand({a.batch, a.n_pos, a.d_model}));
-}
-
 template <typename scalar_t>
 void rowwise_pass(const CaptureArgs& a) {
   const int64_t B = a.batch, S = a.seq, P = a.n_pos, D = a.d_model;
@@ -113,7 +105,7 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
                                   [&] { rowwise_pass<scalar_t>(a); });
 
   if (!(a.normed.defined() || a.mean.defined() || a.rstd.defined())) return;
-  const at::Tensor rows = gather_rows(a.out, a);  // [B, P, D], model dtype
+  const at::Tensor rows = gather_positions(a.out, a);  // [B, P, D], model dtype
   if (a.normed.defined()) {
     a.normed.copy_(at::layer_norm(rows, {a.d_model}, a.weight, a.bias, a.eps));
   }

@@ -104,14 +104,6 @@ bool torch_takes_fast_ln(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return true;
 }
 
-// Rows of x ([batch, seq] or [batch, seq, d]) at the selected positions.
-at::Tensor gather_positions(const at::Tensor& x, const CaptureArgs& a) {
-  if (!a.index.defined()) return x;
-  if (a.index.dim() == 1) return x.index_select(1, a.index);
-  if (x.dim() == 2) return x.gather(1, a.index);
-  return x.gather(1, a.index.unsqueeze(-1).expand({a.batch, a.n_pos, x.size(2)}));
-}
-
 void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& inp,
                         const std::optional<at::Tensor>& index,
                         const std::optional<at::Tensor>& norm_weight,
