@@ -25,6 +25,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -34,7 +35,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "write_rows",
-           "print_table", "device_slug"]
+           "print_table", "device_slug", "l2_problem", "finish"]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -153,3 +154,28 @@ def print_table(rows: Iterable[dict], columns: Sequence[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for line in cells:
         print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+
+
+def l2_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when float32 ``got`` is within 2 ulp of ``want`` (a float64 norm rounded to float32,
+    the contract's one tolerance) with the same non-finite entries; else what is wrong."""
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite):
+        return "l2 is finite where the float64 norm is not, or the reverse"
+    ulp = (got[finite].view(torch.int32).long() - want[finite].view(torch.int32).long()).abs()
+    if ulp.numel() and int(ulp.max()) > 2:
+        return f"l2 is {int(ulp.max())} ulp from the float64 norm (contract: <= 2)"
+    return None
+
+
+def finish(rows: Sequence[dict], columns: Sequence[str], name: str, out_dir, failed: Sequence[str],
+           notes: Iterable[str] = ()) -> int:
+    """The end of every benchmark: the table, any notes, the JSON file, the failed checks on stderr;
+    returns the exit status (1 if a check failed)."""
+    print_table(rows, columns)
+    for note in notes:
+        print(note)
+    print(f"wrote {write_rows(rows, name, out_dir)}")
+    for f in failed:
+        print(f"CHECK FAILED (not timed): {f}", file=sys.stderr)
+    return 1 if failed else 0

@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from _common import base_parser, print_table, resolve_device, row, write_rows
+from _common import base_parser, finish, l2_problem, resolve_device, row
 
 import residtap
 from residtap._build import load_extension
@@ -149,10 +149,8 @@ def check_capture(cap, model, ids) -> str | None:
             if not torch.equal(got, want):
                 return f"stats.{stat} differs from the reference"
             continue
-        finite = torch.isfinite(want)
-        ulp = (got[finite].view(torch.int32).long() - want[finite].view(torch.int32).long()).abs()
-        if not torch.equal(torch.isfinite(got), finite) or (ulp.numel() and int(ulp.max()) > 2):
-            return "stats.l2 is more than 2 ulp from the reference"
+        if (problem := l2_problem(got, want)) is not None:
+            return f"stats.{problem}"
     return None
 
 
@@ -265,13 +263,9 @@ def main() -> int:
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
 
-    print_table(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "check"])
-    for extra, why in skipped.items():
-        print(f"{extra}: skipped: {why}")
-    print(f"wrote {write_rows(rows, 'bench_capture', args.out)}")
-    for f in failed:
-        print(f"CHECK FAILED (capture not timed): {f}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "check"],
+                  "bench_capture", args.out, failed,
+                  notes=(f"{extra}: skipped: {why}" for extra, why in skipped.items()))
 
 
 if __name__ == "__main__":

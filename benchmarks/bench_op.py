@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import base_parser, median_time, print_table, resolve_device, row, write_rows
+from _common import base_parser, finish, l2_problem, median_time, resolve_device, row
 
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
 SMOKE_SHAPES = [(256, 64), (128, 200)]
@@ -131,12 +131,8 @@ def check(op, x: dict) -> str | None:
         want["l2"] = torch.linalg.vector_norm(x["out"].double(), dim=-1).float()
     for name, got in bufs.items():
         if name == "l2":
-            finite = torch.isfinite(want["l2"])
-            if not torch.equal(torch.isfinite(got), finite):
-                return "l2 is finite where the float64 norm is not, or the reverse"
-            ulp = (got[finite].view(torch.int32).long() - want["l2"][finite].view(torch.int32).long()).abs()
-            if ulp.numel() and int(ulp.max()) > 2:
-                return f"l2 is {int(ulp.max())} ulp from the float64 norm (contract: <= 2)"
+            if (problem := l2_problem(got, want["l2"])) is not None:
+                return problem
         elif got.dtype != want[name].dtype or not torch.equal(got, want[name]):
             diff = (got.float() - want[name].float()).abs().max().item()
             return f"{name} differs from torch (max |diff| {diff:.3g})"
@@ -200,12 +196,8 @@ def main() -> int:
             if cuda:
                 torch.cuda.empty_cache()
 
-    print_table(rows, ["shape", "dtype", "method", "bytes", "median_s", unit, "frac_of_copy", "x_torch",
-                       "check"])
-    print(f"wrote {write_rows(rows, 'bench_op', args.out)}")
-    for f in failed:
-        print(f"CHECK FAILED (not timed): {f}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish(rows, ["shape", "dtype", "method", "bytes", "median_s", unit, "frac_of_copy", "x_torch",
+                         "check"], "bench_op", args.out, failed)
 
 
 if __name__ == "__main__":
