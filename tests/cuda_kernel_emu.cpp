@@ -55,26 +55,7 @@ struct EmuDim {
 };
 EmuDim threadIdx, blockIdx, gridDim, blockDim;  // threadIdx: the running fiber's
 
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float __fdiv_rn(float a, float b) { return a / b; }
-static inline float __frcp_rn(float a) { return 1.0f / a; }
-static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
-static inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
-static inline float __double2float_rn(double a) { return static_cast<float>(a); }
-static inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-static inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-}
-static inline float emu_rsqrtf(float a) { return 1.0f / std::sqrt(a); }
-#define rsqrtf emu_rsqrtf
+#include "host_intrinsics.h"
 
 static inline uint4 __ldg(const uint4* p) { return *p; }
 static inline uint2 __ldg(const uint2* p) { return *p; }

@@ -28,19 +28,7 @@
 #define __host__
 #define __forceinline__ inline
 
-// Round-to-nearest float operations, as the CUDA intrinsics define them.
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float __fdiv_rn(float a, float b) { return a / b; }
-static inline float __frcp_rn(float a) { return 1.0f / a; }
-static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
-static inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }  // same on both sides
-static inline float __int_as_float(int i) {
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-}
+#include "host_intrinsics.h"
 
 // A warp in lock step: each shuffle publishes the value, waits for all 32 lanes, reads the source
 // lane (its own value when the source is past lane 31, as __shfl_down_sync does), waits again.
