@@ -52,3 +52,17 @@ def assert_same_outputs(cap, ref, outputs) -> None:
             assert got.shape == want.shape, f"{name}: {tuple(got.shape)} vs {tuple(want.shape)}"
             assert torch.equal(got, want), f"{name} differs: max |diff| " \
                 f"{(got.float() - want.float()).abs().max().item()}"
+
+
+def make_inputs(batch, seq, d, dtype, seed=0, centre=0.0, noncontig=False):
+    """Seeded (out, inp, norm weight, norm bias) of one block for calling the op: [batch, seq, d]
+    around ``centre``; ``noncontig`` gives the same shapes with strides that are not row-major."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, d, seq) if noncontig else (batch, seq, d)
+    out = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
+    inp = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
+    if noncontig:  # same values layout-wise, strides that are not row-major
+        out, inp = out.transpose(1, 2), inp.transpose(1, 2)
+    w = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype)
+    b = (torch.randn(d, generator=g) * 0.1).to(dtype)
+    return out, inp, w, b

@@ -17,8 +17,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import helpers
 from helpers import DTYPES, assert_l2_close, assert_same_outputs, ids_for, tiny_gpt2
 from residtap import backend, ops, reference
 from residtap.reference import run_reference
@@ -45,13 +45,8 @@ def cuda_gpt2(**kwargs):
 
 
 def make_inputs(rows, d, dtype, seed=0, centre=0.0, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, rows, d)
-    out = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
-    inp = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
-    w = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype)
-    b = (torch.randn(d, generator=g) * 0.1).to(dtype)
-    return out.to(CUDA), inp.to(CUDA), w.to(CUDA), b.to(CUDA)
+    """helpers.make_inputs with ``rows`` positions per batch row, on the GPU."""
+    return tuple(t.to(CUDA) for t in helpers.make_inputs(batch, rows, d, dtype, seed=seed, centre=centre))
 
 
 def make_index(kind, batch, seq, seed=1):

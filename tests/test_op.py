@@ -5,23 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, assert_l2_close
+from helpers import DTYPES, assert_l2_close, make_inputs
 from residtap import ops, reference
 
 WIDTHS = (1, 3, 64, 66, 129, 768)
 ROWS = ((1, 1), (2, 5), (3, 33))
-
-
-def make_inputs(batch, seq, d, dtype, seed=0, centre=0.0, noncontig=False):
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, d, seq) if noncontig else (batch, seq, d)
-    out = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
-    inp = (torch.randn(shape, generator=g) * 3 + centre).to(dtype)
-    if noncontig:  # same values layout-wise, strides that are not row-major
-        out, inp = out.transpose(1, 2), inp.transpose(1, 2)
-    w = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype)
-    b = (torch.randn(d, generator=g) * 0.1).to(dtype)
-    return out, inp, w, b
 
 
 def index_for(kind, batch, seq):
