@@ -9,13 +9,16 @@ use_cache=False, every residual index 0..n_layers:
   forward        the plain forward (the denominator)
   capture        residtap.Capture(outputs=resid, delta, normed, stats, backend="compiled"), built
                  once (its buffers are reused) and entered around each forward
+  capture_overlap  the same with overlap=True: each layer's capture on a side stream, beside the
+                 next blocks (residtap.overlap); on CPU it runs in place, like capture
   reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
   hidden_states  HF output_hidden_states=True (no copies; the final entry is after ln_f)
   hooks_copy     plain forward hooks copying each block's output into one preallocated buffer
   bytes_floor    the plain forward, then one device copy per captured layer moving the bytes the
                  capture must move at least (block output and input read, resid/delta/normed
                  written): what a capture running at the copy ceiling, not overlapped with the
-                 forward, would cost. capture's ratio cannot go below this one.
+                 forward, would cost. capture's ratio cannot go below this one; only
+                 capture_overlap can.
   nnsight        nnsight's trace saving every block's output (only if nnsight imports)
   tlens          TransformerLens run_with_cache of every resid_post on a HookedTransformer of the
                  same size (only if transformer_lens imports; its own random weights)
@@ -23,8 +26,9 @@ use_cache=False, every residual index 0..n_layers:
 Each is timed as host wall time with the device synchronized before and after. The methods run
 round-robin (the order rotated each round) so that clock or thermal drift hits all of them alike;
 ``ratio`` is the median over rounds of method time / forward time of the same round (target for
-capture: <= 1.01). Before timing, ``--check`` (on by default) runs capture and reference once and
-requires torch.equal for every output (l2: within 2 ulp, the contract's tolerance).
+capture: <= 1.01). Before timing, ``--check`` (on by default) runs each capture method and the
+reference once and requires torch.equal for every output (l2: within 2 ulp, the contract's
+tolerance); a capture method that fails is reported and not timed.
 
     python benchmarks/bench_capture.py                  # GPU sizes (estimated about a minute on an H200)
     python benchmarks/bench_capture.py --smoke          # CPU, seconds
@@ -170,29 +174,36 @@ def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
     return times
 
 
+CAPTURES = {"capture": {}, "capture_overlap": {"overlap": True}}  # method -> extra Capture kwargs
+
+
 def measure(model, ids, device, iters: int, warmup: int, check: bool):
-    """(times per method, what the check found wrong or None, {optional method: why skipped}).
+    """(times per method, {capture method: what its check found wrong}, {optional method: why
+    skipped}).
 
     Everything built here (capture buffers, hook buffers, optional wrappers) is freed on return."""
-    cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled")
-    skipped = {}
+    skipped, problems = {}, {}
     with torch.no_grad():
-        problem = check_capture(cap, model, ids) if check else None
+        def capture_method(cap):
+            def run():
+                with cap:
+                    model(input_ids=ids, use_cache=False)
+            return run
 
-        def run_capture():
-            with cap:
-                model(input_ids=ids, use_cache=False)
-
-        methods = {
-            "forward": lambda: model(input_ids=ids, use_cache=False),
-            "capture": run_capture,
+        methods = {"forward": lambda: model(input_ids=ids, use_cache=False)}
+        for name, kwargs in CAPTURES.items():
+            cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled", **kwargs)
+            problem = check_capture(cap, model, ids) if check else None
+            if problem:  # never time wrong code
+                problems[name] = problem
+            else:
+                methods[name] = capture_method(cap)
+        methods.update({
             "reference": lambda: run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False),
             "hidden_states": lambda: model(input_ids=ids, use_cache=False, output_hidden_states=True),
             "hooks_copy": hooks_copy_method(model, ids),
             "bytes_floor": bytes_floor_method(model, ids),
-        }
-        if problem:  # never time wrong code
-            del methods["capture"]
+        })
         for name, make in (("nnsight", nnsight_method), ("tlens", tlens_method)):
             try:
                 fn, why = make(model, ids)
@@ -204,7 +215,7 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
                 skipped[name] = why
             else:
                 methods[name] = fn
-        return time_round_robin(methods, device, iters, warmup), problem, skipped
+        return time_round_robin(methods, device, iters, warmup), problems, skipped
 
 
 def parse_list(text: str | None, allowed, flag: str) -> list[str]:
@@ -247,19 +258,19 @@ def main() -> int:
             model = random_gpt2(size, dtype=DTYPES[dname], device=device, lm_head=False, **overrides)
             common = dict(bench="capture", model=name, layers=model.config.n_layer,
                           d_model=model.config.n_embd, batch=batch, seq=seq, dtype=dname)
-            times, problem, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
+            times, problems, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
                                               device, iters, warmup, args.check)
             del model  # free it (and the caches below) before the next size is built
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             skipped.update(why_not)
-            if problem:
-                failed.append(f"{name} {dname}: {problem}")
-                rows.append(row(device, method="capture", check=f"FAILED: {problem}", **common))
+            for method, problem in problems.items():
+                failed.append(f"{name} {dname} {method}: {problem}")
+                rows.append(row(device, method=method, check=f"FAILED: {problem}", **common))
             fwd = times["forward"]
             for method, ts in times.items():
-                extra = {"check": "passed" if args.check else "skipped"} if method == "capture" else {}
+                extra = {"check": "passed" if args.check else "skipped"} if method in CAPTURES else {}
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
 

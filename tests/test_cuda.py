@@ -203,7 +203,7 @@ class _SyncIsAnError:
 
     def __init__(self, cap):
         self.cap = cap
-        for name in ("_on_model_call", "_begin", "_write"):
+        for name in ("_on_model_call", "_begin", "_write", "_on_model_exit"):
             setattr(cap, name, self._wrap(getattr(cap, name)))
 
     @staticmethod
@@ -217,9 +217,10 @@ class _SyncIsAnError:
         return wrapped
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("positions", [None, [0, -1, 3], "last", "mask"])
-def test_cuda_capture_matches_reference_without_host_sync(cuda_ext, dtype, positions):
+def test_cuda_capture_matches_reference_without_host_sync(cuda_ext, dtype, positions, overlap):
     import residtap
 
     model = cuda_gpt2(n_layer=3, n_embd=128, n_head=4, dtype=dtype)
@@ -231,7 +232,8 @@ def test_cuda_capture_matches_reference_without_host_sync(cuda_ext, dtype, posit
     if positions == "mask":
         positions = mask.bool()
     ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
-    cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend="compiled")
+    cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend="compiled",
+                           overlap=overlap)
     _SyncIsAnError(cap)
     torch.cuda.synchronize()
     for _ in range(2):  # the first forward sets up buffers and positions, the second reuses them
@@ -239,9 +241,12 @@ def test_cuda_capture_matches_reference_without_host_sync(cuda_ext, dtype, posit
             model(ids, **kwargs)
     assert cap.backend == "compiled"
     assert_same_outputs(cap, ref, OUTPUTS)
+    if overlap:
+        assert CUDA.type in {d.type for d in cap._side._streams} and cap._side.pending == 0
 
 
-def test_cuda_whole_forward_with_capture_never_syncs(cuda_ext):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
+def test_cuda_whole_forward_with_capture_never_syncs(cuda_ext, overlap):
     """Without a padding mask HF's GPT-2 forward itself does not sync: the whole forward with the
     capture runs under sync-debug "error" mode, from the first call."""
     import residtap
@@ -249,7 +254,8 @@ def test_cuda_whole_forward_with_capture_never_syncs(cuda_ext):
     model = cuda_gpt2(n_layer=2, n_embd=128, n_head=4, dtype=torch.bfloat16)
     ids = ids_for(model, 2, 24).to(CUDA)
     ref = run_reference(model, ids, positions=[1, -1], outputs=OUTPUTS, use_cache=False)
-    cap = residtap.Capture(model, positions=[1, -1], outputs=OUTPUTS, backend="compiled")
+    cap = residtap.Capture(model, positions=[1, -1], outputs=OUTPUTS, backend="compiled",
+                           overlap=overlap)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -260,14 +266,16 @@ def test_cuda_whole_forward_with_capture_never_syncs(cuda_ext):
     assert_same_outputs(cap, ref, OUTPUTS)
 
 
-def test_cuda_graph_capture_replays_exactly(cuda_ext):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
+def test_cuda_graph_capture_replays_exactly(cuda_ext, overlap):
     """The model's forward and the capture recorded together in a CUDA graph; replays on new inputs
-    give what eager capture gives."""
+    give what eager capture gives. With overlap the side stream forks from and joins the captured
+    stream inside the graph."""
     import residtap
 
-    model = cuda_gpt2(n_layer=2, n_embd=128, n_head=4, dtype=torch.float32)
+    model = cuda_gpt2(n_layer=3, n_embd=128, n_head=4, dtype=torch.float32)
     static_ids = ids_for(model, 2, 32, seed=0).to(CUDA)
-    cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled")
+    cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled", overlap=overlap)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), cap, torch.no_grad():
@@ -291,6 +299,55 @@ def test_cuda_graph_capture_replays_exactly(cuda_ext):
             assert torch.equal(replayed[n], getattr(eager, n)), n
         for got, want in zip(replayed_stats, eager.stats):
             assert torch.equal(got, want)
+
+
+def lagging_side_streams(cycles: int = 2_000_000):
+    """residtap.overlap.SideStreams whose side stream sleeps (about a millisecond) before each
+    capture, so that the main stream runs far ahead: the capture is then right only if the tensors
+    it reads are held, and the main stream waits for it, exactly where the discipline says."""
+    from residtap.overlap import SideStreams
+
+    class Lagging(SideStreams):
+        def _launch(self, device, fn):
+            def slow():
+                torch.cuda._sleep(cycles)
+                fn()
+            return super()._launch(device, slow)
+
+    return Lagging()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_overlap_with_a_lagging_side_stream_is_still_exact(cuda_ext, dtype):
+    import residtap
+
+    model = cuda_gpt2(n_layer=6, n_embd=256, n_head=4, dtype=dtype)
+    for seed, (batch, seq) in enumerate([(8, 200), (4, 256)]):  # the second reallocates the buffers
+        ids = ids_for(model, batch, seq, seed=seed).to(CUDA)
+        with torch.no_grad():
+            plain = model(ids, use_cache=False).logits
+        ref = run_reference(model, ids, outputs=OUTPUTS, use_cache=False)
+        cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled", overlap=True)
+        cap._side = lagging_side_streams()
+        with cap, torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        assert torch.equal(logits, plain)  # the model's own computation is untouched
+        assert_same_outputs(cap, ref, OUTPUTS)
+
+
+def test_cuda_overlap_detects_a_hidden_state_changed_in_place(cuda_ext):
+    import residtap
+    from residtap.overlap import OverlapError
+
+    model = cuda_gpt2(n_layer=4, n_embd=128, n_head=4, dtype=torch.float32)
+    ids = ids_for(model, 2, 16).to(CUDA)
+    handle = model.transformer.h[1].register_forward_pre_hook(lambda _m, args: args[0].mul_(2))
+    try:
+        with pytest.raises(OverlapError, match="residual index 1"), torch.no_grad():
+            with residtap.capture(model, outputs=OUTPUTS, backend="compiled", overlap=True):
+                model(ids, use_cache=False)
+    finally:
+        handle.remove()
 
 
 def test_cuda_capture_device_side_index_check_is_in_a_subprocess(cuda_ext, tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import backend as _backend
 from .arch import Layout, module_device, resolve_layout
+from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
                         resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
@@ -48,9 +49,11 @@ class CaptureConfig:
     dtype: torch.dtype | None
     outputs: tuple[str, ...]
     backend: str | None
+    overlap: bool = False
 
     @classmethod
-    def make(cls, layout: Layout, layers, positions, dtype, outputs, backend) -> "CaptureConfig":
+    def make(cls, layout: Layout, layers, positions, dtype, outputs, backend,
+             overlap: bool = False) -> "CaptureConfig":
         outputs = resolve_outputs(outputs)
         if "normed" in outputs and layout.final_norm is None:
             raise ValueError(f"outputs: 'normed' needs a final norm, but {layout.family} has none "
@@ -58,8 +61,10 @@ class CaptureConfig:
         positions = resolve_position_spec(positions)  # tensors are read once here, never in a forward
         if backend is not None and backend not in _backend.BACKENDS:
             raise ValueError(f"backend: expected one of {_backend.BACKENDS} or None, got {backend!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap: expected True or False, got {overlap!r}")
         return cls(tuple(resolve_layers(layers, layout.n_layers)), positions,
-                   resolve_dtype(dtype), outputs, backend)
+                   resolve_dtype(dtype), outputs, backend, overlap)
 
 
 class Capture:
@@ -109,6 +114,12 @@ class Capture:
     ``torch.stack([t.to(device) for t in cap.per_layer("resid")])``. With every layer on one device
     nothing changes: one stacked buffer per output, and ``cap.layer`` gives views into it.
 
+    ``overlap=True`` (CUDA): each layer's capture runs on a side stream, beside the next blocks,
+    instead of between them on the forward's stream; the model's own forward waits for all of them
+    before it returns, so the buffers read the same afterwards (see residtap.overlap). It needs a
+    model that does not modify its hidden states in place (HF's do not); one that does gets an
+    OverlapError, where version counters exist (not under ``torch.inference_mode``).
+
     Example::
 
         with residtap.capture(model, layers=[-1], outputs=("resid", "normed")) as cap:
@@ -118,10 +129,12 @@ class Capture:
 
     def __init__(self, model: nn.Module, layers=None, positions=None, dtype=None,
                  outputs=("resid",), *, blocks=NOT_GIVEN, final_norm=NOT_GIVEN,
-                 backend: str | None = None):
+                 backend: str | None = None, overlap: bool = False):
         self.model = model
         self.layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
-        self.config = CaptureConfig.make(self.layout, layers, positions, dtype, outputs, backend)
+        self.config = CaptureConfig.make(self.layout, layers, positions, dtype, outputs, backend, overlap)
+        self._side = SideStreams() if overlap else None
+        self._model_depth = 0  # overlap: how many calls of the model are running (see _on_model_enter)
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
         self._handles: list = []
         self._plans: dict[int, PositionPlan] = {}
@@ -161,6 +174,11 @@ class Capture:
                 self._attention_mask = _UNSEEN
                 self._handles.append(self.model.register_forward_pre_hook(self._on_model_call,
                                                                           with_kwargs=True))
+            if self._side is not None:
+                self._model_depth = 0
+                self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
+                self._handles.append(self.model.register_forward_hook(self._on_model_exit,
+                                                                      always_call=True))
             self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
             for i, blk in enumerate(blocks):
                 if i + 1 in self._slot:
@@ -174,7 +192,26 @@ class Capture:
         self._remove_hooks()
         if exc_type is not None and self._state == "running":
             self._state = "failed"
-        # never swallow the forward's exception
+        if self._side is not None:
+            try:
+                self._side.join(check=exc_type is None)  # never swallow the forward's exception
+            except OverlapError:
+                self._state = "failed"
+                raise
+
+    def _on_model_enter(self, _module, _args):
+        self._model_depth += 1
+
+    def _on_model_exit(self, _module, _args, _output):
+        # End of the model's forward (also when it raised): the main stream waits for every
+        # side-stream capture, so whatever reads the buffers next is ordered after their writes.
+        self._model_depth = max(0, self._model_depth - 1)
+        if self._model_depth == 0:
+            try:
+                self._side.join(check=self._state != "failed")
+            except OverlapError:
+                self._state = "failed"
+                raise
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -203,6 +240,8 @@ class Capture:
     # ------------------------------------------------------------------ per forward
     def _begin(self, hidden: torch.Tensor) -> None:
         """Start of a forward: resolve positions for this length and (re)allocate if the shape changed."""
+        if self._side is not None:  # a forward that ended without a join (it raised): join now,
+            self._side.join(check=False)  # before its buffers are reused or freed
         self._state, self._written = "running", 0
         if hidden.dim() != 3:
             raise RuntimeError(f"residtap: expected the first block's hidden state to be "
@@ -253,7 +292,7 @@ class Capture:
     def _norm_stamp(self) -> tuple:
         """What identifies the final norm's tensors and their contents: a move, a replacement or an
         in-place update (training) changes it. Host-side reads only."""
-        return tuple(None if p is None else (p.device, p.data_ptr(), _version(p))
+        return tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
                      for p in (self.layout.norm.weight, self.layout.norm.bias))
 
     def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
@@ -458,31 +497,58 @@ class Capture:
             inp = inp[:, index] if inp is not None else None
             index = None
         bufs = self._layer_bufs[k]
-        weight, bias = ops.norm_params
-        ops.choice.fn(
-            out, inp, index, norm_weight=weight, norm_bias=bias,
-            norm_kind=ops.norm_kind, eps=self.layout.norm.eps,
-            resid=bufs.get("resid"), delta=bufs.get("delta"),
-            normed=bufs.get("normed") if ops.fused_normed else None,
-            mean=bufs.get("mean"), rstd=bufs.get("rstd"), l2=bufs.get("l2"), maxabs=bufs.get("maxabs"),
-        )
-        if "normed" in bufs and not ops.fused_normed:
-            # The module's own code on the full tensor, then the gather: exact by construction. A
-            # norm kept on another device (device_map) gets a copy of the hidden state there, rather
-            # than residtap copying an arbitrary module per device; the result comes back by copy_.
-            with torch.no_grad():
-                x = full_out
-                if ops.norm_device is not None and ops.norm_device != device:
-                    x = _to(x, ops.norm_device)
-                normed = self.layout.final_norm(x)
-                if self._packed:
-                    normed = normed.reshape(1, -1, normed.shape[-1])
-                bufs["normed"].copy_(take(normed, self._sel_on(normed.device)))
+        module_normed = "normed" in bufs and not ops.fused_normed
+
+        def work():
+            weight, bias = ops.norm_params
+            ops.choice.fn(
+                out, inp, index, norm_weight=weight, norm_bias=bias,
+                norm_kind=ops.norm_kind, eps=self.layout.norm.eps,
+                resid=bufs.get("resid"), delta=bufs.get("delta"),
+                normed=bufs.get("normed") if ops.fused_normed else None,
+                mean=bufs.get("mean"), rstd=bufs.get("rstd"), l2=bufs.get("l2"),
+                maxabs=bufs.get("maxabs"),
+            )
+            if module_normed:
+                # The module's own code on the full tensor, then the gather: exact by construction.
+                # A norm kept on another device (device_map) gets a copy of the hidden state there,
+                # rather than residtap copying an arbitrary module per device; the result comes
+                # back by copy_.
+                with torch.no_grad():
+                    x = full_out
+                    if ops.norm_device is not None and ops.norm_device != device:
+                        x = _to(x, ops.norm_device)
+                    normed = self.layout.final_norm(x)
+                    if self._packed:
+                        normed = normed.reshape(1, -1, normed.shape[-1])
+                    bufs["normed"].copy_(take(normed, self._sel_on(normed.device)))
+
+        if self._side is not None and self._overlaps(ops, device, module_normed):
+            try:
+                self._side.run(device, layer_id, (full_out, inp, index), work)
+            except OverlapError:
+                self._state = "failed"
+                raise
+        else:
+            work()
         self._written += 1
         if self._written == len(self.config.layer_ids):
+            if self._side is not None and (self._model_depth == 0 or not self._stacked):
+                # No model-level hook will join (the blocks were called without the model), or
+                # _restack is about to read the buffers on the main stream.
+                self._side.join()
             self._state = "complete"
             if not self._stacked:
                 self._restack()
+
+    def _overlaps(self, ops: _DeviceOps, device: torch.device, module_normed: bool) -> bool:
+        """Whether this layer's capture may run on the side stream: on a CUDA device, and all of it
+        there (the final norm's own code runs on that device with no accelerate hook moving its
+        weights). Other layers run in place, on the forward's stream."""
+        if not self._side.has_stream(device):
+            return False
+        return not module_normed or (ops.norm_device in (None, device)
+                                     and not hasattr(self.layout.final_norm, "_hf_hook"))
 
     # ------------------------------------------------------------------ results
     @property
@@ -608,13 +674,6 @@ class Capture:
                 f"state={self._state})")
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor has no version counter (nor in-place updates outside)
-        return None
-
-
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``, without a host sync where that is safe: onto a GPU the copy is queued
     (GPU to GPU it is ordered on both devices' current streams); onto the CPU it must be complete
@@ -637,7 +696,8 @@ def _positional_index(model: nn.Module, name: str) -> int | None:
 
 
 def capture(model: nn.Module, layers=None, positions=None, dtype=None, outputs=("resid",), *,
-            blocks=NOT_GIVEN, final_norm=NOT_GIVEN, backend: str | None = None) -> Capture:
+            blocks=NOT_GIVEN, final_norm=NOT_GIVEN, backend: str | None = None,
+            overlap: bool = False) -> Capture:
     """``with residtap.capture(model, ...) as cap: model(x)`` — see :class:`Capture`."""
     return Capture(model, layers, positions, dtype, outputs, blocks=blocks, final_norm=final_norm,
-                   backend=backend)
+                   backend=backend, overlap=overlap)

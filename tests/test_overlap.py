@@ -1,0 +1,175 @@
+"""Capture with overlap=True: the side-stream discipline, emulated on the CPU.
+
+DeferredStreams stands in for a CUDA side stream. Each capture is queued and runs only when the main
+stream "waits" for it, which is the latest moment the discipline allows. So a join that is missing,
+or a tensor changed in place before the capture read it, shows up here as a wrong value or a capture
+still queued. What only a GPU can show (the caching allocator's reuse, real concurrency, CUDA graphs)
+is tested in test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import residtap
+from helpers import assert_same_outputs, ids_for, tiny_gpt2
+from residtap.overlap import OverlapError, SideStreams
+from residtap.reference import OUTPUTS, run_reference
+
+
+class DeferredStreams(SideStreams):
+    def __init__(self, window: int = 2):
+        super().__init__(window)
+        self.queue: list = []  # (token, capture) not yet run
+        self.launched = self.max_queued = 0
+
+    def has_stream(self, device):
+        return True
+
+    def _launch(self, device, fn):
+        self.launched += 1
+        self.queue.append((self.launched, fn))
+        self.max_queued = max(self.max_queued, len(self.queue))
+        return "main", self.launched
+
+    def _wait(self, pending):
+        while self.queue and self.queue[0][0] <= pending.done:
+            self.queue.pop(0)[1]()
+
+
+def deferred_capture(model, **kwargs) -> residtap.Capture:
+    cap = residtap.Capture(model, overlap=True, **kwargs)
+    cap._side = DeferredStreams()
+    return cap
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=97, max_position_embeddings=64)
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def no_hooks_left(model) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("positions", [None, [0, -1, 3], "last", "mask"], ids=str)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_deferred_captures_match_the_reference(extension, family, positions):
+    # gpt2: the fused op writes normed; llama: RMSNorm, the module's own code (also on the side).
+    model = tiny_gpt2(3, 64, 4) if family == "gpt2" else tiny_llama()
+    ids = ids_for(model, 3, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, 7:] = 0
+    kwargs = {"attention_mask": mask} if positions in ("last", "mask") else {}
+    if positions == "mask":
+        positions = mask.bool()
+    cap = deferred_capture(model, positions=positions, outputs=OUTPUTS, backend="compiled")
+    with cap, torch.no_grad():
+        for _ in range(2):  # a second forward reuses the buffers the first one's captures wrote
+            model(ids, **kwargs)
+            assert cap._side.queue == [] and cap._side.pending == 0  # joined when the model returned
+    ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    # It did defer: with 4 captured layers, up to window + 1 of them were queued at once, never more.
+    assert cap._side.max_queued == cap._side.window + 1 == 3
+    assert no_hooks_left(model)
+
+
+def test_deferred_capture_follows_a_change_of_shape(extension):
+    model = tiny_gpt2(3, 64, 4)
+    cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+    with cap, torch.no_grad():
+        for batch, seq in ((2, 5), (3, 11)):
+            ids = ids_for(model, batch, seq, seed=seq)
+            model(ids)
+            assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+def test_blocks_called_without_the_model_are_joined_at_the_last_layer(extension):
+    model = tiny_gpt2(3, 64, 4)
+    ids = ids_for(model, 2, 7)
+    cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+    with cap, torch.no_grad():
+        model.transformer(ids)  # the LM's own forward (and its hook) never runs
+        assert cap._side.queue == []
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+def test_an_in_place_change_to_a_hidden_state_is_an_error_not_a_silent_wrong_capture(extension):
+    model = tiny_gpt2(4, 64, 4)
+    ids = ids_for(model, 2, 7)
+
+    def doubles_its_input(_module, args):
+        args[0].mul_(2)  # block 1 changes block 0's output, which layer 1's capture reads
+
+    handle = model.transformer.h[1].register_forward_pre_hook(doubles_its_input)
+    try:
+        # On one stream the capture reads layer 1 before the change: exact.
+        with residtap.capture(model, outputs=OUTPUTS, backend="compiled") as cap, torch.no_grad():
+            model(ids)
+        before = cap.resid[1].clone()
+        cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+        with pytest.raises(OverlapError, match="residual index 1 was modified in place.*overlap=False"):
+            with cap, torch.no_grad():
+                model(ids)
+        # The emulated side stream did read the doubled values: without the check, they would
+        # have been presented as layer 1.
+        assert torch.equal(cap._buffers["resid"][1], before * 2)
+    finally:
+        handle.remove()
+    with pytest.raises(residtap.CaptureError, match="raised"):
+        cap.resid
+    assert cap._side.queue == [] and no_hooks_left(model)
+
+
+def test_inference_mode_has_no_version_counters_and_no_false_alarm(extension):
+    model = tiny_gpt2(3, 64, 4)
+    ids = ids_for(model, 2, 7)
+    cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+    with cap, torch.inference_mode():
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+def test_a_forward_that_raises_leaves_nothing_queued(extension):
+    model = tiny_gpt2(4, 64, 4)
+    ids = ids_for(model, 2, 7)
+
+    def fails(_module, _args):
+        raise ValueError("block 3 failed")
+
+    cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+    handle = model.transformer.h[3].register_forward_pre_hook(fails)
+    try:
+        with pytest.raises(ValueError, match="block 3 failed"), cap, torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    assert cap._side.queue == [] and no_hooks_left(model)
+    with pytest.raises(residtap.CaptureError, match="raised"):
+        cap.resid
+    with cap, torch.no_grad():  # the same capture works again
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+def test_without_a_cuda_device_overlap_runs_in_place(extension):
+    model = tiny_gpt2(2, 64, 4)
+    ids = ids_for(model, 2, 7)
+    with residtap.capture(model, outputs=OUTPUTS, backend="compiled", overlap=True) as cap:
+        model(ids)
+        assert cap._side.pending == 0
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+def test_bad_overlap_arguments_are_clear_errors():
+    model = tiny_gpt2(2, 64, 4)
+    with pytest.raises(ValueError, match="overlap: expected True or False, got 'yes'"):
+        residtap.capture(model, overlap="yes")
+    with pytest.raises(ValueError, match="window: expected an int >= 1, got 0"):
+        SideStreams(window=0)
