@@ -47,6 +47,9 @@ def test_dispatched_model_matches_reference(extension, tmp_path, kind, positions
             model(ids, attention_mask=mask)
     assert cap.devices == [torch.device("cpu")] * len(cap.layer_ids)
     assert_same_outputs(cap, ref, OUTPUTS)
+    # The reference itself runs on the dispatched model too (final norm weights on meta or disk).
+    on_model = run_reference(model, ids, attention_mask=mask, positions=positions, outputs=OUTPUTS)
+    assert_same_outputs(cap, on_model, OUTPUTS)
 
 
 def test_verify_on_an_offloaded_model(extension, tmp_path):

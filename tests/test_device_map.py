@@ -201,6 +201,25 @@ def test_layers_arriving_elsewhere_than_expected_get_buffers_where_they_are(exte
     assert ptrs[0] == ptrs[1] == ptrs[2]  # stacked at its end, then that stack is reused
 
 
+def test_run_reference_per_layer_matches_its_stacked_outputs(extension):
+    model = tiny_gpt2(3, 64, 4, torch.float32, lm_head=False)
+    ids = ids_for(model, 2, 9)
+    ref = run_reference(model, ids, layers=[3, 0, 2], positions=[1, -1], outputs=OUTPUTS)
+    assert ref.layer_ids == [0, 2, 3] and len(ref.per_layer) == 3
+    for k, lid in enumerate(ref.layer_ids):
+        for name in OUTPUTS:
+            assert_layer_equal(ref.layer(name, lid), ref_layer(ref, name, k), f"{name}[{lid}]")
+
+
+def test_run_reference_on_several_devices_is_read_per_layer():
+    """The stacked view refuses, naming the devices (a real split runs in the GPU tests above)."""
+    layers = [{"resid": torch.zeros(2, 3, 4)}, {"resid": torch.zeros(2, 3, 4, device="meta")}]
+    ref = reference.ReferenceResult([0, 1], layers, None, None)
+    with pytest.raises(ValueError, match=r"several devices \(cpu, meta\).*ref.layer\(name, layer_id\)"):
+        ref.outputs
+    assert ref.layer("resid", 1).device.type == "meta"
+
+
 def test_norm_stamp_sees_moves_replacements_and_in_place_updates():
     """The stamp that decides when a copy of the final norm's weights must be made again."""
     model = copy.deepcopy(tiny_gpt2())
@@ -318,9 +337,13 @@ def check_split(model, ids, devices, positions=None, sync_free=False):
         with cap, torch.no_grad():
             model(ids, use_cache=False)
     want = split_reference(model, ids, OUTPUTS, positions)
+    ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, use_cache=False)
+    assert ref.layer_ids == cap.layer_ids and ref.stacked is None  # on several devices: per layer
     for k, lid in enumerate(cap.layer_ids):
         for name in OUTPUTS:
             assert_layer_equal(cap.layer(name, lid), want[k][name], f"{name}[{lid}]")
+            # run_reference's own split handling agrees with this file's hand-written one
+            assert_layer_equal(ref.layer(name, lid), want[k][name], f"run_reference {name}[{lid}]")
     with pytest.raises(residtap.CaptureError, match="several devices"):
         cap.resid
     return cap

@@ -21,6 +21,7 @@ first or last changes no value.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import torch
@@ -127,10 +128,34 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
             buf.copy_(getattr(res["stats"], k))
 
 
-class ReferenceResult(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ReferenceResult:
+    """What run_reference computed. ``per_layer[k]``: layer ``layer_ids[k]``'s outputs ({name:
+    ``[batch, n_pos, d_model]`` tensor, "stats": Stats}) on the device that layer ran on.
+    ``outputs``: the same stacked, {name: ``[len(layer_ids), batch, n_pos, d_model]``}, when every
+    layer ran on one device."""
+
     layer_ids: list
-    outputs: dict  # name -> [n_layers_selected, batch, n_pos, d_model]; "stats" -> Stats of stacked
+    per_layer: list
     model_output: object
+    stacked: dict | None  # None: the layers ran on several devices
+
+    @property
+    def outputs(self) -> dict:
+        if self.stacked is None:
+            devices = sorted({str(_device_of(r)) for r in self.per_layer})
+            raise ValueError(f"ReferenceResult.outputs: the layers ran on several devices ({', '.join(devices)}), "
+                             "so they are not stacked; read ref.layer(name, layer_id) or ref.per_layer")
+        return self.stacked
+
+    def layer(self, name: str, layer_id: int):
+        """Layer ``layer_id``'s (a residual index in ``layer_ids``) output ``name``, where it ran."""
+        return self.per_layer[self.layer_ids.index(layer_id)][name]
+
+
+def _device_of(res: dict) -> torch.device:
+    first = next(iter(res.values()))
+    return (first.mean if isinstance(first, Stats) else first).device
 
 
 def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs=("resid",),
@@ -142,8 +167,13 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     takes each row's last nonzero column of the ``attention_mask`` the model is called with (0 for a
     row with none; the last position for every row without a mask); a bool tensor ``[batch, seq]``
     keeps its True tokens by boolean indexing: outputs ``[layers, n_kept, ...]``, row-major.
+
+    A model dispatched over several devices (``device_map``, blocks moved by hand): each layer is
+    computed where its block's output is, with the block's input copied there, and normed by the
+    final norm on the device the norm runs on (the hidden state copied there and the result back,
+    as the model itself would compute it). Read such a result per layer (``layer`` / ``per_layer``).
     """
-    from .arch import resolve_layout
+    from .arch import module_device, resolve_layout
     from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
 
     dtype = resolve_dtype(dtype)
@@ -158,8 +188,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
 
     def make_hook(i):
         def hook(_mod, a, kw, output):
-            saved[i + 1] = (layout.hidden_from_output(output).detach().clone(),
-                            layout.hidden_from_args(a, kw).detach().clone())
+            out = layout.hidden_from_output(output).detach().clone()
+            # the input where the output is (a dispatched block may receive it elsewhere)
+            saved[i + 1] = (out, layout.hidden_from_args(a, kw).detach().to(out.device, copy=True))
         return hook
 
     handles = [layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
@@ -173,6 +204,14 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             h.remove()
 
     keep = positions if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool else None
+    norm = layout.final_norm
+    norm_device = module_device(norm) if norm is not None else None
+
+    def apply_norm(x):  # where the model runs its final norm, the result back where x is
+        if norm_device is None or norm_device == x.device:
+            return norm(x)
+        return norm(x.to(norm_device)).to(x.device)
+
     per_layer = []
     for lid in layer_ids:
         out, inp = saved[lid]
@@ -182,20 +221,23 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             sel = _last_real(model, args, kwargs, out.shape[:2]).to(out.device)
         else:
             sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)
-        res = block_outputs(out, inp, sel=sel, dtype=dtype, final_norm=layout.final_norm,
+        res = block_outputs(out, inp, sel=sel, dtype=dtype,
+                            final_norm=apply_norm if norm is not None else None,
                             eps=layout.eps, outputs=outputs)
         if keep is not None:  # all positions computed, then x[keep]: [n_kept, ...]
             k = keep.to(out.device)
             res = {n: Stats(*(s[k] for s in v)) if n == "stats" else v[k] for n, v in res.items()}
         per_layer.append(res)
-    stacked = {}
-    for name in outputs:
-        if name == "stats":
-            stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
-                                    for s in STAT_NAMES))
-        else:
-            stacked[name] = torch.stack([r[name] for r in per_layer])
-    return ReferenceResult(layer_ids, stacked, model_output)
+    stacked = None
+    if len({_device_of(r) for r in per_layer}) == 1:
+        stacked = {}
+        for name in outputs:
+            if name == "stats":
+                stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
+                                        for s in STAT_NAMES))
+            else:
+                stacked[name] = torch.stack([r[name] for r in per_layer])
+    return ReferenceResult(list(layer_ids), per_layer, model_output, stacked)
 
 
 def _last_real(model, args, kwargs, shape) -> torch.Tensor:
