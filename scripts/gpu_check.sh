@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check for one device lease (issue 3): build the extension, run the CUDA tests, both
-# benchmarks and the sanitizers, in priority order, each step with its own time limit, within about
-# 6 minutes on an H200 (a step that would start past the budget is skipped and reported). Logs and
-# JSON results go to $OUT (default ./gpu-check-out).
+# The GPU check for one device lease: build the extension, then one part or both, in priority order,
+# each step with its own time limit (a step that would start past the budget is skipped and
+# reported). Logs and JSON results go to $OUT (default ./gpu-check-out).
 #
-#   bash scripts/gpu_check.sh            # on a machine with a CUDA GPU, torch and nvcc
-#   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...   # also build for another architecture and check the error
+#   op       (issue 3, the default; about 6 minutes on an H200) the CUDA op and capture tests,
+#            bench_op, bench_capture, compute-sanitizer memcheck and racecheck
+#   extract  (issue 5; about 3 minutes) extraction's CUDA pipeline against captures, models split
+#            over devices, bench_extract on GPT-2-small
+#   all      both, in one call (about 9 minutes: a 15-minute lease has no time to run it twice)
+#
+#   bash scripts/gpu_check.sh [op|extract|all]   # on a machine with a CUDA GPU, torch and nvcc
+#   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
 #
 # No install needed: the package runs from src/ (PYTHONPATH); the machine's torch, transformers,
 # pytest and safetensors are used as they are.
@@ -15,11 +20,18 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export RESIDTAP_BUILD_DIR="${RESIDTAP_BUILD_DIR:-$PWD/.build-gpu}" MAX_JOBS="${MAX_JOBS:-16}"
-LOG="$OUT/gpu_check.log"
+PART="${1:-op}"
+case "$PART" in
+    op) budget=345 ;;  # a lease can run it twice
+    extract) budget=200 ;;
+    all) budget=530 ;;
+    *) echo "gpu_check.sh: expected op, extract or all, got '$PART'" >&2; exit 2 ;;
+esac
+LOG="$OUT/gpu_check-$PART.log"
 START=$SECONDS
 FAILED=()
 
-DEADLINE="${RESIDTAP_GPU_CHECK_DEADLINE:-345}"  # seconds for the whole script: a lease runs it twice
+DEADLINE="${RESIDTAP_GPU_CHECK_DEADLINE:-$budget}"  # seconds for the whole script
 
 step() {  # step NAME LIMIT_S COMMAND...  (the limit shrinks to what is left before DEADLINE)
     local name=$1 limit=$2; shift 2
@@ -50,15 +62,23 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     echo "build failed: nothing else can run" | tee -a "$LOG"
     exit 1
 fi
-step cuda-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-    tests/test_cuda_order.py tests/test_parity.py tests/test_device_map.py
-step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
-step bench-capture 90 python3 benchmarks/bench_capture.py --out "$OUT"
-step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py
-step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_op.py
-if [ "${RESIDTAP_GPU_CHECK_ARCH_TEST:-0}" = 1 ]; then
-    step arch-error 150 env RESIDTAP_TEST_ARCH_ERROR=1 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_cuda.py -k missing_architecture
+if [ "$PART" != extract ]; then
+    step cuda-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+        tests/test_cuda_order.py tests/test_parity.py tests/test_overlap.py
+    step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
+    step bench-capture 90 python3 benchmarks/bench_capture.py --out "$OUT"
+    step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py
+    step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_op.py
+    if [ "${RESIDTAP_GPU_CHECK_ARCH_TEST:-0}" = 1 ]; then
+        step arch-error 150 env RESIDTAP_TEST_ARCH_ERROR=1 python3 -m pytest -q -p no:cacheprovider \
+            tests/test_cuda.py -k missing_architecture
+    fi
+fi
+if [ "$PART" != op ]; then
+    step extract-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_device_map.py \
+        tests/test_extract.py -k "cuda or gpu or split"
+    # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
+    step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
 fi
 echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
 [ ${#FAILED[@]} -eq 0 ]

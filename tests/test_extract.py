@@ -4,6 +4,7 @@ errors, and the multi-process split. Tiny models (2 layers, width 64), a few doz
 from __future__ import annotations
 
 import builtins
+import copy
 import errno
 import filecmp
 import json
@@ -24,6 +25,16 @@ from residtap.cli import main as cli_main
 
 RANDOM = "random:gpt2-small,n_layer=2,n_embd=64,n_head=2,vocab_size=100,n_positions=64"
 VOCAB = 97  # helpers.tiny_gpt2
+# The pipeline on the CPU everywhere; on a GPU also its CUDA side (pinned double buffers, copy
+# streams, events), which these tests check against captures of the same batches.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
+
+
+def model_on(device, dtype=torch.float32):
+    """helpers.tiny_gpt2 on ``device`` (a copy off the CPU: the cached one stays where it is)."""
+    model = tiny_gpt2(dtype=dtype)
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
 def ids_file(tmp_path, n_tokens=1000, vocab=VOCAB, seed=0, shape=None):
@@ -56,11 +67,13 @@ def documents(n_docs=23, seed=1):
 
 
 def captured(model, ids, mask=None, **sel):
-    """What residtap.capture gives for one batch of the bare model (the pipeline's source of truth)."""
+    """What residtap.capture gives for one batch of the bare model (the pipeline's source of truth),
+    on the model's device."""
     base = model.base_model
-    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask, dtype=torch.long)}
+    device = next(base.parameters()).device
+    kw = {} if mask is None else {"attention_mask": torch.as_tensor(mask, dtype=torch.long, device=device)}
     with torch.inference_mode(), residtap.capture(base, **sel) as cap:
-        base(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False, **kw)
+        base(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device), use_cache=False, **kw)
     return cap
 
 
@@ -78,9 +91,10 @@ def assert_same_dirs(a, b):
 
 
 # ------------------------------------------------------------------------------------------ content
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["model-dtype", "bf16"])
-def test_shards_equal_capture(tmp_path, dtype):
-    model = tiny_gpt2()
+def test_shards_equal_capture(tmp_path, dtype, device):
+    model = model_on(device)
     path, arr = ids_file(tmp_path, 16 * 21 + 5)  # 21 sequences of 16: last shard and batch partial
     sel = dict(layers=[0, 2], positions=slice(2, 14, 3), dtype=dtype,
                outputs=("resid", "delta", "normed", "stats"))
@@ -98,7 +112,7 @@ def test_shards_equal_capture(tmp_path, dtype):
         cap = captured(model, seqs[b0:b0 + 4], **sel)
         for k in want:
             src = getattr(cap, k) if k in ("resid", "delta", "normed") else getattr(cap.stats, k)
-            want[k].append(src.reshape(2, -1, *src.shape[3:]))
+            want[k].append(src.reshape(2, -1, *src.shape[3:]).cpu())
     for k, parts in want.items():
         full = torch.cat(parts, 1)
         for i, lid in enumerate([0, 2]):
@@ -119,8 +133,9 @@ def test_shards_equal_capture(tmp_path, dtype):
     assert {"residtap", "torch", "transformers"} <= set(m["versions"])
 
 
-def test_text_padded_and_packed(tmp_path):
-    model = tiny_gpt2()
+@pytest.mark.parametrize("device", DEVICES)
+def test_text_padded_and_packed(tmp_path, device):
+    model = model_on(device)
     tok = tokenizer_dir(tmp_path)
     docs = documents()
     jsonl = tmp_path / "docs.jsonl"
@@ -147,7 +162,7 @@ def test_text_padded_and_packed(tmp_path):
         for r in range(min(3, len(pieces) - b0)):
             rows = seq_index == b0 + r
             assert torch.equal(position[rows], torch.nonzero(mask[b0 + r]).flatten().int())
-            assert torch.equal(got[rows], cap.resid[0, r][mask[b0 + r]])
+            assert torch.equal(got[rows], cap.resid[0, r].cpu()[mask[b0 + r]])
     assert settings["packing"] == "pad" and settings["data"]["tokenizer"]["eos"] == 2
     # pack: documents joined with [EOS], cut into 8; the tail is dropped
     residtap.extract(model, str(jsonl), tmp_path / "pack", tokenizer=tok, seq_len=8, batch_size=3,
@@ -162,7 +177,7 @@ def test_text_padded_and_packed(tmp_path):
     doc = int(np.searchsorted(lens, 8, side="right"))
     assert first == [doc, 8 - (int(lens[doc - 1]) if doc else 0)]
     cap = captured(model, acts.sequences("input_ids")[:3].long(), layers=[1], positions=-1)
-    assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0])
+    assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0].cpu())
 
 
 def test_saved_hf_dataset(tmp_path):
@@ -216,8 +231,9 @@ def test_reader_array_and_shuffled_rows(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ reliability
-def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch):
-    model = tiny_gpt2()
+@pytest.mark.parametrize("device", DEVICES)
+def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch, device):
+    model = model_on(device)
     path, _ = ids_file(tmp_path, 8 * 24)
     kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", outputs=("resid", "stats"), progress=False)
     residtap.extract(model, path, tmp_path / "ref", **kw)
