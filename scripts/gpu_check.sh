@@ -13,7 +13,8 @@
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
 #
 # No install needed: the package runs from src/ (PYTHONPATH); the machine's torch, transformers,
-# pytest and safetensors are used as they are.
+# pytest and safetensors are used as they are. bench_capture's nnsight and TransformerLens rows need
+# wheels the machine lacks: fetch them here with scripts/baseline_wheels.sh and carry ".whl".
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -53,6 +54,11 @@ step() {  # step NAME LIMIT_S COMMAND...  (the limit shrinks to what is left bef
 : > "$LOG"
 step env 60 bash -c 'nvidia-smi -L; nvcc --version | tail -1; python3 -c "import torch, transformers
 print(torch.__version__, torch.version.cuda, transformers.__version__)"'
+if compgen -G ".whl/*.whl" > /dev/null; then  # optional baselines' wheels (scripts/baseline_wheels.sh)
+    step baseline-wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 step build 150 python3 -c "
 from residtap._build import load_extension
 i = load_extension()
