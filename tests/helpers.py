@@ -7,6 +7,7 @@ import functools
 import torch
 
 from residtap.models import random_gpt2
+from residtap.overlap import SideStreams
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,3 +67,26 @@ def make_inputs(batch, seq, d, dtype, seed=0, centre=0.0, noncontig=False):
     w = (torch.randn(d, generator=g) * 0.5 + 1).to(dtype)
     b = (torch.randn(d, generator=g) * 0.1).to(dtype)
     return out, inp, w, b
+
+
+class DeferredStreams(SideStreams):
+    """A CUDA side stream emulated on the CPU, for Capture(overlap=True): each capture is queued and
+    runs only when the main stream waits for it (the latest moment the discipline allows)."""
+
+    def __init__(self, window: int = 2):
+        super().__init__(window)
+        self.queue: list = []  # (token, capture) not yet run
+        self.launched = self.max_queued = 0
+
+    def has_stream(self, device):
+        return True
+
+    def _launch(self, device, fn):
+        self.launched += 1
+        self.queue.append((self.launched, fn))
+        self.max_queued = max(self.max_queued, len(self.queue))
+        return "main", self.launched
+
+    def _wait(self, pending):
+        while self.queue and self.queue[0][0] <= pending.done:
+            self.queue.pop(0)[1]()

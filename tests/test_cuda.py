@@ -341,7 +341,11 @@ def test_cuda_overlap_detects_a_hidden_state_changed_in_place(cuda_ext):
 
     model = cuda_gpt2(n_layer=4, n_embd=128, n_head=4, dtype=torch.float32)
     ids = ids_for(model, 2, 16).to(CUDA)
-    handle = model.transformer.h[1].register_forward_pre_hook(lambda _m, args: args[0].mul_(2))
+
+    def doubles_its_input(_module, args):  # returns None: the block's arguments stay as they are
+        args[0].mul_(2)
+
+    handle = model.transformer.h[1].register_forward_pre_hook(doubles_its_input)
     try:
         with pytest.raises(OverlapError, match="residual index 1"), torch.no_grad():
             with residtap.capture(model, outputs=OUTPUTS, backend="compiled", overlap=True):

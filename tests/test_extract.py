@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import residtap
-from helpers import tiny_gpt2
+from helpers import DeferredStreams, tiny_gpt2
 from residtap import store
 from residtap.cli import main as cli_main
 
@@ -195,6 +195,27 @@ def test_saved_hf_dataset(tmp_path):
     assert a.n_rows == b.n_rows == sum(map(len, docs))
     assert torch.equal(a.sequences("input_ids")[mask], b.sequences("input_ids")[mask] - 3)
     assert b.manifest["settings"]["data"]["split"] == "train"
+
+
+def test_overlap_writes_the_same_bytes(tmp_path, monkeypatch):
+    """extract(overlap=True) with each capture deferred until the main stream waits for it (the CPU
+    stand-in for a side stream): the copies that follow the forward read complete buffers."""
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 13)
+    kw = dict(seq_len=8, batch_size=3, shard_size="4KiB", outputs=("resid", "delta", "normed", "stats"),
+              positions=[0, -1], progress=False)
+    residtap.extract(model, path, tmp_path / "plain", **kw)
+    made = []
+
+    def deferred():
+        made.append(DeferredStreams())
+        return made[-1]
+
+    monkeypatch.setattr(sys.modules["residtap.capture"], "SideStreams", deferred)
+    residtap.extract(model, path, tmp_path / "overlap", overlap=True, **kw)
+    assert made and max(s.max_queued for s in made) == 3  # the captures really were deferred
+    assert all(s.queue == [] for s in made)
+    assert_same_dirs(tmp_path / "plain", tmp_path / "overlap")
 
 
 def test_reader_array_and_shuffled_rows(tmp_path):

@@ -1,7 +1,7 @@
 """Capture with overlap=True: the side-stream discipline, emulated on the CPU.
 
-DeferredStreams stands in for a CUDA side stream. Each capture is queued and runs only when the main
-stream "waits" for it, which is the latest moment the discipline allows. So a join that is missing,
+helpers.DeferredStreams stands in for a CUDA side stream. Each capture is queued and runs only when
+the main stream "waits" for it, which is the latest moment the discipline allows. So a join that is missing,
 or a tensor changed in place before the capture read it, shows up here as a wrong value or a capture
 still queued. What only a GPU can show (the caching allocator's reuse, real concurrency, CUDA graphs)
 is tested in test_cuda.py.
@@ -14,29 +14,9 @@ import torch
 import transformers as T
 
 import residtap
-from helpers import assert_same_outputs, ids_for, tiny_gpt2
+from helpers import DeferredStreams, assert_same_outputs, ids_for, tiny_gpt2
 from residtap.overlap import OverlapError, SideStreams
 from residtap.reference import OUTPUTS, run_reference
-
-
-class DeferredStreams(SideStreams):
-    def __init__(self, window: int = 2):
-        super().__init__(window)
-        self.queue: list = []  # (token, capture) not yet run
-        self.launched = self.max_queued = 0
-
-    def has_stream(self, device):
-        return True
-
-    def _launch(self, device, fn):
-        self.launched += 1
-        self.queue.append((self.launched, fn))
-        self.max_queued = max(self.max_queued, len(self.queue))
-        return "main", self.launched
-
-    def _wait(self, pending):
-        while self.queue and self.queue[0][0] <= pending.done:
-            self.queue.pop(0)[1]()
 
 
 def deferred_capture(model, **kwargs) -> residtap.Capture:

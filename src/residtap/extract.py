@@ -263,7 +263,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
             shard_size="1GiB", host_memory="8GiB", writers: int = 2, device=None, model_dtype=None,
-            seed: int = 0, device_map=None, backend: str | None = None, model_name: str | None = None,
+            seed: int = 0, device_map=None, backend: str | None = None, overlap: bool = False,
+            model_name: str | None = None,
             progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
             world_size: int | None = None) -> ExtractResult:
     """Run ``model`` over ``data`` and write the captured activations to ``out`` (shards + manifest).
@@ -284,7 +285,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     model dispatched over several devices (``device_map``) is captured on each layer's device and
     copied out from there; its inputs go to the device its embeddings compute on. ``device_map``
     (``"auto"``, ``"balanced"``, a dict, ...) loads a model given by name that way (accelerate);
-    ``device`` then does not apply.
+    ``device`` then does not apply. ``overlap``: as in :func:`residtap.capture` (CUDA: each
+    layer's capture on a side stream beside the next blocks); it changes no stored byte, so a run
+    may resume with either.
 
     Example::
 
@@ -327,7 +330,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
 
     # Captures hook the bare model, which is what runs (no LM head: its logits are not needed).
     base = getattr(model, "base_model", model)
-    probe = Capture(base, layers, positions, dtype, outputs, backend=backend)  # validates the selection
+    probe = Capture(base, layers, positions, dtype, outputs, backend=backend,  # validates the selection
+                    overlap=overlap)
     cfg = probe.config
     if isinstance(cfg.positions, KeepMask):
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
@@ -669,7 +673,8 @@ class _Run:
         for t in threads:
             t.start()
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
-                        self.cfg.outputs, backend=self.backend) for _ in range(2)]
+                        self.cfg.outputs, backend=self.backend, overlap=self.cfg.overlap)
+                for _ in range(2)]
         base = self.base
         # CUDA: a copy stream per device holding captured layers (the model's device first; more
         # for a model dispatched over several), and per capture the (device, event) pairs of its
@@ -874,7 +879,8 @@ def cmd_extract(args) -> int:
                       split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
                       writers=args.writers, device=args.device, model_dtype=args.model_dtype, seed=args.seed,
                       device_map=_parse_device_map(args.device_map),
-                      backend=args.backend, progress=False if args.no_progress else None,
+                      backend=args.backend, overlap=args.overlap,
+                      progress=False if args.no_progress else None,
                       verify_existing=not args.no_verify_existing)
     except _store.StoreError as e:
         print(f"residtap extract: error: {e}", file=sys.stderr)
@@ -924,6 +930,8 @@ def register_cli(sub) -> None:
                         "or a JSON file {module: device}; replaces --device")
     e.add_argument("--seed", type=int, default=0, help="seed of random: models")
     e.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
+    e.add_argument("--overlap", action="store_true",
+                   help="capture each layer on a side stream beside the next blocks (CUDA; see README)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--no-verify-existing", action="store_true",
                    help="on resume, check existing shards' sizes only, not their sha256")
