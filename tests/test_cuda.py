@@ -3,7 +3,8 @@
 Every test here needs a CUDA device and skips (with the reason) where there is none; the CUDA
 sources are still compiled on machines without one (see test_build_includes_cuda_sources in
 test_errors.py and .ci/run). scripts/gpu_check.sh runs this file, the sanitizers and the
-benchmarks on a GPU machine.
+benchmarks on a GPU machine. scripts/dry_run_cuda_tests.py runs it on the CPU (the CPU op as the
+device, overlap's side stream emulated) to catch mistakes in the tests themselves before a lease.
 """
 
 from __future__ import annotations
