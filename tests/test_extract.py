@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -216,6 +217,77 @@ def test_overlap_writes_the_same_bytes(tmp_path, monkeypatch):
     assert made and max(s.max_queued for s in made) == 3  # the captures really were deferred
     assert all(s.queue == [] for s in made)
     assert_same_dirs(tmp_path / "plain", tmp_path / "overlap")
+
+
+class DeferredCopies:
+    """extract's _CudaQueues emulated on the CPU, as late as its events allow: the compute stream is
+    the host (a forward has happened when it returns), and each copy to a host buffer is queued and
+    runs only when something waits for it (a forward about to reuse the capture, or a writer about to
+    read the buffer). A missing wait in the pipeline then shows as wrong bytes, deterministically."""
+
+    class Event:
+        def __init__(self, queues, token):
+            self.queues, self.token = queues, token
+
+        def synchronize(self):
+            self.queues.flush(self.token)
+
+    def __init__(self, device):
+        self.lock = threading.Lock()  # the writer threads wait too
+        self.queue: list = []  # (token, [(src, dst), ...]) not yet copied
+        self.tokens = self.max_queued = 0
+
+    def handles(self, device):
+        return True
+
+    def compute_done(self, device):
+        return self.Event(self, 0)  # the forward has happened
+
+    def compute_waits(self, device, event):
+        event.synchronize()
+
+    def copy(self, device, after, pairs):
+        after.synchronize()
+        with self.lock:
+            self.tokens += 1
+            self.queue.append((self.tokens, list(pairs)))
+            self.max_queued = max(self.max_queued, len(self.queue))
+            return self.Event(self, self.tokens)
+
+    def copies_done(self):
+        with self.lock:
+            return [self.Event(self, self.tokens)]
+
+    def flush(self, token):
+        with self.lock:
+            while self.queue and self.queue[0][0] <= token:
+                for src, dst in self.queue.pop(0)[1]:
+                    dst.copy_(src)
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeypatch, writers):
+    """The pipeline's CUDA ordering, run on the CPU with the copies emulated (DeferredCopies): each
+    shard holds 3 batches and each capture is reused every other batch, so a forward that did not
+    wait for its capture's last copy, or a writer that did not wait for its buffer's, changes bytes.
+    The last shard is short, with a partial batch (a reallocation of the capture's buffers)."""
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 31 + 3)
+    kw = dict(seq_len=8, batch_size=3, outputs=("resid", "delta", "normed", "stats"), positions=[0, 3, -1],
+              layers=[0, 2], writers=writers, progress=False)
+    shard = 9 * 3 * 2 * (3 * 64 + 4) * 4  # 9 sequences x 3 positions x 2 layers x (3 vectors, 4 stats)
+    residtap.extract(model, path, tmp_path / "plain", shard_size=shard, **kw)
+    made = []
+
+    def deferred(device):
+        made.append(DeferredCopies(device))
+        return made[-1]
+
+    monkeypatch.setattr(sys.modules["residtap.extract"], "_queues_for", deferred)
+    res = residtap.extract(model, path, tmp_path / "async", shard_size=shard, **kw)
+    assert res.n_shards == 4 and residtap.open(tmp_path / "async").manifest["settings"]["seqs_per_shard"] == 9
+    assert len(made) == 1 and made[0].max_queued >= 2 and made[0].queue == []
+    assert_same_dirs(tmp_path / "plain", tmp_path / "async")
 
 
 def test_reader_array_and_shuffled_rows(tmp_path):

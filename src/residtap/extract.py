@@ -556,6 +556,63 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
     return final
 
 
+class _CudaQueues:
+    """The asynchronous side of the pipeline on CUDA: per device a copy stream, ordered against the
+    compute stream (the device's current stream) by events, with no host sync. _Run talks to it
+    only through these methods, so tests can put a CPU emulation in its place (see _queues_for)."""
+
+    def __init__(self, device: torch.device):
+        # The model's device has a copy stream from the start; another device gets one at its
+        # first copy (a model dispatched over several).
+        self.streams = {device: torch.cuda.Stream(device)}
+
+    def handles(self, device: torch.device) -> bool:
+        """Whether a layer captured on ``device`` is copied asynchronously (else copied at once)."""
+        return device.type == "cuda"
+
+    def compute_done(self, device: torch.device):
+        """An event after the work queued so far on ``device``'s compute stream (the forward)."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def compute_waits(self, device: torch.device, event) -> None:
+        """``device``'s compute stream runs what comes next only after ``event``."""
+        torch.cuda.current_stream(device).wait_event(event)
+
+    def copy(self, device: torch.device, after, pairs) -> object:
+        """Copy each (device src, host dst) of ``pairs`` on ``device``'s copy stream once ``after``
+        has happened; returns the event after the copies."""
+        stream = self.streams.get(device)
+        if stream is None:
+            stream = self.streams[device] = torch.cuda.Stream(device)
+        stream.wait_event(after)
+        with torch.cuda.stream(stream):
+            for src, dst in pairs:
+                # The buffers belong to the compute stream's allocator pool: keep them alive
+                # until this stream is done even if the next forward reallocates (shape change).
+                src.record_stream(stream)
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def copies_done(self) -> list:
+        """Events after everything queued so far on every copy stream: a host buffer is complete
+        once they have all happened (the writers ``synchronize`` them)."""
+        events = []
+        for stream in self.streams.values():
+            events.append(torch.cuda.Event())
+            events[-1].record(stream)
+        return events
+
+
+def _queues_for(device: torch.device) -> _CudaQueues | None:
+    """The asynchronous copy machinery for a run on ``device``; None on the CPU (copies are made as
+    soon as a forward returns)."""
+    return _CudaQueues(device) if device.type == "cuda" else None
+
+
 class _Run:
     """One process's pass over its shards: forwards, copies, writer threads, progress."""
 
@@ -676,10 +733,9 @@ class _Run:
                         self.cfg.outputs, backend=self.backend, overlap=self.cfg.overlap)
                 for _ in range(2)]
         base = self.base
-        # CUDA: a copy stream per device holding captured layers (the model's device first; more
-        # for a model dispatched over several), and per capture the (device, event) pairs of its
-        # last copies, which that device's next forward into it waits for.
-        copy_streams = {self.device: torch.cuda.Stream(self.device)} if self.cuda else {}
+        # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
+        # which that device's next forward into it waits for.
+        queues = _queues_for(self.device)
         slot_free: list[list] = [[], []]
         inflight: collections.deque = collections.deque()  # per forward: its events, one per device
         self._t0 = time.perf_counter()
@@ -705,9 +761,9 @@ class _Run:
                         mask = None if block.attention_mask is None else block.attention_mask[batch]
                         self._check_ids(ids, block.seq_start + b0)
                         cap = caps[k % 2]
-                        if self.cuda:
+                        if queues is not None:
                             for dev, event in slot_free[k % 2]:  # its last copies must finish first
-                                torch.cuda.current_stream(dev).wait_event(event)
+                                queues.compute_waits(dev, event)
                             if len(inflight) >= 2:  # keep the host at most two forwards ahead
                                 with self.waits.on("model"):
                                     for event in inflight.popleft():
@@ -715,20 +771,19 @@ class _Run:
                         x = self._to_device(ids)
                         kw = ({} if mask is None else
                               {"attention_mask": self._to_device(mask.astype(np.int64))})
-                        if self.cuda:
+                        if queues is not None:  # queued: the wait for the device is the throttle's
                             with cap:
                                 base(input_ids=x, use_cache=False, **kw)
                         else:
                             with self.waits.on("model"), cap:
                                 base(input_ids=x, use_cache=False, **kw)
-                        slot_free[k % 2] = self._copy_out(cap, host, copy_streams, inflight)
+                        slot_free[k % 2] = self._copy_out(cap, host, queues, inflight)
                         host.rows += ids.shape[0] * self.n_pos
                         k += 1
                         if bar is not None:
                             bar.update(int(ids.size if mask is None else mask.sum()))
-                    for stream in copy_streams.values():
-                        host.events.append(torch.cuda.Event())
-                        host.events[-1].record(stream)
+                    if queues is not None:
+                        host.events = queues.copies_done()
                     self.n_tokens += block.n_tokens
                     jobs.put(host)
                     if bar is not None:
@@ -761,7 +816,7 @@ class _Run:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _copy_out(self, cap: Capture, host: _HostShard, copy_streams: dict, inflight) -> list:
+    def _copy_out(self, cap: Capture, host: _HostShard, queues: _CudaQueues | None, inflight) -> list:
         """Copy capture ``cap``'s tensors into ``host`` rows [host.rows, ...), each layer from the
         device it was captured on. CUDA: on that device's copy stream, after the forward there;
         returns the (device, event) pairs that free ``cap`` for its next forward."""
@@ -786,26 +841,13 @@ class _Run:
                 by_device.setdefault(src.device, []).append((s, dst[r0:r0 + s.shape[0]]))
         freed, forwards = [], []
         for device, pairs in by_device.items():
-            if not (self.cuda and device.type == "cuda"):  # CPU: the forward is done, copy now
+            if queues is None or not queues.handles(device):  # the forward is done: copy now
                 for s, dst in pairs:
                     dst.copy_(s)
                 continue
-            fwd_done = torch.cuda.Event()
-            fwd_done.record(torch.cuda.current_stream(device))
+            fwd_done = queues.compute_done(device)
             forwards.append(fwd_done)
-            if device not in copy_streams:
-                copy_streams[device] = torch.cuda.Stream(device)
-            stream = copy_streams[device]
-            stream.wait_event(fwd_done)
-            with torch.cuda.stream(stream):
-                for s, dst in pairs:
-                    # The buffers belong to the compute stream's allocator pool: keep them alive
-                    # until this stream is done even if the next forward reallocates (shape change).
-                    s.record_stream(stream)
-                    dst.copy_(s, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            freed.append((device, done))
+            freed.append((device, queues.copy(device, fwd_done, pairs)))
         if forwards:
             inflight.append(forwards)
         return freed
