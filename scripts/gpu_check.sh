@@ -69,7 +69,7 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     exit 1
 fi
 if [ "$PART" != extract ]; then
-    step cuda-tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+    step cuda-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
         tests/test_cuda_order.py tests/test_parity.py tests/test_overlap.py
     step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
     step bench-capture 90 python3 benchmarks/bench_capture.py --out "$OUT"
@@ -81,7 +81,7 @@ if [ "$PART" != extract ]; then
     fi
 fi
 if [ "$PART" != op ]; then
-    step extract-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_device_map.py \
+    step extract-tests 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_device_map.py \
         tests/test_extract.py -k "cuda or gpu or split"
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
