@@ -144,8 +144,9 @@ class ReferenceResult:
     def outputs(self) -> dict:
         if self.stacked is None:
             devices = sorted({str(_device_of(r)) for r in self.per_layer})
-            raise ValueError(f"ReferenceResult.outputs: the layers ran on several devices ({', '.join(devices)}), "
-                             "so they are not stacked; read ref.layer(name, layer_id) or ref.per_layer")
+            raise ValueError(f"ReferenceResult.outputs: the layers ran on several devices "
+                             f"({', '.join(devices)}), so they are not stacked; read "
+                             "ref.layer(name, layer_id) or ref.per_layer")
         return self.stacked
 
     def layer(self, name: str, layer_id: int):
