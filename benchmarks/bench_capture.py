@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from _common import base_parser, finish, l2_problem, resolve_device, row
+from _common import base_parser, finish, l2_problem, resolve_device, row, write_rows
 
 import residtap
 from residtap._build import load_extension
@@ -283,6 +283,7 @@ def main() -> int:
                 extra = {"check": "passed" if args.check else "skipped"} if method in CAPTURES else {}
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
+            write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these
 
     return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "check"],
                   "bench_capture", args.out, failed,

@@ -35,7 +35,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import base_parser, finish, l2_problem, median_time, resolve_device, row
+from _common import base_parser, finish, l2_problem, median_time, resolve_device, row, write_rows
 
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
 SMOKE_SHAPES = [(256, 64), (128, 200)]
@@ -195,6 +195,7 @@ def main() -> int:
             del x, bufs, src, dst
             if cuda:
                 torch.cuda.empty_cache()
+            write_rows(rows, "bench_op", args.out)  # so far: a run stopped at its time limit keeps these
 
     return finish(rows, ["shape", "dtype", "method", "bytes", "median_s", unit, "frac_of_copy", "x_torch",
                          "check"], "bench_op", args.out, failed)
