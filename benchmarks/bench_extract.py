@@ -143,6 +143,10 @@ def main() -> int:
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "batches": n_batches, "writers": writers, "forward_s": fwd_s}
         for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
+            need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
+            if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
+                r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
+                continue
             res = run_extract(model, ids, d, batch, writers, shard, host_memory, device)
             raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1), writers)
             r[f"extract_{tag}_s"] = res.seconds
@@ -160,7 +164,9 @@ def main() -> int:
                        "raw_ram_s", "x_forward_ram", "bw_frac_ram", "bound_ram", "extract_disk_s",
                        "raw_disk_s", "x_forward_disk", "bw_frac_disk", "bound_disk"])
     for r in rows:
-        print(f"{r['model']}: waits ram {r['waits_ram']}  disk {r['waits_disk']}")
+        for tag in ("ram", "disk"):
+            what = r.get(f"waits_{tag}", r.get(f"skipped_{tag}"))
+            print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")
     print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")
     return 0
 
