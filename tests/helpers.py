@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import filecmp
 import functools
+import json
+import os
 
+import numpy as np
 import torch
 
 from residtap.models import random_gpt2
@@ -21,6 +25,42 @@ def tiny_gpt2(n_layer=2, n_embd=64, n_head=2, dtype=torch.float32, lm_head=True,
 def ids_for(model, batch, seq, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def padded(ids, positions, left, right):
+    """A padding mask for ``ids``: row ``left[0]`` padded on the left (its first ``left[1]``
+    tokens), row ``right[0]`` on the right (from position ``right[1]``). Returns (positions, the
+    model's kwargs): positions "mask" becomes that mask as bool, and "last" / "mask" pass the mask
+    to the model."""
+    mask = torch.ones_like(ids)
+    mask[left[0], :left[1]] = 0
+    mask[right[0], right[1]:] = 0
+    kwargs = {"attention_mask": mask} if positions in ("last", "mask") else {}
+    return (mask.bool() if positions == "mask" else positions), kwargs
+
+
+def ids_file(tmp_path, n_tokens=1000, vocab=97, seed=0, shape=None):
+    """A .npy of seeded token ids (``vocab`` 97: tiny_gpt2's) for extract; returns (path, array)."""
+    arr = np.random.default_rng(seed).integers(0, vocab, size=n_tokens).astype(np.int32)
+    if shape is not None:
+        arr = arr.reshape(shape)
+    path = tmp_path / f"ids{seed}.npy"
+    np.save(path, arr)
+    return str(path), arr
+
+
+def shard_files(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("shard-"))
+
+
+def assert_same_dirs(a, b):
+    """Two complete extractions hold byte-identical shards and the same manifest records."""
+    fa, fb = shard_files(a), shard_files(b)
+    assert fa == fb and fa
+    _, mismatch, errors = filecmp.cmpfiles(a, b, fa, shallow=False)
+    assert not mismatch and not errors, f"shards differ: {mismatch or errors}"
+    ma, mb = (json.load(open(os.path.join(d, "manifest.json"))) for d in (a, b))
+    assert ma["shards"] == mb["shards"] and ma["complete"] and mb["complete"]
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import helpers
-from helpers import DTYPES, assert_l2_close, assert_same_outputs, ids_for, tiny_gpt2
+from helpers import DTYPES, assert_l2_close, assert_same_outputs, ids_for, padded, tiny_gpt2
 from residtap import backend, ops, reference
 from residtap.reference import run_reference
 
@@ -226,12 +226,7 @@ def test_cuda_capture_matches_reference_without_host_sync(cuda_ext, dtype, posit
 
     model = cuda_gpt2(n_layer=3, n_embd=128, n_head=4, dtype=dtype)
     ids = ids_for(model, 4, 16).to(CUDA)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0  # left padding
-    mask[1, 12:] = 0  # right padding
-    kwargs = dict(attention_mask=mask) if positions in ("last", "mask") else {}
-    if positions == "mask":
-        positions = mask.bool()
+    positions, kwargs = padded(ids, positions, left=(0, 5), right=(1, 12))
     ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
     cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend="compiled",
                            overlap=overlap)

@@ -11,9 +11,6 @@ none.
 from __future__ import annotations
 
 import copy
-import filecmp
-import json
-import os
 import types
 
 import numpy as np
@@ -21,7 +18,7 @@ import pytest
 import torch
 
 import residtap
-from helpers import DTYPES, assert_l2_close, ids_for, tiny_gpt2
+from helpers import DTYPES, assert_l2_close, assert_same_dirs, ids_file, ids_for, padded, tiny_gpt2
 from residtap import reference
 from residtap.reference import OUTPUTS, STAT_NAMES, Stats, run_reference
 from residtap.selection import resolve_positions
@@ -63,12 +60,7 @@ def assert_layer_equal(got, want, what):
 def test_per_layer_buffers_match_reference(extension, per_layer, dtype, positions):
     model = tiny_gpt2(3, 66, 3, dtype)
     ids = ids_for(model, 3, 7)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    mask[2, 5:] = 0
-    kwargs = {"attention_mask": mask} if positions in ("last", "mask") else {}
-    if positions == "mask":
-        positions = mask.bool()
+    positions, kwargs = padded(ids, positions, left=(0, 2), right=(2, 5))
     cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend="compiled")
     ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
     for _ in range(2):  # the second forward reuses the per-layer buffers
@@ -236,32 +228,16 @@ def test_norm_stamp_sees_moves_replacements_and_in_place_updates():
 
 
 # ------------------------------------------------------------------------------ extract
-def _ids_file(tmp_path, n_tokens, seed=0):
-    arr = np.random.default_rng(seed).integers(0, 97, size=n_tokens).astype(np.int32)
-    path = tmp_path / f"ids{seed}.npy"
-    np.save(path, arr)
-    return str(path)
-
-
-def _assert_same_extractions(a, b):
-    files = sorted(f for f in os.listdir(a) if f.startswith("shard-"))
-    assert files and files == sorted(f for f in os.listdir(b) if f.startswith("shard-"))
-    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
-    assert not mismatch and not errors, f"shards differ: {mismatch or errors}"
-    ma, mb = (json.load(open(os.path.join(d, "manifest.json"))) for d in (a, b))
-    assert ma["complete"] and mb["complete"] and ma["shards"] == mb["shards"]
-
-
 @pytest.mark.parametrize("sel", [dict(layers=[0, 2], positions=slice(2, 14, 3), dtype=torch.bfloat16,
                                       outputs=OUTPUTS),
                                  dict(positions="last", outputs=("resid",))], ids=["slice-all", "last"])
 def test_extract_per_layer_path_writes_the_same_bytes(tmp_path, monkeypatch, sel):
-    path = _ids_file(tmp_path, 16 * 11 + 3)
+    path = ids_file(tmp_path, 16 * 11 + 3)[0]
     kw = dict(seq_len=16, batch_size=4, shard_size="6KiB", progress=False, **sel)
     residtap.extract(tiny_gpt2(), path, tmp_path / "stacked", **kw)
     monkeypatch.setattr(residtap.Capture, "_stacked_on", lambda self, devices: False)
     residtap.extract(tiny_gpt2(), path, tmp_path / "per_layer", **kw)
-    _assert_same_extractions(tmp_path / "stacked", tmp_path / "per_layer")
+    assert_same_dirs(tmp_path / "stacked", tmp_path / "per_layer")
 
 
 # ------------------------------------------------------------------------------ real second devices
@@ -393,7 +369,7 @@ def test_extract_accepts_a_split_model(extension, tmp_path, devices):
     device, and the shards hold exactly what a capture of the same batches holds."""
     devices = [torch.device(d) for d in devices]
     model = split_gpt2(devices, "in_forward")
-    path = _ids_file(tmp_path, 16 * 10)
+    path = ids_file(tmp_path, 16 * 10)[0]
     res = residtap.extract(model, path, tmp_path / "out", seq_len=16, batch_size=4, shard_size="24KiB",
                            outputs=OUTPUTS, positions=[0, 5, -1], progress=False)
     assert res.complete and res.n_shards > 1

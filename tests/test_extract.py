@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import copy
 import errno
-import filecmp
 import json
 import os
 import signal
@@ -20,12 +19,11 @@ import pytest
 import torch
 
 import residtap
-from helpers import DeferredStreams, tiny_gpt2
+from helpers import DeferredStreams, assert_same_dirs, ids_file, shard_files, tiny_gpt2
 from residtap import store
 from residtap.cli import main as cli_main
 
 RANDOM = "random:gpt2-small,n_layer=2,n_embd=64,n_head=2,vocab_size=100,n_positions=64"
-VOCAB = 97  # helpers.tiny_gpt2
 # The pipeline on the CPU everywhere; on a GPU also its CUDA side (pinned double buffers, copy
 # streams, events), which these tests check against captures of the same batches.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -36,15 +34,6 @@ def model_on(device, dtype=torch.float32):
     """helpers.tiny_gpt2 on ``device`` (a copy off the CPU: the cached one stays where it is)."""
     model = tiny_gpt2(dtype=dtype)
     return model if device == "cpu" else copy.deepcopy(model).to(device)
-
-
-def ids_file(tmp_path, n_tokens=1000, vocab=VOCAB, seed=0, shape=None):
-    arr = np.random.default_rng(seed).integers(0, vocab, size=n_tokens).astype(np.int32)
-    if shape is not None:
-        arr = arr.reshape(shape)
-    path = tmp_path / f"ids{seed}.npy"
-    np.save(path, arr)
-    return str(path), arr
 
 
 def tokenizer_dir(tmp_path):
@@ -76,19 +65,6 @@ def captured(model, ids, mask=None, **sel):
     with torch.inference_mode(), residtap.capture(base, **sel) as cap:
         base(input_ids=torch.as_tensor(ids, dtype=torch.long, device=device), use_cache=False, **kw)
     return cap
-
-
-def shard_files(d):
-    return sorted(f for f in os.listdir(d) if f.startswith("shard-"))
-
-
-def assert_same_dirs(a, b):
-    fa, fb = shard_files(a), shard_files(b)
-    assert fa == fb and fa
-    _, mismatch, errors = filecmp.cmpfiles(a, b, fa, shallow=False)
-    assert not mismatch and not errors, f"shards differ: {mismatch or errors}"
-    ma, mb = (json.load(open(os.path.join(d, "manifest.json"))) for d in (a, b))
-    assert ma["shards"] == mb["shards"] and ma["complete"] and mb["complete"]
 
 
 # ------------------------------------------------------------------------------------------ content

@@ -14,7 +14,7 @@ import torch
 import transformers as T
 
 import residtap
-from helpers import DeferredStreams, assert_same_outputs, ids_for, tiny_gpt2
+from helpers import DeferredStreams, assert_same_outputs, ids_for, padded, tiny_gpt2
 from residtap.overlap import OverlapError, SideStreams
 from residtap.reference import OUTPUTS, run_reference
 
@@ -42,12 +42,7 @@ def test_deferred_captures_match_the_reference(extension, family, positions):
     # gpt2: the fused op writes normed; llama: RMSNorm, the module's own code (also on the side).
     model = tiny_gpt2(3, 64, 4) if family == "gpt2" else tiny_llama()
     ids = ids_for(model, 3, 9)
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, 7:] = 0
-    kwargs = {"attention_mask": mask} if positions in ("last", "mask") else {}
-    if positions == "mask":
-        positions = mask.bool()
+    positions, kwargs = padded(ids, positions, left=(0, 3), right=(2, 7))
     cap = deferred_capture(model, positions=positions, outputs=OUTPUTS, backend="compiled")
     with cap, torch.no_grad():
         for _ in range(2):  # a second forward reuses the buffers the first one's captures wrote
