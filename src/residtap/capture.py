@@ -193,11 +193,7 @@ class Capture:
         if exc_type is not None and self._state == "running":
             self._state = "failed"
         if self._side is not None:
-            try:
-                self._side.join(check=exc_type is None)  # never swallow the forward's exception
-            except OverlapError:
-                self._state = "failed"
-                raise
+            self._join(check=exc_type is None)  # never swallow the forward's exception
 
     def _on_model_enter(self, _module, _args):
         self._model_depth += 1
@@ -207,11 +203,16 @@ class Capture:
         # side-stream capture, so whatever reads the buffers next is ordered after their writes.
         self._model_depth = max(0, self._model_depth - 1)
         if self._model_depth == 0:
-            try:
-                self._side.join(check=self._state != "failed")
-            except OverlapError:
-                self._state = "failed"
-                raise
+            self._join(check=self._state != "failed")
+
+    def _join(self, check: bool = True) -> None:
+        """overlap: the main streams wait for every side-stream capture; a hidden state changed in
+        place under one (OverlapError) leaves this capture failed."""
+        try:
+            self._side.join(check=check)
+        except OverlapError:
+            self._state = "failed"
+            raise
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -241,7 +242,7 @@ class Capture:
     def _begin(self, hidden: torch.Tensor) -> None:
         """Start of a forward: resolve positions for this length and (re)allocate if the shape changed."""
         if self._side is not None:  # a forward that ended without a join (it raised): join now,
-            self._side.join(check=False)  # before its buffers are reused or freed
+            self._join(check=False)  # before its buffers are reused or freed
         self._state, self._written = "running", 0
         if hidden.dim() != 3:
             raise RuntimeError(f"residtap: expected the first block's hidden state to be "
@@ -536,7 +537,7 @@ class Capture:
             if self._side is not None and (self._model_depth == 0 or not self._stacked):
                 # No model-level hook will join (the blocks were called without the model), or
                 # _restack is about to read the buffers on the main stream.
-                self._side.join()
+                self._join()
             self._state = "complete"
             if not self._stacked:
                 self._restack()

@@ -126,9 +126,8 @@ class SideStreams:
         self._wait(pending)
         if not check:
             return
-        changed = [i for i, (t, v) in enumerate(zip(pending.reads, pending.versions))
-                   if v is not None and tensor_version(t) != v]
-        if changed:
+        if any(v is not None and tensor_version(t) != v
+               for t, v in zip(pending.reads, pending.versions)):
             raise OverlapError(
                 f"residtap: a hidden state of residual index {pending.layer_id} was modified in place "
                 "while its capture on the side stream could still be reading it, so the captured "
