@@ -403,7 +403,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  shards_written=0, shards_skipped=len(records), n_tokens=0, n_rows=0,
                                  bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
         manifest = _Manifest(out, header, records, rank, world)
-        run = _Run(base, cfg, backend, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
+        run = _Run(base, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, in_device)
         run.go()
         final = _finish(out, header, manifest, run, rank, world, group)
@@ -572,9 +572,7 @@ class _CudaQueues:
 
     def compute_done(self, device: torch.device):
         """An event after the work queued so far on ``device``'s compute stream (the forward)."""
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
+        return _recorded(torch.cuda.current_stream(device))
 
     def compute_waits(self, device: torch.device, event) -> None:
         """``device``'s compute stream runs what comes next only after ``event``."""
@@ -593,18 +591,19 @@ class _CudaQueues:
                 # until this stream is done even if the next forward reallocates (shape change).
                 src.record_stream(stream)
                 dst.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return done
+        return _recorded(stream)
 
     def copies_done(self) -> list:
         """Events after everything queued so far on every copy stream: a host buffer is complete
         once they have all happened (the writers ``synchronize`` them)."""
-        events = []
-        for stream in self.streams.values():
-            events.append(torch.cuda.Event())
-            events[-1].record(stream)
-        return events
+        return [_recorded(stream) for stream in self.streams.values()]
+
+
+def _recorded(stream):
+    """A new event recorded on ``stream``: it happens once what is queued there so far has run."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
 
 
 def _queues_for(device: torch.device) -> _CudaQueues | None:
@@ -616,9 +615,9 @@ def _queues_for(device: torch.device) -> _CudaQueues | None:
 class _Run:
     """One process's pass over its shards: forwards, copies, writer threads, progress."""
 
-    def __init__(self, base, cfg, backend, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
+    def __init__(self, base, cfg, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
                  n_buffers, manifest: _Manifest, rank, world, progress, device):
-        self.base, self.cfg, self.backend, self.source, self.opts = base, cfg, backend, source, opts
+        self.base, self.cfg, self.source, self.opts = base, cfg, source, opts
         self.specs, self.pos, self.n_pos, self.seqs_per_shard = specs, pos, n_pos, seqs_per_shard
         self.n_buffers, self.manifest, self.rank, self.world = n_buffers, manifest, rank, world
         self.device = torch.device(device)
@@ -730,7 +729,7 @@ class _Run:
         for t in threads:
             t.start()
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
-                        self.cfg.outputs, backend=self.backend, overlap=self.cfg.overlap)
+                        self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap)
                 for _ in range(2)]
         base = self.base
         # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
