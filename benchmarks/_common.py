@@ -35,7 +35,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "write_rows",
-           "print_table", "device_slug", "l2_problem", "finish"]
+           "print_table", "device_slug", "l2_problem", "finish", "parse_list", "sync"]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -50,6 +50,24 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help=f"directory for the JSON results (default {RESULTS_DIR})")
     return p
+
+
+def parse_list(text: str | None, allowed, flag: str) -> list[str]:
+    """A comma list of names from ``allowed`` (all of them when ``text`` is empty), or exit naming
+    the flag."""
+    if not text:
+        return list(allowed)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"{flag}: expected a comma list of {','.join(allowed)}, got {text!r}")
+    return names
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (around host wall-clock timings); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_device(name: str | None) -> torch.device:

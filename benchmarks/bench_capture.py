@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from _common import base_parser, finish, l2_problem, resolve_device, row, write_rows
+from _common import base_parser, finish, l2_problem, parse_list, resolve_device, row, sync, write_rows
 
 import residtap
 from residtap._build import load_extension
@@ -63,11 +63,6 @@ CONFIGS = {  # name → (random_gpt2 size, overrides, batch, seq)
     "xl": ("gpt2-xl", {}, 8, 1024),
 }
 SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64), 2, 32)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hooks_copy_method(model, ids):
@@ -226,16 +221,6 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
             else:
                 methods.update(fns)
         return time_round_robin(methods, device, iters, warmup), problems, skipped
-
-
-def parse_list(text: str | None, allowed, flag: str) -> list[str]:
-    if not text:
-        return list(allowed)
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise SystemExit(f"{flag}: expected a comma list of {','.join(allowed)}, got {text!r}")
-    return names
 
 
 def main() -> int:

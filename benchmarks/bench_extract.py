@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from _common import base_parser, print_table, resolve_device, row, write_rows
+from _common import base_parser, print_table, resolve_device, row, sync, write_rows
 
 import residtap
 from residtap.models import random_gpt2
@@ -46,11 +46,6 @@ CONFIGS = {  # name → (size, overrides, dtype, batch, seq, batches)
 }
 SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64),
                   torch.float32, 2, 32, 16)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:

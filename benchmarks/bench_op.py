@@ -35,7 +35,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import base_parser, finish, l2_problem, median_time, resolve_device, row, write_rows
+from _common import (base_parser, finish, l2_problem, median_time, parse_list, resolve_device, row,
+                     write_rows)
 
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
 SMOKE_SHAPES = [(256, 64), (128, 200)]
@@ -55,14 +56,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise SystemExit(f"--shapes: expected positive sizes, got {part!r}")
         shapes.append((rows, d))
     return shapes
-
-
-def parse_dtypes(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in DTYPES]
-    if bad or not names:
-        raise SystemExit(f"--dtypes: expected a comma list of {','.join(DTYPES)}, got {text!r}")
-    return names
 
 
 def load_op(device: torch.device):
@@ -153,7 +146,7 @@ def main() -> int:
     args = p.parse_args()
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     shapes = parse_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else SHAPES)
-    dtypes = parse_dtypes(args.dtypes) if args.dtypes else list(DTYPES)
+    dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
     if args.smoke:  # tiny tensors: intra-op threads only add wake-ups, badly so on a busy 2-core CI box
         torch.set_num_threads(1)
     iters = args.iters or (5 if args.smoke else 100)
