@@ -95,6 +95,19 @@ def assert_same_outputs(cap, ref, outputs) -> None:
                 f"{(got.float() - want.float()).abs().max().item()}"
 
 
+def nan_buffers(out, index, cap_dtype, normed=True) -> dict:
+    """NaN-filled output buffers for one op call on ``out`` ``[batch, seq, d]`` gathered at
+    ``index``, on ``out``'s device: a row the op forgot to write cannot pass."""
+    batch, d = out.shape[0], out.shape[2]
+    n_pos = out.shape[1] if index is None else index.shape[-1]
+    names = ("resid", "delta") + (("normed",) if normed else ())
+    bufs = {n: torch.full((batch, n_pos, d), float("nan"), dtype=cap_dtype, device=out.device)
+            for n in names}
+    bufs.update({n: torch.full((batch, n_pos), float("nan"), device=out.device)
+                 for n in ("mean", "rstd", "l2", "maxabs")})
+    return bufs
+
+
 def make_inputs(batch, seq, d, dtype, seed=0, centre=0.0, noncontig=False):
     """Seeded (out, inp, norm weight, norm bias) of one block for calling the op: [batch, seq, d]
     around ``centre``; ``noncontig`` gives the same shapes with strides that are not row-major."""

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 import helpers
-from helpers import DTYPES, assert_l2_close, assert_same_outputs, ids_for, padded, tiny_gpt2
+from helpers import (DTYPES, assert_l2_close, assert_same_outputs, ids_for, nan_buffers, padded,
+                     tiny_gpt2)
 from residtap import backend, ops, reference
-from residtap.reference import run_reference
+from residtap.reference import OUTPUTS, run_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -62,14 +63,8 @@ def make_index(kind, batch, seq, seed=1):
 def run_both(out, inp, index, w, b, eps, cap_dtype, norm_kind="layer_norm"):
     """The compiled op and the reference op on the same arguments; NaN-filled buffers so that a
     row the op forgot to write cannot pass."""
-    batch, d = out.shape[0], out.shape[2]
-    n_pos = out.shape[1] if index is None else index.shape[-1]
-    got, want = {}, {}
+    got, want = (nan_buffers(out, index, cap_dtype, normed=norm_kind != "none") for _ in range(2))
     for res, fn in ((got, ops.capture_block), (want, reference.capture_block)):
-        for n in ("resid", "delta") + (("normed",) if norm_kind != "none" else ()):
-            res[n] = torch.full((batch, n_pos, d), float("nan"), dtype=cap_dtype, device=CUDA)
-        for n in ("mean", "rstd", "l2", "maxabs"):
-            res[n] = torch.full((batch, n_pos), float("nan"), device=CUDA)
         fn(out, inp, index, norm_weight=w, norm_bias=b, norm_kind=norm_kind, eps=eps, **res)
     return got, want
 
@@ -193,8 +188,6 @@ def test_cuda_parity_guard_passes_on_this_torch(cuda_ext):
                 assert backend.norm_parity(CUDA, dtype, d, w, b, 1e-5) is True
                 assert backend.norm_parity(CUDA, dtype, d, None, None, 1e-5) is True
 
-
-OUTPUTS = ("resid", "delta", "normed", "stats")
 
 
 class _SyncIsAnError:

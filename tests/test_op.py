@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, assert_l2_close, make_inputs
+from helpers import DTYPES, assert_l2_close, make_inputs, nan_buffers
 from residtap import ops, reference
 
 WIDTHS = (1, 3, 64, 66, 129, 768)
@@ -22,11 +22,7 @@ def index_for(kind, batch, seq):
 
 
 def run_op(out, inp, index, w, b, eps, cap_dtype, affine=True, with_inp=True):
-    batch = out.shape[0]
-    n_pos = out.shape[1] if index is None else index.shape[-1]
-    d = out.shape[2]
-    bufs = {n: torch.full((batch, n_pos, d), float("nan"), dtype=cap_dtype) for n in ("resid", "delta", "normed")}
-    bufs.update({n: torch.full((batch, n_pos), float("nan")) for n in ("mean", "rstd", "l2", "maxabs")})
+    bufs = nan_buffers(out, index, cap_dtype)
     ops.capture_block(out, inp if with_inp else None, index,
                       norm_weight=w if affine else None, norm_bias=b if affine else None,
                       norm_kind="layer_norm", eps=eps, **bufs)
