@@ -17,7 +17,8 @@
 // registers between the statistics and the normalization (one read of out/inp, 16-byte loads),
 // and packs several rows per 128-thread block for narrow widths ("teams" of kT threads per row).
 // Other shapes (misaligned pointers, 16-bit widths % 8 != 0, wider rows) use `generic_rows_kernel`:
-// same arithmetic, scalar loads, one block per row, the row re-read for normalization.
+// same arithmetic, one block per row, the row re-read for normalization; it loads whole 4-element
+// vectors where the width and pointers allow, else one element at a time.
 //
 // No host synchronization and no device allocation on these paths; launches go to the current
 // stream, so the op can be captured in a CUDA graph.
@@ -92,12 +93,15 @@ void dispatch_types(at::ScalarType in, at::ScalarType out, F&& f) {
   }
 }
 
+// The widths torch's vectorized LayerNorm kernel takes (alignment aside).
+bool torch_fast_ln_width(int64_t d) { return d > 0 && d % 4 == 0 && d <= (int64_t{1} << 24); }
+
 // Whether torch's vectorized LayerNorm kernel (the one reproduced here) runs for x: torch makes a
 // non-contiguous input contiguous first (a fresh, aligned copy) and checks 4-element alignment of
 // input, weight and bias (its output is always fresh).
 bool torch_takes_fast_ln(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t d) {
   const size_t align = 4 * x.element_size();
-  if (d <= 0 || d % 4 != 0 || d > (int64_t{1} << 24)) return false;
+  if (!torch_fast_ln_width(d)) return false;
   if (x.is_contiguous() && !aligned(x.const_data_ptr(), align)) return false;
   if (w.defined() && !aligned(w.const_data_ptr(), align)) return false;
   if (b.defined() && !aligned(b.const_data_ptr(), align)) return false;
@@ -136,7 +140,7 @@ void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
   const bool fused_mr =
       want_mr && !torch_norm &&
       (a.out.scalar_type() == at::kFloat ? torch_takes_fast_ln(a.out, {}, {}, d)
-                                         : d > 0 && d % 4 == 0 && d <= (int64_t{1} << 24));
+                                         : torch_fast_ln_width(d));
   if (a.normed.defined() && !fused_normed) {
     // torch's own LayerNorm on the whole block output, then the gather: the reference, literally.
     const at::Tensor y = std::get<0>(at::native_layer_norm(a.out, {d}, a.weight, a.bias, eps));
