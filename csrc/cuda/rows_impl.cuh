@@ -28,35 +28,15 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the fast kernel's 16-byte accesses are legal for this call.
+// Whether rows can be accessed as whole vectors of `unit` elements (at most 16 bytes): out and inp
+// (start and strides), the row outputs and, if `weights`, the norm's weight and bias aligned to a
+// vector of their type.
 template <typename InT, typename OutT>
-bool fast_kernel_fits(const Params& p) {
-  constexpr int kU = sizeof(InT) == 2 ? 2 : 1;
-  const int64_t unit = 4 * kU;  // elements per 16-byte unit
-  if (p.d <= 0 || p.d % unit != 0 || p.d > 128 * 4 * kMaxFastK) return false;
-  auto row_ok = [&](const void* ptr, int64_t sb, int64_t ss) {
-    return ptr == nullptr || (aligned(ptr, 16) && sb % unit == 0 && ss % unit == 0);
-  };
-  if (!row_ok(p.out, p.out_sb, p.out_ss) || !row_ok(p.inp, p.inp_sb, p.inp_ss)) return false;
+bool vectors_fit(const Params& p, int64_t unit, bool weights) {
+  const size_t in_align = std::min<size_t>(16, sizeof(InT) * unit);
   const size_t out_align = std::min<size_t>(16, sizeof(OutT) * unit);
-  for (const void* o : {static_cast<const void*>(p.resid), static_cast<const void*>(p.delta),
-                        static_cast<const void*>(p.normed)}) {
-    if (o != nullptr && !aligned(o, out_align)) return false;
-  }
-  if (p.normed != nullptr) {
-    if (p.weight != nullptr && !aligned(p.weight, 16)) return false;
-    if (p.bias != nullptr && !aligned(p.bias, 16)) return false;
-  }
-  return true;
-}
-
-// Whether the generic kernel may load and store whole 4-element vectors (8 or 16 bytes).
-template <typename InT, typename OutT>
-bool generic_vec_fits(const Params& p) {
-  if (p.d <= 0 || p.d % 4 != 0) return false;
-  const size_t in_align = 4 * sizeof(InT), out_align = 4 * sizeof(OutT);
   auto rows_ok = [&](const void* ptr, int64_t sb, int64_t ss) {
-    return ptr == nullptr || (aligned(ptr, in_align) && sb % 4 == 0 && ss % 4 == 0);
+    return ptr == nullptr || (aligned(ptr, in_align) && sb % unit == 0 && ss % unit == 0);
   };
   if (!rows_ok(p.out, p.out_sb, p.out_ss) || !rows_ok(p.inp, p.inp_sb, p.inp_ss)) return false;
   for (const void* o : {static_cast<const void*>(p.resid), static_cast<const void*>(p.delta),
@@ -64,9 +44,23 @@ bool generic_vec_fits(const Params& p) {
     if (o != nullptr && !aligned(o, out_align)) return false;
   }
   for (const void* w : {p.weight, p.bias}) {
-    if (w != nullptr && !aligned(w, in_align)) return false;
+    if (weights && w != nullptr && !aligned(w, in_align)) return false;
   }
   return true;
+}
+
+// Whether the fast kernel's 16-byte accesses are legal for this call.
+template <typename InT, typename OutT>
+bool fast_kernel_fits(const Params& p) {
+  const int64_t unit = sizeof(InT) == 2 ? 8 : 4;  // elements per 16-byte unit
+  if (p.d <= 0 || p.d % unit != 0 || p.d > 128 * 4 * kMaxFastK) return false;
+  return vectors_fit<InT, OutT>(p, unit, p.normed != nullptr);
+}
+
+// Whether the generic kernel may load and store whole 4-element vectors (8 or 16 bytes).
+template <typename InT, typename OutT>
+bool generic_vec_fits(const Params& p) {
+  return p.d > 0 && p.d % 4 == 0 && vectors_fit<InT, OutT>(p, 4, true);
 }
 
 }  // namespace
