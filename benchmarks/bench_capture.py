@@ -54,9 +54,8 @@ from _common import base_parser, finish, l2_problem, parse_list, resolve_device,
 import residtap
 from residtap._build import load_extension
 from residtap.models import random_gpt2, random_input_ids
-from residtap.reference import STAT_NAMES, run_reference
+from residtap.reference import OUTPUTS, STAT_NAMES, run_reference
 
-OUTPUTS = ("resid", "delta", "normed", "stats")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CONFIGS = {  # name → (random_gpt2 size, overrides, batch, seq)
     "small": ("gpt2-small", {}, 16, 1024),

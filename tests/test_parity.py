@@ -9,9 +9,7 @@ import torch
 import residtap
 from helpers import DTYPES, assert_same_outputs, ids_for, tiny_gpt2
 from residtap import backend, ops
-from residtap.reference import run_reference
-
-OUTPUTS = ("resid", "delta", "normed", "stats")
+from residtap.reference import OUTPUTS, run_reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
