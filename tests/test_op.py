@@ -21,10 +21,9 @@ def index_for(kind, batch, seq):
     return torch.randint(0, seq, (batch, 3), generator=g)
 
 
-def run_op(out, inp, index, w, b, eps, cap_dtype, affine=True, with_inp=True):
+def run_op(out, inp, index, w, b, eps, cap_dtype, with_inp=True):
     bufs = nan_buffers(out, index, cap_dtype)
-    ops.capture_block(out, inp if with_inp else None, index,
-                      norm_weight=w if affine else None, norm_bias=b if affine else None,
+    ops.capture_block(out, inp if with_inp else None, index, norm_weight=w, norm_bias=b,
                       norm_kind="layer_norm", eps=eps, **bufs)
     return bufs
 
@@ -49,13 +48,18 @@ def test_op_matches_reference(extension, dtype, d, batch, seq, index_kind):
 
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cap_dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["plain", "noncontig", "centre30", "no_affine", "no_inp"])
+@pytest.mark.parametrize("variant", ["plain", "noncontig", "centre30", "no_affine", "weight_only",
+                                     "bias_only", "no_inp"])
 def test_op_casts_layouts_and_variants(extension, model_dtype, cap_dtype, variant):
     out, inp, w, b = make_inputs(2, 9, 66, model_dtype, seed=3, centre=30.0 if variant == "centre30" else 0.0,
                                  noncontig=variant == "noncontig")
-    affine, with_inp = variant != "no_affine", variant != "no_inp"
-    got = run_op(out, inp, None, w, b, 1e-5, cap_dtype, affine=affine, with_inp=with_inp)
-    norm = reference.layer_norm_fn(w if affine else None, b if affine else None, 1e-5)
+    with_inp = variant != "no_inp"
+    if variant in ("no_affine", "bias_only"):
+        w = None
+    if variant in ("no_affine", "weight_only"):
+        b = None
+    got = run_op(out, inp, None, w, b, 1e-5, cap_dtype, with_inp=with_inp)
+    norm = reference.layer_norm_fn(w, b, 1e-5)
     want = reference.block_outputs(out, inp if with_inp else None, dtype=cap_dtype, final_norm=norm,
                                    eps=1e-5, outputs=reference.OUTPUTS)
     for name in ("resid", "delta", "normed"):
