@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../capture_common.h"
@@ -106,23 +107,20 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
 
   if (!(a.normed.defined() || a.mean.defined() || a.rstd.defined())) return;
   const at::Tensor rows = gather_positions(a.out, a);  // [B, P, D], model dtype
-  if (a.normed.defined() && a.out.scalar_type() == at::kFloat) {
-    // float32: one native_layer_norm gives normed and the moments (torch's CPU kernel computes
-    // mean and rstd from the row alone, before weight and bias), instead of two passes.
-    auto res = at::native_layer_norm(rows, {a.d_model}, a.weight, a.bias, a.eps);
-    a.normed.copy_(std::get<0>(res));
-    if (a.mean.defined()) a.mean.copy_(std::get<1>(res).view({a.batch, a.n_pos}));
-    if (a.rstd.defined()) a.rstd.copy_(std::get<2>(res).view({a.batch, a.n_pos}));
-    return;
-  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> ln;  // (normed, mean, rstd) of the last norm run
   if (a.normed.defined()) {
-    a.normed.copy_(at::layer_norm(rows, {a.d_model}, a.weight, a.bias, a.eps));
+    ln = at::native_layer_norm(rows, {a.d_model}, a.weight, a.bias, a.eps);
+    a.normed.copy_(std::get<0>(ln));
   }
-  if (a.mean.defined() || a.rstd.defined()) {
-    auto stats = at::native_layer_norm(rows.to(at::kFloat), {a.d_model}, {}, {}, a.eps);
-    if (a.mean.defined()) a.mean.copy_(std::get<1>(stats).view({a.batch, a.n_pos}));
-    if (a.rstd.defined()) a.rstd.copy_(std::get<2>(stats).view({a.batch, a.n_pos}));
+  if (!(a.mean.defined() || a.rstd.defined())) return;
+  // The stats' moments are those of out.float(). For a float32 model the norm just run already
+  // has them (torch's CPU kernel computes mean and rstd from the row alone, before weight and
+  // bias); otherwise one more pass, on the float copy.
+  if (!a.normed.defined() || a.out.scalar_type() != at::kFloat) {
+    ln = at::native_layer_norm(rows.to(at::kFloat), {a.d_model}, {}, {}, a.eps);
   }
+  if (a.mean.defined()) a.mean.copy_(std::get<1>(ln).view({a.batch, a.n_pos}));
+  if (a.rstd.defined()) a.rstd.copy_(std::get<2>(ln).view({a.batch, a.n_pos}));
 }
 
 }  // namespace
