@@ -403,7 +403,7 @@ class Capture:
             raise ValueError(f"positions='last': expected the model's attention_mask to be [batch, "
                              f">= seq] = [{batch}, >= {seq}] (1 = real token), got {got}")
         index = last_token_index(mask, seq)  # [batch, 1] int64, device ops only: no host sync
-        return index if index.device == device else index.to(device, non_blocking=True)
+        return _to(index, device)
 
     def _stacked_on(self, devices: list[torch.device]) -> bool:
         """Whether layers on these devices get one stacked buffer per output (all on one device).
