@@ -89,7 +89,7 @@ def hooks_copy_method(model, ids):
     return run
 
 
-def nnsight_method(model, ids):
+def nnsight_methods(model, ids):
     """nnsight's trace saving every block's output; None (with why) when it cannot run here."""
     try:
         from nnsight import NNsight
@@ -101,7 +101,7 @@ def nnsight_method(model, ids):
     def run():
         with wrapped.trace(input_ids=ids, use_cache=False):
             saved = [wrapped.h[i].output.save() for i in range(n)]  # noqa: F841 (kept by the trace)
-    return run, None
+    return {"nnsight": run}, None
 
 
 def tlens_methods(model, ids):
@@ -207,10 +207,9 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
             "hooks_copy": hooks_copy_method(model, ids),
             "bytes_floor": bytes_floor_method(model, ids),
         })
-        for name, make in (("nnsight", nnsight_method), ("tlens", tlens_methods)):
+        for name, make in (("nnsight", nnsight_methods), ("tlens", tlens_methods)):
             try:
-                fns, why = make(model, ids)
-                fns = {name: fns} if callable(fns) else fns
+                fns, why = make(model, ids)  # {method: run} or None
                 for fn in (fns or {}).values():
                     fn()  # fail here, before timing, if the API differs from what we expect
             except Exception as e:  # an optional baseline must not stop the benchmark
