@@ -129,10 +129,20 @@ class DeferredStreams(SideStreams):
     def __init__(self, window: int = 2):
         super().__init__(window)
         self.queue: list = []  # (token, capture) not yet run
+        self.held: list[tuple] = []  # per launch, the tensors the capture was given (and held)
         self.launched = self.max_queued = 0
 
     def has_stream(self, device):
         return True
+
+    def run(self, device, layer_id, reads, fn):
+        # What the GPU's caching allocator would punish: a capture that reaches a tensor other than
+        # its arguments, the ones held (a main-stream tensor may be reused before the capture runs).
+        captured = [c.cell_contents for c in (fn.__closure__ or ())]
+        assert not any(isinstance(t, torch.Tensor) for t in captured), \
+            "a side-stream capture reads a tensor that is not among its held arguments"
+        self.held.append(reads)
+        super().run(device, layer_id, reads, fn)
 
     def _launch(self, device, fn):
         self.launched += 1
@@ -143,3 +153,15 @@ class DeferredStreams(SideStreams):
     def _wait(self, pending):
         while self.queue and self.queue[0][0] <= pending.done:
             self.queue.pop(0)[1]()
+
+
+def batch_minor_outputs(model, blocks):
+    """Forward hooks that give each block's output the same values with batch-minor strides
+    ([batch, seq, d] with stride(0) == d): not contiguous, so a packed capture must copy it first.
+    Returns the handles; register before a capture (hooks run in registration order)."""
+    def relayout(_module, _args, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        hs = hs.transpose(0, 1).contiguous().transpose(0, 1)
+        return (hs, *output[1:]) if isinstance(output, tuple) else hs
+
+    return [blk.register_forward_hook(relayout) for blk in blocks]

@@ -324,6 +324,29 @@ def test_cuda_overlap_with_a_lagging_side_stream_is_still_exact(cuda_ext, dtype)
         assert_same_outputs(cap, ref, OUTPUTS)
 
 
+def test_cuda_overlap_holds_the_copy_a_packed_capture_makes_of_a_non_contiguous_output(cuda_ext):
+    # positions=mask packs each layer into one row; batch-minor block outputs must be copied for
+    # that on the main stream, and only the lagging side-stream capture reads the copy: exact only
+    # if it is held, since the next blocks' allocations would otherwise reuse its memory.
+    import residtap
+
+    model = cuda_gpt2(n_layer=6, n_embd=256, n_head=4, dtype=torch.bfloat16)
+    ids = ids_for(model, 8, 200).to(CUDA)
+    positions, kwargs = padded(ids, "mask", left=(0, 30), right=(5, 150))
+    handles = helpers.batch_minor_outputs(model, model.transformer.h)
+    try:
+        ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, use_cache=False, **kwargs)
+        cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend="compiled",
+                               overlap=True)
+        cap._side = lagging_side_streams()
+        with cap, torch.no_grad():
+            model(ids, use_cache=False, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert_same_outputs(cap, ref, OUTPUTS)
+
+
 def test_cuda_overlap_detects_a_hidden_state_changed_in_place(cuda_ext):
     import residtap
     from residtap.overlap import OverlapError

@@ -14,7 +14,9 @@ import torch
 import transformers as T
 
 import residtap
-from helpers import DeferredStreams, assert_same_outputs, ids_for, padded, tiny_gpt2
+from helpers import (DeferredStreams, assert_same_outputs, batch_minor_outputs, ids_for, padded,
+                     tiny_gpt2)
+from residtap.arch import resolve_layout
 from residtap.overlap import OverlapError, SideStreams
 from residtap.reference import OUTPUTS, run_reference
 
@@ -53,6 +55,30 @@ def test_deferred_captures_match_the_reference(extension, family, positions):
     # It did defer: with 4 captured layers, up to window + 1 of them were queued at once, never more.
     assert cap._side.max_queued == cap._side.window + 1 == 3
     assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_packed_capture_of_non_contiguous_outputs_holds_the_copy_it_reads(extension, family):
+    # positions=mask packs [batch, seq, d] into one row; a batch-minor block output cannot be
+    # viewed that way, so the main stream makes a copy that only the side-stream capture reads.
+    # On a GPU its memory could go to the next block if it were not held until the capture ran.
+    model = tiny_gpt2(3, 64, 4) if family == "gpt2" else tiny_llama()
+    ids = ids_for(model, 3, 9)
+    positions, kwargs = padded(ids, "mask", left=(0, 3), right=(2, 7))
+    handles = batch_minor_outputs(model, resolve_layout(model).blocks)
+    try:
+        cap = deferred_capture(model, positions=positions, outputs=OUTPUTS, backend="compiled")
+        with cap, torch.no_grad():
+            model(ids, **kwargs)
+        ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert_same_outputs(cap, ref, OUTPUTS)
+    copies = [out for full_out, out, *_ in cap._side.held
+              if not full_out.is_contiguous() and out.untyped_storage().data_ptr()
+              != full_out.untyped_storage().data_ptr()]
+    assert len(copies) == 3  # layers 1-3 (layer 0, the embeddings, is contiguous)
 
 
 def test_deferred_capture_follows_a_change_of_shape(extension):

@@ -500,7 +500,7 @@ class Capture:
         bufs = self._layer_bufs[k]
         module_normed = "normed" in bufs and not ops.fused_normed
 
-        def work():
+        def work(full_out, out, inp, index):  # reads only its arguments (see SideStreams.run)
             weight, bias = ops.norm_params
             ops.choice.fn(
                 out, inp, index, norm_weight=weight, norm_bias=bias,
@@ -526,12 +526,12 @@ class Capture:
 
         if self._side is not None and self._overlaps(ops, device, module_normed):
             try:
-                self._side.run(device, layer_id, (full_out, inp, index), work)
+                self._side.run(device, layer_id, (full_out, out, inp, index), work)
             except OverlapError:
                 self._state = "failed"
                 raise
         else:
-            work()
+            work(full_out, out, inp, index)
         self._written += 1
         if self._written == len(self.config.layer_ids):
             if self._side is not None and (self._model_depth == 0 or not self._stacked):

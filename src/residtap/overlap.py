@@ -10,12 +10,13 @@ On a side stream it can run while block ``i+1``'s GEMMs keep the tensor cores bu
 What that takes, and how this module provides it without a host sync:
 
 - The side stream starts layer ``i`` after the main stream has produced it (``fork_i``).
-- The tensors the capture reads (the block's output and input, a per-forward position index) were
-  allocated on the main stream. The caching allocator may give their memory to a new main-stream
-  tensor as soon as Python drops them, so this module holds them until the main stream has waited for
-  the capture that reads them (``done_i``). That happens ``window`` layers later, and for all of them
-  at the end of the forward. This is the hold-and-wait discipline, not ``record_stream``: memory
-  stays bounded and no allocator events are involved.
+- The tensors the capture reads (the block's output and input, any copy of them made for it, a
+  per-forward position index) were allocated on the main stream; the capture is given them as
+  arguments and reads nothing else of the forward's. The caching allocator may give their memory to
+  a new main-stream tensor as soon as Python drops them, so this module holds them until the main
+  stream has waited for the capture that reads them (``done_i``). That happens ``window`` layers
+  later, and for all of them at the end of the forward. This is the hold-and-wait discipline, not
+  ``record_stream``: memory stays bounded and no allocator events are involved.
 - Nobody may modify a held tensor in place before the capture has read it. HF's blocks do not, but
   a model (or another hook) could. Each held tensor's version counter is compared when it is
   released. A change means the capture may have read the new values: OverlapError, and the capture
@@ -32,6 +33,7 @@ a capture simply runs in place. The events are pooled per device, so a steady st
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -71,16 +73,18 @@ class SideStreams:
         """Whether captures on ``device`` go to a side stream (else ``run`` runs them in place)."""
         return device.type == "cuda"
 
-    def run(self, device: torch.device, layer_id: int, reads: tuple, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (which reads ``reads`` and writes only capture-owned buffers) beside the
-        forward on ``device``'s side stream, or in place on a device without streams."""
+    def run(self, device: torch.device, layer_id: int, reads: tuple, fn: Callable[..., None]) -> None:
+        """Run ``fn(*reads)`` beside the forward on ``device``'s side stream, or in place on a
+        device without streams. ``fn`` writes only capture-owned buffers and reads main-stream
+        tensors only through its arguments: those are exactly the tensors held (so a tensor made on
+        the main stream just for the capture, such as a reshape's copy, cannot be missed)."""
         if not self.has_stream(device):
-            fn()
+            fn(*reads)
             return
-        main, done = self._launch(device, fn)
-        reads = tuple(t for t in reads if t is not None)
-        self._pending.append(_Pending(device, main, done, layer_id, reads,
-                                      tuple(tensor_version(t) for t in reads)))
+        main, done = self._launch(device, functools.partial(fn, *reads))
+        held = tuple(t for t in reads if t is not None)
+        self._pending.append(_Pending(device, main, done, layer_id, held,
+                                      tuple(tensor_version(t) for t in held)))
         while len(self._pending) > self.window:
             self._retire(self._pending.popleft(), check=True)
 
