@@ -153,3 +153,54 @@ def test_capture_in_training_mode_with_grad(extension):
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("how", ["parameter", "load_state_dict-assign", "in-place"])
+def test_a_final_norm_changed_after_set_up_is_the_one_used(extension, how):
+    """normed follows the final norm the model runs now: a Parameter replaced after the capture
+    was built (or after a forward planned the op) is read from the module, not a kept reference."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    cap = residtap.Capture(model, outputs=("normed", "stats"), backend="compiled")
+    with cap, torch.no_grad():
+        model(ids)  # plans the op with the norm as it was
+    ln_f = model.transformer.ln_f
+    g = torch.Generator().manual_seed(7)
+    new_w, new_b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    with torch.no_grad():
+        if how == "parameter":
+            ln_f.weight, ln_f.bias = torch.nn.Parameter(new_w), torch.nn.Parameter(new_b)
+        elif how == "load_state_dict-assign":
+            ln_f.load_state_dict({"weight": new_w, "bias": new_b}, assign=True)
+        else:
+            ln_f.weight.copy_(new_w)
+            ln_f.bias.copy_(new_b)
+    assert torch.equal(ln_f.weight, new_w)
+    with cap, torch.no_grad():
+        model(ids)
+    ref = run_reference(model, ids, outputs=("normed", "stats"))
+    assert_same_outputs(cap, ref, ("normed", "stats"))
+    assert torch.equal(cap.normed[-1], model(ids, output_hidden_states=True).hidden_states[-1])
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("positions", [None, [0, 3], "last", "mask"], ids=str)
+def test_a_first_forward_under_inference_mode_leaves_buffers_usable_outside_it(extension, backend,
+                                                                              positions):
+    """Buffers are normal tensors even when allocated inside torch.inference_mode(): an inference
+    tensor could not be written in place by later forwards under no_grad or with grad."""
+    from helpers import padded
+
+    model = tiny_gpt2(2, 64, 2)
+    ids = ids_for(model, 3, 7)
+    positions, kwargs = padded(ids, positions, left=(0, 2), right=(2, 5))
+    ref = run_reference(model, ids, positions=positions, outputs=OUTPUTS, **kwargs)
+    cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, backend=backend)
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode(), cap:
+            model(ids, **kwargs)
+        assert not cap.resid.is_inference()
+        assert_same_outputs(cap, ref, OUTPUTS)
+

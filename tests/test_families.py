@@ -259,3 +259,16 @@ def test_a_renamed_table_path_says_where_it_came_from(models, monkeypatch):
     with pytest.raises(ValueError, match=r"blocks: expected a module path inside LlamaModel \(residtap's "
                                          r"FAMILIES entry for 'llama'.*has no attribute 'decoder_layers'"):
         residtap.capture(models("llama", "causal-lm"))
+
+
+def test_the_residual_width_is_the_configs_where_the_embeddings_are_narrower():
+    """OPT-350m-like: no final norm and word_embed_proj_dim < hidden_size. The width the parity
+    guard probes at set-up is the residual's, not the embeddings'."""
+    torch.manual_seed(0)
+    cfg = T.OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                      word_embed_proj_dim=32, do_layer_norm_before=False, vocab_size=97,
+                      max_position_embeddings=64)
+    model = T.OPTForCausalLM(cfg).eval()
+    assert model.get_input_embeddings().weight.shape[-1] == 32
+    cap = residtap.Capture(model, outputs=("stats",))
+    assert cap._guess_d_model() == 64

@@ -174,3 +174,27 @@ def test_bad_overlap_arguments_are_clear_errors():
         residtap.capture(model, overlap="yes")
     with pytest.raises(ValueError, match="window: expected an int >= 1, got 0"):
         SideStreams(window=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_read_inside_the_forward_after_the_last_block_waits_for_the_side_stream(extension, family):
+    """A hook that runs after the last block but before the model returns (here on the LM head)
+    reads complete buffers: the read joins the side-stream captures still in flight."""
+    model = tiny_gpt2(3, 64, 4) if family == "gpt2" else tiny_llama()
+    ids = ids_for(model, 2, 5)
+    cap = deferred_capture(model, outputs=OUTPUTS, backend="compiled")
+    seen = {}
+
+    def read(_module, _args):
+        seen["resid"], seen["normed"] = cap.resid.clone(), cap.layer("normed", -1).clone()
+
+    handle = model.lm_head.register_forward_pre_hook(read)
+    try:
+        with cap, torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    ref = run_reference(model, ids, outputs=OUTPUTS)
+    assert torch.equal(seen["resid"], ref.outputs["resid"])
+    assert torch.equal(seen["normed"], ref.outputs["normed"][-1])
+    assert_same_outputs(cap, ref, OUTPUTS)

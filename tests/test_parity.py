@@ -3,6 +3,8 @@ fused norm differs from torch (on a GPU the guard itself runs in tests/test_cuda
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -49,12 +51,19 @@ def test_capture_follows_the_guard(extension, monkeypatch, verdict, outputs, kin
         return real_op(*args, **kwargs)
 
     monkeypatch.setattr(backend, "norm_parity", fake_parity)
+    monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(ops, "capture_block", spy)
     model = tiny_gpt2()
     ids = ids_for(model, 2, 7)
-    cap = residtap.Capture(model, outputs=outputs, backend="compiled")
-    with cap, torch.no_grad():
-        model(ids)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):  # a second capture of the same combination does not warn again
+            cap = residtap.Capture(model, outputs=outputs, backend="compiled")
+            with cap, torch.no_grad():
+                model(ids)
     assert set(seen_kinds) == {kind}
     assert all(p is False for p in probes)  # nothing probes inside a forward
     assert_same_outputs(cap, run_reference(model, ids, outputs=outputs), outputs)
+    # Never probed: exact all the same, and one warning says why it is slower.
+    unprobed = [w for w in record if "not checked against torch" in str(w.message)]
+    assert len(unprobed) == (1 if verdict is None and kind != "none" else 0)

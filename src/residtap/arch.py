@@ -46,12 +46,11 @@ FAMILIES: dict[str, Family] = {
 
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
-    """How the op re-applies the final norm: "layer_norm" (fused, with weight/bias/eps) or
-    "module" (residtap calls the module itself, exact by construction) or "none"."""
+    """How the op re-applies the final norm: "layer_norm" (fused, with the module's weight and
+    bias, read from it at each use so that a replaced Parameter is seen) or "module" (residtap
+    calls the module itself, exact by construction) or "none"."""
 
     kind: str
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
     eps: float = 1e-5
 
 
@@ -80,7 +79,7 @@ def norm_spec(module: nn.Module | None, config=None) -> NormSpec:
     if module is None:
         return NormSpec("none", eps=eps)
     if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
-        return NormSpec("layer_norm", module.weight, module.bias, eps)
+        return NormSpec("layer_norm", eps)
     return NormSpec("module", eps=eps)
 
 

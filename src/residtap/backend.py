@@ -61,14 +61,15 @@ def choose(requested: str | None, device: torch.device) -> Choice:
     return Choice("reference", reference.capture_block, reason)
 
 
-def fused_norm_ok(norm, dtype: torch.dtype, device: torch.device, d_model: int) -> bool:
+def fused_norm_ok(norm, weight, bias, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the op may compute ``normed`` itself for this (norm, dtype, device): the norm is a
-    LayerNorm whose parameters share the model's dtype and device. When False the capture calls
+    LayerNorm whose parameters (``weight``, ``bias``, each may be None) share the model's dtype
+    and device. When False the capture calls
     the final-norm module instead (exact by construction). Whether the CUDA op then replays
     torch's arithmetic or calls torch is :func:`norm_parity`'s decision."""
     if norm.kind != "layer_norm":
         return False
-    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    params = [p for p in (weight, bias) if p is not None]
     return all(p.dtype == dtype and p.device == torch.device(device) for p in params)
 
 
@@ -102,6 +103,21 @@ def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None
             "(exact, a little slower). Please report this with `residtap env`.",
             RuntimeWarning, stacklevel=3)
     return ok
+
+
+def warn_unprobed(device, dtype: torch.dtype, d_model: int) -> None:
+    """Once per combination: a forward met a (device, dtype, width) the set-up probe did not cover,
+    so torch's own norm runs for it (see norm_parity)."""
+    key = f"unprobed {device} {dtype} {d_model}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"residtap: the fused CUDA LayerNorm was not checked against torch for {dtype}, width "
+        f"{d_model} on {device} when this capture was set up (the model was moved or cast after "
+        "`with residtap.capture(...)` was entered, or its hidden states have another dtype than its "
+        "parameters), so torch's own layer_norm computes normed and stats there: exact, a little "
+        "slower. Enter the capture after moving or casting the model.", RuntimeWarning, stacklevel=2)
 
 
 def _probe_parity(device, dtype, d_model, weight, bias, eps) -> tuple[bool, str]:

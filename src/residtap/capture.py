@@ -37,7 +37,8 @@ class _DeviceOps(NamedTuple):
     fused_normed: bool  # the op writes normed; else the final-norm module's own code does
     norm_params: tuple  # (weight, bias) on this device for the op, or (None, None)
     norm_device: torch.device | None  # where the module runs when it computes normed itself
-    stamp: tuple | None  # the norm's tensors when norm_params are copies of them (else None)
+    stamp: tuple  # the final norm's tensors when this was planned (see Capture._norm_stamp)
+    held: tuple  # those tensors, held so that a new tensor cannot reuse their memory and stamp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,7 @@ class Capture:
         self._key = None
         self._choice: _backend.Choice | None = None  # the first hidden state's device's
         self._ops: dict[tuple, _DeviceOps] = {}  # (device, dtype) -> how the op runs there, per shape
-        self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, (weight, bias) copies)
+        self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, copies, originals)
         self._state = "empty"  # empty → running → complete | failed
         self._written = 0
         self._sel = None  # the selection on the first hidden state's device
@@ -169,6 +170,7 @@ class Capture:
         if self._handles:
             raise RuntimeError("Capture: this capture is already active (entered twice)")
         blocks = self.layout.blocks
+        self._probe_parity()  # again: the model may have been moved or cast since construction
         try:
             if self.config.positions == LAST:
                 self._attention_mask = _UNSEEN
@@ -286,15 +288,24 @@ class Capture:
         blocks = self.layout.blocks
         return [None if lid == 0 else module_device(blocks[lid - 1]) for lid in self.config.layer_ids]
 
+    def _live_norm_params(self) -> tuple:
+        """The final LayerNorm's (weight, bias) as the module holds them now: a Parameter replaced
+        after set-up (``load_state_dict(assign=True)``, ``ln_f.weight = ...``) is the one used."""
+        if self.layout.norm.kind != "layer_norm":
+            return (None, None)
+        norm = self.layout.final_norm
+        return (norm.weight, norm.bias)
+
     def _norm_params(self):
-        norm = self.layout.norm
-        return tuple(p.detach() if p is not None else None for p in (norm.weight, norm.bias))
+        return tuple(p.detach() if p is not None else None for p in self._live_norm_params())
 
     def _norm_stamp(self) -> tuple:
         """What identifies the final norm's tensors and their contents: a move, a replacement or an
-        in-place update (training) changes it. Host-side reads only."""
+        in-place update (training) changes it. Host-side reads only. Whoever keeps a stamp keeps
+        the tensors too (``_norm_params()``), so their memory, and with it the stamp, cannot pass
+        to a new tensor."""
         return tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
-                     for p in (self.layout.norm.weight, self.layout.norm.bias))
+                     for p in self._live_norm_params())
 
     def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
         """The final norm's (weight, bias), detached, on ``device``, and the stamp they were copied
@@ -314,8 +325,8 @@ class Capture:
         stamp = self._norm_stamp()
         kept = self._norm_copies.get(device)
         if kept is None or kept[0] != stamp:
-            kept = self._norm_copies[device] = (stamp, tuple(None if p is None else _to(p, device)
-                                                             for p in params))
+            copies = tuple(None if p is None else _to(p, device) for p in params)
+            kept = self._norm_copies[device] = (stamp, copies, params)  # params: see _norm_stamp
         return kept[1], stamp
 
     def _probe_parity(self) -> None:
@@ -328,7 +339,7 @@ class Capture:
         if param is None:
             return
         # The model's first device, and every other device its blocks run on (device_map).
-        devices = dict.fromkeys([param.device, *(h for h in self._homes if h is not None)])
+        devices = dict.fromkeys([param.device, *(h for h in self._predict_homes() if h is not None)])
         cuda = [d for d in devices if d.type == "cuda"]
         d_model = self._guess_d_model() if cuda else None
         if d_model is None:
@@ -337,34 +348,38 @@ class Capture:
         for device in cuda:
             if _backend.choose(self.config.backend, device).name != "compiled":
                 continue
-            (weight, bias), _, fused_normed = self._fused_norm_on(device, param.dtype, d_model)
+            (weight, bias), fused_normed = self._fused_norm_on(device, param.dtype)
             if fused_normed:
                 _backend.norm_parity(device, param.dtype, d_model, weight, bias, eps)
             if "stats" in outputs:
                 _backend.norm_parity(device, param.dtype, d_model, None, None, eps)
 
     def _guess_d_model(self) -> int | None:
-        w = self.layout.norm.weight
+        """The residual width, read without a forward: the final LayerNorm's, else the config's
+        hidden_size (OPT-350m's embeddings are narrower than its residual), else the embeddings'."""
+        w = self._live_norm_params()[0]
         if w is not None:
             return int(w.shape[-1])
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
+            return hidden
         emb = getattr(self.model, "get_input_embeddings", lambda: None)()
         return int(emb.weight.shape[-1]) if getattr(emb, "weight", None) is not None else None
 
-    def _fused_norm_on(self, device: torch.device, dtype: torch.dtype, d_model: int):
-        """((weight, bias) for the op on ``device``, the stamp of copied weights or None, whether
-        the op computes normed itself there); (None, None) and False when it does not."""
+    def _fused_norm_on(self, device: torch.device, dtype: torch.dtype):
+        """((weight, bias) for the op on ``device``, whether the op computes normed itself there);
+        (None, None) and False when it does not."""
         norm = self.layout.norm
         if "normed" not in self.config.outputs or norm.kind != "layer_norm":
-            return (None, None), None, False
-        (weight, bias), stamp = self._norm_params_on(device)
-        on_device = dataclasses.replace(norm, weight=weight, bias=bias)
-        if not _backend.fused_norm_ok(on_device, dtype, device, d_model):
-            return (None, None), None, False
-        return (weight, bias), stamp, True
+            return (None, None), False
+        (weight, bias), _ = self._norm_params_on(device)
+        if not _backend.fused_norm_ok(norm, weight, bias, dtype, device):
+            return (None, None), False
+        return (weight, bias), True
 
     def _ops_for(self, device: torch.device, dtype: torch.dtype, d_model: int) -> _DeviceOps:
         ops = self._ops.get((device, dtype))
-        if ops is None or (ops.stamp is not None and ops.stamp != self._norm_stamp()):
+        if ops is None or ops.stamp != self._norm_stamp():  # first use, or the norm changed
             ops = self._ops[(device, dtype)] = self._plan_norm(dtype, device, d_model)
         return ops
 
@@ -373,19 +388,20 @@ class Capture:
         normed / mean+rstd there. A combination the set-up probe did not cover (or one whose probe
         failed) gets torch's own norm from the op ("torch_layer_norm")."""
         choice = _backend.choose(self.config.backend, device)
-        params, stamp, fused_normed = self._fused_norm_on(device, dtype, d_model)
+        stamp, held = self._norm_stamp(), self._norm_params()
+        params, fused_normed = self._fused_norm_on(device, dtype)
         compiled = choice.name == "compiled"
 
-        def replay_ok(weight, bias) -> bool:
-            return not compiled or _backend.norm_parity(device, dtype, d_model, weight, bias,
-                                                        self.layout.norm.eps, probe=False) is True
-
-        ok = ((not fused_normed or replay_ok(*params))
-              and ("stats" not in self.config.outputs or replay_ok(None, None)))
+        needed = ([params] if fused_normed else []) + ([(None, None)] if "stats" in self.config.outputs else [])
+        verdicts = [_backend.norm_parity(device, dtype, d_model, weight, bias, self.layout.norm.eps,
+                                         probe=False) for weight, bias in needed] if compiled else []
+        ok = all(v is True for v in verdicts)
+        if None in verdicts:  # not probed at set-up: exact all the same, but say why it is slower
+            _backend.warn_unprobed(device, dtype, d_model)
         kind = ("layer_norm" if fused_normed else "none") if ok else "torch_layer_norm"
         final_norm = self.layout.final_norm
         norm_device = module_device(final_norm) if final_norm is not None else None
-        return _DeviceOps(choice, kind, fused_normed, params, norm_device, stamp)
+        return _DeviceOps(choice, kind, fused_normed, params, norm_device, stamp, held)
 
     def _last_selection(self, batch: int, seq: int, device: torch.device):
         """positions="last": each row's last real token, from the mask the model was called with."""
@@ -430,12 +446,13 @@ class Capture:
     def _new_buffers(self, lead: tuple, device: torch.device) -> dict[str, torch.Tensor]:
         rows, n_pos, d_model, cap_dtype = self._spec
         bufs = {}
-        for name in ("resid", "delta", "normed"):
-            if name in self.config.outputs:
-                bufs[name] = torch.empty(*lead, rows, n_pos, d_model, dtype=cap_dtype, device=device)
-        if "stats" in self.config.outputs:
-            for name in STAT_NAMES:
-                bufs[name] = torch.empty(*lead, rows, n_pos, dtype=torch.float32, device=device)
+        with _normal_tensors():
+            for name in ("resid", "delta", "normed"):
+                if name in self.config.outputs:
+                    bufs[name] = torch.empty(*lead, rows, n_pos, d_model, dtype=cap_dtype, device=device)
+            if "stats" in self.config.outputs:
+                for name in STAT_NAMES:
+                    bufs[name] = torch.empty(*lead, rows, n_pos, dtype=torch.float32, device=device)
         return bufs
 
     def _rehome(self, k: int, device: torch.device) -> None:
@@ -454,8 +471,9 @@ class Capture:
         cap.resid works as for any one-device model and the next forwards reuse the stack."""
         if not self._stacked_on(self._buf_devices):
             return
-        self._buffers = {name: torch.stack([b[name] for b in self._layer_bufs])
-                         for name in self._layer_bufs[0]}
+        with _normal_tensors():
+            self._buffers = {name: torch.stack([b[name] for b in self._layer_bufs])
+                             for name in self._layer_bufs[0]}
         self._layer_bufs = self._stacked_views()
         self._stacked = True
         self._key = (*self._key[:-1], self._homes_version)
@@ -562,6 +580,11 @@ class Capture:
         return self._choice.name if self._choice else None
 
     def _check_complete(self, attr: str) -> None:
+        """Raise unless the buffers hold a whole forward. With overlap, a read before the model has
+        returned (a hook after the last block reads them) first orders the reading stream after the
+        side-stream captures still in flight, as the end of the forward would."""
+        if self._state == "complete" and self._side is not None and self._side.pending:
+            self._join()
         if self._state == "empty":
             raise CaptureError(f"cap.{attr}: no forward has run inside this capture yet")
         if self._state == "failed":
@@ -673,6 +696,14 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({self.layout.family}, layers={self.layer_ids}, outputs={self.config.outputs}, "
                 f"state={self._state})")
+
+
+def _normal_tensors():
+    """Where buffers are allocated: outside inference mode even inside a forward run under
+    ``torch.inference_mode()``. An inference tensor cannot be written in place outside inference
+    mode, so buffers made in the first forward would break every later forward without it. Writing
+    a normal tensor in place inside inference mode is allowed."""
+    return torch.inference_mode(False)
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
