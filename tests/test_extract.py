@@ -336,6 +336,34 @@ def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch, device):
     assert again.complete and again.shards_written == 0
 
 
+def test_a_full_disk_reported_by_safetensors_is_a_clear_error(tmp_path, monkeypatch):
+    """safetensors raises its own SafetensorError, not OSError, when a write fails; the message
+    ends in the OS error number (format checked against safetensors' real error for a missing
+    directory). It must read like any other I/O error, with the hint that a rerun resumes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+    with pytest.raises(SafetensorError, match=r"\(os error 2\)"):
+        real({"x": torch.zeros(2)}, str(tmp_path / "missing" / "x.safetensors"))
+    path, _ = ids_file(tmp_path, 8 * 12)
+    calls = []
+
+    def full_disk(tensors, p, metadata=None):
+        calls.append(p)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, p, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(store.StoreError, match="no space left on device.*resumes"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2,
+                         shard_size="3KiB", writers=1, progress=False)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert not m["complete"] and len(m["shards"]) == 1
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+
+
 def test_mismatched_settings_or_model_are_refused(tmp_path):
     path, _ = ids_file(tmp_path, 8 * 6)
     kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
@@ -505,15 +533,62 @@ def test_sigkill_then_rerun_resumes_byte_identical(tmp_path, reference_run):
     assert rerun.returncode == 0, rerun.stderr
     assert f"({len(m['shards'])} already done)" in rerun.stdout
     assert_same_dirs(ref, out)
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))  # no temporary file left behind
+
+
+def _kill_every_process_writing(out) -> None:
+    """SIGKILL every process whose command line names ``out`` (Linux: read from /proc)."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc to find torchrun's workers")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            if os.fsencode(str(out)) in args:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def _torchrun(path, out, n=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+            "-m", "residtap", *_cli(path, out)[3:]]
+
+
+@pytest.mark.slow
+def test_torchrun_killed_then_rerun_resumes_byte_identical(tmp_path, reference_run):
+    """Each rank's part manifest keeps the shards an earlier run finished: before, a rerun's first
+    write replaced a part with this run's shards only, and the merge found the others missing."""
+    path, ref = reference_run
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_torchrun(path, out), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = [out / store.part_name(r) for r in range(2)]
+
+    def done():
+        try:
+            return [len(json.loads(p.read_text())["shards"]) for p in parts]
+        except (OSError, ValueError, KeyError):
+            return [0, 0]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and min(done()) < 10:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make the input larger"
+    _kill_every_process_writing(out)  # torchrun and both workers (each in a session of its own)
+    proc.wait()
+    before = done()
+    assert min(before) >= 10 and sum(before) < 200
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path, reference_run):
     path, ref = reference_run
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "residtap", *_cli(path, tmp_path / "two")[3:]]
-    two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    two = subprocess.run(_torchrun(path, tmp_path / "two"), env=_env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_dirs(ref, tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(ref))  # rank parts merged away

@@ -234,7 +234,9 @@ class _Manifest:
     def __init__(self, out: str, header: dict, records: dict[int, dict], rank: int, world: int):
         self.out, self.header, self.records = out, header, records
         self.rank, self.world = rank, world
-        self.mine: dict[int, dict] = {}
+        # This rank's part lists every shard it owns that is done, from whichever manifest recorded
+        # it: a resumed run rewrites its part, and must not drop the shards an earlier run finished.
+        self.mine: dict[int, dict] = {i: r for i, r in records.items() if i % world == rank}
         self._lock = threading.Lock()
 
     def path(self) -> str:
@@ -486,6 +488,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     main = manifests[0]
     records = _store.merged_records(manifests)
     if main.get("complete"):
+        _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
             for p in _store.manifest_paths(out)[1:]:  # parts a killed merge left: superseded

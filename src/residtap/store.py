@@ -28,6 +28,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import struct
 from typing import Iterator, Sequence
 
@@ -127,19 +129,35 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 def _save_file(tensors: dict, path: str, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata=metadata)
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        # safetensors reports a failed write (a full disk) as SafetensorError("... (os error 28)"):
+        # an OSError with that errno, so it gets the same clear message as any other I/O error.
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 
 def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
     """Write one shard crash-safe; return its manifest record fields (file, bytes, sha256).
 
     The file appears under its final name only once complete and fsynced; on any error the temporary
-    file is removed and a StoreError says why.
+    files are removed and a StoreError says why. Everything temporary lives in a directory of this
+    shard's own (``.shard-N.tmp/``): safetensors writes through a temporary file of its own naming
+    beside its target, which a SIGKILL leaves behind, and only the rank that owns shard N may remove
+    it on resume (see remove_stale_temporaries).
     """
     name = shard_name(index)
     final = os.path.join(directory, name)
-    tmp = os.path.join(directory, f".{name}.tmp")
+    work = _temp_dir(directory, index)
+    tmp = os.path.join(work, name)
     try:
+        _remove_tree_quietly(work)  # a killed attempt's leftovers
+        os.mkdir(work)
         # One metadata key: safetensors keeps metadata in a hash map whose order varies between
         # processes, and the bytes of a shard must not.
         _save_file(tensors, tmp, {"residtap": json.dumps(metadata, sort_keys=True)})
@@ -154,24 +172,39 @@ def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], me
         os.replace(tmp, final)
         fsync_dir(directory)
     except OSError as e:
-        _remove_quietly(tmp)
+        _remove_tree_quietly(work)
         raise os_error(e, f"writing shard {index} to", tmp) from e
     except BaseException:
-        _remove_quietly(tmp)
+        _remove_tree_quietly(work)
         raise
+    _remove_tree_quietly(work)
     return {"file": name, "bytes": size, "sha256": digest}
 
 
+def _temp_dir(directory: str, index: int) -> str:
+    return os.path.join(directory, f".{shard_name(index)}.tmp")
+
+
+def _remove_tree_quietly(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale_temporaries(directory: str, owns) -> None:
-    """Temporary shard files left by a killed run (``owns(index)`` says which are this rank's)."""
+    """What a killed run left of the shards ``owns(index)`` says are this rank's: their temporary
+    temporary directories (or bare temporary files, which earlier builds wrote)."""
+    prefix, suffix = ".shard-", ".safetensors.tmp"
     for f in os.listdir(directory):
-        if f.startswith(".shard-") and f.endswith(".safetensors.tmp"):
+        if f.startswith(prefix) and f.endswith(suffix):
             try:
-                index = int(f[len(".shard-"):-len(".safetensors.tmp")])
+                index = int(f[len(prefix):-len(suffix)])
             except ValueError:
                 continue
             if owns(index):
-                _remove_quietly(os.path.join(directory, f))
+                path = os.path.join(directory, f)
+                if os.path.isdir(path):
+                    _remove_tree_quietly(path)
+                else:
+                    _remove_quietly(path)
 
 
 # ---------------------------------------------------------------------------------------- manifests
