@@ -131,19 +131,24 @@ def main() -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem
         shard = args.shard_size or batch_bytes  # one batch per shard: the most manifest traffic
-        host_memory = max(shard if isinstance(shard, int) else 0, batch_bytes) * (writers + 1) + (1 << 20)
+        # Room for writers + 1 shard buffers. Twice the bytes: pinned buffers come from torch's
+        # caching host allocator, which rounds each up to a power of two (extract counts that).
+        host_memory = 2 * max(shard if isinstance(shard, int) else 0, batch_bytes) * (writers + 1) + (1 << 20)
         fwd_s = time_forward(model, ids, batch, device)
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
         run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, shard, host_memory, device)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
-             "batches": n_batches, "writers": writers, "forward_s": fwd_s}
+             "batches": n_batches, "writers_asked": writers, "forward_s": fwd_s}
         for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
             need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
                 r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
                 continue
             res = run_extract(model, ids, d, batch, writers, shard, host_memory, device)
-            raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1), writers)
+            # The raw write gets as many threads as the pipeline ran writers: like against like.
+            raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1),
+                              res.writers)
+            r[f"writers_{tag}"] = res.writers
             r[f"extract_{tag}_s"] = res.seconds
             r[f"raw_{tag}_s"] = raw_s
             r[f"GB_{tag}"] = res.bytes_written / 1e9

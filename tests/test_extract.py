@@ -262,6 +262,7 @@ def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeyp
     monkeypatch.setattr(sys.modules["residtap.extract"], "_queues_for", deferred)
     res = residtap.extract(model, path, tmp_path / "async", shard_size=shard, **kw)
     assert res.n_shards == 4 and residtap.open(tmp_path / "async").manifest["settings"]["seqs_per_shard"] == 9
+    assert res.writers == writers  # the default host_memory has room for writers + 1 shard buffers
     assert len(made) == 1 and made[0].max_queued >= 2 and made[0].queue == []
     assert_same_dirs(tmp_path / "plain", tmp_path / "async")
 
@@ -277,6 +278,8 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     idx = np.array([239, 0, 17, 17, 100, -1])
     assert torch.equal(a[idx], full[idx]) and torch.equal(a[5:77:3], full[5:77:3])
     assert torch.equal(a[-2], full[-2])
+    for sl in (slice(None, None, -7), slice(-5, None), slice(300, None), slice(10, 2)):
+        assert torch.equal(a[sl], full[torch.as_tensor(np.arange(240)[sl].copy(), dtype=torch.long)]), sl
     with pytest.raises(IndexError):
         a[240]
     ds = acts.dataset(1, batch_size=32, seed=3, buffer_shards=2)
@@ -364,7 +367,7 @@ def test_a_full_disk_reported_by_safetensors_is_a_clear_error(tmp_path, monkeypa
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
-def test_mismatched_settings_or_model_are_refused(tmp_path):
+def test_mismatched_settings_or_model_are_refused(tmp_path, capsys):
     path, _ = ids_file(tmp_path, 8 * 6)
     kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
     residtap.extract(tiny_gpt2(), path, tmp_path / "out", **kw)
@@ -377,6 +380,12 @@ def test_mismatched_settings_or_model_are_refused(tmp_path):
     with pytest.raises(residtap.ManifestMismatchError, match="data"):
         residtap.extract(tiny_gpt2(), other, tmp_path / "out", **kw)
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    # Another backend (or device type) is not a different setting, but its bytes may differ: a warning.
+    assert residtap.open(tmp_path / "out").manifest["environment"] == {"device": "cpu", "backend": "compiled"}
+    capsys.readouterr()
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", backend="reference", **kw)
+    err = capsys.readouterr().err
+    assert "was started with environment" in err and "'backend': 'reference'" in err
     # a directory with someone else's files
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")

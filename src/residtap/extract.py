@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
 from .arch import module_device
@@ -109,6 +110,7 @@ class ExtractResult:
     seconds: float  # from the first forward to the last shard durable
     waits: dict  # seconds, by what on: "model", "disk", "d2h", "write" (see _Waits)
     manifest: dict
+    writers: int = 0  # writer threads this call ran (fewer than asked where host_memory is short)
 
     @property
     def tokens_per_s(self) -> float:
@@ -391,6 +393,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     header = {"format": _store.FORMAT, "format_version": _store.FORMAT_VERSION, "settings": settings,
               "versions": {"residtap": __version__, "torch": torch.__version__,
                            "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+              # Where the numbers were computed: a GPU and the CPU (or the compiled op and the
+              # reference, whose l2 may differ by an ulp) give different bytes for the same settings.
+              "environment": {"device": in_device.type,
+                              "backend": _backend.choose(cfg.backend, in_device).name},
               "d_model": d_model, "positions_per_sequence": n_pos,
               "tensors": {"activations": "<output>.<layer_id> [rows, d_model] (stats: [rows] float32)",
                           "per_row": list(_store.ROW_TENSORS), "per_sequence": list(_store.SEQ_TENSORS)}}
@@ -418,7 +424,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                          n_shards=final.get("n_shards", run.n_blocks), shards_written=run.written,
                          shards_skipped=run.skipped, n_tokens=run.n_tokens, n_rows=run.n_rows,
                          bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
-                         manifest=final)
+                         manifest=final, writers=run.n_buffers - 1)
 
 
 def _dist_env(rank, world_size):
@@ -524,10 +530,11 @@ def _check_compatible(out: str, header: dict) -> None:
                 f"out: {out!r} holds an extraction made with different settings ({os.path.basename(p)}): "
                 + "; ".join(diff) + ". Nothing was written. Use a new --out directory, or the same settings "
                 "to resume.")
-        if have.get("versions") != header["versions"]:
-            print(f"residtap extract: warning: {out!r} was started with {have.get('versions')}, resuming "
-                  f"with {header['versions']}; shards may not be byte-identical across versions",
-                  file=sys.stderr)
+        for key in ("versions", "environment"):
+            if have.get(key) != header[key]:
+                print(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "
+                      f"resuming with {header[key]}; shards may not be byte-identical across them",
+                      file=sys.stderr)
 
 
 def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> dict:
@@ -641,6 +648,8 @@ class _Run:
 
     # -------------------------------------------------------------------- writer side
     def _writer(self, jobs: queue.Queue, pool: queue.Queue, bar) -> None:
+        if self.cuda:  # else this thread's first CUDA call (an event wait) would open a context on
+            torch.cuda.set_device(self.device)  # GPU 0, which another rank of torchrun is using
         while (host := jobs.get()) is not None:
             try:
                 if self.errors:

@@ -3,8 +3,9 @@ memory-mapped.
 
 An output directory::
 
-    manifest.json               settings, versions, and one record per complete shard (file, bytes,
-                                sha256, sequences, rows, source offsets); "complete": true at the end
+    manifest.json               settings, versions, environment (device type, backend), and one
+                                record per complete shard (file, bytes, sha256, sequences, rows,
+                                source offsets); "complete": true at the end
     shard-000000.safetensors    "<output>.<layer_id>" per captured output and residual index:
                                   resid/delta/normed [rows, d_model], mean/rstd/l2/maxabs [rows] float32
                                 "input_ids" [seqs, seq_len] int32, "source" [seqs, 2] int64
@@ -335,7 +336,7 @@ class LayerArray:
             k = int(np.searchsorted(self._offsets, i, side="right") - 1)
             return self.part(k)[i - int(self._offsets[k])].clone()
         if isinstance(idx, slice):
-            idx = np.arange(n)[idx]
+            idx = np.arange(*idx.indices(n))  # the selected rows only, not all n first
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
         if idx.dtype == bool or idx.ndim != 1 or idx.dtype.kind not in "iu":
             raise IndexError(f"expected an int, a slice or a 1-D integer index, got {idx.dtype} {idx.shape}")
