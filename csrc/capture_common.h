@@ -98,7 +98,8 @@ inline CaptureArgs make_capture_args(
     const std::optional<at::Tensor>& rstd, const std::optional<at::Tensor>& l2,
     const std::optional<at::Tensor>& maxabs) {
   CaptureArgs a;
-  RESIDTAP_CHECK_ARG(out.dim() == 3, "out", "a [batch, seq, d_model] tensor", describe(out));
+  RESIDTAP_CHECK_ARG(out.dim() == 3 && out.size(2) > 0, "out",
+                     "a [batch, seq, d_model] tensor with d_model >= 1", describe(out));
   RESIDTAP_CHECK_ARG(is_float_type(out.scalar_type()), "out",
                      "dtype float32, bfloat16 or float16", describe(out));
   // Rare layouts (a transposed hidden state) are made row-contiguous once; hook outputs of

@@ -187,6 +187,7 @@ def test_cuda_parity_guard_passes_on_this_torch(cuda_ext):
                 warnings.simplefilter("error")
                 assert backend.norm_parity(CUDA, dtype, d, w, b, 1e-5) is True
                 assert backend.norm_parity(CUDA, dtype, d, None, None, 1e-5) is True
+                assert backend.norm_parity(CUDA, dtype, d, None, None, 1e-5, normed=True) is True
 
 
 

@@ -114,6 +114,7 @@ def test_op_under_torch_compile(extension):
 
 @pytest.mark.parametrize("kwargs,argname", [
     (dict(out=torch.zeros(2, 3)), "out"),
+    (dict(out=torch.zeros(2, 3, 0), resid=torch.zeros(2, 3, 0)), "out"),  # no norm or stat of 0 values
     (dict(out=torch.zeros(2, 3, 4, dtype=torch.int32)), "out"),
     (dict(inp=torch.zeros(2, 3, 5)), "inp"),
     (dict(index=torch.tensor([0.0])), "index"),

@@ -20,6 +20,24 @@ def test_probe_runs_and_agrees_on_cpu(extension, dtype):
     b = torch.randn(96).to(dtype)
     assert backend._probe_parity(torch.device("cpu"), dtype, 96, w, b, 1e-5) == (True, "")
     assert backend._probe_parity(torch.device("cpu"), dtype, 96, None, None, 1e-5) == (True, "")
+    # a LayerNorm without weight and bias: normed is probed too, not only the moments
+    assert backend._probe_parity(torch.device("cpu"), dtype, 96, None, None, 1e-5, True) == (True, "")
+
+
+def test_the_probe_of_a_layer_norm_without_weight_and_bias_checks_normed(extension, monkeypatch):
+    kinds = []
+    real = ops.capture_block
+
+    def spy(*args, **kwargs):
+        kinds.append(kwargs["norm_kind"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "capture_block", spy)
+    assert backend._probe_parity(torch.device("cpu"), torch.float32, 64, None, None, 1e-5, True)[0]
+    assert set(kinds) == {"layer_norm"}
+    kinds.clear()
+    assert backend._probe_parity(torch.device("cpu"), torch.float32, 64, None, None, 1e-5)[0]
+    assert set(kinds) == {"none"}  # the stats-only moments
 
 
 def test_only_cuda_is_probed():
@@ -40,7 +58,7 @@ def test_capture_follows_the_guard(extension, monkeypatch, verdict, outputs, kin
     the guard failed or never ran, and the outputs stay exactly the reference's."""
     seen_kinds, probes = [], []
 
-    def fake_parity(device, dtype, d_model, weight=None, bias=None, eps=1e-5, *, probe=True):
+    def fake_parity(device, dtype, d_model, weight=None, bias=None, eps=1e-5, *, normed=None, probe=True):
         probes.append(probe)
         return verdict
 

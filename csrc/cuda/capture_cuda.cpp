@@ -29,6 +29,7 @@
 // rows_half.cu) so that a build compiles them in parallel.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -59,6 +60,10 @@ void check_arch(int device) {
   }
   cudaFuncAttributes attr;
   const cudaError_t err = cudaFuncGetAttributes(&attr, arch_probe_kernel());
+  if (err != cudaSuccess && err != cudaErrorInvalidDeviceFunction &&
+      err != cudaErrorNoKernelImageForDevice) {
+    C10_CUDA_CHECK(err);  // another failure (a sticky error from an earlier kernel): say that one
+  }
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it so later checks do not trip over it
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);

@@ -145,7 +145,10 @@ def _load() -> BuildInfo:
 
     extra_include = [str(CSRC)]
     cflags = ["-O3"]  # the C++ standard is the one torch's own flags ask for
-    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]  # never fast-math
+    # Never fast-math. The IEEE settings are nvcc's defaults, spelled out so that flags slipped in
+    # through NVCC_PREPEND_FLAGS cannot turn on flush-to-zero or approximate division unnoticed.
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true"]
     if with_cuda:
         cpp_extension.CUDA_HOME = str(cuda_home)
         os.environ["CUDA_HOME"] = str(cuda_home)

@@ -64,13 +64,14 @@ def choose(requested: str | None, device: torch.device) -> Choice:
 def fused_norm_ok(norm, weight, bias, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the op may compute ``normed`` itself for this (norm, dtype, device): the norm is a
     LayerNorm whose parameters (``weight``, ``bias``, each may be None) share the model's dtype
-    and device. When False the capture calls
-    the final-norm module instead (exact by construction). Whether the CUDA op then replays
-    torch's arithmetic or calls torch is :func:`norm_parity`'s decision."""
+    and device and are contiguous, as the op requires. When False the capture calls the
+    final-norm module instead (exact by construction). Whether the CUDA op then replays torch's
+    arithmetic or calls torch is :func:`norm_parity`'s decision."""
     if norm.kind != "layer_norm":
         return False
     params = [p for p in (weight, bias) if p is not None]
-    return all(p.dtype == dtype and p.device == torch.device(device) for p in params)
+    return all(p.dtype == dtype and p.device == torch.device(device) and p.is_contiguous()
+               for p in params)
 
 
 # The parity guard. The CUDA op replays torch's own CUDA LayerNorm arithmetic (normed, and the
@@ -79,22 +80,24 @@ def fused_norm_ok(norm, weight, bias, dtype: torch.dtype, device: torch.device) 
 # a single bit differs, the capture asks the op for torch's own norm ("torch_layer_norm") from
 # then on, with one warning. Probing needs one host sync: Capture probes at set-up; a
 # combination first seen inside a forward (where nothing may sync) takes torch's norm, unprobed.
-_parity: dict[tuple, bool] = {}  # (device, dtype, d_model, weight?, bias?, eps) -> verdict
+_parity: dict[tuple, bool] = {}  # (device, dtype, d_model, normed?, weight?, bias?, eps) -> verdict
 
 
 def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None, eps: float = 1e-5,
-                *, probe: bool = True) -> bool | None:
-    """Whether the compiled op's fused LayerNorm (``weight``/``bias`` None for the stats-only
-    moments) is bit-identical to torch's for this combination. Only CUDA replays torch's
-    arithmetic; every other device answers True. With ``probe=False`` an unprobed combination
-    answers None instead of synchronizing."""
+                *, normed: bool | None = None, probe: bool = True) -> bool | None:
+    """Whether the compiled op's fused LayerNorm is bit-identical to torch's for this combination:
+    ``normed`` (default: whether ``weight`` or ``bias`` is given) with ``weight``/``bias``, else the
+    stats-only moments (mean, rstd). Only CUDA replays torch's arithmetic; every other device
+    answers True. With ``probe=False`` an unprobed combination answers None instead of
+    synchronizing."""
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    key = (str(device), dtype, int(d_model), weight is not None, bias is not None, float(eps))
+    normed = (weight is not None or bias is not None) if normed is None else bool(normed)
+    key = (str(device), dtype, int(d_model), normed, weight is not None, bias is not None, float(eps))
     if key in _parity or not probe:
         return _parity.get(key)
-    ok, detail = _probe_parity(device, dtype, d_model, weight, bias, eps)
+    ok, detail = _probe_parity(device, dtype, d_model, weight, bias, eps, normed)
     _parity[key] = ok
     if not ok:
         warnings.warn(
@@ -120,11 +123,12 @@ def warn_unprobed(device, dtype: torch.dtype, d_model: int) -> None:
         "slower. Enter the capture after moving or casting the model.", RuntimeWarning, stacklevel=2)
 
 
-def _probe_parity(device, dtype, d_model, weight, bias, eps) -> tuple[bool, str]:
+def _probe_parity(device, dtype, d_model, weight, bias, eps, normed=None) -> tuple[bool, str]:
     """Run the op and the reference op on probe rows (centred at 0 and at 30, several row counts)."""
     from . import ops, reference
 
-    norm_kind = "layer_norm" if weight is not None or bias is not None else "none"
+    normed = (weight is not None or bias is not None) if normed is None else normed
+    norm_kind = "layer_norm" if normed else "none"
     g = torch.Generator(device="cpu").manual_seed(1234)
     for rows in (1, 7, 133):
         x = torch.randn(1, rows, d_model, generator=g)

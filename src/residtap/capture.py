@@ -350,9 +350,9 @@ class Capture:
                 continue
             (weight, bias), fused_normed = self._fused_norm_on(device, param.dtype)
             if fused_normed:
-                _backend.norm_parity(device, param.dtype, d_model, weight, bias, eps)
+                _backend.norm_parity(device, param.dtype, d_model, weight, bias, eps, normed=True)
             if "stats" in outputs:
-                _backend.norm_parity(device, param.dtype, d_model, None, None, eps)
+                _backend.norm_parity(device, param.dtype, d_model, None, None, eps, normed=False)
 
     def _guess_d_model(self) -> int | None:
         """The residual width, read without a forward: the final LayerNorm's, else the config's
@@ -392,9 +392,11 @@ class Capture:
         params, fused_normed = self._fused_norm_on(device, dtype)
         compiled = choice.name == "compiled"
 
-        needed = ([params] if fused_normed else []) + ([(None, None)] if "stats" in self.config.outputs else [])
+        needed = (([(*params, True)] if fused_normed else [])  # (weight, bias, normed)
+                  + ([(None, None, False)] if "stats" in self.config.outputs else []))
         verdicts = [_backend.norm_parity(device, dtype, d_model, weight, bias, self.layout.norm.eps,
-                                         probe=False) for weight, bias in needed] if compiled else []
+                                         normed=normed, probe=False)
+                    for weight, bias, normed in needed] if compiled else []
         ok = all(v is True for v in verdicts)
         if None in verdicts:  # not probed at set-up: exact all the same, but say why it is slower
             _backend.warn_unprobed(device, dtype, d_model)
