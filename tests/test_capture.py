@@ -204,3 +204,19 @@ def test_a_first_forward_under_inference_mode_leaves_buffers_usable_outside_it(e
         assert not cap.resid.is_inference()
         assert_same_outputs(cap, ref, OUTPUTS)
 
+
+
+def test_a_final_norm_with_non_contiguous_parameters_is_applied_by_the_module(extension):
+    """The op takes contiguous norm parameters only; others make the capture call the module."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    g = torch.Generator().manual_seed(3)
+    ln_f = model.transformer.ln_f
+    ln_f.weight = torch.nn.Parameter(torch.randn(128, generator=g)[::2])
+    assert not ln_f.weight.is_contiguous()
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS, backend="compiled") as cap, torch.no_grad():
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+    assert not any(ops.fused_normed for ops in cap._ops.values())
