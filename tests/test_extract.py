@@ -267,6 +267,38 @@ def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeyp
     assert_same_dirs(tmp_path / "plain", tmp_path / "async")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_copies_and_forwards_made_slow_still_give_the_same_bytes(tmp_path, monkeypatch):
+    """The real CUDA queues, with a long sleep queued on the compute stream before each forward and
+    on the copy stream before each batch's copies. A copy that did not wait for its forward, a
+    forward that overwrote a capture still being copied, or a writer that read a host buffer before
+    its copies finished then shows as wrong bytes instead of passing by luck."""
+    from residtap import extract as ex
+
+    class SlowCopies(ex._CudaQueues):
+        def copy(self, device, after, pairs):
+            stream = self.streams.get(device) or self.streams.setdefault(device, torch.cuda.Stream(device))
+            stream.wait_event(after)
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time
+            return super().copy(device, after, pairs)
+
+    model = model_on("cuda")
+    path, _ = ids_file(tmp_path, 8 * 31 + 3)
+    kw = dict(seq_len=8, batch_size=3, outputs=("resid", "delta", "normed", "stats"), positions=[0, 3, -1],
+              layers=[0, 2], writers=3, progress=False, shard_size=9 * 3 * 2 * (3 * 64 + 4) * 4)
+    # The bytes to get: every copy made by a blocking copy_ in stream order (DeferredCopies).
+    monkeypatch.setattr(ex, "_queues_for", DeferredCopies)
+    residtap.extract(model, path, tmp_path / "in-order", **kw)
+    monkeypatch.setattr(ex, "_queues_for", SlowCopies)
+    slow_forward = model.base_model.register_forward_pre_hook(lambda *_: torch.cuda._sleep(20_000_000))
+    try:
+        residtap.extract(model, path, tmp_path / "slow", **kw)
+    finally:
+        slow_forward.remove()
+    assert_same_dirs(tmp_path / "in-order", tmp_path / "slow")
+
+
 def test_reader_array_and_shuffled_rows(tmp_path):
     path, _ = ids_file(tmp_path, 8 * 30)
     residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
