@@ -52,8 +52,8 @@ step() {  # step NAME LIMIT_S COMMAND...  (the limit shrinks to what is left bef
 }
 
 : > "$LOG"
-step env 60 bash -c 'nvidia-smi -L; nvcc --version | tail -1; python3 -c "import torch, transformers
-print(torch.__version__, torch.version.cuda, transformers.__version__)"'
+step env 60 bash -c 'nvidia-smi -L; nvcc --version | tail -1; python3 -c "import torch, transformers, safetensors
+print(torch.__version__, torch.version.cuda, transformers.__version__, safetensors.__version__)"'
 if compgen -G ".whl/*.whl" > /dev/null; then  # optional baselines' wheels (scripts/baseline_wheels.sh)
     step baseline-wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
