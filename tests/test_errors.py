@@ -32,6 +32,8 @@ def model():
     (dict(layers="all"), r"layers: expected None, an int or a sequence of ints, got 'all'"),
     (dict(positions=[0.5]), r"positions: expected None, an int, a slice"),
     (dict(positions=[]), r"positions: expected at least one position"),
+    (dict(positions=slice(0, 5, 0)), r"positions: expected a slice of ints with a non-zero step"),
+    (dict(positions=slice(0.5, 3)), r"positions: expected a slice of ints"),
     (dict(positions=torch.zeros(2, 2, dtype=torch.long)), r"positions: expected a 1-D integer tensor"),
     (dict(outputs=("resid", "logits")), r"outputs: expected a non-empty subset of .*'logits'"),
     (dict(outputs=()), r"outputs: expected a non-empty subset"),

@@ -482,7 +482,8 @@ def test_cli_selection_parsing():
     assert _parse_layers("0,6,12") == [0, 6, 12]
     assert _parse_ints("1:9:2", "--positions") == slice(1, 9, 2) and _parse_ints("-1", "--positions") == -1
     assert parse_size("1GiB", "x") == 2**30 and parse_size("1.5kB", "x") == 1500 and parse_size(7, "x") == 7
-    for bad in ("0:", "a,b"):
+    assert _parse_layers("0:5:2") == [0, 2, 4]
+    for bad in ("0:", "a,b", "0:3:0"):
         with pytest.raises(ValueError, match="--layers"):
             _parse_layers(bad)
     with pytest.raises(ValueError, match="shard_size"):

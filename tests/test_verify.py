@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -68,9 +69,45 @@ def test_cli_verify_exit_code_1_when_not_ok(extension, monkeypatch, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
-def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path):
-    with pytest.raises(SystemExit, match=r"--model .* could not be loaded offline"):
-        cli.main(["verify", "--model", str(tmp_path / "nothing-here")])
+def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
+    assert cli.main(["verify", "--model", str(tmp_path / "nothing-here")]) == 2  # not 1: "not exact"
+    assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch", "0"], r"--batch: .*expected an int >= 1, got '0'"),
+    (["--seq", "-1"], r"--seq: .*expected an int >= 1, got '-1'"),
+    (["--seq", "2000"], r"--seq: expected at most 1024 \(the model's positions\), got 2000"),
+    (["--device", "bogus"], r"--device: expected a torch device"),
+    (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
+])
+def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):
+    try:
+        rc = cli.main(["verify", *args])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_report_for_a_model_whose_layers_are_stored_per_device(extension, monkeypatch):
+    """A model dispatched over several devices has no stacked cap.resid: verify reads per layer
+    (emulated on one device by storing per layer, as test_device_map does)."""
+    monkeypatch.setattr(residtap.Capture, "_stacked_on", lambda self, devices: False)
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    rep = residtap.verify(model, ids_for(model, 2, 6))
+    assert rep.ok and [r.matches for r in rep.rows] == ["raw", "raw", "normed"]
+
+
+def test_report_when_the_config_asks_for_tuples(extension):
+    """verify asks for a ModelOutput whatever config.return_dict says (on the bare model: HF's
+    LM-head wrappers themselves break with return_dict=False in their config)."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2, torch.float32)).transformer
+    model.config.return_dict = False
+    assert isinstance(model(ids_for(model, 2, 6), output_hidden_states=True), tuple)
+    assert residtap.verify(model, ids_for(model, 2, 6)).ok
 
 
 def test_cli_bad_dtype(capsys):

@@ -22,11 +22,34 @@ def _load_model(name: str | None, dtype, device: str, seed: int):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
-        raise SystemExit(f"residtap: --model {name!r} could not be loaded offline ({type(e).__name__}: "
+        raise ValueError(f"--model {name!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
                          "config.json and weights, or a name already in the HF cache; omit --model for "
-                         "the built-in random GPT-2-small.")
+                         "the built-in random GPT-2-small.") from e
     return model.to(device).eval(), name
+
+
+def _device(text: str) -> torch.device:
+    """--device: a device torch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise ValueError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from e
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device: {text!r} is not available here ({torch.cuda.device_count()} CUDA "
+                         "devices visible)")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
 
 
 def cmd_verify(args) -> int:
@@ -34,7 +57,11 @@ def cmd_verify(args) -> int:
     from .verify import verify
 
     dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
-    model, label = _load_model(args.model, dtype, args.device, args.seed)
+    model, label = _load_model(args.model, dtype, _device(args.device), args.seed)
+    cfg = model.config
+    max_pos = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
+    if isinstance(max_pos, int) and args.seq > max_pos:
+        raise ValueError(f"--seq: expected at most {max_pos} (the model's positions), got {args.seq}")
     ids = random_input_ids(model, args.batch, args.seq, seed=args.seed)
     report = verify(model, ids, backend=args.backend)
     if args.json:
@@ -97,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF name or local path, loaded offline (default: random GPT-2-small, no download)")
     v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    v.add_argument("--batch", type=int, default=2)
-    v.add_argument("--seq", type=int, default=32)
+    v.add_argument("--batch", type=_positive_int, default=2)
+    v.add_argument("--seq", type=_positive_int, default=32)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
     v.add_argument("--json", action="store_true", help="print the report as JSON")

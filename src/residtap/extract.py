@@ -893,6 +893,8 @@ def _parse_layers(text: str):
     if isinstance(sel, slice):  # a:b → those residual indices (a, b explicit: the model is not loaded yet)
         if sel.start is None or sel.stop is None or sel.start < 0 or sel.stop < 0:
             raise ValueError(f"--layers: a range needs both ends, non-negative, e.g. 0:13; got {text!r}")
+        if sel.step is not None and sel.step < 1:
+            raise ValueError(f"--layers: a range's step must be >= 1, got {text!r}")
         return list(range(sel.start, sel.stop, sel.step or 1))
     return sel
 

@@ -184,7 +184,14 @@ def resolve_position_spec(positions):
             raise ValueError(f"positions: expected a 1-D integer tensor or a 2-D bool mask [batch, seq], "
                              f"got a {positions.dtype} tensor of shape {tuple(positions.shape)}")
         positions = tuple(positions.detach().cpu().tolist())
-    if positions is None or isinstance(positions, slice):
+    if isinstance(positions, slice):
+        try:
+            positions.indices(2**62)  # int (or None) bounds and a non-zero step, checked now
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"positions: expected a slice of ints with a non-zero step, got {positions!r} "
+                             f"({e})") from None
+        return positions
+    if positions is None:
         return positions
     resolve_positions(positions, 2**62)  # type checks now; range checks per sequence length
     return positions if _is_int(positions) else tuple(positions)

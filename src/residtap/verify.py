@@ -149,7 +149,7 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     has_norm = layout.final_norm is not None
     cap = Capture(model, layers=None, blocks=layout.blocks, final_norm=layout.final_norm,
                   backend=backend, outputs=("resid", "normed") if has_norm else ("resid",))
-    kwargs = {"output_hidden_states": True}
+    kwargs = {"output_hidden_states": True, "return_dict": True}  # whatever config.return_dict says
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     with torch.no_grad(), cap:
@@ -158,20 +158,25 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     if hs is None:
         raise ValueError(f"model: {type(model).__name__} returned no hidden_states with "
                          "output_hidden_states=True")
-    resid = cap.resid
-    normed = cap.normed if has_norm else None
+    # Per layer, each on the device it ran on (a model dispatched over several devices has no
+    # stacked cap.resid); a copy to where hidden_states[i] is, which is exact.
+    resid = cap.per_layer("resid")
+    normed = cap.per_layer("normed") if has_norm else None
 
-    # All comparisons on the device; one [n, 6] summary comes back to the host at the end.
-    nan = torch.tensor(float("nan"), device=resid.device)
-    n = min(len(hs), resid.shape[0])
+    # All comparisons on the devices; one [n, 6] summary comes back to the host at the end.
+    n = min(len(hs), len(resid))
     summary = []
     for i in range(n):
-        row = _compare(resid[i], hs[i], nan) + _compare(None if normed is None else normed[i], hs[i], nan)
+        h = hs[i]
+        nan = torch.tensor(float("nan"), device=h.device)
+        x = resid[i].to(h.device)
+        y = None if normed is None else normed[i].to(h.device)
+        row = _compare(x, h, nan) + _compare(y, h, nan)
         projected = None
         if i == n - 1 and layout.project_out is not None:
             with torch.no_grad():  # what HF does after the blocks: project_out(final_norm(x))
-                projected = layout.project_out(resid[i] if normed is None else normed[i])
-        summary.append(torch.stack(row + _compare(projected, hs[i], nan)))
+                projected = layout.project_out(x if y is None else y).to(h.device)
+        summary.append(torch.stack(row + _compare(projected, h, nan)).to(resid[0].device))
     table = torch.stack(summary).cpu().tolist()
 
     def exact(flag: float) -> bool | None:
@@ -194,7 +199,7 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     tie = getattr(config, "tie_last_hidden_states", None)
     return VerifyReport(model=getattr(config, "_name_or_path", None) or type(model).__name__,
                         n_layers=layout.n_layers, n_hidden_states=len(hs),
-                        dtype=str(resid.dtype).replace("torch.", ""), device=str(resid.device),
-                        has_final_norm=has_norm, rows=tuple(rows), d_model=resid.shape[-1],
+                        dtype=str(resid[0].dtype).replace("torch.", ""), device=str(resid[0].device),
+                        has_final_norm=has_norm, rows=tuple(rows), d_model=resid[0].shape[-1],
                         last_width=hs[-1].shape[-1], has_projection=layout.project_out is not None,
                         tie_last_hidden_states=tie if isinstance(tie, bool) else None)
