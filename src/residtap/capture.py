@@ -37,8 +37,27 @@ class _DeviceOps(NamedTuple):
     fused_normed: bool  # the op writes normed; else the final-norm module's own code does
     norm_params: tuple  # (weight, bias) on this device for the op, or (None, None)
     norm_device: torch.device | None  # where the module runs when it computes normed itself
-    stamp: tuple  # the final norm's tensors when this was planned (see Capture._norm_stamp)
-    held: tuple  # those tensors, held so that a new tensor cannot reuse their memory and stamp
+    stamp: _NormStamp  # the final norm's tensors when this was planned
+
+
+class _NormStamp:
+    """Identifies the final norm's tensors and their contents by (device, data_ptr, version): a
+    move, a replacement or an in-place update (training) changes it. Host-side reads only. It holds
+    the tensors, so their memory (and with it an equal stamp) cannot pass to a new tensor while the
+    stamp is kept."""
+
+    __slots__ = ("key", "_held")
+
+    def __init__(self, params: tuple):
+        self._held = params
+        self.key = tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
+                         for p in params)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _NormStamp) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +168,8 @@ class Capture:
         self._key = None
         self._choice: _backend.Choice | None = None  # the first hidden state's device's
         self._ops: dict[tuple, _DeviceOps] = {}  # (device, dtype) -> how the op runs there, per shape
-        self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, copies, originals)
+        self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, (weight, bias) copies)
+        self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
         self._written = 0
         self._sel = None  # the selection on the first hidden state's device
@@ -246,6 +266,7 @@ class Capture:
         if self._side is not None:  # a forward that ended without a join (it raised): join now,
             self._join(check=False)  # before its buffers are reused or freed
         self._state, self._written = "running", 0
+        self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
         if hidden.dim() != 3:
             raise RuntimeError(f"residtap: expected the first block's hidden state to be "
                                f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
@@ -299,13 +320,8 @@ class Capture:
     def _norm_params(self):
         return tuple(p.detach() if p is not None else None for p in self._live_norm_params())
 
-    def _norm_stamp(self) -> tuple:
-        """What identifies the final norm's tensors and their contents: a move, a replacement or an
-        in-place update (training) changes it. Host-side reads only. Whoever keeps a stamp keeps
-        the tensors too (``_norm_params()``), so their memory, and with it the stamp, cannot pass
-        to a new tensor."""
-        return tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
-                     for p in self._live_norm_params())
+    def _norm_stamp(self) -> _NormStamp:
+        return _NormStamp(self._live_norm_params())
 
     def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
         """The final norm's (weight, bias), detached, on ``device``, and the stamp they were copied
@@ -325,8 +341,8 @@ class Capture:
         stamp = self._norm_stamp()
         kept = self._norm_copies.get(device)
         if kept is None or kept[0] != stamp:
-            copies = tuple(None if p is None else _to(p, device) for p in params)
-            kept = self._norm_copies[device] = (stamp, copies, params)  # params: see _norm_stamp
+            kept = self._norm_copies[device] = (stamp, tuple(None if p is None else _to(p, device)
+                                                             for p in params))
         return kept[1], stamp
 
     def _probe_parity(self) -> None:
@@ -379,7 +395,7 @@ class Capture:
 
     def _ops_for(self, device: torch.device, dtype: torch.dtype, d_model: int) -> _DeviceOps:
         ops = self._ops.get((device, dtype))
-        if ops is None or ops.stamp != self._norm_stamp():  # first use, or the norm changed
+        if ops is None or ops.stamp != self._stamp:  # first use, or the norm changed
             ops = self._ops[(device, dtype)] = self._plan_norm(dtype, device, d_model)
         return ops
 
@@ -388,7 +404,6 @@ class Capture:
         normed / mean+rstd there. A combination the set-up probe did not cover (or one whose probe
         failed) gets torch's own norm from the op ("torch_layer_norm")."""
         choice = _backend.choose(self.config.backend, device)
-        stamp, held = self._norm_stamp(), self._norm_params()
         params, fused_normed = self._fused_norm_on(device, dtype)
         compiled = choice.name == "compiled"
 
@@ -403,7 +418,7 @@ class Capture:
         kind = ("layer_norm" if fused_normed else "none") if ok else "torch_layer_norm"
         final_norm = self.layout.final_norm
         norm_device = module_device(final_norm) if final_norm is not None else None
-        return _DeviceOps(choice, kind, fused_normed, params, norm_device, stamp, held)
+        return _DeviceOps(choice, kind, fused_normed, params, norm_device, self._stamp)
 
     def _last_selection(self, batch: int, seq: int, device: torch.device):
         """positions="last": each row's last real token, from the mask the model was called with."""
