@@ -173,12 +173,9 @@ def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], me
         os.replace(tmp, final)
         fsync_dir(directory)
     except OSError as e:
-        _remove_tree_quietly(work)
         raise os_error(e, f"writing shard {index} to", tmp) from e
-    except BaseException:
-        _remove_tree_quietly(work)
-        raise
-    _remove_tree_quietly(work)
+    finally:
+        _remove_tree_quietly(work)  # empty after the rename; on any error, what was written
     return {"file": name, "bytes": size, "sha256": digest}
 
 
@@ -192,7 +189,7 @@ def _remove_tree_quietly(path: str) -> None:
 
 def remove_stale_temporaries(directory: str, owns) -> None:
     """What a killed run left of the shards ``owns(index)`` says are this rank's: their temporary
-    temporary directories (or bare temporary files, which earlier builds wrote)."""
+    directories (or bare temporary files, which earlier builds wrote)."""
     prefix, suffix = ".shard-", ".safetensors.tmp"
     for f in os.listdir(directory):
         if f.startswith(prefix) and f.endswith(suffix):
