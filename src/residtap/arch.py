@@ -216,6 +216,13 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     return Layout(name, block_list, norm, norm_spec(norm, config), project_out)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config admits (max_position_embeddings, n_positions), or None."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", getattr(config, "n_positions", None))
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     """The device ``module`` computes on: accelerate's execution device when it is dispatched (its
     weights may be offloaded to the CPU or the meta device), else its first parameter's, else None."""

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from .arch import max_positions
 from .selection import resolve_dtype
 
 
@@ -58,9 +59,8 @@ def cmd_verify(args) -> int:
 
     dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
     model, label = _load_model(args.model, dtype, _device(args.device), args.seed)
-    cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", getattr(cfg, "n_positions", None))
-    if isinstance(max_pos, int) and args.seq > max_pos:
+    max_pos = max_positions(model)
+    if max_pos is not None and args.seq > max_pos:
         raise ValueError(f"--seq: expected at most {max_pos} (the model's positions), got {args.seq}")
     ids = random_input_ids(model, args.batch, args.seq, seed=args.seed)
     report = verify(model, ids, backend=args.backend)

@@ -48,7 +48,7 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import module_device
+from .arch import max_positions, module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
@@ -340,7 +340,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     if isinstance(cfg.positions, KeepMask):
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
                          "slice, a list of ints or 'last' (each sequence's last real token)")
-    max_pos = getattr(model.config, "max_position_embeddings", getattr(model.config, "n_positions", None))
+    max_pos = max_positions(model)
     source = _inputs.open_source(data, seq_len=seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
                                  tokenizer=tokenizer, text_field=text_field, split=split,
                                  default_seq_len=min(1024, int(max_pos or 1024)))
