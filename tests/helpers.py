@@ -165,3 +165,31 @@ def batch_minor_outputs(model, blocks):
         return (hs, *output[1:]) if isinstance(output, tuple) else hs
 
     return [blk.register_forward_hook(relayout) for blk in blocks]
+
+
+# NaNs with a sign and payload that arithmetic in float would not give back (bit patterns).
+NAN_BITS = {torch.float32: (-1, 0x7FC00001, -0x3FFFFF, 0x7F800001),
+            torch.bfloat16: (-1, 0x7FC1, -0x7F, 0x7F81),
+            torch.float16: (-1, 0x7E01, -0x1FF, 0x7C01)}
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_copies_keep_nan_bits(capture_block, device):
+    """resid and the no-input delta are copies of ``out`` in the model dtype (Tensor.to(dtype) is
+    the identity there), so every bit of a NaN survives, in every dtype and in the wide kernel
+    paths (d 64) as in the scalar ones (d 7). Cast to float32, the NaN is kept as a NaN."""
+    for dtype, patterns in NAN_BITS.items():
+        for d in (7, 64):
+            out = make_inputs(2, 3, d, dtype)[0].to(device)
+            flat = out.view(_INT[dtype]).view(-1)
+            for k, bits in enumerate(patterns):
+                flat[5 * k + 1] = bits
+            assert out.isnan().sum() == len(patterns)
+            resid, delta = torch.empty_like(out), torch.empty_like(out)
+            capture_block(out, None, None, resid=resid, delta=delta)
+            for name, got in (("resid", resid), ("delta", delta)):
+                assert torch.equal(got.view(_INT[dtype]), out.view(_INT[dtype])), (dtype, d, name)
+            wide = torch.empty(out.shape, dtype=torch.float32, device=device)
+            capture_block(out, None, None, resid=wide)
+            assert torch.equal(wide.isnan(), out.isnan()), (dtype, d)
+            assert torch.equal(wide[~out.isnan()], out.float()[~out.isnan()]), (dtype, d)

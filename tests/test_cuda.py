@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import helpers
-from helpers import (DTYPES, assert_l2_close, assert_same_outputs, ids_for, nan_buffers, padded,
-                     tiny_gpt2)
+from helpers import (DTYPES, assert_copies_keep_nan_bits, assert_l2_close, assert_same_outputs, ids_for,
+                     nan_buffers, padded, tiny_gpt2)
 from residtap import backend, ops, reference
 from residtap.reference import OUTPUTS, run_reference
 
@@ -165,6 +165,10 @@ def test_cuda_op_special_values(cuda_ext):
         keep = ~want[name].isnan()
         assert torch.equal(got[name][keep], want[name][keep]), name
     assert want["normed"][0, 1].isnan().all() and not want["normed"][0, 0].isnan().any()
+
+
+def test_cuda_copied_outputs_keep_every_bit_of_a_nan(cuda_ext):
+    assert_copies_keep_nan_bits(ops.capture_block, CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, assert_l2_close, make_inputs, nan_buffers
+from helpers import DTYPES, assert_copies_keep_nan_bits, assert_l2_close, make_inputs, nan_buffers
 from residtap import ops, reference
 
 WIDTHS = (1, 3, 64, 66, 129, 768)
@@ -85,6 +85,11 @@ def test_op_maxabs_propagates_nan(extension):
     m = torch.empty(1, 3)
     ops.capture_block(out, None, None, maxabs=m)
     assert torch.equal(m.isnan(), out.abs().amax(-1).isnan())
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_copied_outputs_keep_every_bit_of_a_nan(extension, impl):
+    assert_copies_keep_nan_bits(ops.capture_block if impl == "op" else reference.capture_block, "cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -128,3 +128,39 @@ def test_cli_env_reports_extension_and_backend(extension, capsys):
     assert rep["extension_loaded"] is True and "cpu" in rep["extension_devices"]
     assert rep["backend_by_device"]["cpu"] == "compiled"
     assert rep["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nans_that_came_through_unchanged_are_exact_and_a_nan_against_a_number_is_not(extension, dtype):
+    """A NaN in the stream (one channel of the middle block's MLP bias) reaches hidden_states as
+    the very same bits: verify calls that exact, as a bit-for-bit comparison must (``==`` would
+    not). The next block spreads it over every row, and the last entry is final_norm of that.
+    A NaN facing a number is a difference, reported as inf, not as 'nothing to compare'."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(3, 64, 2, dtype))
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.bias[3] = float("nan")
+    ids = ids_for(model, 2, 6)
+    rep = residtap.verify(model, ids)
+    assert rep.ok, str(rep)
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    assert not hs[1].isnan().any() and hs[2].isnan().any() and not hs[2].isnan().all()
+    assert [r.matches for r in rep.rows[:3]] == ["raw", "raw", "raw"]
+    assert all(r.raw_exact and r.raw_maxabs == 0.0 for r in rep.rows[:3])
+    assert rep.rows[2].normed_maxabs == float("inf")  # final_norm makes whole rows NaN
+    assert rep.rows[-1].normed_exact and rep.rows[-1].normed_maxabs == 0.0
+
+    from residtap.verify import _compare
+    nan = torch.tensor(float("nan"))
+    h = torch.ones(4, dtype=dtype)
+    c = h.clone()
+    c[1] = float("nan")
+    maxabs, eq = _compare(c, h, nan)
+    assert maxabs.item() == float("inf") and eq.item() == 0.0
+    h[1] = float("nan")
+    assert [t.item() for t in _compare(c, h, nan)] == [0.0, 1.0]
+    c[1] = -0.0
+    h[1] = 0.0
+    assert [t.item() for t in _compare(c, h, nan)] == [0.0, 1.0]  # as torch.equal counts it

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -28,6 +29,18 @@ void store_row_any(const at::Tensor& dst, int64_t row, const float* src, int64_t
     case at::kBFloat16: return store_row<c10::BFloat16>(dst, row, src, d);
     case at::kHalf: return store_row<c10::Half>(dst, row, src, d);
     default: TORCH_CHECK(false, "residtap: unsupported output dtype ", dst.scalar_type());
+  }
+}
+
+// A row of `out` into a capture buffer, as Tensor.to(dtype) gives it: in the model dtype the very
+// same bits (a NaN keeps its sign and payload, which a trip through float would not for
+// bfloat16: c10's float -> bfloat16 makes every NaN 0x7fc0); otherwise the cast of its floats.
+template <typename scalar_t>
+void store_copy(const at::Tensor& dst, int64_t row, const scalar_t* src, const float* src_f, int64_t d) {
+  if (dst.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    std::memcpy(dst.data_ptr<scalar_t>() + row * d, src, sizeof(scalar_t) * d);
+  } else {
+    store_row_any(dst, row, src_f, d);
   }
 }
 
@@ -59,7 +72,7 @@ void rowwise_pass(const CaptureArgs& a) {
       }
       const scalar_t* xo = out_p + b * ob + s * os;
       for (int64_t i = 0; i < D; ++i) x[i] = static_cast<float>(xo[i]);
-      if (a.resid.defined()) store_row_any(a.resid, r, x.data(), D);
+      if (a.resid.defined()) store_copy<scalar_t>(a.resid, r, xo, x.data(), D);
       if (a.delta.defined()) {
         if (inp_p) {
           const scalar_t* xi = inp_p + b * ib + s * is;
@@ -68,7 +81,7 @@ void rowwise_pass(const CaptureArgs& a) {
             dlt[i] = static_cast<float>(static_cast<scalar_t>(x[i] - static_cast<float>(xi[i])));
           store_row_any(a.delta, r, dlt.data(), D);
         } else {
-          store_row_any(a.delta, r, x.data(), D);
+          store_copy<scalar_t>(a.delta, r, xo, x.data(), D);
         }
       }
       if (maxabs_p) {

@@ -23,8 +23,9 @@ from .selection import NOT_GIVEN
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
     layer: int
-    raw_maxabs: float | None  # max |resid_i - hidden_states[i]| (None where the shapes differ)
-    raw_exact: bool  # torch.equal(resid_i, hidden_states[i])
+    raw_maxabs: float | None  # max |resid_i - hidden_states[i]| (None where the shapes differ; inf
+    # where a NaN faces anything but the same NaN)
+    raw_exact: bool  # torch.equal(resid_i, hidden_states[i]), where identical NaNs count as equal
     normed_maxabs: float | None  # max |final_norm(resid_i) - hidden_states[i]|
     normed_exact: bool | None
     matches: str  # "raw", "normed", "both", "projected" or "neither"
@@ -127,11 +128,27 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same(cand: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Elementwise: equal as ``torch.equal`` counts it, or the very same bits. The second clause
+    makes a NaN that came through unchanged count as exact (``==`` is False for any NaN)."""
+    same = cand == h
+    if cand.dtype == h.dtype and cand.is_floating_point() and cand.element_size() in _BITS:
+        bits = _BITS[cand.element_size()]
+        same |= cand.view(bits) == h.view(bits)
+    return same
+
+
 def _compare(cand: torch.Tensor | None, h: torch.Tensor, nan: torch.Tensor) -> list[torch.Tensor]:
-    """[max |cand - h|, 1.0 if equal else 0.0] on the device; NaNs where there is nothing to compare."""
+    """[max |cand - h|, 1.0 if equal else 0.0] on the device; NaNs where there is nothing to compare.
+    Entries that are the same (see ``_same``) differ by 0; a NaN against anything else by inf."""
     if cand is None or cand.shape != h.shape:
         return [nan, nan]
-    return [(cand.float() - h.float()).abs().amax(), (cand == h).all().float()]
+    same = _same(cand, h)
+    diff = torch.where(same, 0.0, (cand.float() - h.float()).abs()).nan_to_num(nan=float("inf"))
+    return [diff.amax() if diff.numel() else diff.new_zeros(()), same.all().float()]
 
 
 def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
