@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -30,6 +31,10 @@ def model():
     (dict(layers=[1, 1]), r"layers: expected distinct"),
     (dict(layers=[]), r"layers: expected at least one"),
     (dict(layers="all"), r"layers: expected None, an int or a sequence of ints, got 'all'"),
+    (dict(layers=torch.tensor([1.0])), r"layers: expected .*integer tensor or array will do\), got a 1-d torch.float32 Tensor"),
+    (dict(layers=torch.tensor([[1]])), r"layers: expected .*got a 2-d torch.int64 Tensor"),
+    (dict(layers=np.array([True])), r"layers: expected .*got a 1-d bool ndarray"),
+    (dict(layers=torch.tensor(3)), r"layers: expected residual indices in \[-3, 2\].*got 3"),
     (dict(positions=[0.5]), r"positions: expected None, an int, a slice"),
     (dict(positions=[]), r"positions: expected at least one position"),
     (dict(positions=slice(0, 5, 0)), r"positions: expected a slice of ints with a non-zero step"),
@@ -37,6 +42,7 @@ def model():
     (dict(positions=torch.zeros(2, 2, dtype=torch.long)), r"positions: expected a 1-D integer tensor"),
     (dict(outputs=("resid", "logits")), r"outputs: expected a non-empty subset of .*'logits'"),
     (dict(outputs=()), r"outputs: expected a non-empty subset"),
+    (dict(outputs=None), r"outputs: expected a name or a non-empty collection of names from .*, got None"),
     (dict(dtype=torch.float64), r"dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, got torch.float64"),
     (dict(dtype="int8"), r"dtype: expected None or one of"),
     (dict(backend="triton"), r"backend: expected one of"),
@@ -47,6 +53,14 @@ def model():
 def test_bad_arguments_raise_at_construction(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         residtap.capture(model, **kwargs)
+
+
+@pytest.mark.parametrize("layers", [torch.tensor(2), torch.tensor([0, -1]), np.array([2, 0]), np.int64(2),
+                                    range(0, 3, 2)], ids=repr)
+def test_layers_as_integer_tensors_and_arrays(model, layers):
+    expect = sorted({int(x) % 3 for x in np.atleast_1d(np.asarray(list(layers) if isinstance(layers, range)
+                                                                  else layers))})
+    assert residtap.capture(model, layers=layers).layer_ids == expect
 
 
 def test_unknown_model_lists_families_and_says_what_to_pass():

@@ -172,6 +172,12 @@ def test_saved_hf_dataset(tmp_path):
     assert a.n_rows == b.n_rows == sum(map(len, docs))
     assert torch.equal(a.sequences("input_ids")[mask], b.sequences("input_ids")[mask] - 3)
     assert b.manifest["settings"]["data"]["split"] == "train"
+    with pytest.raises(ValueError, match=r"split: .* holds one Dataset \(no split name\), not a DatasetDict"
+                                         r" of splits; got 'test'"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "ids"), tmp_path / "c", split="test", **kw)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match=r"split: the dataset .* has splits \['train'\]; got 'test'"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "c", split="test", **kw)
 
 
 def test_overlap_writes_the_same_bytes(tmp_path, monkeypatch):

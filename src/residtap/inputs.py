@@ -321,6 +321,10 @@ class DatasetSource(DocumentSource):
             if split not in ds:
                 raise ValueError(f"split: the dataset {path!r} has splits {sorted(ds)}; got {split!r}")
             ds = ds[split]
+        elif split is not None and str(ds.split) != split:
+            have = "no split name" if ds.split is None else f"the split {str(ds.split)!r}"
+            raise ValueError(f"split: {path!r} holds one Dataset ({have}), not a DatasetDict of splits; "
+                             f"got {split!r} (pass no split)")
         self.split = split
         self.ds = ds
         cols = ds.column_names

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -27,6 +27,13 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _integer_array(x) -> bool:
+    """An integer (not bool) torch tensor or numpy array/scalar."""
+    if isinstance(x, torch.Tensor):
+        return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+    return x.dtype.kind in "iu"
+
+
 def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
     """None, a torch dtype or its name → a supported torch dtype (or None for the model's)."""
     if dtype is None:
@@ -44,6 +51,9 @@ def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
 def resolve_outputs(outputs) -> tuple[str, ...]:
     if isinstance(outputs, str):
         outputs = (outputs,)
+    if not isinstance(outputs, Iterable):
+        raise ValueError(f"outputs: expected a name or a non-empty collection of names from {OUTPUTS}, "
+                         f"got {outputs!r}")
     outputs = tuple(outputs)
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown or not outputs:
@@ -57,10 +67,14 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     """Residual indices 0..n_layers (0 = embeddings, i = output of block i-1), ascending."""
     if layers is None:
         return list(range(n_layers + 1))
+    if isinstance(layers, torch.Tensor) or type(layers).__module__ == "numpy":  # tensors, arrays
+        if not _integer_array(layers) or layers.ndim > 1:
+            raise ValueError(f"layers: expected None, an int or a sequence of ints (a 0-d or 1-d integer "
+                             f"tensor or array will do), got a {layers.ndim}-d {layers.dtype} "
+                             f"{type(layers).__name__}")
+        layers = layers.tolist()
     if _is_int(layers):
         layers = [layers]
-    if isinstance(layers, torch.Tensor):
-        layers = layers.tolist()
     if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_int, layers)):
         raise ValueError(f"layers: expected None, an int or a sequence of ints, got {layers!r}")
     if not layers:
