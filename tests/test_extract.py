@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import copy
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -640,3 +641,46 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference_run):
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_dirs(ref, tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(ref))  # rank parts merged away
+
+
+@pytest.mark.slow
+def test_a_shard_recomputed_by_torchrun_wins_over_the_stale_record_of_a_single_process_run(tmp_path,
+                                                                                           reference_run):
+    """An unfinished single-process run lists shard 3 in manifest.json; the file is deleted (after a
+    checksum error, say) and a 2-process rerun recomputes it into rank 1's part. Where the two
+    records disagree (here the old one is made stale, as bytes from another version would be), the
+    merge keeps the one that describes the file: before, manifest.json's came first and won."""
+    import shutil
+
+    path, ref = reference_run
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    m = json.loads((out / "manifest.json").read_text())
+    done = m["shards"][:12]
+    for r in m["shards"][12:]:
+        os.remove(out / r["file"])
+    os.remove(out / done[3]["file"])
+    done[3] = {**done[3], "sha256": "0" * 64}
+    unfinished = {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
+    (out / "manifest.json").write_text(json.dumps({**unfinished, "complete": False, "shards": done}))
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "shard 3 is listed but missing" in rerun.stderr
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    residtap.open(out, verify=True)
+
+
+def test_merged_records_prefer_the_record_that_describes_the_file(tmp_path):
+    data = b"shard bytes"
+    (tmp_path / "s.safetensors").write_bytes(data)
+    good = {"index": 0, "file": "s.safetensors", "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+    stale_size = {**good, "bytes": 3}
+    stale_sha = {**good, "sha256": "0" * 64}
+    other = {"index": 1, "file": "t.safetensors", "bytes": 1, "sha256": "1" * 64}
+    for first in (stale_size, stale_sha):
+        manifests = [{"shards": [first, other]}, {"shards": [good]}]
+        assert store.merged_records(manifests, str(tmp_path)) == {0: good, 1: other}
+        assert store.merged_records(manifests) == {0: first, 1: other}  # no directory: the first
+    assert store.merged_records([{"shards": [stale_sha]}, {"shards": [stale_size]}], str(tmp_path))[0] == stale_sha

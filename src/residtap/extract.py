@@ -492,7 +492,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     main = manifests[0]
-    records = _store.merged_records(manifests)
+    records = _store.merged_records(manifests, out)
     if main.get("complete"):
         _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
@@ -548,7 +548,7 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
     final = {}
     if rank == 0:
         paths = _store.manifest_paths(out)
-        records = _store.merged_records([_store.read_json(p) for p in paths])
+        records = _store.merged_records([_store.read_json(p) for p in paths], out)
         missing = [i for i in range(n) if i not in records]
         if missing:
             raise _store.StoreError(f"the extraction in {out!r} is missing shards {missing[:10]} after all "

@@ -241,12 +241,34 @@ def settings_difference(have: dict, want: dict) -> list[str]:
     return out
 
 
-def merged_records(manifests: Sequence[dict]) -> dict[int, dict]:
-    records: dict[int, dict] = {}
+def merged_records(manifests: Sequence[dict], directory: str | None = None) -> dict[int, dict]:
+    """Every shard record of ``manifests``, one per shard index.
+
+    Two manifests can disagree about a shard: one written before the shard was deleted and
+    recomputed (by a run with a different process count, or after a version change) still holds
+    the old record. Where they disagree and ``directory`` is given, the record that describes the
+    file there wins (size, then sha256, computed only for such shards); otherwise the first.
+    """
+    found: dict[int, list[dict]] = {}
     for m in manifests:
         for r in m.get("shards", []):
-            records.setdefault(int(r["index"]), r)
+            same = found.setdefault(int(r["index"]), [])
+            if r not in same:
+                same.append(r)
+    records = {}
+    for i, rs in found.items():
+        records[i] = rs[0]
+        if len(rs) > 1 and directory is not None:
+            records[i] = next((r for r in rs if _describes(directory, r)), rs[0])
     return records
+
+
+def _describes(directory: str, record: dict) -> bool:
+    path = os.path.join(directory, record["file"])
+    try:
+        return os.path.getsize(path) == record["bytes"] and sha256_file(path) == record["sha256"]
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -387,7 +409,7 @@ class Activations:
                              f"complete=false); run the same extract command again to finish it, or pass "
                              "allow_partial=True to read the shards complete so far")
         self.complete = complete
-        self.records = [r for _, r in sorted(merged_records(manifests).items())]
+        self.records = [r for _, r in sorted(merged_records(manifests, path).items())]
         self.settings = self.manifest["settings"]
         self.layer_ids: list[int] = list(self.settings["layer_ids"])
         self.outputs: tuple[str, ...] = tuple(self.settings["outputs"])
