@@ -193,3 +193,67 @@ def assert_copies_keep_nan_bits(capture_block, device):
             capture_block(out, None, None, resid=wide)
             assert torch.equal(wide.isnan(), out.isnan()), (dtype, d)
             assert torch.equal(wide[~out.isnan()], out.float()[~out.isnan()]), (dtype, d)
+
+
+def _misaligned(y):
+    """A contiguous copy of ``y`` that starts one element past an aligned address."""
+    buf = torch.empty(y.numel() + 1, dtype=y.dtype, device=y.device)
+    out = buf[1:].view(y.shape)
+    out.copy_(y)
+    return out
+
+
+class _MisalignedBlock(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        return _misaligned(x + torch.tanh(self.lin(x)))
+
+
+class MisalignedBlocks(torch.nn.Module):
+    """A toy model whose blocks return contiguous outputs one element past an aligned address:
+    torch's CUDA LayerNorm sends such a tensor to its other (non-vectorized) kernel. No HF model
+    does this; the contract norms the block output as the model holds it, so every path must too."""
+
+    def __init__(self, d=64, n_layer=2, vocab=50, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.layers = torch.nn.ModuleList([_MisalignedBlock(d) for _ in range(n_layer)])
+        self.norm = torch.nn.LayerNorm(d)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if p is self.norm.weight else 0.0))
+
+    def forward(self, ids):
+        x = _misaligned(self.embed(ids))
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+def check_misaligned_block_outputs(device, dtype, positions):
+    """capture == run_reference on MisalignedBlocks, and the last layer's normed is the model's own
+    output bit for bit (what HF's hidden_states[-1] is)."""
+    import residtap
+    from residtap.reference import OUTPUTS, run_reference
+
+    model = MisalignedBlocks().to(device=device, dtype=dtype)
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1)).to(device)
+    seen = []
+    handle = model.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o.data_ptr() % 16))
+    kw = dict(blocks="layers", final_norm="norm")
+    try:
+        with torch.no_grad(), residtap.capture(model, outputs=OUTPUTS, positions=positions, **kw) as cap:
+            final = model(ids)
+    finally:
+        handle.remove()
+    assert seen and seen[0] != 0
+    ref = run_reference(model, ids, outputs=OUTPUTS, positions=positions, **kw)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    from residtap.reference import take
+    from residtap.selection import resolve_positions
+    sel = resolve_positions(positions, ids.shape[1]).as_selection(final.device)
+    assert torch.equal(cap.normed[-1], take(final, sel))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import residtap
-from helpers import DTYPES, assert_same_outputs, ids_for, tiny_gpt2
+from helpers import DTYPES, assert_same_outputs, check_misaligned_block_outputs, ids_for, tiny_gpt2
 from residtap.reference import OUTPUTS, run_reference
 
 CONFIGS = {  # (n_layer, n_embd, n_head)
@@ -220,3 +220,36 @@ def test_a_final_norm_with_non_contiguous_parameters_is_applied_by_the_module(ex
         model(ids)
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
     assert not any(ops.fused_normed for ops in cap._ops.values())
+
+
+@pytest.mark.parametrize("positions", [None, slice(2, 7), [5, 0]], ids=str)
+def test_block_outputs_at_a_misaligned_address(extension, monkeypatch, positions):
+    """Exact on CPU whatever the address; test_cuda runs the same check where the address decides
+    which of torch's LayerNorm kernels runs. What can be seen here: the op is given the block
+    output itself (contiguous, at its own address), never a span of it that torch would copy."""
+    from residtap import ops
+
+    given = []
+    real = ops.capture_block
+
+    def spy(out, *args, **kwargs):
+        given.append((out.is_contiguous(), out.data_ptr() % 16))
+        return real(out, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "capture_block", spy)
+    check_misaligned_block_outputs("cpu", torch.float32, positions)
+    assert given and all(contiguous and address != 0 for contiguous, address in given), given
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_run_reference_clones_a_block_output_at_the_same_alignment(dtype):
+    from residtap.reference import _clone_as_placed
+
+    base = torch.randn(200).to(dtype)
+    for start in range(0, 40, 3):
+        x = base[start:start + 60].view(3, 20)
+        y = _clone_as_placed(x)
+        assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and y.is_contiguous()
+        assert y.data_ptr() % 64 == x.data_ptr() % 64
+    t = base[:60].view(3, 20).t()  # not contiguous: torch's norm copies it anyway
+    assert torch.equal(_clone_as_placed(t), t)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import helpers
-from helpers import (DTYPES, assert_copies_keep_nan_bits, assert_l2_close, assert_same_outputs, ids_for,
-                     nan_buffers, padded, tiny_gpt2)
+from helpers import (DTYPES, assert_copies_keep_nan_bits, assert_l2_close, assert_same_outputs,
+                     check_misaligned_block_outputs, ids_for, nan_buffers, padded, tiny_gpt2)
 from residtap import backend, ops, reference
 from residtap.reference import OUTPUTS, run_reference
 
@@ -169,6 +169,15 @@ def test_cuda_op_special_values(cuda_ext):
 
 def test_cuda_copied_outputs_keep_every_bit_of_a_nan(cuda_ext):
     assert_copies_keep_nan_bits(ops.capture_block, CUDA)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("positions", [None, slice(2, 7), [5, 0]], ids=str)
+def test_cuda_capture_of_block_outputs_at_a_misaligned_address(cuda_ext, dtype, positions):
+    """torch's LayerNorm runs its other kernel on such an output: normed and the stats must follow
+    it (a span of positions is a non-contiguous view, which torch would copy to an aligned address;
+    the capture gathers from the output itself), and so must run_reference's clone."""
+    check_misaligned_block_outputs(CUDA, dtype, positions)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -528,6 +528,11 @@ class Capture:
             out = out.reshape(1, -1, out.shape[-1])
             inp = inp.reshape(1, -1, inp.shape[-1]) if inp is not None else None
         index = self._sel_on(device)
+        if isinstance(index, slice) and out.shape[0] > 1 and _misaligned_for_torch_ln(out):
+            # A span of every row is a non-contiguous view, which torch's LayerNorm would first copy
+            # (fresh, aligned); the contract norms the block output itself, which torch's alignment
+            # check sends to its other kernel. The op gathers from the output itself instead.
+            index = torch.arange(*index.indices(out.shape[1]), device=device)
         if isinstance(index, slice):  # a contiguous span is a view: nothing to gather
             out = out[:, index]
             inp = inp[:, index] if inp is not None else None
@@ -742,6 +747,12 @@ def _positional_index(model: nn.Module, name: str) -> int | None:
         if p.name == name:
             return i
     return None
+
+
+def _misaligned_for_torch_ln(x: torch.Tensor) -> bool:
+    """A contiguous tensor whose address fails torch's 4-element alignment check for its
+    vectorized CUDA LayerNorm (no HF model makes one; a view one element into a buffer does)."""
+    return x.is_contiguous() and x.data_ptr() % (4 * x.element_size()) != 0
 
 
 def capture(model: nn.Module, layers=None, positions=None, dtype=None, outputs=("resid",), *,

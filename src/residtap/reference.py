@@ -159,6 +159,20 @@ def _device_of(res: dict) -> torch.device:
     return (first.mean if isinstance(first, Stats) else first).device
 
 
+def _clone_as_placed(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` at the same address modulo 64 bytes (for a contiguous ``x``): torch's CUDA
+    LayerNorm chooses its kernel by the address's alignment, and the contract norms the block
+    output as the model holds it, so a clone must not move it to an aligned address."""
+    size = x.element_size()
+    if not x.is_contiguous() or x.data_ptr() % size:
+        return x.clone()
+    buf = torch.empty(x.numel() + 64 // size, dtype=x.dtype, device=x.device)
+    shift = (x.data_ptr() - buf.data_ptr()) % 64 // size
+    y = buf[shift:shift + x.numel()].view(x.shape)
+    y.copy_(x)
+    return y
+
+
 def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs=("resid",),
                   blocks=None, final_norm=None, **kwargs) -> ReferenceResult:
     """Run ``model(*args, **kwargs)`` with plain forward hooks that ``.clone()`` each block's input
@@ -189,7 +203,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
 
     def make_hook(i):
         def hook(_mod, a, kw, output):
-            out = layout.hidden_from_output(output).detach().clone()
+            out = _clone_as_placed(layout.hidden_from_output(output).detach())
             # the input where the output is (a dispatched block may receive it elsewhere)
             saved[i + 1] = (out, layout.hidden_from_args(a, kw).detach().to(out.device, copy=True))
         return hook
