@@ -7,6 +7,7 @@ removed in ``finally``, whatever the forward raised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import NamedTuple
@@ -227,14 +228,20 @@ class Capture:
         if self._model_depth == 0:
             self._join(check=self._state != "failed")
 
-    def _join(self, check: bool = True) -> None:
-        """overlap: the main streams wait for every side-stream capture; a hidden state changed in
-        place under one (OverlapError) leaves this capture failed."""
+    @contextlib.contextmanager
+    def _fails_on_overlap_error(self):
+        """A hidden state changed in place under a side-stream capture (OverlapError, from launching
+        or joining) leaves this capture failed."""
         try:
-            self._side.join(check=check)
+            yield
         except OverlapError:
             self._state = "failed"
             raise
+
+    def _join(self, check: bool = True) -> None:
+        """overlap: the main streams wait for every side-stream capture."""
+        with self._fails_on_overlap_error():
+            self._side.join(check=check)
 
     def _remove_hooks(self) -> None:
         handles, self._handles = self._handles, []
@@ -565,11 +572,8 @@ class Capture:
                     bufs["normed"].copy_(take(normed, self._sel_on(normed.device)))
 
         if self._side is not None and self._overlaps(ops, device, module_normed):
-            try:
+            with self._fails_on_overlap_error():
                 self._side.run(device, layer_id, (full_out, out, inp, index), work)
-            except OverlapError:
-                self._state = "failed"
-                raise
         else:
             work(full_out, out, inp, index)
         self._written += 1
