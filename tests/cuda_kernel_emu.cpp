@@ -11,7 +11,8 @@
 //
 // Checked, per configuration (model dtype × capture dtype × width × rows × position index × norm
 // parameters × with/without the block input), against values computed here independently:
-//   resid, delta       bit for bit (a cast of out; out - inp rounded to the model dtype, then cast)
+//   resid, delta       bit for bit (a cast of out, its very bits in the model dtype, NaN payloads
+//                      included; out - inp rounded to the model dtype, then cast)
 //   maxabs             bit for bit
 //   l2                 within 2 ulp of a float64 sum (the contract's tolerance)
 //   mean, rstd, normed bit for bit against a direct transcription of torch's CUDA LayerNorm order
@@ -34,6 +35,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #undef __device__
@@ -201,7 +203,26 @@ struct Config {
   bool generic;    // run generic_rows_kernel instead of the fast one
   float centre;
   bool vec = false;  // generic kernel: whole 4-element vectors
+  bool nans = false;  // plant NaNs with a sign and payload in out: resid/delta must keep their bits
 };
+
+// NaN bit patterns a trip through float would not give back (c10 makes every bfloat16 NaN 0x7fc0).
+template <typename T>
+static void plant_nans(std::vector<T>& v) {
+  const uint32_t f32_nans[] = {0xffffffffu, 0x7fc00001u, 0x7f800001u};
+  const uint16_t b16_nans[] = {0xffffu, 0x7fc1u, 0xff81u};
+  const uint16_t f16_nans[] = {0xffffu, 0x7e01u, 0xfe01u};
+  for (size_t k = 0; 37 * k < v.size(); ++k) {
+    const size_t i = 37 * k;
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(&v[i], &f32_nans[k % 3], 4);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      std::memcpy(&v[i], &b16_nans[k % 3], 2);
+    } else {
+      std::memcpy(&v[i], &f16_nans[k % 3], 2);
+    }
+  }
+}
 
 template <typename InT, typename OutT, int K>
 static void run_kernel(const Config& c, const Params& p) {
@@ -229,6 +250,7 @@ static std::string check(const Config& c, std::mt19937& rng) {
   std::vector<InT> out(static_cast<size_t>(c.batch) * bstride + 8), inp(out.size());
   for (auto& v : out) v = static_cast<InT>(dist(rng));
   for (auto& v : inp) v = static_cast<InT>(dist(rng));
+  if (c.nans) plant_nans(out);
   std::vector<InT> w(d + 8), b(d + 8);
   for (auto& v : w) v = static_cast<InT>(1.f + 0.5f * dist(rng) / 3.f - c.centre / 6.f);
   for (auto& v : b) v = static_cast<InT>(0.1f * dist(rng));
@@ -282,15 +304,40 @@ static std::string check(const Config& c, std::mt19937& rng) {
     const InT* xi = inp.data() + bb * bstride + s * sstride;
     double sum = 0.0;
     float mx = 0.f;
+    bool row_nan = false;
     for (int e = 0; e < d; ++e) {
       xrow[e] = f32(x[e]);
       sum += static_cast<double>(xrow[e]) * xrow[e];
       mx = std::fmax(mx, std::fabs(xrow[e]));
-      const OutT want_r = static_cast<OutT>(xrow[e]);
+      // Tensor.to(dtype): the same bits in the model dtype (a NaN keeps its payload), else the cast.
+      OutT want_r;
+      if constexpr (std::is_same_v<InT, OutT>) {
+        want_r = x[e];
+      } else {
+        want_r = static_cast<OutT>(xrow[e]);
+      }
+      if (!same_bits(resid[r * d + e], want_r)) return "resid at row " + std::to_string(r);
+      if (std::isnan(xrow[e])) {
+        row_nan = true;
+        // a computed NaN's payload is the arithmetic's (the GPU's conversions differ from c10's host
+        // ones): only NaN-ness is checked for it
+        if (c.with_inp ? !std::isnan(f32(delta[r * d + e])) : !same_bits(delta[r * d + e], want_r))
+          return "delta (NaN) at row " + std::to_string(r);
+        continue;
+      }
       const OutT want_d = c.with_inp ? static_cast<OutT>(f32(static_cast<InT>(xrow[e] - f32(xi[e]))))
                                      : want_r;
-      if (!same_bits(resid[r * d + e], want_r)) return "resid at row " + std::to_string(r);
       if (!same_bits(delta[r * d + e], want_d)) return "delta at row " + std::to_string(r);
+    }
+    if (row_nan) {  // every per-token result of the row is NaN
+      if (!std::isnan(maxabs[r]) || !std::isnan(l2[r])) return "maxabs/l2 (NaN) at row " + std::to_string(r);
+      if (c.with_stats && (!std::isnan(mean[r]) || !std::isnan(rstd[r])))
+        return "mean/rstd (NaN) at row " + std::to_string(r);
+      if (c.with_normed) {
+        for (int e = 0; e < d; ++e)
+          if (!std::isnan(f32(normed[r * d + e]))) return "normed (NaN) at row " + std::to_string(r);
+      }
+      continue;
     }
     if (!same_bits(maxabs[r], mx)) return "maxabs at row " + std::to_string(r);
     if (!(ulp_diff(l2[r], static_cast<float>(std::sqrt(sum))) <= 2)) return "l2 at row " + std::to_string(r);
@@ -364,6 +411,18 @@ int main() {
         report("bf16->bf16 generic", c, check<BF16, BF16>(c, rng));
         report("f16->float generic", c, check<F16, float>(c, rng));
       }
+    }
+  }
+  // NaNs with a payload, in both kernels, each dtype kept and widened.
+  for (int d : {64, 768, 68, 8196}) {
+    for (bool with_inp : {false, true}) {
+      ++variant;
+      Config c{2, 9, d, variant % 3, with_inp, true, true, true, true, 1, 2, d % 8 != 0 || d > 8192,
+               0.f, false, true};
+      report("float->float nan", c, check<float, float>(c, rng));
+      report("bf16->bf16 nan", c, check<BF16, BF16>(c, rng));
+      report("f16->f16 nan", c, check<F16, F16>(c, rng));
+      report("bf16->float nan", c, check<BF16, float>(c, rng));
     }
   }
   std::printf("configs %d failures %d\n", configs, failures);
