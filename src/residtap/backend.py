@@ -93,7 +93,7 @@ def norm_parity(device, dtype: torch.dtype, d_model: int, weight=None, bias=None
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    normed = (weight is not None or bias is not None) if normed is None else bool(normed)
+    normed = _wants_normed(normed, weight, bias)
     key = (str(device), dtype, int(d_model), normed, weight is not None, bias is not None, float(eps))
     if key in _parity or not probe:
         return _parity.get(key)
@@ -123,11 +123,16 @@ def warn_unprobed(device, dtype: torch.dtype, d_model: int) -> None:
         "slower. Enter the capture after moving or casting the model.", RuntimeWarning, stacklevel=2)
 
 
+def _wants_normed(normed: bool | None, weight, bias) -> bool:
+    """Whether a parity question is about normed: as told, else whether weight or bias is given."""
+    return (weight is not None or bias is not None) if normed is None else bool(normed)
+
+
 def _probe_parity(device, dtype, d_model, weight, bias, eps, normed=None) -> tuple[bool, str]:
     """Run the op and the reference op on probe rows (centred at 0 and at 30, several row counts)."""
     from . import ops, reference
 
-    normed = (weight is not None or bias is not None) if normed is None else normed
+    normed = _wants_normed(normed, weight, bias)
     norm_kind = "layer_norm" if normed else "none"
     g = torch.Generator(device="cpu").manual_seed(1234)
     for rows in (1, 7, 133):
