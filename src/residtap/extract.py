@@ -491,32 +491,28 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     if rank != 0:
         _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
-    main = manifests[0]
-    records = _store.merged_records(manifests, out)
-    if main.get("complete"):
+    if manifests[0].get("complete"):
         _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
             for p in _store.manifest_paths(out)[1:]:  # parts a killed merge left: superseded
                 os.remove(p)
         return _store.merged_records(manifests[:1]), True
+    records = _store.merged_records(manifests, out)
     owned = lambda i: i % world == rank  # noqa: E731
     for i in sorted(records):
         if not owned(i):
             continue
-        r = records[i]
-        path = os.path.join(out, r["file"])
-        if not os.path.exists(path):  # deleted by hand (e.g. after a checksum error): recompute it
+        problem = _store.record_mismatch(out, records[i], check_sha256=verify)
+        if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
             print(f"residtap extract: shard {i} is listed but missing; it will be recomputed",
                   file=sys.stderr)
             del records[i]
-            continue
-        size = os.path.getsize(path)
-        if size != r["bytes"] or (verify and _store.sha256_file(path) != r["sha256"]):
+        elif problem is not None:
             raise _store.ShardCorruptError(
-                f"shard {i} ({path!r}) does not match the manifest ("
-                + (f"{size} bytes, expected {r['bytes']}" if size != r["bytes"] else "sha256 differs")
-                + "): the file is corrupted. Delete it and run the same command again to recompute it.")
+                f"shard {i} ({os.path.join(out, records[i]['file'])!r}) does not match the manifest "
+                f"({problem}): the file is corrupted. Delete it and run the same command again to "
+                "recompute it.")
     _store.remove_stale_temporaries(out, owned)
     return records, False
 

@@ -263,10 +263,24 @@ def merged_records(manifests: Sequence[dict], directory: str | None = None) -> d
     return records
 
 
-def _describes(directory: str, record: dict) -> bool:
+def record_mismatch(directory: str, record: dict, check_sha256: bool = True) -> str | None:
+    """How the file of a shard ``record`` differs from it: None where it matches, "missing", or
+    what differs (its size, else, with ``check_sha256``, its sha256)."""
     path = os.path.join(directory, record["file"])
     try:
-        return os.path.getsize(path) == record["bytes"] and sha256_file(path) == record["sha256"]
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return "missing"
+    if size != record["bytes"]:
+        return f"{size} bytes, expected {record['bytes']}"
+    if check_sha256 and sha256_file(path) != record["sha256"]:
+        return "sha256 differs"
+    return None
+
+
+def _describes(directory: str, record: dict) -> bool:
+    try:
+        return record_mismatch(directory, record) is None
     except OSError:
         return False
 
