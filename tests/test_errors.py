@@ -58,8 +58,7 @@ def test_bad_arguments_raise_at_construction(model, kwargs, match):
 @pytest.mark.parametrize("layers", [torch.tensor(2), torch.tensor([0, -1]), np.array([2, 0]), np.int64(2),
                                     range(0, 3, 2)], ids=repr)
 def test_layers_as_integer_tensors_and_arrays(model, layers):
-    expect = sorted({int(x) % 3 for x in np.atleast_1d(np.asarray(list(layers) if isinstance(layers, range)
-                                                                  else layers))})
+    expect = sorted({int(x) % 3 for x in np.atleast_1d(np.asarray(layers))})
     assert residtap.capture(model, layers=layers).layer_ids == expect
 
 
