@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -19,6 +20,20 @@ _COMMON = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _DECODER = dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=4, max_position_embeddings=32)
 _GQA = dict(_DECODER, intermediate_size=128, num_key_value_heads=2, rms_norm_eps=EPS)
 _OPT = dict(_DECODER, ffn_dim=128, word_embed_proj_dim=D)
+_MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+
+def _gemma3_config(vocab_size, bos_token_id, eos_token_id, pad_token_id, **text):
+    """Gemma 3's image-text model (google/gemma-3-4b and up): a tiny vision tower, and the text decoder
+    residtap taps inside it."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    # the image tokens lie past the ids the tests draw
+    return T.Gemma3Config(text_config=dict(text, vocab_size=vocab_size + 3), vision_config=vision,
+                          mm_tokens_per_image=4, boi_token_index=vocab_size,
+                          eoi_token_index=vocab_size + 1, image_token_index=vocab_size + 2,
+                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
 
 # name -> (config class, kwargs, what hidden_states[-1] is, how the final norm is re-applied)
 FAMILIES = {
@@ -43,7 +58,43 @@ FAMILIES = {
     "falcon": (T.FalconConfig, dict(_DECODER, layer_norm_epsilon=EPS), "normed", "layer_norm"),
     "falcon-new-arch": (T.FalconConfig, dict(_DECODER, layer_norm_epsilon=EPS, new_decoder_architecture=True,
                                              num_kv_heads=2), "normed", "layer_norm"),
+    "gpt_bigcode": (T.GPTBigCodeConfig, dict(n_layer=2, n_embd=D, n_head=4, n_positions=32,
+                                             layer_norm_epsilon=EPS), "normed", "layer_norm"),
+    "mpt": (T.MptConfig, dict(n_layers=2, d_model=D, n_heads=4, max_seq_len=32, expansion_ratio=2,
+                              layer_norm_epsilon=EPS), "normed", "layer_norm"),
+    "persimmon": (T.PersimmonConfig, dict(_DECODER, intermediate_size=128, layer_norm_eps=EPS),
+                  "normed", "layer_norm"),
+    "stablelm": (T.StableLmConfig, dict(_GQA, layer_norm_eps=EPS), "normed", "layer_norm"),
+    "starcoder2": (T.Starcoder2Config, dict(_GQA, norm_epsilon=EPS), "normed", "layer_norm"),
+    "phi3": (T.Phi3Config, _GQA, "normed", "module"),
+    "phimoe": (T.PhimoeConfig, dict(_GQA, **_MOE), "normed", "layer_norm"),
+    "qwen3": (T.Qwen3Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "qwen2_moe": (T.Qwen2MoeConfig, dict(_GQA, num_experts=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32, num_experts_per_tok=2),
+                  "normed", "module"),
+    "qwen3_moe": (T.Qwen3MoeConfig, dict(_GQA, head_dim=16, num_experts=4, moe_intermediate_size=32,
+                                         num_experts_per_tok=2), "normed", "module"),
+    "mixtral": (T.MixtralConfig, dict(_GQA, **_MOE), "normed", "module"),
+    "gemma2": (T.Gemma2Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "gemma3_text": (T.Gemma3TextConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "gemma3": (_gemma3_config, dict(_GQA, head_dim=16), "normed", "module"),
+    # OLMo's final norm has no parameters and no eps setting: nn.LayerNorm's 1e-5, hard-coded
+    "olmo": (T.OlmoConfig, dict(_DECODER, intermediate_size=128, num_key_value_heads=2), "normed", "module"),
+    "olmo2": (T.Olmo2Config, _GQA, "normed", "module"),
+    "olmo3": (T.Olmo3Config, _GQA, "normed", "module"),
+    "olmoe": (T.OlmoeConfig, dict(_GQA, num_experts=4, num_experts_per_tok=2), "normed", "module"),
+    "cohere": (T.CohereConfig, dict(_GQA, layer_norm_eps=EPS), "normed", "module"),
+    "cohere2": (T.Cohere2Config, dict(_GQA, layer_norm_eps=EPS), "normed", "module"),
+    "granite": (T.GraniteConfig, dict(_GQA, embedding_multiplier=2.0, residual_multiplier=0.5),
+                "normed", "module"),
+    "granitemoe": (T.GraniteMoeConfig, dict(_GQA, **_MOE, embedding_multiplier=2.0, residual_multiplier=0.5),
+                   "normed", "module"),
+    "smollm3": (T.SmolLM3Config, _GQA, "normed", "module"),
+    "gpt_oss": (T.GptOssConfig, dict(_GQA, **_MOE, head_dim=16), "normed", "module"),
+    "glm4": (T.Glm4Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "nemotron": (T.NemotronConfig, dict(_GQA, norm_eps=EPS), "normed", "module"),
 }
+EPS_OF = {"olmo": 1e-5}  # where the final norm's eps is not a setting; else EPS (OPT: below)
 WRAPPERS = ("causal-lm", "bare")
 
 IDS = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -81,7 +132,7 @@ def models():
 
 
 def test_every_family_in_the_table_is_tested():
-    tested = {cls.model_type for cls, *_ in FAMILIES.values()}
+    tested = {make(**kwargs, **_COMMON).model_type for make, kwargs, *_ in FAMILIES.values()}
     assert tested == set(residtap.FAMILIES)
 
 
@@ -144,13 +195,14 @@ def test_norm_kind_and_eps_read_from_each_family(models, name):
     assert layout.norm.kind == FAMILIES[name][3]
     # The stats eps is the final norm's: the config's where the family sets one, else LayerNorm's
     # default (OPT builds its norms without an eps).
-    assert layout.eps == (1e-5 if name.startswith("opt") else EPS)
+    assert layout.eps == (1e-5 if name.startswith("opt") else EPS_OF.get(name, EPS))
     assert (layout.project_out is not None) == name.endswith("project-out")
 
 
-def test_tie_last_hidden_states_false_is_reported_not_failed(models):
-    model = copy.deepcopy(models("llama", "causal-lm"))
-    model.config.tie_last_hidden_states = False
+@pytest.mark.parametrize("name", ["llama", "gemma3"])  # Gemma 3: the flag is its text decoder's
+def test_tie_last_hidden_states_false_is_reported_not_failed(models, name):
+    model = copy.deepcopy(models(name, "causal-lm"))
+    model.config.get_text_config(decoder=True).tie_last_hidden_states = False
     rep = residtap.verify(model, IDS, PADDED)
     # Older transformers (5.17) ignore the flag; verify must detect what this one actually does.
     with torch.no_grad():
@@ -179,6 +231,27 @@ def test_gemma_resid0_is_the_embedding_scaled_by_sqrt_d(models):
     plain = nn.functional.embedding(IDS, model.embed_tokens.weight)
     assert torch.equal(cap.resid[0], plain * torch.tensor(D ** 0.5))
     assert not torch.equal(cap.resid[0], plain)
+
+
+def test_an_image_text_model_is_read_through_its_text_config(models, tmp_path):
+    """Gemma 3 (4B+) keeps the decoder's width, eps and length in config.text_config, not at the top:
+    extraction sizes its rows, and picks its default sequence length, from there."""
+    model = models("gemma3", "causal-lm")
+    assert getattr(model.config, "hidden_size", None) is None
+    assert getattr(model.config, "max_position_embeddings", None) is None
+    ids = torch.randint(3, 96, (70,), generator=torch.Generator().manual_seed(2)).int().numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    res = residtap.extract(model, str(tmp_path / "ids.npy"), tmp_path / "out", batch_size=2,
+                           outputs=("resid", "normed"), progress=False)
+    acts = residtap.open(tmp_path / "out", verify=True)
+    assert res.complete and acts.d_model == D
+    seqs = torch.from_numpy(ids[:64]).long().reshape(2, 32)  # max_position_embeddings of the text model
+    assert torch.equal(acts.sequences("input_ids"), seqs.int())
+    with torch.inference_mode(), residtap.capture(model.base_model, outputs=("resid", "normed")) as cap:
+        model.base_model(input_ids=seqs, use_cache=False)
+    for name in ("resid", "normed"):
+        for k, lid in enumerate(cap.layer_ids):
+            assert torch.equal(acts.layer(lid, name).to_tensor(), getattr(cap, name)[k].reshape(-1, D))
 
 
 # ---------------------------------------------------------------- models residtap does not know

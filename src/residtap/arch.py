@@ -27,8 +27,9 @@ class Family:
     project_out: str | None = None
 
 
-# Checked against transformers 5.24 (models/<type>/modeling_<type>.py). Every hidden state
-# here is the first positional argument of its block; blocks return a tensor or a tuple.
+# Read from transformers' models/<type>/modeling_<type>.py; every entry is tested with a tiny random
+# model (tests/test_families.py) on transformers 5.17 and 5.24. Every hidden state here is the first
+# positional argument of its block; blocks return a tensor or a tuple.
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("h", "ln_f"),
     "gptj": Family("h", "ln_f"),
@@ -41,6 +42,32 @@ FAMILIES: dict[str, Family] = {
     "phi": Family("layers", "final_layernorm"),
     "bloom": Family("h", "ln_f"),  # hidden_states[0] is after word_embeddings_layernorm
     "falcon": Family("h", "ln_f"),
+    "gpt_bigcode": Family("h", "ln_f"),  # StarCoder, SantaCoder
+    "mpt": Family("blocks", "norm_f"),  # LayerNorm without a bias
+    "persimmon": Family("layers", "final_layernorm"),
+    "stablelm": Family("layers", "norm"),
+    "starcoder2": Family("layers", "norm"),
+    "phi3": Family("layers", "norm"),  # RMSNorm
+    "phimoe": Family("layers", "norm"),
+    "qwen3": Family("layers", "norm"),  # RMSNorm
+    "qwen2_moe": Family("layers", "norm"),
+    "qwen3_moe": Family("layers", "norm"),
+    "mixtral": Family("layers", "norm"),
+    "gemma2": Family("layers", "norm"),  # (1 + w) RMSNorm, like Gemma
+    "gemma3_text": Family("layers", "norm"),  # Gemma3ForCausalLM (1B, and text-only loads)
+    "gemma3": Family("language_model.layers", "language_model.norm"),  # the image-text model (4B+)
+    "olmo": Family("layers", "norm"),  # LayerNorm without parameters, computed in float32
+    "olmo2": Family("layers", "norm"),
+    "olmo3": Family("layers", "norm"),
+    "olmoe": Family("layers", "norm"),
+    "cohere": Family("layers", "norm"),  # Command-R: LayerNorm without a bias, in float32
+    "cohere2": Family("layers", "norm"),
+    "granite": Family("layers", "norm"),  # scales embeddings and residuals by config multipliers
+    "granitemoe": Family("layers", "norm"),
+    "smollm3": Family("layers", "norm"),
+    "gpt_oss": Family("layers", "norm"),
+    "glm4": Family("layers", "norm"),
+    "nemotron": Family("layers", "norm"),  # LayerNorm with (1 + w)
 }
 
 
@@ -213,12 +240,20 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
             project_out = _get_path(base, family.project_out, "project_out", source)
         except ValueError:
             project_out = None
-    return Layout(name, block_list, norm, norm_spec(norm, config), project_out)
+    return Layout(name, block_list, norm, norm_spec(norm, text_config(model)), project_out)
+
+
+def text_config(model: nn.Module):
+    """The config of the text decoder residtap taps: ``model.config`` itself, or for an image-text
+    model (Gemma 3) its text part, where the decoder's width, eps and length live; None without one."""
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
 
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model's config admits (max_position_embeddings, n_positions), or None."""
-    config = getattr(model, "config", None)
+    config = text_config(model)
     value = getattr(config, "max_position_embeddings", getattr(config, "n_positions", None))
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

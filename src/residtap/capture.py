@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .arch import Layout, module_device, resolve_layout
+from .arch import Layout, module_device, resolve_layout, text_config
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -383,7 +383,7 @@ class Capture:
         w = self._live_norm_params()[0]
         if w is not None:
             return int(w.shape[-1])
-        hidden = getattr(getattr(self.model, "config", None), "hidden_size", None)
+        hidden = getattr(text_config(self.model), "hidden_size", None)
         if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
             return hidden
         emb = getattr(self.model, "get_input_embeddings", lambda: None)()

@@ -48,7 +48,7 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import max_positions, module_device
+from .arch import max_positions, module_device, text_config
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
@@ -356,7 +356,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     # Inputs go where the embeddings compute: with device_map / offloading (accelerate) the first
     # parameter may be on another device or on "meta"; accelerate's hooks move them on from there.
     in_device = _input_device(model, first.device)
-    d_model = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd)
+    text = text_config(model)
+    d_model = int(text.hidden_size if hasattr(text, "hidden_size") else text.n_embd)
     cap_dtype = cfg.dtype or first.dtype
     L = len(cfg.layer_ids)
     specs = {}  # stored tensor name → (shape after rows, dtype)

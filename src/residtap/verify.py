@@ -16,6 +16,7 @@ import json
 
 import torch
 
+from .arch import text_config
 from .capture import Capture
 from .selection import NOT_GIVEN
 
@@ -213,7 +214,7 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         rows.append(LayerRow(i, value(raw_max), raw_exact, value(n_max), normed_exact, matches,
                              value(p_max), projected_exact))
     config = getattr(model, "config", None)
-    tie = getattr(config, "tie_last_hidden_states", None)
+    tie = getattr(text_config(model), "tie_last_hidden_states", None)
     return VerifyReport(model=getattr(config, "_name_or_path", None) or type(model).__name__,
                         n_layers=layout.n_layers, n_hidden_states=len(hs),
                         dtype=str(resid[0].dtype).replace("torch.", ""), device=str(resid[0].device),
