@@ -23,16 +23,20 @@ _OPT = dict(_DECODER, ffn_dim=128, word_embed_proj_dim=D)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 
 
-def _gemma3_config(vocab_size, bos_token_id, eos_token_id, pad_token_id, **text):
-    """Gemma 3's image-text model (google/gemma-3-4b and up): a tiny vision tower, and the text decoder
-    residtap taps inside it."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=8)
-    # the image tokens lie past the ids the tests draw
-    return T.Gemma3Config(text_config=dict(text, vocab_size=vocab_size + 3), vision_config=vision,
-                          mm_tokens_per_image=4, boi_token_index=vocab_size,
-                          eoi_token_index=vocab_size + 1, image_token_index=vocab_size + 2,
-                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+def _image_text(cls, tokens, vision, **text_extra):
+    """An image-text model's config: a tiny vision tower, and a text decoder residtap taps inside it.
+    The image tokens (named by ``tokens``, as each config calls them) lie past the ids the tests draw."""
+    def make(vocab_size, **text):
+        text = dict(text, **text_extra, vocab_size=vocab_size + len(tokens))
+        ids = {name: vocab_size + i for i, name in enumerate(tokens)}
+        return cls(text_config=text, vision_config=vision, **ids)
+    return make
+
+
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+               patch_size=8)
+_QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=D)
+_QWEN_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 # name -> (config class, kwargs, what hidden_states[-1] is, how the final norm is re-applied)
@@ -77,7 +81,6 @@ FAMILIES = {
     "mixtral": (T.MixtralConfig, dict(_GQA, **_MOE), "normed", "module"),
     "gemma2": (T.Gemma2Config, dict(_GQA, head_dim=16), "normed", "module"),
     "gemma3_text": (T.Gemma3TextConfig, dict(_GQA, head_dim=16), "normed", "module"),
-    "gemma3": (_gemma3_config, dict(_GQA, head_dim=16), "normed", "module"),
     # OLMo's final norm has no parameters and no eps setting: nn.LayerNorm's 1e-5, hard-coded
     "olmo": (T.OlmoConfig, dict(_DECODER, intermediate_size=128, num_key_value_heads=2), "normed", "module"),
     "olmo2": (T.Olmo2Config, _GQA, "normed", "module"),
@@ -93,6 +96,19 @@ FAMILIES = {
     "gpt_oss": (T.GptOssConfig, dict(_GQA, **_MOE, head_dim=16), "normed", "module"),
     "glm4": (T.Glm4Config, dict(_GQA, head_dim=16), "normed", "module"),
     "nemotron": (T.NemotronConfig, dict(_GQA, norm_eps=EPS), "normed", "module"),
+    # image-text models, tapped in their text decoder (config.text_config; base_model.language_model)
+    "gemma3": (_image_text(T.Gemma3Config, ("boi_token_index", "eoi_token_index", "image_token_index"),
+                           _VISION), dict(_GQA, head_dim=16), "normed", "module"),
+    "llava": (_image_text(T.LlavaConfig, ("image_token_index",), dict(_VISION, model_type="clip_vision_model"),
+                          model_type="llama"), _GQA, "normed", "module"),
+    "mistral3": (_image_text(T.Mistral3Config, ("image_token_index",),
+                             dict(_VISION, model_type="pixtral", head_dim=16), model_type="mistral"),
+                 _GQA, "normed", "module"),
+    "qwen2_5_vl": (_image_text(T.Qwen2_5_VLConfig, _QWEN_TOKENS, dict(_QWEN_VISION, fullatt_block_indexes=[0])),
+                   dict(_GQA, rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])),
+                   "normed", "module"),
+    "qwen3_vl": (_image_text(T.Qwen3VLConfig, _QWEN_TOKENS, dict(_QWEN_VISION, deepstack_visual_indexes=[0])),
+                 dict(_GQA, head_dim=16), "normed", "module"),
 }
 EPS_OF = {"olmo": 1e-5}  # where the final norm's eps is not a setting; else EPS (OPT: below)
 WRAPPERS = ("causal-lm", "bare")
@@ -105,7 +121,9 @@ PADDED = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1],   # left padding
 def _build(name: str) -> nn.Module:
     cls, kwargs, _, _ = FAMILIES[name]
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cls(**kwargs, **_COMMON)).eval()
+    config = cls(**kwargs, **_COMMON)
+    auto = T.AutoModelForCausalLM if config.get_text_config(decoder=True) is config else T.AutoModelForImageTextToText
+    model = auto.from_config(config).eval()
     # Norm weights start at 1 (Gemma: 0, used as 1 + w) and biases at 0: move them, so that a
     # norm re-applied with the wrong weights, bias or (1 + w) convention cannot pass.
     g = torch.Generator().manual_seed(1)
@@ -132,7 +150,8 @@ def models():
 
 
 def test_every_family_in_the_table_is_tested():
-    tested = {make(**kwargs, **_COMMON).model_type for make, kwargs, *_ in FAMILIES.values()}
+    tested = {make(**kwargs, **_COMMON).get_text_config(decoder=True).model_type
+              for make, kwargs, *_ in FAMILIES.values()}
     assert tested == set(residtap.FAMILIES)
 
 
@@ -252,6 +271,20 @@ def test_an_image_text_model_is_read_through_its_text_config(models, tmp_path):
     for name in ("resid", "normed"):
         for k, lid in enumerate(cap.layer_ids):
             assert torch.equal(acts.layer(lid, name).to_tensor(), getattr(cap, name)[k].reshape(-1, D))
+
+
+def test_an_image_text_model_whose_decoder_residtap_does_not_know_needs_paths(models, monkeypatch):
+    model = models("llava", "causal-lm")
+    assert residtap.capture(model).layout.family == "llava (llama decoder)"
+    monkeypatch.delitem(residtap.FAMILIES, "llama")
+    with pytest.raises(ValueError, match=r"does not know the model type 'llava' .*needs blocks= and final_norm="):
+        residtap.capture(model)
+    inner = model.base_model.language_model
+    with residtap.capture(model, blocks="model.language_model.layers", final_norm="model.language_model.norm",
+                          outputs=("resid", "normed")) as cap:
+        hs = model(IDS, output_hidden_states=True).hidden_states
+    assert cap.layout.blocks == tuple(inner.layers) and cap.layout.final_norm is inner.norm
+    assert torch.equal(cap.resid[1], hs[1]) and torch.equal(cap.normed[-1], hs[-1])
 
 
 # ---------------------------------------------------------------- models residtap does not know

@@ -5,6 +5,10 @@ Adding a family is one line in ``FAMILIES``: the HF ``config.model_type``, then 
 the decoder blocks and of the final norm, relative to ``model.base_model`` (the bare model, which
 both ``XModel`` and ``XForCausalLM`` expose). A final norm whose attribute exists but is None (OPT
 with ``do_layer_norm_before=False``) means "no final norm".
+
+An image-text model (LLaVA, Gemma 3, Qwen2.5-VL, Mistral 3...) needs no line of its own: its base
+model keeps the text decoder as ``language_model``, and that decoder's own model_type says where its
+blocks and final norm are.
 """
 
 from __future__ import annotations
@@ -54,8 +58,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("layers", "norm"),
     "mixtral": Family("layers", "norm"),
     "gemma2": Family("layers", "norm"),  # (1 + w) RMSNorm, like Gemma
-    "gemma3_text": Family("layers", "norm"),  # Gemma3ForCausalLM (1B, and text-only loads)
-    "gemma3": Family("language_model.layers", "language_model.norm"),  # the image-text model (4B+)
+    "gemma3_text": Family("layers", "norm"),  # Gemma3ForCausalLM; the decoder of Gemma 3 4B+
     "olmo": Family("layers", "norm"),  # LayerNorm without parameters, computed in float32
     "olmo2": Family("layers", "norm"),
     "olmo3": Family("layers", "norm"),
@@ -68,6 +71,9 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family("layers", "norm"),
     "glm4": Family("layers", "norm"),
     "nemotron": Family("layers", "norm"),  # LayerNorm with (1 + w)
+    # text decoders that exist only inside an image-text model
+    "qwen2_5_vl_text": Family("layers", "norm"),
+    "qwen3_vl_text": Family("layers", "norm"),
 }
 
 
@@ -197,6 +203,12 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     base = getattr(model, "base_model", model)
     name = model_type or type(model).__name__
+    if family is None:  # an image-text model: its text decoder, a family residtap knows
+        decoder = getattr(base, "language_model", None)
+        decoder_type = getattr(getattr(decoder, "config", None), "model_type", None)
+        if isinstance(decoder, nn.Module) and isinstance(decoder_type, str) and decoder_type in FAMILIES:
+            family, base = FAMILIES[decoder_type], getattr(decoder, "base_model", decoder)
+            name, model_type = f"{name} ({decoder_type} decoder)", decoder_type
 
     if family is None and (blocks is NOT_GIVEN or final_norm is NOT_GIVEN):
         what = (f"the model type {model_type!r}" if model_type
@@ -204,7 +216,8 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         missing = " and ".join(a for a, v in (("blocks=", blocks), ("final_norm=", final_norm))
                                if v is NOT_GIVEN)
         raise ValueError(f"model: residtap does not know {what} ({type(model).__name__}), so it needs "
-                         f"{missing}. Supported families: {_supported()} (by config.model_type). "
+                         f"{missing}. Supported families: {_supported()} (by config.model_type, or "
+                         "that of an image-text model's language_model). "
                          f"For another model, {_how_to_pass()}.")
     source = f" (residtap's FAMILIES entry for {model_type!r}; {_how_to_pass()})"
 
