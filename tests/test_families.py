@@ -13,6 +13,8 @@ from torch import nn
 
 import residtap
 from helpers import assert_same_outputs
+from residtap import cli
+from residtap.models import random_input_ids
 from residtap.reference import OUTPUTS, run_reference
 
 D, EPS = 64, 3e-5  # an eps no family uses by default, so reading the wrong one shows
@@ -285,6 +287,31 @@ def test_an_image_text_model_whose_decoder_residtap_does_not_know_needs_paths(mo
         hs = model(IDS, output_hidden_states=True).hidden_states
     assert cap.layout.blocks == tuple(inner.layers) and cap.layout.final_norm is inner.norm
     assert torch.equal(cap.resid[1], hs[1]) and torch.equal(cap.normed[-1], hs[-1])
+
+
+def test_an_image_text_model_directory_loads_for_verify_and_extract(models, tmp_path, capsys):
+    """LLaVA has no AutoModelForCausalLM class: the CLI loads it as an image-text model."""
+    model = models("llava", "causal-lm")
+    model.save_pretrained(tmp_path / "llava")
+    assert cli.main(["verify", "--model", str(tmp_path / "llava"), "--batch", "4", "--seq", "16"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    ids = torch.randint(3, 96, (48,), generator=torch.Generator().manual_seed(3)).int()
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    assert cli.main(["extract", "--model", str(tmp_path / "llava"), "--data", str(tmp_path / "ids.npy"),
+                     "--out", str(tmp_path / "acts"), "--seq-len", "16", "--no-progress"]) == 0
+    acts = residtap.open(tmp_path / "acts", verify=True)
+    with torch.inference_mode(), residtap.capture(model.base_model, layers=2) as cap:
+        model.base_model(input_ids=ids.long().reshape(3, 16), use_cache=False)
+    assert acts.d_model == D and torch.equal(acts.layer(2).to_tensor(), cap.resid[0].reshape(-1, D))
+
+
+def test_random_ids_for_an_image_text_model_never_ask_for_pixels():
+    config = _image_text(T.LlavaConfig, (), dict(_VISION, model_type="clip_vision_model"),
+                         model_type="llama")(**_GQA, **_COMMON)
+    config.image_token_index = 50  # mid-vocabulary, as in some checkpoints
+    model = T.AutoModelForImageTextToText.from_config(config)
+    ids = random_input_ids(model, 64, 64)
+    assert set(ids.unique().tolist()) == set(range(96)) - {50}
 
 
 # ---------------------------------------------------------------- models residtap does not know

@@ -14,14 +14,12 @@ from .selection import resolve_dtype
 
 
 def _load_model(name: str | None, dtype, device: str, seed: int):
-    from .models import random_gpt2
+    from .models import load_pretrained, random_gpt2
 
     if name is None:
         return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
-    from transformers import AutoModelForCausalLM
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        model = load_pretrained(name, dtype=dtype)
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"--model {name!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "

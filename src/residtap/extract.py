@@ -160,11 +160,13 @@ def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map
             overrides[k.strip()] = float(v) if "." in v else int(v)
         model = random_gpt2(size, seed=seed, dtype=dtype or torch.float32, device=device, **overrides)
         return model, f"{spec} (random init, seed {seed})", None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .models import load_pretrained
 
     kw = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto", local_files_only=True, **kw)
+        model = load_pretrained(spec, dtype=dtype or "auto", **kw)
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"model: {spec!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .arch import text_config
+
 # GPT-2 sizes by name; n_layer / n_embd / n_head as in the released checkpoints.
 GPT2_SIZES = {
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12),
@@ -38,7 +40,32 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
     return model.to(dtype).eval()
 
 
+def load_pretrained(spec: str, **kwargs):
+    """A local model directory or cached name, offline: ``AutoModelForCausalLM``, or for an image-text
+    model (LLaVA, Qwen2.5-VL...) which has none, ``AutoModelForImageTextToText``."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+    auto = (transformers.AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            else transformers.AutoModelForImageTextToText)
+    return auto.from_pretrained(spec, config=config, local_files_only=True, **kwargs)
+
+
+_TEXT_SPECIALS = {"bos_token_id", "eos_token_id", "pad_token_id"}
+
+
 def random_input_ids(model, batch: int, seq: int, *, seed: int = 0, device=None) -> torch.Tensor:
+    """``[batch, seq]`` token ids, uniform over the vocabulary; for an image-text model, over the ids
+    that are not its image / video tokens (which would ask for pixels)."""
+    config = getattr(model, "config", None)
+    text = text_config(model)
+    skip = []
+    if text is not config:
+        skip = sorted({v for k, v in vars(config).items() if k.endswith(("_token_id", "_token_index"))
+                       and k not in _TEXT_SPECIALS and isinstance(v, int) and 0 <= v < text.vocab_size})
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    ids = torch.randint(0, text.vocab_size - len(skip), (batch, seq), generator=g)
+    for token in skip:  # ascending: each id at or past a skipped token moves one further up
+        ids += (ids >= token).long()
     return ids.to(device or next(model.parameters()).device)
