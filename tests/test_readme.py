@@ -6,7 +6,6 @@ import pathlib
 import re
 
 import numpy as np
-import pytest
 import torch
 
 import residtap
