@@ -23,6 +23,10 @@ _DECODER = dict(num_hidden_layers=2, hidden_size=D, num_attention_heads=4, max_p
 _GQA = dict(_DECODER, intermediate_size=128, num_key_value_heads=2, rms_norm_eps=EPS)
 _OPT = dict(_DECODER, ffn_dim=128, word_embed_proj_dim=D)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+# DeepSeek's multi-head latent attention (no grouped KV heads) and routed experts after one dense block
+_MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
 def _image_text(cls, tokens, vision, **text_extra):
@@ -98,6 +102,19 @@ FAMILIES = {
     "gpt_oss": (T.GptOssConfig, dict(_GQA, **_MOE, head_dim=16), "normed", "module"),
     "glm4": (T.Glm4Config, dict(_GQA, head_dim=16), "normed", "module"),
     "nemotron": (T.NemotronConfig, dict(_GQA, norm_eps=EPS), "normed", "module"),
+    "deepseek_v2": (T.DeepseekV2Config, dict(_GQA, **_MLA), "normed", "module"),
+    "deepseek_v3": (T.DeepseekV3Config, dict(_GQA, **_MLA), "normed", "module"),
+    "glm4_moe": (T.Glm4MoeConfig, dict(_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
+                 "normed", "module"),
+    "qwen3_next": (T.Qwen3NextConfig, dict(_GQA, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=32, linear_num_value_heads=4,
+                                           linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+                   "normed", "module"),
+    "falcon_h1": (T.FalconH1Config, dict(_GQA, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                         mamba_n_groups=1, mamba_d_state=16), "normed", "module"),
+    "lfm2": (T.Lfm2Config, dict(_GQA, layer_types=["conv", "full_attention"], norm_eps=EPS), "normed", "module"),
     # image-text models, tapped in their text decoder (config.text_config; base_model.language_model)
     "gemma3": (_image_text(T.Gemma3Config, ("boi_token_index", "eoi_token_index", "image_token_index"),
                            _VISION), dict(_GQA, head_dim=16), "normed", "module"),

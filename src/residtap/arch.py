@@ -71,6 +71,13 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": Family("layers", "norm"),
     "glm4": Family("layers", "norm"),
     "nemotron": Family("layers", "norm"),  # LayerNorm with (1 + w)
+    "deepseek_v2": Family("layers", "norm"),
+    "deepseek_v3": Family("layers", "norm"),  # also Kimi K2, Moonlight
+    "glm4_moe": Family("layers", "norm"),  # GLM-4.5
+    # hybrids: linear-attention, SSM or convolution blocks beside attention ones
+    "qwen3_next": Family("layers", "norm"),
+    "falcon_h1": Family("layers", "final_layernorm"),
+    "lfm2": Family("layers", "embedding_norm"),  # LFM2's final norm, despite its name
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),
