@@ -45,7 +45,7 @@ _QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, 
 _QWEN_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
-# name -> (config class, kwargs, what hidden_states[-1] is, how the final norm is re-applied)
+# name -> (config class or factory, kwargs, what hidden_states[-1] is, how the final norm is re-applied)
 FAMILIES = {
     "gpt2": (T.GPT2Config, dict(n_layer=2, n_embd=D, n_head=4, n_positions=32, layer_norm_epsilon=EPS),
              "normed", "layer_norm"),
