@@ -4,7 +4,8 @@
 # reported). Logs and JSON results go to $OUT (default ./gpu-check-out).
 #
 #   op       (issue 3, the default; about 6 minutes on an H200) the CUDA op and capture tests,
-#            bench_op, bench_capture, compute-sanitizer memcheck and racecheck
+#            bench_op, bench_capture, compute-sanitizer memcheck and racecheck; last, capture against
+#            the reference in each model family of tests/test_families.py
 #   extract  (issue 5; about 3 minutes) extraction's CUDA pipeline against captures, models split
 #            over devices, bench_extract on GPT-2-small
 #   all      both, in one call (about 9 minutes: a 15-minute lease has no time to run it twice)
@@ -85,6 +86,10 @@ if [ "$PART" != op ]; then
         tests/test_extract.py -k "cuda or gpu or split"
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
+fi
+if [ "$PART" != extract ]; then  # last, in whatever time is left: every model family on the GPU
+    step family-tests 60 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
+        tests/test_families.py::test_cuda_capture_matches_reference
 fi
 echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
 [ ${#FAILED[@]} -eq 0 ]

@@ -226,6 +226,27 @@ def test_capture_matches_reference_with_padding_on_both_sides(extension, models,
         assert torch.equal(cap.normed[-1], hs[-1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cuda_capture_matches_reference(extension, models, name, dtype):
+    """The same on the GPU (scripts/gpu_check.sh): the fused LayerNorm of the families that use it, the
+    model's own norm modules for the others, each in its family's blocks."""
+    cuda = torch.device("cuda")
+    model = copy.deepcopy(models(name, "causal-lm", dtype)).to(cuda)
+    ids, mask = IDS.to(cuda), PADDED.to(cuda)
+    has_norm = FAMILIES[name][3] != "none"
+    outputs = OUTPUTS if has_norm else tuple(o for o in OUTPUTS if o != "normed")
+    with torch.no_grad(), residtap.capture(model, outputs=outputs, backend="compiled") as cap:
+        hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    ref = run_reference(model, ids, attention_mask=mask, outputs=outputs)
+    assert cap.resid.device.type == "cuda" and cap.backend == "compiled"
+    assert_same_outputs(cap, ref, outputs)
+    assert torch.equal(cap.resid[1], hs[1])
+    if has_norm and FAMILIES[name][2] == "normed":
+        assert torch.equal(cap.normed[-1], hs[-1])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_norm_kind_and_eps_read_from_each_family(models, name):
     model = models(name, "causal-lm")
