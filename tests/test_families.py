@@ -208,22 +208,9 @@ def test_verify_detects_the_convention(models, name, wrapper):
 @pytest.mark.parametrize("wrapper", WRAPPERS)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_capture_matches_reference_with_padding_on_both_sides(extension, models, name, wrapper, dtype):
-    model = models(name, wrapper, dtype)
-    has_norm = FAMILIES[name][3] != "none"
-    outputs = OUTPUTS if has_norm else tuple(o for o in OUTPUTS if o != "normed")
-    with residtap.capture(model, outputs=outputs, backend="compiled") as cap:
-        model(IDS, attention_mask=PADDED)
-    ref = run_reference(model, IDS, attention_mask=PADDED, outputs=outputs)
-    assert cap.layer_ids == ref.layer_ids == [0, 1, 2]
+    cap = _capture_matches_reference_and_hf(models(name, wrapper, dtype), name, torch.device("cpu"))
+    assert cap.layer_ids == [0, 1, 2]
     assert cap.resid.shape == (3, 2, 8, D) and cap.resid.dtype == dtype
-    assert_same_outputs(cap, ref, outputs)
-    # The reference itself agrees with HF: hidden_states[1] is block 0's raw output, and where
-    # hidden_states[-1] is normalized, it is the normed last residual.
-    with torch.no_grad():
-        hs = model(IDS, attention_mask=PADDED, output_hidden_states=True).hidden_states
-    assert torch.equal(cap.resid[1], hs[1])
-    if has_norm and FAMILIES[name][2] == "normed":
-        assert torch.equal(cap.normed[-1], hs[-1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -233,18 +220,26 @@ def test_cuda_capture_matches_reference(extension, models, name, dtype):
     """The same on the GPU (scripts/gpu_check.sh): the fused LayerNorm of the families that use it, the
     model's own norm modules for the others, each in its family's blocks."""
     cuda = torch.device("cuda")
-    model = copy.deepcopy(models(name, "causal-lm", dtype)).to(cuda)
-    ids, mask = IDS.to(cuda), PADDED.to(cuda)
+    cap = _capture_matches_reference_and_hf(copy.deepcopy(models(name, "causal-lm", dtype)).to(cuda), name, cuda)
+    assert cap.resid.device.type == "cuda" and cap.backend == "compiled"
+
+
+def _capture_matches_reference_and_hf(model, name, device):
+    """Capture every output (batch with padding on both sides) and compare it with the reference; and
+    the reference with HF: hidden_states[1] is block 0's raw output, and where hidden_states[-1] is
+    normalized, it is the normed last residual."""
+    ids, mask = IDS.to(device), PADDED.to(device)
     has_norm = FAMILIES[name][3] != "none"
     outputs = OUTPUTS if has_norm else tuple(o for o in OUTPUTS if o != "normed")
-    with torch.no_grad(), residtap.capture(model, outputs=outputs, backend="compiled") as cap:
+    with residtap.capture(model, outputs=outputs, backend="compiled") as cap:  # grad mode, as users run it
         hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
     ref = run_reference(model, ids, attention_mask=mask, outputs=outputs)
-    assert cap.resid.device.type == "cuda" and cap.backend == "compiled"
+    assert cap.layer_ids == ref.layer_ids
     assert_same_outputs(cap, ref, outputs)
     assert torch.equal(cap.resid[1], hs[1])
     if has_norm and FAMILIES[name][2] == "normed":
         assert torch.equal(cap.normed[-1], hs[-1])
+    return cap
 
 
 @pytest.mark.parametrize("name", FAMILIES)
