@@ -48,7 +48,7 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import max_positions, module_device, text_config
+from .arch import max_positions, module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
@@ -358,8 +358,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     # Inputs go where the embeddings compute: with device_map / offloading (accelerate) the first
     # parameter may be on another device or on "meta"; accelerate's hooks move them on from there.
     in_device = _input_device(model, first.device)
-    text = text_config(model)
-    d_model = int(text.hidden_size if hasattr(text, "hidden_size") else text.n_embd)
+    d_model = probe._guess_d_model()  # the final norm's width, else the (text) config's, else the embeddings'
+    if d_model is None:
+        raise ValueError(f"model: could not tell the residual width of {type(model).__name__} (no final norm "
+                         "weight, config.hidden_size or input embeddings)")
     cap_dtype = cfg.dtype or first.dtype
     L = len(cfg.layer_ids)
     specs = {}  # stored tensor name → (shape after rows, dtype)
