@@ -27,6 +27,9 @@ _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 _MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, n_group=1, topk_group=1)
+# the same routed experts with ordinary attention (GLM-4.5, dots1)
+_ROUTED = dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
 def _image_text(cls, tokens, vision, **text_extra):
@@ -104,9 +107,24 @@ FAMILIES = {
     "nemotron": (T.NemotronConfig, dict(_GQA, norm_eps=EPS), "normed", "module"),
     "deepseek_v2": (T.DeepseekV2Config, dict(_GQA, **_MLA), "normed", "module"),
     "deepseek_v3": (T.DeepseekV3Config, dict(_GQA, **_MLA), "normed", "module"),
-    "glm4_moe": (T.Glm4MoeConfig, dict(_GQA, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
-                                       moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1),
-                 "normed", "module"),
+    "glm4_moe": (T.Glm4MoeConfig, dict(_GQA, **_ROUTED), "normed", "module"),
+    "glm": (T.GlmConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "dots1": (T.Dots1Config, dict(_GQA, **_ROUTED, n_shared_experts=1), "normed", "module"),
+    "ernie4_5": (T.Ernie4_5Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "ernie4_5_moe": (T.Ernie4_5_MoeConfig, dict(_GQA, head_dim=16, moe_num_experts=4, moe_k=2,
+                                                moe_intermediate_size=32), "normed", "module"),
+    "hunyuan_v1_dense": (T.HunYuanDenseV1Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "hunyuan_v1_moe": (T.HunYuanMoEV1Config, dict(_GQA, head_dim=16, num_experts=4, moe_topk=2),
+                       "normed", "module"),
+    "exaone4": (T.Exaone4Config, dict(_GQA, head_dim=16), "normed", "module"),
+    "exaone_moe": (T.ExaoneMoeConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "seed_oss": (T.SeedOssConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "helium": (T.HeliumConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "arcee": (T.ArceeConfig, _GQA, "normed", "module"),
+    "apertus": (T.ApertusConfig, _GQA, "normed", "module"),
+    "ministral": (T.MinistralConfig, dict(_GQA, head_dim=16), "normed", "module"),
+    "bitnet": (T.BitNetConfig, _GQA, "normed", "module"),
+    "jetmoe": (T.JetMoeConfig, dict(_GQA, **_MOE, kv_channels=16), "normed", "module"),
     "qwen3_next": (T.Qwen3NextConfig, dict(_GQA, head_dim=16, layer_types=["linear_attention", "full_attention"],
                                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                            shared_expert_intermediate_size=32, linear_num_value_heads=4,
@@ -114,6 +132,9 @@ FAMILIES = {
                    "normed", "module"),
     "falcon_h1": (T.FalconH1Config, dict(_GQA, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
                                          mamba_n_groups=1, mamba_d_state=16), "normed", "module"),
+    "minimax": (T.MiniMaxConfig, dict(_GQA, **_MOE, head_dim=16, layer_types=["linear_attention", "full_attention"]),
+                "normed", "module"),
+    "olmo_hybrid": (T.OlmoHybridConfig, _GQA, "normed", "module"),
     "lfm2": (T.Lfm2Config, dict(_GQA, layer_types=["conv", "full_attention"], norm_eps=EPS), "normed", "module"),
     # image-text models, tapped in their text decoder (config.text_config; base_model.language_model)
     "gemma3": (_image_text(T.Gemma3Config, ("boi_token_index", "eoi_token_index", "image_token_index"),

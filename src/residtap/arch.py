@@ -74,10 +74,27 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": Family("layers", "norm"),
     "deepseek_v3": Family("layers", "norm"),  # also Kimi K2, Moonlight
     "glm4_moe": Family("layers", "norm"),  # GLM-4.5
+    "glm": Family("layers", "norm"),  # GLM-4 (the first, "glm-4-9b")
+    "dots1": Family("layers", "norm"),
+    "ernie4_5": Family("layers", "norm"),
+    "ernie4_5_moe": Family("layers", "norm"),
+    "hunyuan_v1_dense": Family("layers", "norm"),
+    "hunyuan_v1_moe": Family("layers", "norm"),
+    "exaone4": Family("layers", "norm"),
+    "exaone_moe": Family("layers", "norm"),
+    "seed_oss": Family("layers", "norm"),
+    "helium": Family("layers", "norm"),
+    "arcee": Family("layers", "norm"),  # AFM
+    "apertus": Family("layers", "norm"),
+    "ministral": Family("layers", "norm"),
+    "bitnet": Family("layers", "norm"),
+    "jetmoe": Family("layers", "norm"),
     # hybrids: linear-attention, SSM or convolution blocks beside attention ones
     "qwen3_next": Family("layers", "norm"),
     "falcon_h1": Family("layers", "final_layernorm"),
     "lfm2": Family("layers", "embedding_norm"),  # LFM2's final norm, despite its name
+    "minimax": Family("layers", "norm"),
+    "olmo_hybrid": Family("layers", "norm"),
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),
