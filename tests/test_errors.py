@@ -178,3 +178,20 @@ def test_backend_fallback_warns_once_and_explicit_compiled_raises(monkeypatch, m
     with pytest.raises(RuntimeError, match="backend='compiled' was requested but the extension could not"):
         with residtap.capture(model, backend="compiled"):
             model(ids)
+
+
+def test_a_block_that_narrows_the_stream_is_refused_by_name(model):
+    def to_bfloat16(_mod, _args, out):  # runs before the capture's hook, which then sees bfloat16
+        return out.bfloat16() if isinstance(out, torch.Tensor) else (out[0].bfloat16(), *out[1:])
+
+    h = model.transformer.h[1].register_forward_hook(to_bfloat16)
+    try:
+        cap = residtap.capture(model, outputs=("resid", "delta"))
+        with pytest.raises(RuntimeError, match="block 1 returned a bfloat16 hidden state from a float32 input; "
+                                               "a residual stream that narrows"):
+            with cap:
+                model(ids_for(model, 1, 4))
+    finally:
+        h.remove()
+    with pytest.raises(residtap.CaptureError, match="the last forward raised"):
+        cap.resid

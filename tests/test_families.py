@@ -27,6 +27,7 @@ _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 _MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, n_group=1, topk_group=1)
+_SSM = dict(hidden_size=D, num_hidden_layers=2, state_size=8, layer_norm_epsilon=EPS)
 # the same routed experts with ordinary attention (GLM-4.5, dots1)
 _ROUTED = dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                      first_k_dense_replace=1, n_group=1, topk_group=1)
@@ -135,6 +136,11 @@ FAMILIES = {
     "minimax": (T.MiniMaxConfig, dict(_GQA, **_MOE, head_dim=16, layer_types=["linear_attention", "full_attention"]),
                 "normed", "module"),
     "olmo_hybrid": (T.OlmoHybridConfig, _GQA, "normed", "module"),
+    # state-space models; hidden_states has no embeddings entry (SHIFTED)
+    "mamba": (T.MambaConfig, _SSM, "normed", "module"),
+    "mamba2": (T.Mamba2Config, dict(_SSM, state_size=16, num_heads=8, head_dim=16, expand=2, n_groups=1,
+                                    chunk_size=4), "normed", "module"),
+    "falcon_mamba": (T.FalconMambaConfig, _SSM, "normed", "module"),
     "lfm2": (T.Lfm2Config, dict(_GQA, layer_types=["conv", "full_attention"], norm_eps=EPS), "normed", "module"),
     # image-text models, tapped in their text decoder (config.text_config; base_model.language_model)
     "gemma3": (_image_text(T.Gemma3Config, ("boi_token_index", "eoi_token_index", "image_token_index"),
@@ -150,6 +156,8 @@ FAMILIES = {
     "qwen3_vl": (_image_text(T.Qwen3VLConfig, _QWEN_TOKENS, dict(_QWEN_VISION, deepstack_visual_indexes=[0])),
                  dict(_GQA, head_dim=16), "normed", "module"),
 }
+# hidden_states[i] is block i's output, and the last entry the final norm of the last block's output
+SHIFTED = {"mamba", "mamba2", "falcon_mamba"}
 EPS_OF = {"olmo": 1e-5}  # where the final norm's eps is not a setting; else EPS (OPT: below)
 WRAPPERS = ("causal-lm", "bare")
 
@@ -209,7 +217,14 @@ def test_verify_detects_the_convention(models, name, wrapper):
     last = rep.rows[-1]
     assert last.matches == last_is
     text = str(rep)
-    if last_is == "normed":  # re-applying the model's own final norm reproduces hidden_states[-1]
+    assert rep.first_resid == (1 if name in SHIFTED else 0)
+    assert [r.resid_index for r in rep.rows] == ([1, 2, 2] if name in SHIFTED else [0, 1, 2])
+    if name in SHIFTED:  # found from the data: the unshifted comparison explains nothing
+        assert rep.convention == ("no embeddings entry: hidden_states[i] is block i's raw output, and the "
+                                  "last entry is final_norm(raw output of the last block)")
+        assert "no embeddings entry, so row i is compared with the residual after block i" in text
+        assert last.normed_exact and not last.raw_exact
+    elif last_is == "normed":  # re-applying the model's own final norm reproduces hidden_states[-1]
         assert last.normed_exact and last.normed_maxabs == 0.0 and not last.raw_exact
         assert rep.convention.startswith("last entry is final_norm(raw output)")
     elif last_is == "raw":
@@ -247,8 +262,9 @@ def test_cuda_capture_matches_reference(extension, models, name, dtype):
 
 def _capture_matches_reference_and_hf(model, name, device):
     """Capture every output (batch with padding on both sides) and compare it with the reference; and
-    the reference with HF: hidden_states[1] is block 0's raw output, and where hidden_states[-1] is
-    normalized, it is the normed last residual."""
+    the reference with HF: hidden_states[1] (SHIFTED: [0]) is block 0's raw output, and where
+    hidden_states[-1] is normalized, it is the normed last residual. A model that keeps its stream in
+    float32 under bfloat16 weights (Mamba) is captured in its own dtype: HF's entries rounded to it."""
     ids, mask = IDS.to(device), PADDED.to(device)
     has_norm = FAMILIES[name][3] != "none"
     outputs = OUTPUTS if has_norm else tuple(o for o in OUTPUTS if o != "normed")
@@ -257,9 +273,10 @@ def _capture_matches_reference_and_hf(model, name, device):
     ref = run_reference(model, ids, attention_mask=mask, outputs=outputs)
     assert cap.layer_ids == ref.layer_ids
     assert_same_outputs(cap, ref, outputs)
-    assert torch.equal(cap.resid[1], hs[1])
+    dtype = cap.resid.dtype
+    assert torch.equal(cap.resid[1], hs[0 if name in SHIFTED else 1].to(dtype))
     if has_norm and FAMILIES[name][2] == "normed":
-        assert torch.equal(cap.normed[-1], hs[-1])
+        assert torch.equal(cap.normed[-1], hs[-1].to(dtype))
     return cap
 
 
@@ -459,3 +476,24 @@ def test_the_residual_width_is_the_configs_where_the_embeddings_are_narrower():
     assert model.get_input_embeddings().weight.shape[-1] == 32
     cap = residtap.Capture(model, outputs=("stats",))
     assert cap._guess_d_model() == 64
+
+
+@pytest.mark.parametrize("name", sorted(SHIFTED))
+def test_a_stream_kept_in_float32_under_bfloat16_weights(models, name):
+    """Mamba's blocks return float32 from bfloat16 weights (residual_in_fp32): block 0 widens the stream.
+    dtype=float32 captures it as HF reports it, bit for bit; verify does so by itself and says bfloat16."""
+    model = models(name, "causal-lm", torch.bfloat16)
+    with residtap.capture(model, dtype=torch.float32, outputs=OUTPUTS) as cap:
+        hs = model(IDS, attention_mask=PADDED, output_hidden_states=True).hidden_states
+    assert [h.dtype for h in hs] == [torch.float32] * 3  # nothing here is rounded to bfloat16
+    assert all(torch.equal(cap.resid[i + 1], hs[i]) for i in range(2))
+    assert torch.equal(cap.normed[-1], hs[-1])
+    ref = run_reference(model, IDS, attention_mask=PADDED, dtype=torch.float32, outputs=OUTPUTS)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    # block 0's contribution: its float32 output minus its bfloat16 input, as torch promotes them
+    embeddings = model.get_input_embeddings()(IDS)
+    assert embeddings.dtype == torch.bfloat16 and torch.equal(cap.resid[0], embeddings.float())
+    assert torch.equal(cap.delta[1], hs[0] - embeddings)
+    rep = residtap.verify(model, IDS, PADDED)
+    assert rep.ok and rep.first_resid == 1 and rep.dtype == "bfloat16"
+    assert all(r.raw_exact and r.raw_maxabs == 0.0 for r in rep.rows[:-1])

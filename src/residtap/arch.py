@@ -94,6 +94,11 @@ FAMILIES: dict[str, Family] = {
     "falcon_h1": Family("layers", "final_layernorm"),
     "lfm2": Family("layers", "embedding_norm"),  # LFM2's final norm, despite its name
     "minimax": Family("layers", "norm"),
+    # state-space models: hidden_states has no embeddings entry (verify finds the shift); in bfloat16
+    # their blocks keep the residual in float32 (residual_in_fp32)
+    "mamba": Family("layers", "norm_f"),
+    "mamba2": Family("layers", "norm_f"),
+    "falcon_mamba": Family("layers", "norm_f"),
     "olmo_hybrid": Family("layers", "norm"),
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),

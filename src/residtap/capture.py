@@ -530,6 +530,8 @@ class Capture:
             # accelerate moves a block's input inside the block's forward: the hook sees it where
             # the previous block left it. A copy, so delta is still out - inp exactly.
             inp = _to(inp, device)
+        if inp is not None and inp.dtype != out.dtype:
+            inp = self._widen_input(layer_id, inp, out)
         ops = self._ops_for(device, out.dtype, out.shape[-1])
         if self._packed:  # [batch, seq, d] as one row [1, batch*seq, d]: a view when contiguous
             out = out.reshape(1, -1, out.shape[-1])
@@ -585,6 +587,19 @@ class Capture:
             self._state = "complete"
             if not self._stacked:
                 self._restack()
+
+    @staticmethod
+    def _widen_input(layer_id: int, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A block that widens the stream (Mamba's ``residual_in_fp32``: bfloat16 in, float32 out):
+        its input cast up to the output's dtype, an exact cast, so that delta is ``out - inp`` as torch
+        computes it. The op takes one dtype. A block that narrows the stream is refused rather than
+        captured in a dtype the contract does not define."""
+        if torch.promote_types(inp.dtype, out.dtype) != out.dtype:
+            names = [str(t.dtype).replace("torch.", "") for t in (out, inp)]
+            raise RuntimeError(f"residtap: block {layer_id - 1} returned a {names[0]} hidden state from a "
+                               f"{names[1]} input; a residual stream that narrows inside the model cannot "
+                               "be captured")
+        return inp.to(out.dtype)
 
     def _overlaps(self, ops: _DeviceOps, device: torch.device, module_normed: bool) -> bool:
         """Whether this layer's capture may run on the side stream: on a CUDA device, and all of it

@@ -16,7 +16,9 @@ stats    ``mean, rstd = torch.native_layer_norm(out.float(), (d,), None, None, e
 ======== ===================================================================================
 
 Positions are gathered after computing (``take``); every output is row-wise, so gathering
-first or last changes no value.
+first or last changes no value. ``dtype`` defaults to the hidden state's dtype as it enters the
+first block. A block may widen the stream (Mamba's ``residual_in_fp32``: bfloat16 in, float32
+out): ``out - inp`` is then computed as torch promotes it, in the wider dtype.
 """
 
 from __future__ import annotations
@@ -227,6 +229,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             return norm(x)
         return norm(x.to(norm_device)).to(x.device)
 
+    # The default capture dtype is the stream's as it enters the first block (Capture's too): a
+    # model whose blocks widen it (Mamba's residual_in_fp32) is captured in its own dtype throughout.
+    dtype = dtype or saved[0][0].dtype
     per_layer = []
     for lid in layer_ids:
         out, inp = saved[lid]

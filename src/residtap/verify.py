@@ -6,12 +6,17 @@ convention the model follows from the data, not from a table: raw everywhere, or
 normalized (HF's default, ``tie_last_hidden_states``), or the last entry passed through a
 projection after the norm (OPT's ``project_out``, which may change the width; re-applied here when
 the family table names it). A model without a final norm is reported as such, not as a failure.
+Where hidden_states has no embeddings entry (Mamba: entry i is block i's output, the last one the
+final norm of the last), the comparison shifted by one is tried too, and reported as such when it
+alone explains every entry. A model whose blocks widen the stream (bfloat16 in, float32 out) is
+captured at the wider dtype, so nothing is rounded before it is compared.
 Everything is computed on the model's device; one small summary is copied to the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import torch
@@ -33,6 +38,9 @@ class LayerRow:
     # Last row only, where a projection follows the final norm: project_out(final_norm(resid_i)).
     projected_maxabs: float | None = None
     projected_exact: bool | None = None
+    # The residual index this row compares hidden_states[layer] with: ``layer`` itself, or
+    # ``min(layer + 1, n_layers)`` where hidden_states has no embeddings entry (Mamba).
+    resid_index: int | None = None
 
 
 _WHAT = {"raw": "raw block output", "normed": "final_norm(raw)", "both": "raw (= normed)",
@@ -52,6 +60,10 @@ class VerifyReport:
     last_width: int = 0  # width of hidden_states[-1] (differs from d_model after a projection)
     has_projection: bool = False  # the family names a module applied after the final norm
     tie_last_hidden_states: bool | None = None  # the config flag, where the config sets it
+    # The residual index hidden_states[0] holds: 0, the embeddings (HF's usual layout), or 1, block
+    # 0's output, where hidden_states has no embeddings entry and ends with the last block's output
+    # twice, raw and then through the final norm (Mamba, Mamba-2, FalconMamba).
+    first_resid: int = 0
 
     def _projection_name(self) -> str:
         return "project_out(final_norm(raw output))" if self.has_final_norm else "project_out(raw output)"
@@ -64,11 +76,16 @@ class VerifyReport:
         last = self.rows[-1].matches
         if not all(r.matches in ("raw", "both") for r in self.rows[:-1]):
             return "unexplained: some entries match neither the raw residual nor its final norm"
+        shifted = self.first_resid == 1
+        others = ("no embeddings entry: hidden_states[i] is block i's raw output, and the last entry "
+                  if shifted else "")
         if last == "normed":
-            return "last entry is final_norm(raw output); all others are raw block outputs"
+            return (f"{others}is final_norm(raw output of the last block)" if shifted
+                    else "last entry is final_norm(raw output); all others are raw block outputs")
         if last == "projected":
-            return (f"last entry is {self._projection_name()}, width {self.last_width} "
-                    f"(d_model {self.d_model}); all others are raw block outputs")
+            what = f"{self._projection_name()}, width {self.last_width} (d_model {self.d_model})"
+            return (f"{others}is {what}" if shifted
+                    else f"last entry is {what}; all others are raw block outputs")
         if last in ("raw", "both"):
             if not self.has_final_norm:
                 why = "the model has no final norm"
@@ -76,7 +93,8 @@ class VerifyReport:
                 why = "config.tie_last_hidden_states=False"
             else:
                 why = "no final norm applied to hidden_states"
-            return f"all entries are raw block outputs ({why})"
+            return (f"{others}repeats the last block's raw output ({why})" if shifted
+                    else f"all entries are raw block outputs ({why})")
         if self.last_width != self.d_model:
             return (f"unexplained: hidden_states[-1] has width {self.last_width}, not d_model "
                     f"{self.d_model}, and residtap knows no projection to re-apply")
@@ -118,6 +136,9 @@ class VerifyReport:
             lines.append(f"{r.layer:>5}  {num(r.raw_maxabs):>12}  {yes(r.raw_exact):>8}  "
                          f"{num(r.normed_maxabs):>18}  {yes(r.normed_exact):>8}  {what(r.matches)}")
         lines.append(f"convention: {self.convention}")
+        if self.first_resid == 1:
+            lines.append("note: hidden_states has no embeddings entry, so row i is compared with the "
+                         "residual after block i (the last row: after the last block)")
         if not self.has_final_norm:
             lines.append("note: this model has no final norm, so nothing is re-applied")
         last = self.rows[-1] if self.rows else None
@@ -147,6 +168,9 @@ def _compare(cand: torch.Tensor | None, h: torch.Tensor, nan: torch.Tensor) -> l
     Entries that are the same (see ``_same``) differ by 0; a NaN against anything else by inf."""
     if cand is None or cand.shape != h.shape:
         return [nan, nan]
+    if cand.dtype != h.dtype:  # a stream that widens (see verify): compared at the wider dtype, where
+        wide = torch.promote_types(cand.dtype, h.dtype)  # the upcast of either side is exact
+        cand, h = cand.to(wide), h.to(wide)
     same = _same(cand, h)
     diff = torch.where(same, 0.0, (cand.float() - h.float()).abs()).nan_to_num(nan=float("inf"))
     return [diff.amax() if diff.numel() else diff.new_zeros(()), same.all().float()]
@@ -164,8 +188,25 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     from .arch import resolve_layout
 
     layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
+    hs, resid, normed = _run(model, layout, input_ids, attention_mask, backend, dtype=None)
+    stream_dtype = resid[0].dtype  # the stream as it enters the first block: the model's dtype
+    wide = functools.reduce(torch.promote_types, [h.dtype for h in hs if h.is_floating_point()],
+                            stream_dtype)
+    if wide != stream_dtype:  # blocks widen the stream (Mamba's residual_in_fp32): capture it at
+        hs, resid, normed = _run(model, layout, input_ids, attention_mask, backend, dtype=wide)  # full width
+    report = _report(model, layout, hs, resid, normed, stream_dtype, first_resid=0)
+    if not report.ok and len(hs) == layout.n_layers + 1:
+        shifted = _report(model, layout, hs, resid, normed, stream_dtype, first_resid=1)
+        if shifted.ok:  # the convention is found from the data: one of the two explains it all
+            report = shifted
+    return report
+
+
+def _run(model, layout, input_ids, attention_mask, backend, dtype):
+    """One forward with ``output_hidden_states``, capturing every residual (and its final norm):
+    (hidden_states, resid per layer, normed per layer or None)."""
     has_norm = layout.final_norm is not None
-    cap = Capture(model, layers=None, blocks=layout.blocks, final_norm=layout.final_norm,
+    cap = Capture(model, layers=None, dtype=dtype, blocks=layout.blocks, final_norm=layout.final_norm,
                   backend=backend, outputs=("resid", "normed") if has_norm else ("resid",))
     kwargs = {"output_hidden_states": True, "return_dict": True}  # whatever config.return_dict says
     if attention_mask is not None:
@@ -178,17 +219,20 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                          "output_hidden_states=True")
     # Per layer, each on the device it ran on (a model dispatched over several devices has no
     # stacked cap.resid); a copy to where hidden_states[i] is, which is exact.
-    resid = cap.per_layer("resid")
-    normed = cap.per_layer("normed") if has_norm else None
+    return hs, cap.per_layer("resid"), cap.per_layer("normed") if has_norm else None
 
-    # All comparisons on the devices; one [n, 6] summary comes back to the host at the end.
-    n = min(len(hs), len(resid))
+
+def _report(model, layout, hs, resid, normed, dtype, first_resid: int) -> VerifyReport:
+    """hidden_states[i] against the residual at index ``min(i + first_resid, n_layers)``, raw and
+    normed. All comparisons on the devices; one [n, 6] summary comes back to the host at the end."""
+    n = len(hs) if first_resid else min(len(hs), len(resid))
+    index = [min(i + first_resid, len(resid) - 1) for i in range(n)]
     summary = []
-    for i in range(n):
+    for i, j in enumerate(index):
         h = hs[i]
         nan = torch.tensor(float("nan"), device=h.device)
-        x = resid[i].to(h.device)
-        y = None if normed is None else normed[i].to(h.device)
+        x = resid[j].to(h.device)
+        y = None if normed is None else normed[j].to(h.device)
         row = _compare(x, h, nan) + _compare(y, h, nan)
         projected = None
         if i == n - 1 and layout.project_out is not None:
@@ -212,12 +256,14 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
             matches = {(True, True): "both", (True, False): "raw", (False, True): "normed",
                        (False, False): "neither"}[(raw_exact, bool(normed_exact))]
         rows.append(LayerRow(i, value(raw_max), raw_exact, value(n_max), normed_exact, matches,
-                             value(p_max), projected_exact))
+                             value(p_max), projected_exact, index[i]))
     config = getattr(model, "config", None)
     tie = getattr(text_config(model), "tie_last_hidden_states", None)
     return VerifyReport(model=getattr(config, "_name_or_path", None) or type(model).__name__,
                         n_layers=layout.n_layers, n_hidden_states=len(hs),
-                        dtype=str(resid[0].dtype).replace("torch.", ""), device=str(resid[0].device),
-                        has_final_norm=has_norm, rows=tuple(rows), d_model=resid[0].shape[-1],
-                        last_width=hs[-1].shape[-1], has_projection=layout.project_out is not None,
-                        tie_last_hidden_states=tie if isinstance(tie, bool) else None)
+                        dtype=str(dtype).replace("torch.", ""), device=str(resid[0].device),
+                        has_final_norm=layout.final_norm is not None, rows=tuple(rows),
+                        d_model=resid[0].shape[-1], last_width=hs[-1].shape[-1],
+                        has_projection=layout.project_out is not None,
+                        tie_last_hidden_states=tie if isinstance(tie, bool) else None,
+                        first_resid=first_resid)
