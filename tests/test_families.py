@@ -27,6 +27,7 @@ _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 _MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, n_group=1, topk_group=1)
+_MAMBA2_HEADS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1)
 _SSM = dict(hidden_size=D, num_hidden_layers=2, state_size=8, layer_norm_epsilon=EPS)
 # the same routed experts with ordinary attention (GLM-4.5, dots1)
 _ROUTED = dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -136,6 +137,19 @@ FAMILIES = {
     "minimax": (T.MiniMaxConfig, dict(_GQA, **_MOE, head_dim=16, layer_types=["linear_attention", "full_attention"]),
                 "normed", "module"),
     "olmo_hybrid": (T.OlmoHybridConfig, _GQA, "normed", "module"),
+    # Mamba blocks beside attention ones; the second of the two layers attends (with none, transformers
+    # itself fails: its cache asks the attention layers for the sequence length)
+    "jamba": (T.JambaConfig, dict(_GQA, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8,
+                                  use_mamba_kernels=False), "normed", "module"),
+    "bamba": (T.BambaConfig, dict(_GQA, **_MAMBA2_HEADS, attn_layer_indices=[1]), "normed", "module"),
+    "granitemoehybrid": (T.GraniteMoeHybridConfig, dict(_GQA, **_MAMBA2_HEADS, **_MOE,
+                                                        layer_types=["mamba", "attention"]), "normed", "module"),
+    "zamba2": (T.Zamba2Config, dict(_GQA, layers_block_type=["mamba", "hybrid"], mamba_headdim=16,
+                                    mamba_d_state=16, n_mamba_heads=8), "normed", "module"),
+    "nemotron_h": (T.NemotronHConfig, dict(_GQA, hybrid_override_pattern="M*", mamba_num_heads=8, mamba_head_dim=16,
+                                           ssm_state_size=16, n_groups=1, layer_norm_epsilon=EPS),
+                   "normed", "module"),
     # state-space models; hidden_states has no embeddings entry (SHIFTED)
     "mamba": (T.MambaConfig, _SSM, "normed", "module"),
     "mamba2": (T.Mamba2Config, dict(_SSM, state_size=16, num_heads=8, head_dim=16, expand=2, n_groups=1,

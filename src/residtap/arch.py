@@ -100,6 +100,11 @@ FAMILIES: dict[str, Family] = {
     "mamba2": Family("layers", "norm_f"),
     "falcon_mamba": Family("layers", "norm_f"),
     "olmo_hybrid": Family("layers", "norm"),
+    "jamba": Family("layers", "final_layernorm"),
+    "bamba": Family("layers", "final_layernorm"),
+    "granitemoehybrid": Family("layers", "norm"),  # Granite 4.0
+    "zamba2": Family("layers", "final_layernorm"),
+    "nemotron_h": Family("layers", "norm_f"),
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),
