@@ -368,14 +368,20 @@ class Capture:
         if d_model is None:
             return
         eps = self.layout.norm.eps
+        # The dtypes the hidden states will have: the parameters', and float32 too where the config
+        # keeps the residual stream in float32 under narrower weights (Mamba's residual_in_fp32).
+        dtypes = [param.dtype]
+        if getattr(text_config(self.model), "residual_in_fp32", False) is True and param.dtype != torch.float32:
+            dtypes.append(torch.float32)
         for device in cuda:
             if _backend.choose(self.config.backend, device).name != "compiled":
                 continue
-            (weight, bias), fused_normed = self._fused_norm_on(device, param.dtype)
-            if fused_normed:
-                _backend.norm_parity(device, param.dtype, d_model, weight, bias, eps, normed=True)
-            if "stats" in outputs:
-                _backend.norm_parity(device, param.dtype, d_model, None, None, eps, normed=False)
+            for dtype in dtypes:
+                (weight, bias), fused_normed = self._fused_norm_on(device, dtype)
+                if fused_normed:
+                    _backend.norm_parity(device, dtype, d_model, weight, bias, eps, normed=True)
+                if "stats" in outputs:
+                    _backend.norm_parity(device, dtype, d_model, None, None, eps, normed=False)
 
     def _guess_d_model(self) -> int | None:
         """The residual width, read without a forward: the final LayerNorm's, else the config's
