@@ -684,3 +684,25 @@ def test_merged_records_prefer_the_record_that_describes_the_file(tmp_path):
         assert store.merged_records(manifests, str(tmp_path)) == {0: good, 1: other}
         assert store.merged_records(manifests) == {0: first, 1: other}  # no directory: the first
     assert store.merged_records([{"shards": [stale_sha]}, {"shards": [stale_size]}], str(tmp_path))[0] == stale_sha
+
+
+def test_an_empty_document_adds_nothing_packed_or_padded(tmp_path):
+    """An empty text (a JSONL record with "text": "") has no tokens: no sequence when padded and no lone
+    [EOS] when packed; the documents after it keep their record index as their source."""
+    model = model_on("cpu")
+    tok = tokenizer_dir(tmp_path)
+    docs = documents(n_docs=6)
+    docs[2] = []
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in d)}) + "\n" for d in docs))
+    residtap.extract(model, str(jsonl), tmp_path / "pad", tokenizer=tok, seq_len=8, batch_size=2,
+                     packing="pad", progress=False)
+    sources = residtap.open(tmp_path / "pad").sequences("source")[:, 0].tolist()
+    assert 2 not in sources and sources == [i for i, d in enumerate(docs) for _ in range(0, len(d), 8)]
+    residtap.extract(model, str(jsonl), tmp_path / "pack", tokenizer=tok, seq_len=8, batch_size=2,
+                     progress=False)
+    acts = residtap.open(tmp_path / "pack")
+    stream = [t + 3 for d in docs if d for t in d + [-1]]  # -1 + 3 = [EOS], once per non-empty document
+    assert acts.sequences("input_ids").flatten().tolist() == stream[:len(stream) // 8 * 8]
+    where = [(i, off) for i, d in enumerate(docs) if d for off in range(len(d) + 1)]
+    assert acts.sequences("source").tolist() == [list(where[k]) for k in range(0, len(stream) // 8 * 8, 8)]

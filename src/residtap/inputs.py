@@ -255,7 +255,9 @@ class DocumentSource(Source):
         where = np.empty((0, 2), dtype=np.int64)
         for doc_i, doc in enumerate(self._documents()):
             doc = list(doc)
-            if self.eos is not None and (not doc or doc[-1] != self.eos):
+            if not doc:  # an empty text: nothing, as in "pad" (not a lone separator); doc_i still counts it
+                continue
+            if self.eos is not None and doc[-1] != self.eos:
                 doc.append(self.eos)
             buf = np.concatenate([buf, np.asarray(doc, dtype=np.int64)])
             where = np.concatenate([where, np.stack([np.full(len(doc), doc_i, dtype=np.int64),
