@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 
 import residtap
 from helpers import DeferredStreams, assert_same_dirs, ids_file, shard_files, tiny_gpt2
-from residtap import store
+from residtap import inputs, store
 from residtap.cli import main as cli_main
 
 RANDOM = "random:gpt2-small,n_layer=2,n_embd=64,n_head=2,vocab_size=100,n_positions=64"
@@ -706,3 +707,41 @@ def test_an_empty_document_adds_nothing_packed_or_padded(tmp_path):
     assert acts.sequences("input_ids").flatten().tolist() == stream[:len(stream) // 8 * 8]
     where = [(i, off) for i, d in enumerate(docs) if d for off in range(len(d) + 1)]
     assert acts.sequences("source").tolist() == [list(where[k]) for k in range(0, len(stream) // 8 * 8, 8)]
+
+
+def test_data_changed_under_a_finished_shard_is_refused_on_resume(tmp_path, monkeypatch):
+    """Each shard records the sha256 of the token ids, mask and sources it was made from. A resumed run
+    checks the finished shards' inputs against it: a change the file fingerprint (size, first and last
+    MiB) cannot see is an error naming the shard, and nothing finished is touched."""
+    monkeypatch.setattr(inputs, "_file_fingerprint", lambda path: {"bytes": os.path.getsize(path)})
+    path, arr = ids_file(tmp_path, 8 * 24)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "ref", **kw)
+    ref = residtap.open(tmp_path / "ref")
+    records = ref.manifest["shards"]
+    for r in records:  # the digest is of what the shard itself stores
+        seqs = slice(r["seq_start"], r["seq_stop"])
+        block = inputs.Block(r["index"], r["seq_start"], ref.sequences("input_ids")[seqs].numpy(), None,
+                             ref.sequences("source")[seqs].numpy())
+        assert r["input_sha256"] == block.digest()
+    # an interrupted run: the first three shards finished
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "ref", out)
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["shards"][3:]:
+        os.remove(out / r["file"])
+    m.update(complete=False, shards=m["shards"][:3])
+    for key in ("n_shards", "totals"):
+        m.pop(key, None)
+    store.write_json_atomic(str(out / "manifest.json"), m)
+    finished = {f: (out / f).read_bytes() for f in shard_files(out)}
+    changed = arr.copy()
+    changed[records[1]["seq_start"] * 8 + 3] ^= 1  # one token of shard 1, same file size
+    np.save(path, changed)
+    with pytest.raises(residtap.ManifestMismatchError, match=r"data: the token sequences of shard 1 differ"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert {f: (out / f).read_bytes() for f in shard_files(out)} == finished
+    np.save(path, arr)  # the data restored: the run resumes and ends as the uninterrupted one
+    res = residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert res.shards_skipped == 3 and res.complete
+    assert_same_dirs(tmp_path / "ref", out)

@@ -647,6 +647,20 @@ class _Run:
     def wanted(self, index: int) -> bool:
         return index % self.world == self.rank and index not in self.manifest.records
 
+    def finished_here(self, index: int) -> bool:
+        """A shard of this rank that an earlier run finished: its input is checked against its record."""
+        return index % self.world == self.rank and index in self.manifest.records
+
+    def _check_finished(self, skipped: _inputs.Skipped) -> None:
+        record = self.manifest.records[skipped.index]
+        want = record.get("input_sha256")  # absent from manifests written before it was recorded
+        if want is not None and want != skipped.digest:
+            raise _store.ManifestMismatchError(
+                f"data: the token sequences of shard {skipped.index} differ from those its finished shard "
+                f"{record['file']!r} was made from (input sha256 {want[:12]}…, now {skipped.digest[:12]}…): "
+                f"the input changed since {self.manifest.out!r} was started. Nothing of the finished shards "
+                "was overwritten. Restore the data, or use a new --out directory.")
+
     # -------------------------------------------------------------------- writer side
     def _writer(self, jobs: queue.Queue, pool: queue.Queue, bar) -> None:
         if self.cuda:  # else this thread's first CUDA call (an event wait) would open a context on
@@ -667,7 +681,7 @@ class _Run:
                     rec = _store.write_shard(self.manifest.out, b.index, tensors, meta)
                     record = {"index": b.index, **rec, "seq_start": b.seq_start,
                               "seq_stop": b.seq_start + b.n_seqs, "n_seqs": b.n_seqs,
-                              "n_tokens": b.n_tokens, "n_rows": n_rows,
+                              "n_tokens": b.n_tokens, "n_rows": n_rows, "input_sha256": b.digest(),
                               "source_first": b.source[0].tolist(), "source_last": b.source[-1].tolist()}
                     self.manifest.add(record)
                 with self._stats_lock:
@@ -755,12 +769,14 @@ class _Run:
         try:
             with torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
                                           else contextlib.nullcontext()):
-                for item in self.source.blocks(self.seqs_per_shard, self.wanted):
+                for item in self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here):
                     if self.errors:
                         break
-                    if isinstance(item, int):
-                        self.n_blocks = item + 1
-                        self.skipped += item in self.manifest.records
+                    if isinstance(item, _inputs.Skipped):
+                        self.n_blocks = item.index + 1
+                        self.skipped += item.index in self.manifest.records
+                        if item.digest is not None:
+                            self._check_finished(item)
                         continue
                     block = item
                     self.n_blocks = block.index + 1

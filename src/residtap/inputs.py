@@ -44,12 +44,32 @@ class Block:
     def n_seqs(self) -> int:
         return self.input_ids.shape[0]
 
+    def digest(self) -> str:
+        """sha256 of what this block feeds the model and records: its token ids, mask and sources. A
+        resumed extraction compares it with the digest each finished shard recorded, so data that
+        changed under a finished shard is an error, not a silent mix of two inputs."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.input_ids, dtype=np.int64).tobytes())
+        if self.attention_mask is not None:
+            h.update(b"mask")
+            h.update(np.ascontiguousarray(self.attention_mask, dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self.source, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
     @property
     def n_tokens(self) -> int:
         """Real (unpadded) input tokens."""
         if self.attention_mask is None:
             return int(self.input_ids.size)
         return int(self.attention_mask.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A block this process does not compute; ``digest`` is its Block.digest() where it was asked for."""
+
+    index: int
+    digest: str | None = None
 
 
 def _file_fingerprint(path: str) -> dict:
@@ -85,25 +105,32 @@ class Source:
     def _sequences(self) -> Iterator[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]]:
         raise NotImplementedError
 
-    def blocks(self, seqs_per_block: int, wanted) -> Iterator[Block | int]:
-        """Blocks in order; for a block index where ``wanted(i)`` is false only the index is yielded
-        (its sequences are still read, for streams, so that later blocks start at the right place)."""
+    def blocks(self, seqs_per_block: int, wanted, check=lambda index: False) -> Iterator[Block | Skipped]:
+        """Blocks in order. For a block index where ``wanted(i)`` is false a :class:`Skipped` is
+        yielded instead (its sequences are still read, for streams, so that later blocks start at the
+        right place), with the block's digest where ``check(i)`` is true."""
         ids, masks, srcs = [], [], []
         index = start = n = 0
+
+        def finish():
+            if wanted(index):
+                return self._block(index, start, ids, masks, srcs)
+            return Skipped(index, self._block(index, start, ids, masks, srcs).digest() if check(index) else None)
+
         for seq, mask, src in self._sequences():
             if self.max_seqs is not None and n >= self.max_seqs:
                 break
-            if wanted(index):
+            if wanted(index) or check(index):
                 ids.append(seq)
                 masks.append(mask)
                 srcs.append(src)
             n += 1
             if n - start == seqs_per_block:
-                yield self._block(index, start, ids, masks, srcs) if wanted(index) else index
+                yield finish()
                 ids, masks, srcs = [], [], []
                 index, start = index + 1, n
         if n > start:  # the last, partial block
-            yield self._block(index, start, ids, masks, srcs) if wanted(index) else index
+            yield finish()
 
     def _block(self, index, start, ids, masks, srcs) -> Block:
         mask = None if masks[0] is None else np.stack(masks)
@@ -149,12 +176,12 @@ class NpySource(Source):
         n = self.arr.shape[0] if self.arr.ndim == 2 else self.arr.shape[0] // self.seq_len
         return n if self.max_seqs is None else min(n, self.max_seqs)
 
-    def blocks(self, seqs_per_block: int, wanted) -> Iterator[Block | int]:
-        # Random access: blocks nobody here wants cost nothing.
+    def blocks(self, seqs_per_block: int, wanted, check=lambda index: False) -> Iterator[Block | Skipped]:
+        # Random access: blocks nobody here wants or checks cost nothing.
         n, t = self.n_sequences, self.seq_len
         for index in range(math.ceil(n / seqs_per_block)):
-            if not wanted(index):
-                yield index
+            if not wanted(index) and not check(index):
+                yield Skipped(index)
                 continue
             a, b = index * seqs_per_block, min(n, (index + 1) * seqs_per_block)
             if self.arr.ndim == 2:
@@ -163,7 +190,8 @@ class NpySource(Source):
             else:
                 ids = np.asarray(self.arr[a * t:b * t], dtype=np.int64).reshape(b - a, t)
                 src = np.stack([np.zeros(b - a, dtype=np.int64), np.arange(a, b) * t], 1)
-            yield Block(index, a, ids, None, src.astype(np.int64))
+            block = Block(index, a, ids, None, src.astype(np.int64))
+            yield block if wanted(index) else Skipped(index, block.digest())
 
 
 class ArraySource(NpySource):
