@@ -745,3 +745,26 @@ def test_data_changed_under_a_finished_shard_is_refused_on_resume(tmp_path, monk
     res = residtap.extract(tiny_gpt2(), path, out, **kw)
     assert res.shards_skipped == 3 and res.complete
     assert_same_dirs(tmp_path / "ref", out)
+
+
+def test_a_shard_buffer_is_one_host_allocation():
+    """torch's pinned allocator rounds every request up to a power of two. One request per shard buffer
+    (views for each output and layer) keeps a default 1GiB shard of GPT-2-small within 1GiB pinned,
+    where one request per layer took 13 x 128MiB for 13 x 75MiB."""
+    from residtap.extract import _HOST_ALIGN, _HostShard, _host_shard_bytes
+
+    specs = {"resid": ((768,), torch.bfloat16)}
+    rows = 48 * 1024  # what shard_size="1GiB" gives for 13 layers, batch 8 x 1024 tokens
+    assert _host_shard_bytes(specs, 13, rows, pinned=True) == 1 << 30
+    assert _host_shard_bytes(specs, 13, rows, pinned=False) == 13 * rows * 768 * 2
+    specs = {"resid": ((68,), torch.bfloat16), "normed": ((68,), torch.float16), "l2": ((), torch.float32)}
+    host = _HostShard(specs, 3, 7, pin=False)
+    base, end = host.memory.data_ptr(), 0
+    for name, (tail, dtype) in specs.items():
+        assert len(host.out[name]) == 3
+        for t in host.out[name]:
+            start = t.data_ptr() - base
+            assert t.shape == (7, *tail) and t.dtype == dtype and t.is_contiguous()
+            assert start % _HOST_ALIGN == 0 and start >= end  # aligned, in order, disjoint
+            end = start + t.numel() * t.element_size()
+    assert end <= host.memory.numel() == _host_shard_bytes(specs, 3, 7, pinned=False)

@@ -211,22 +211,41 @@ class _Waits:
                 self.t[what] += time.perf_counter() - t0
 
 
-def _host_shard_bytes(specs: dict, n_layers: int, rows: int, pinned: bool) -> int:
-    """Host bytes of one shard buffer. Pinned blocks come from torch's caching host allocator, which
-    rounds each request up to a power of two: count that, so host_memory really bounds the total."""
-    total = 0
-    for tail, dt in specs.values():
+_HOST_ALIGN = 512  # bytes: where each layer's buffer starts inside a shard's one host allocation
+
+
+def _host_layout(specs: dict, n_layers: int, rows: int) -> tuple[list[tuple[str, int, int]], int]:
+    """Where each (name, layer) buffer of a shard lies in its one allocation: [(name, offset, bytes)] in
+    name, then layer order, each offset aligned to _HOST_ALIGN; and the bytes in all."""
+    place, total = [], 0
+    for name, (tail, dt) in specs.items():
         n = rows * math.prod(tail) * torch.empty((), dtype=dt).element_size()
-        total += n_layers * (1 << (n - 1).bit_length() if pinned and n > 1 else n)
-    return total
+        for _ in range(n_layers):
+            place.append((name, total, n))
+            total += -(-n // _HOST_ALIGN) * _HOST_ALIGN
+    return place, total
+
+
+def _host_shard_bytes(specs: dict, n_layers: int, rows: int, pinned: bool) -> int:
+    """Host bytes of one shard buffer. Pinned memory comes from torch's caching host allocator, which
+    rounds each request up to a power of two: count that, so host_memory really bounds the total. One
+    request per shard, not one per layer and output, rounds once: a shard within a power-of-two
+    shard_size (the default 1GiB) pins no more than shard_size."""
+    total = _host_layout(specs, n_layers, rows)[1]
+    return 1 << (total - 1).bit_length() if pinned and total > 1 else total
 
 
 class _HostShard:
-    """Host buffers for one shard: per stored tensor name, per layer, ``[rows, ...]`` (pinned on CUDA)."""
+    """Host buffers for one shard: per stored tensor name, per layer, ``[rows, ...]``; views into one
+    allocation (pinned on CUDA; see _host_shard_bytes)."""
 
     def __init__(self, specs: dict, n_layers: int, rows: int, pin: bool):
-        self.out = {name: [torch.empty((rows, *tail), dtype=dt, pin_memory=pin) for _ in range(n_layers)]
-                    for name, (tail, dt) in specs.items()}
+        place, total = _host_layout(specs, n_layers, rows)
+        self.memory = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        self.out: dict[str, list[torch.Tensor]] = {name: [] for name in specs}
+        for name, offset, n in place:
+            tail, dt = specs[name]
+            self.out[name].append(self.memory[offset:offset + n].view(dt).view(rows, *tail))
         self.block: _inputs.Block | None = None
         self.rows = 0
         self.events: list = []  # CUDA: one per copy stream (device), after this shard's last copy
