@@ -768,3 +768,17 @@ def test_a_shard_buffer_is_one_host_allocation():
             assert start % _HOST_ALIGN == 0 and start >= end  # aligned, in order, disjoint
             end = start + t.numel() * t.element_size()
     assert end <= host.memory.numel() == _host_shard_bytes(specs, 3, 7, pinned=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_shard_buffer_views_are_pinned_and_take_asynchronous_copies():
+    from residtap.extract import _HostShard
+
+    specs = {"resid": ((768,), torch.bfloat16), "mean": ((), torch.float32)}
+    host = _HostShard(specs, 3, 4096, pin=True)
+    assert host.memory.is_pinned() and all(t.is_pinned() for ts in host.out.values() for t in ts)
+    src = torch.randn(3, 4096, 768, device="cuda").bfloat16()
+    for layer, dst in enumerate(host.out["resid"]):
+        dst.copy_(src[layer], non_blocking=True)
+    torch.cuda.synchronize()
+    assert all(torch.equal(dst, src[k].cpu()) for k, dst in enumerate(host.out["resid"]))
