@@ -94,17 +94,17 @@ FAMILIES: dict[str, Family] = {
     "falcon_h1": Family("layers", "final_layernorm"),
     "lfm2": Family("layers", "embedding_norm"),  # LFM2's final norm, despite its name
     "minimax": Family("layers", "norm"),
-    # state-space models: hidden_states has no embeddings entry (verify finds the shift); in bfloat16
-    # their blocks keep the residual in float32 (residual_in_fp32)
-    "mamba": Family("layers", "norm_f"),
-    "mamba2": Family("layers", "norm_f"),
-    "falcon_mamba": Family("layers", "norm_f"),
     "olmo_hybrid": Family("layers", "norm"),
     "jamba": Family("layers", "final_layernorm"),
     "bamba": Family("layers", "final_layernorm"),
     "granitemoehybrid": Family("layers", "norm"),  # Granite 4.0
     "zamba2": Family("layers", "final_layernorm"),
     "nemotron_h": Family("layers", "norm_f"),
+    # state-space models: hidden_states has no embeddings entry (verify finds the shift); in bfloat16
+    # their blocks keep the residual in float32 (residual_in_fp32)
+    "mamba": Family("layers", "norm_f"),
+    "mamba2": Family("layers", "norm_f"),
+    "falcon_mamba": Family("layers", "norm_f"),
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),

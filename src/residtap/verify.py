@@ -10,7 +10,7 @@ Where hidden_states has no embeddings entry (Mamba: entry i is block i's output,
 final norm of the last), the comparison shifted by one is tried too, and reported as such when it
 alone explains every entry. A model whose blocks widen the stream (bfloat16 in, float32 out) is
 captured at the wider dtype, so nothing is rounded before it is compared.
-Everything is computed on the model's device; one small summary is copied to the host.
+Everything is computed on the model's device; one small summary per comparison is copied to the host.
 """
 
 from __future__ import annotations
@@ -192,8 +192,9 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     stream_dtype = resid[0].dtype  # the stream as it enters the first block: the model's dtype
     wide = functools.reduce(torch.promote_types, [h.dtype for h in hs if h.is_floating_point()],
                             stream_dtype)
-    if wide != stream_dtype:  # blocks widen the stream (Mamba's residual_in_fp32): capture it at
-        hs, resid, normed = _run(model, layout, input_ids, attention_mask, backend, dtype=wide)  # full width
+    if wide != stream_dtype:
+        # The blocks widen the stream (Mamba's residual_in_fp32): again, captured at the full width.
+        hs, resid, normed = _run(model, layout, input_ids, attention_mask, backend, dtype=wide)
     report = _report(model, layout, hs, resid, normed, stream_dtype, first_resid=0)
     if not report.ok and len(hs) == layout.n_layers + 1:
         shifted = _report(model, layout, hs, resid, normed, stream_dtype, first_resid=1)
