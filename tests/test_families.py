@@ -15,6 +15,7 @@ from torch import nn
 import residtap
 from helpers import assert_same_outputs
 from residtap import cli
+from residtap.arch import bare_model
 from residtap.models import random_input_ids
 from residtap.reference import OUTPUTS, run_reference
 
@@ -29,6 +30,8 @@ _MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head
             v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             first_k_dense_replace=1, n_group=1, topk_group=1)
 _MAMBA2_HEADS = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1)
+_LLAMA4 = dict(_GQA, head_dim=16, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1,
+               interleave_moe_layer_step=1, no_rope_layers=[1, 0], attention_chunk_size=16)
 _SSM = dict(hidden_size=D, num_hidden_layers=2, state_size=8, layer_norm_epsilon=EPS)
 # the same routed experts with ordinary attention (GLM-4.5, dots1)
 _ROUTED = dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -76,6 +79,8 @@ FAMILIES = {
                                              num_kv_heads=2), "normed", "layer_norm"),
     "gpt_bigcode": (T.GPTBigCodeConfig, dict(n_layer=2, n_embd=D, n_head=4, n_positions=32,
                                              layer_norm_epsilon=EPS), "normed", "layer_norm"),
+    "codegen": (T.CodeGenConfig, dict(n_layer=2, n_embd=D, n_head=4, rotary_dim=8, n_positions=32, n_ctx=32,
+                                      layer_norm_epsilon=EPS), "normed", "layer_norm"),
     "mpt": (T.MptConfig, dict(n_layers=2, d_model=D, n_heads=4, max_seq_len=32, expansion_ratio=2,
                               layer_norm_epsilon=EPS), "normed", "layer_norm"),
     "persimmon": (T.PersimmonConfig, dict(_DECODER, intermediate_size=128, layer_norm_eps=EPS),
@@ -157,6 +162,8 @@ FAMILIES = {
                                     chunk_size=4), "normed", "module"),
     "falcon_mamba": (T.FalconMambaConfig, _SSM, "normed", "module"),
     "lfm2": (T.Lfm2Config, dict(_GQA, layer_types=["conv", "full_attention"], norm_eps=EPS), "normed", "module"),
+    # Llama 4's causal LM keeps its decoder in `model`, though its base_model_prefix says "language_model"
+    "llama4_text": (T.Llama4TextConfig, _LLAMA4, "normed", "module"),
     # image-text models, tapped in their text decoder (config.text_config; base_model.language_model)
     "gemma3": (_image_text(T.Gemma3Config, ("boi_token_index", "eoi_token_index", "image_token_index"),
                            _VISION), dict(_GQA, head_dim=16), "normed", "module"),
@@ -207,7 +214,7 @@ def models():
             cache[name, dtype] = (_build(name) if dtype == torch.float32
                                   else copy.deepcopy(get(name, "causal-lm")).to(dtype))
         lm = cache[name, dtype]
-        return lm if wrapper == "causal-lm" else lm.base_model
+        return lm if wrapper == "causal-lm" else bare_model(lm)
 
     return get
 
@@ -222,7 +229,7 @@ def test_every_family_in_the_table_is_tested():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_verify_detects_the_convention(models, name, wrapper):
     model = models(name, wrapper)
-    assert (model.base_model is not model) == (wrapper == "causal-lm")  # XForCausalLM / XModel
+    assert (model.get_output_embeddings() is not None) == (wrapper == "causal-lm")  # XForCausalLM / XModel
     rep = residtap.verify(model, IDS, PADDED)
     last_is = FAMILIES[name][2]
     assert rep.ok, str(rep)

@@ -47,6 +47,7 @@ FAMILIES: dict[str, Family] = {
     "bloom": Family("h", "ln_f"),  # hidden_states[0] is after word_embeddings_layernorm
     "falcon": Family("h", "ln_f"),
     "gpt_bigcode": Family("h", "ln_f"),  # StarCoder, SantaCoder
+    "codegen": Family("h", "ln_f"),
     "mpt": Family("blocks", "norm_f"),  # LayerNorm without a bias
     "persimmon": Family("layers", "final_layernorm"),
     "stablelm": Family("layers", "norm"),
@@ -105,6 +106,7 @@ FAMILIES: dict[str, Family] = {
     "mamba": Family("layers", "norm_f"),
     "mamba2": Family("layers", "norm_f"),
     "falcon_mamba": Family("layers", "norm_f"),
+    "llama4_text": Family("layers", "norm"),  # Llama 4 (Scout, Maverick): their text decoder
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),
@@ -254,6 +256,8 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
                          "that of an image-text model's language_model). "
                          f"For another model, {_how_to_pass()}.")
     source = f" (residtap's FAMILIES entry for {model_type!r}; {_how_to_pass()})"
+    if family is not None:
+        base = _family_root(base, family)
 
     if blocks is NOT_GIVEN:
         block_list = _get_path(base, family.blocks, "blocks", source)
@@ -288,6 +292,34 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         except ValueError:
             project_out = None
     return Layout(name, block_list, norm, norm_spec(norm, text_config(model)), project_out)
+
+
+def _family_root(base: nn.Module, family: Family) -> nn.Module:
+    """Where a family's paths start: HF's ``base_model``; or, where that is the model itself because
+    its ``base_model_prefix`` names no attribute, the decoder it keeps as ``model`` (Llama 4's causal
+    LM names "language_model" but holds its Llama4TextModel in ``model``)."""
+    inner = getattr(base, "model", None)
+    if isinstance(inner, nn.Module) and not _has_path(base, family.blocks) and _has_path(inner, family.blocks):
+        return inner
+    return base
+
+
+def bare_model(model: nn.Module) -> nn.Module:
+    """``model`` without its LM head, for running it only to capture (extract): HF's ``base_model``;
+    or, where that is the model itself, the decoder it keeps as ``model`` (Llama 4's causal LM)."""
+    base = getattr(model, "base_model", model)
+    inner = getattr(model, "model", None)
+    if base is model and isinstance(inner, nn.Module) and getattr(inner, "config", None) is not None:
+        return inner
+    return base
+
+
+def _has_path(root: nn.Module, path: str) -> bool:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return False
+    return True
 
 
 def text_config(model: nn.Module):

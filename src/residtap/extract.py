@@ -48,7 +48,7 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import max_positions, module_device
+from .arch import bare_model, max_positions, module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
@@ -354,7 +354,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     model.eval()
 
     # Captures hook the bare model, which is what runs (no LM head: its logits are not needed).
-    base = getattr(model, "base_model", model)
+    base = bare_model(model)
     probe = Capture(base, layers, positions, dtype, outputs, backend=backend,  # validates the selection
                     overlap=overlap)
     cfg = probe.config
