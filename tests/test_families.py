@@ -4,6 +4,7 @@ verify's report (found from the data), and capture against the reference bit for
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -401,6 +402,22 @@ def test_an_image_text_model_directory_loads_for_verify_and_extract(models, tmp_
     with torch.inference_mode(), residtap.capture(model.base_model, layers=2) as cap:
         model.base_model(input_ids=ids.long().reshape(3, 16), use_cache=False)
     assert acts.d_model == D and torch.equal(acts.layer(2).to_tensor(), cap.resid[0].reshape(-1, D))
+
+
+def test_a_mamba_directory_verifies_on_the_command_line_with_the_shift_reported(models, tmp_path, capsys):
+    """The CLI path, JSON included, for a model whose hidden_states has no embeddings entry, in bfloat16:
+    its blocks widen the stream to float32, and verify says both."""
+    models("mamba", "causal-lm", torch.bfloat16).save_pretrained(tmp_path / "mamba")
+    args = ["verify", "--model", str(tmp_path / "mamba"), "--batch", "2", "--seq", "8", "--dtype", "bfloat16"]
+    assert cli.main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["first_resid"] == 1 and report["dtype"] == "bfloat16"
+    assert [r["resid_index"] for r in report["rows"]] == [1, 2, 2]
+    assert [r["matches"] for r in report["rows"]] == ["raw", "raw", "normed"]
+    assert all(r["raw_maxabs"] == 0.0 for r in report["rows"][:2])
+    assert report["convention"].startswith("no embeddings entry: hidden_states[i] is block i's raw output")
+    assert cli.main(args) == 0
+    assert "no embeddings entry, so row i is compared" in capsys.readouterr().out
 
 
 def test_random_ids_for_an_image_text_model_never_ask_for_pixels():
