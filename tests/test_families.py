@@ -36,7 +36,7 @@ _LLAMA4 = dict(_GQA, head_dim=16, intermediate_size_mlp=128, num_local_experts=4
 _SSM = dict(hidden_size=D, num_hidden_layers=2, state_size=8, layer_norm_epsilon=EPS)
 # the same routed experts with ordinary attention (GLM-4.5, dots1)
 _ROUTED = dict(head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                     first_k_dense_replace=1, n_group=1, topk_group=1)
+               first_k_dense_replace=1, n_group=1, topk_group=1)
 
 
 def _image_text(cls, tokens, vision, **text_extra):
