@@ -237,13 +237,13 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
-    base = getattr(model, "base_model", model)
+    base = bare_model(model)
     name = model_type or type(model).__name__
     if family is None:  # an image-text model: its text decoder, a family residtap knows
         decoder = getattr(base, "language_model", None)
         decoder_type = getattr(getattr(decoder, "config", None), "model_type", None)
         if isinstance(decoder, nn.Module) and isinstance(decoder_type, str) and decoder_type in FAMILIES:
-            family, base = FAMILIES[decoder_type], getattr(decoder, "base_model", decoder)
+            family, base = FAMILIES[decoder_type], bare_model(decoder)
             name, model_type = f"{name} ({decoder_type} decoder)", decoder_type
 
     if family is None and (blocks is NOT_GIVEN or final_norm is NOT_GIVEN):
@@ -256,8 +256,6 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
                          "that of an image-text model's language_model). "
                          f"For another model, {_how_to_pass()}.")
     source = f" (residtap's FAMILIES entry for {model_type!r}; {_how_to_pass()})"
-    if family is not None:
-        base = _family_root(base, family)
 
     if blocks is NOT_GIVEN:
         block_list = _get_path(base, family.blocks, "blocks", source)
@@ -294,32 +292,16 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     return Layout(name, block_list, norm, norm_spec(norm, text_config(model)), project_out)
 
 
-def _family_root(base: nn.Module, family: Family) -> nn.Module:
-    """Where a family's paths start: HF's ``base_model``; or, where that is the model itself because
-    its ``base_model_prefix`` names no attribute, the decoder it keeps as ``model`` (Llama 4's causal
-    LM names "language_model" but holds its Llama4TextModel in ``model``)."""
-    inner = getattr(base, "model", None)
-    if isinstance(inner, nn.Module) and not _has_path(base, family.blocks) and _has_path(inner, family.blocks):
-        return inner
-    return base
-
-
 def bare_model(model: nn.Module) -> nn.Module:
-    """``model`` without its LM head, for running it only to capture (extract): HF's ``base_model``;
-    or, where that is the model itself, the decoder it keeps as ``model`` (Llama 4's causal LM)."""
+    """``model`` without its LM head: where a family's paths start (resolve_layout), and what extract
+    runs to capture. HF's ``base_model``; or, where that is the model itself because its
+    ``base_model_prefix`` names no attribute, the decoder it keeps as ``model`` (Llama 4's causal LM
+    names "language_model" but holds its Llama4TextModel in ``model``)."""
     base = getattr(model, "base_model", model)
     inner = getattr(model, "model", None)
     if base is model and isinstance(inner, nn.Module) and getattr(inner, "config", None) is not None:
         return inner
     return base
-
-
-def _has_path(root: nn.Module, path: str) -> bool:
-    for part in path.split("."):
-        root = getattr(root, part, None)
-        if root is None:
-            return False
-    return True
 
 
 def text_config(model: nn.Module):
