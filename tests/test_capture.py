@@ -155,6 +155,33 @@ def test_capture_in_training_mode_with_grad(extension):
         model.zero_grad(set_to_none=True)
 
 
+def test_the_reference_runs_in_the_callers_autograd_mode(extension):
+    """A forward may depend on grad mode (Doge's mask needs grad, so torch's attention takes another
+    kernel): the reference computes what a capture in the same mode sees, and detaches it."""
+    class GradDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+            self.norm = torch.nn.LayerNorm(8)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + (1.0 if torch.is_grad_enabled() else 2.0) * layer(x)
+            return self.norm(x)
+
+    m, x = GradDependent(), torch.randn(2, 3, 8)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            with residtap.capture(m, blocks="layers", final_norm="norm", outputs=OUTPUTS) as cap:
+                m(x)
+            ref = run_reference(m, x, blocks="layers", final_norm="norm", outputs=OUTPUTS)
+        assert_same_outputs(cap, ref, OUTPUTS)
+        assert not any(t.requires_grad for t in ref.outputs.values() if isinstance(t, torch.Tensor))
+    with torch.no_grad():
+        without = run_reference(m, x, blocks="layers", final_norm="norm").outputs["resid"]
+    assert not torch.equal(run_reference(m, x, blocks="layers", final_norm="norm").outputs["resid"], without)
+
+
 @pytest.mark.parametrize("how", ["parameter", "load_state_dict-assign", "in-place"])
 def test_a_final_norm_changed_after_set_up_is_the_one_used(extension, how):
     """normed follows the final norm the model runs now: a Parameter replaced after the capture

@@ -189,6 +189,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     computed where its block's output is, with the block's input copied there, and normed by the
     final norm on the device the norm runs on (the hidden state copied there and the result back,
     as the model itself would compute it). Read such a result per layer (``layer`` / ``per_layer``).
+
+    The model runs in the caller's autograd mode (wrap the call in ``torch.no_grad()`` to save
+    memory), so that it computes what a capture in the same mode sees; every output is detached.
     """
     from .arch import module_device, resolve_layout
     from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
@@ -214,8 +217,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     try:
         for i, blk in enumerate(layout.blocks):
             handles.append(blk.register_forward_hook(make_hook(i), with_kwargs=True))
-        with torch.no_grad():
-            model_output = model(*args, **kwargs)
+        # In the caller's autograd mode, as a capture runs: a model's forward may depend on it
+        # (torch's attention picks its kernel by whether a mask needs grad: Doge, Inkling).
+        model_output = model(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
