@@ -86,6 +86,48 @@ def test_unknown_model_lists_families_and_says_what_to_pass():
     assert hook_counts(m) == 0
 
 
+class _Looped(nn.Module):
+    """Runs its blocks ``[0, 1]`` ``loops`` times, or (``repeat``) blocks ``[0, 1, 1]``: no single residual
+    per block (Dory's, HRM's or any looped stack)."""
+
+    def __init__(self, loops=1, repeat=False):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.norm = nn.LayerNorm(4)
+        self.order = [0, 1] * loops + ([1] if repeat else [])
+
+    def forward(self, x):
+        for i in self.order:
+            x = x + self.layers[i](x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("loops, repeat, block", [(2, False, 0), (1, True, 1)])
+def test_a_block_that_runs_twice_in_one_forward_is_refused(loops, repeat, block):
+    m, x = _Looped(loops, repeat), torch.randn(2, 3, 4)
+    cap = residtap.capture(m, blocks="layers", final_norm="norm", outputs=("resid", "delta"))
+    with pytest.raises(RuntimeError, match=rf"block {block} of _Looped ran more than once in one forward of "
+                                           r"_Looped\. A model that loops over its blocks"):
+        with cap:
+            m(x)
+    with pytest.raises(residtap.CaptureError, match="raised"):
+        cap.resid
+    assert hook_counts(m) == 0
+    with pytest.raises(RuntimeError, match=rf"run_reference: block {block} of _Looped ran more than once"):
+        residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm")
+    assert hook_counts(m) == 0
+    # Two forwards of a model that runs each block once are two forwards, not a loop; and blocks
+    # called one by one without the model are each a forward of their own
+    once = _Looped()
+    with residtap.capture(once, blocks="layers", final_norm="norm") as cap:
+        once(x)
+        once(x + 1)
+        assert torch.equal(cap.resid, residtap.reference.run_reference(once, x + 1, blocks="layers",
+                                                                        final_norm="norm").outputs["resid"])
+        once.layers[0](x)
+        once.layers[0](x)
+
+
 def test_positions_out_of_range_for_the_actual_length(model):
     cap = residtap.capture(model, positions=[0, 9])
     with pytest.raises(ValueError, match=r"positions: expected positions in \[-5, 5\) .* length 5, got \[9\]"):

@@ -155,7 +155,9 @@ class Capture:
         self.layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
         self.config = CaptureConfig.make(self.layout, layers, positions, dtype, outputs, backend, overlap)
         self._side = SideStreams() if overlap else None
-        self._model_depth = 0  # overlap: how many calls of the model are running (see _on_model_enter)
+        self._model_depth = 0  # how many calls of the model are running (see _on_model_enter)
+        self._calls = 0  # outermost calls of the model so far; a forward begun in one is _begun_in
+        self._begun_in = None
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
         self._handles: list = []
         self._plans: dict[int, PositionPlan] = {}
@@ -173,6 +175,7 @@ class Capture:
         self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
         self._written = 0
+        self._done: set[int] = set()  # the layer ids this forward has written
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
         self._shape = None  # (batch, seq) of the last forward
@@ -197,11 +200,9 @@ class Capture:
                 self._attention_mask = _UNSEEN
                 self._handles.append(self.model.register_forward_pre_hook(self._on_model_call,
                                                                           with_kwargs=True))
-            if self._side is not None:
-                self._model_depth = 0
-                self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
-                self._handles.append(self.model.register_forward_hook(self._on_model_exit,
-                                                                      always_call=True))
+            self._model_depth = 0
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
+            self._handles.append(self.model.register_forward_hook(self._on_model_exit, always_call=True))
             self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
             for i, blk in enumerate(blocks):
                 if i + 1 in self._slot:
@@ -219,13 +220,15 @@ class Capture:
             self._join(check=exc_type is None)  # never swallow the forward's exception
 
     def _on_model_enter(self, _module, _args):
+        if self._model_depth == 0:
+            self._calls += 1
         self._model_depth += 1
 
     def _on_model_exit(self, _module, _args, _output):
-        # End of the model's forward (also when it raised): the main stream waits for every
-        # side-stream capture, so whatever reads the buffers next is ordered after their writes.
+        # overlap: at the end of the model's forward (also when it raised), the main stream waits
+        # for every side-stream capture, so whatever reads the buffers next is ordered after them.
         self._model_depth = max(0, self._model_depth - 1)
-        if self._model_depth == 0:
+        if self._model_depth == 0 and self._side is not None:
             self._join(check=self._state != "failed")
 
     @contextlib.contextmanager
@@ -257,7 +260,10 @@ class Capture:
 
     def _on_first_block(self, _module, args, kwargs):
         hidden = self.layout.hidden_from_args(args, kwargs)
+        if self._model_depth and self._begun_in == self._calls:
+            self._ran_twice(0)
         self._begin(hidden)
+        self._begun_in = self._calls if self._model_depth else None
         if 0 in self._slot:
             self._write(0, hidden, None)
 
@@ -273,6 +279,7 @@ class Capture:
         if self._side is not None:  # a forward that ended without a join (it raised): join now,
             self._join(check=False)  # before its buffers are reused or freed
         self._state, self._written = "running", 0
+        self._done.clear()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
         if hidden.dim() != 3:
             raise RuntimeError(f"residtap: expected the first block's hidden state to be "
@@ -525,7 +532,18 @@ class Capture:
             return _to(first, device)
         return self._plans[self._shape[1]].as_selection(device)  # cached per device
 
+    def _ran_twice(self, block: int) -> None:
+        self._state = "failed"
+        raise RuntimeError(
+            f"residtap: block {block} of {self.layout.family or type(self.model).__name__} ran more than "
+            f"once in one forward of {type(self.model).__name__}. A model that loops over its blocks "
+            "(recurrent or looped layers) has no single residual per block, which is what residtap "
+            "captures; nothing was kept from this forward")
+
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
+        if layer_id in self._done:
+            self._ran_twice(layer_id - 1)
+        self._done.add(layer_id)
         k = self._slot[layer_id]
         full_out = out = out.detach()
         device = out.device
