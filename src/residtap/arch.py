@@ -32,8 +32,9 @@ class Family:
 
 
 # Read from transformers' models/<type>/modeling_<type>.py; every entry is tested with a tiny random
-# model (tests/test_families.py) on transformers 5.17 and 5.24. Every hidden state here is the first
-# positional argument of its block; blocks return a tensor or a tuple.
+# model (tests/test_families.py) on transformers 5.17 and 5.24 (on 5.24 alone where 5.17 lacks the
+# type). Every hidden state here is the first positional argument of its block; blocks return a
+# tensor or a tuple.
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("h", "ln_f"),
     "gptj": Family("h", "ln_f"),
@@ -90,6 +91,58 @@ FAMILIES: dict[str, Family] = {
     "ministral": Family("layers", "norm"),
     "bitnet": Family("layers", "norm"),
     "jetmoe": Family("layers", "norm"),
+    "exaone": Family("layers", "norm"),  # EXAONE 3 / 3.5
+    "internlm3": Family("layers", "norm"),
+    "minicpm3": Family("layers", "norm"),  # multi-head latent attention
+    "ministral3": Family("layers", "norm"),
+    "vaultgemma": Family("layers", "norm"),
+    "diffllama": Family("layers", "norm"),  # differential attention
+    "doge": Family("layers", "norm"),
+    "cwm": Family("layers", "norm"),
+    "nanochat": Family("layers", "norm"),
+    "hyperclovax": Family("layers", "norm"),
+    "iquestcoder": Family("layers", "norm"),
+    "apertus1p5_text": Family("layers", "norm"),
+    "granite_swa": Family("layers", "norm"),
+    "youtu": Family("layers", "norm"),
+    "cohere_compass_text": Family("layers", "norm"),
+    "phi4_multimodal": Family("layers", "norm"),  # Phi-4-multimodal's decoder; text-only inputs
+    # mixtures of experts
+    "dbrx": Family("blocks", "norm_f"),  # LayerNorm without a bias
+    "granitemoeshared": Family("layers", "norm"),
+    "granitemoe_swa": Family("layers", "norm"),
+    "cohere2_moe": Family("layers", "norm"),
+    "flex_olmo": Family("layers", "norm"),
+    "afmoe": Family("layers", "norm"),
+    "flint": Family("layers", "norm"),
+    "hy_v3": Family("layers", "norm"),
+    "inkling_text": Family("layers", "norm"),
+    "kolibri1": Family("layers", "norm"),
+    "laguna": Family("layers", "norm"),
+    "mellum": Family("layers", "norm"),
+    "mimo_v2_flash": Family("layers", "norm"),
+    "minimax_m2": Family("layers", "norm"),
+    "sarvam_moe": Family("layers", "norm"),
+    "solar_open": Family("layers", "norm"),
+    "beam": Family("layers", "norm"),
+    "longcat_flash": Family("layers", "norm"),  # one block holds two attention sublayers
+    # multi-head latent attention with routed experts (DeepSeek's), some with sparse attention
+    "deepseek_v32": Family("layers", "norm"),
+    "glm_moe_dsa": Family("layers", "norm"),  # GLM-5
+    "glm4_moe_lite": Family("layers", "norm"),
+    "axk1": Family("layers", "norm"),
+    "axk2": Family("layers", "norm"),
+    "sarvam_mla": Family("layers", "norm"),
+    "dots3_note_text": Family("layers", "norm"),
+    # older GPT-style decoders (LayerNorm)
+    "gpt_neo": Family("h", "ln_f"),
+    "ctrl": Family("h", "layernorm"),
+    "xglm": Family("layers", "layer_norm"),
+    "biogpt": Family("layers", "layer_norm"),
+    "gpt_neox_japanese": Family("layers", "final_layer_norm"),
+    "jais2": Family("layers", "norm"),
+    "modernbert-decoder": Family("layers", "final_norm"),
+    "openai-gpt": Family("h", None),  # GPT-1: post-norm blocks, no final norm
     # hybrids: linear-attention, SSM or convolution blocks beside attention ones
     "qwen3_next": Family("layers", "norm"),
     "falcon_h1": Family("layers", "final_layernorm"),
@@ -101,15 +154,29 @@ FAMILIES: dict[str, Family] = {
     "granitemoehybrid": Family("layers", "norm"),  # Granite 4.0
     "zamba2": Family("layers", "final_layernorm"),
     "nemotron_h": Family("layers", "norm_f"),
+    "qwen3_5_text": Family("layers", "norm"),  # Qwen3.5's decoder
+    "qwen3_5_moe_text": Family("layers", "norm"),
+    "kimi_linear": Family("layers", "norm"),
+    "bailing_hybrid": Family("layers", "norm"),
+    "lara_mini": Family("layers", "norm"),
+    "lfm2_moe": Family("layers", "embedding_norm"),
+    "lfm3": Family("layers", "embedding_norm"),
+    "recurrent_gemma": Family("layers", "final_norm"),  # RecurrentGemma (Griffin)
+    "zamba": Family("layers", "final_layernorm"),
+    "xlstm": Family("blocks", "out_norm"),
     # state-space models: hidden_states has no embeddings entry (verify finds the shift); in bfloat16
     # their blocks keep the residual in float32 (residual_in_fp32)
     "mamba": Family("layers", "norm_f"),
     "mamba2": Family("layers", "norm_f"),
     "falcon_mamba": Family("layers", "norm_f"),
     "llama4_text": Family("layers", "norm"),  # Llama 4 (Scout, Maverick): their text decoder
+    "gemma4_text": Family("layers", "norm"),  # Gemma 4's decoder; per-layer inputs enter inside blocks
     # text decoders that exist only inside an image-text model
     "qwen2_5_vl_text": Family("layers", "norm"),
     "qwen3_vl_text": Family("layers", "norm"),
+    "aria_text": Family("layers", "norm"),
+    "gemma4_unified_text": Family("layers", "norm"),
+    "minimax_m3_vl_text": Family("layers", "norm"),
 }
 
 
