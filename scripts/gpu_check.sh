@@ -88,7 +88,7 @@ if [ "$PART" != op ]; then
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
 fi
 if [ "$PART" != extract ]; then  # last, in whatever time is left: every model family on the GPU
-    step family-tests 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
+    step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
 fi
 echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
