@@ -106,14 +106,16 @@ class _Looped(nn.Module):
 def test_a_block_that_runs_twice_in_one_forward_is_refused(loops, repeat, block):
     m, x = _Looped(loops, repeat), torch.randn(2, 3, 4)
     cap = residtap.capture(m, blocks="layers", final_norm="norm", outputs=("resid", "delta"))
-    with pytest.raises(RuntimeError, match=rf"block {block} of _Looped ran more than once in one forward of "
-                                           r"_Looped\. A model that loops over its blocks"):
+    with pytest.raises(residtap.UnsupportedStreamError,
+                       match=rf"block {block} of _Looped ran more than once in one forward of _Looped\. A model "
+                             "that loops over its blocks"):
         with cap:
             m(x)
     with pytest.raises(residtap.CaptureError, match="raised"):
         cap.resid
     assert hook_counts(m) == 0
-    with pytest.raises(RuntimeError, match=rf"run_reference: block {block} of _Looped ran more than once"):
+    with pytest.raises(residtap.UnsupportedStreamError,
+                       match=rf"run_reference: block {block} of _Looped ran more than once"):
         residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm")
     assert hook_counts(m) == 0
     # Two forwards of a model that runs each block once are two forwards, not a loop; and blocks
@@ -229,8 +231,9 @@ def test_a_block_that_narrows_the_stream_is_refused_by_name(model):
     h = model.transformer.h[1].register_forward_hook(to_bfloat16)
     try:
         cap = residtap.capture(model, outputs=("resid", "delta"))
-        with pytest.raises(RuntimeError, match="block 1 returned a bfloat16 hidden state from a float32 input; "
-                                               "a residual stream that narrows"):
+        with pytest.raises(residtap.UnsupportedStreamError,
+                           match="block 1 returned a bfloat16 hidden state from a float32 input; "
+                                 "a residual stream that narrows"):
             with cap:
                 model(ids_for(model, 1, 4))
     finally:

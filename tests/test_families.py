@@ -486,6 +486,29 @@ def test_gemma_resid0_is_the_embedding_scaled_by_sqrt_d(models):
     assert not torch.equal(cap.resid[0], plain)
 
 
+def test_a_model_with_parallel_streams_is_refused_by_name(monkeypatch, tmp_path, capsys):
+    """Gemma 3n's AltUp hands its blocks four streams, [4, batch, seq, d]: no single residual. Added to
+    the table by hand, it is refused with its shape, by the API and by `residtap verify` (exit 2)."""
+    config = T.Gemma3nTextConfig(**_GQA16, **_COMMON, num_kv_shared_layers=0, vocab_size_per_layer_input=96,
+                                 hidden_size_per_layer_input=16, laurel_rank=8, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    monkeypatch.setitem(residtap.FAMILIES, "gemma3n_text", residtap.Family("layers", "norm"))
+    shape = r"expected the first block's hidden state to be \[batch, seq, d_model\], got shape \(4, 2, 8, 64\)"
+    with pytest.raises(residtap.UnsupportedStreamError, match=shape):
+        with residtap.capture(model, outputs=("resid", "normed")):
+            model(IDS, attention_mask=PADDED)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    model.save_pretrained(tmp_path / "gemma3n")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert cli.main(["verify", "--model", str(tmp_path / "gemma3n"), "--batch", "2", "--seq", "8"]) == 2
+    err = capsys.readouterr().err  # after transformers' progress bars: one line, no traceback
+    assert err.endswith("residtap verify: error: residtap: expected the first block's hidden state to be "
+                        "[batch, seq, d_model], got shape (4, 2, 8, 64)\n") and "Traceback" not in err
+
+
 def test_an_image_text_model_is_read_through_its_text_config(models, tmp_path):
     """Gemma 3 (4B+) keeps the decoder's width, eps and length in config.text_config, not at the top:
     extraction sizes its rows, and picks its default sequence length, from there."""

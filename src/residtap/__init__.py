@@ -7,7 +7,7 @@
 See README.md for the exactness contract.
 """
 
-from .arch import FAMILIES, Family
+from .arch import FAMILIES, Family, UnsupportedStreamError
 from .capture import Capture, CaptureConfig, CaptureError, capture
 from .extract import ExtractResult, extract
 from .reference import Stats
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Capture", "CaptureConfig", "CaptureError", "FAMILIES", "Family", "Stats", "VerifyReport",
            "capture", "verify", "__version__", "extract", "ExtractResult", "open", "Activations",
-           "StoreError", "ManifestMismatchError", "ShardCorruptError"]
+           "StoreError", "ManifestMismatchError", "ShardCorruptError", "UnsupportedStreamError"]

@@ -22,6 +22,11 @@ from torch import nn
 from .selection import NOT_GIVEN
 
 
+class UnsupportedStreamError(RuntimeError):
+    """The model's residual stream is not what residtap captures: one ``[batch, seq, d_model]``
+    tensor handed from block to block, each block running once per forward, never narrowing."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     blocks: str  # path of the nn.ModuleList of decoder blocks, relative to model.base_model

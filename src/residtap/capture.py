@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .arch import Layout, module_device, resolve_layout, text_config
+from .arch import Layout, UnsupportedStreamError, module_device, resolve_layout, text_config
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -282,7 +282,7 @@ class Capture:
         self._done.clear()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
         if hidden.dim() != 3:
-            raise RuntimeError(f"residtap: expected the first block's hidden state to be "
+            raise UnsupportedStreamError(f"residtap: expected the first block's hidden state to be "
                                f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
         batch, seq, d_model = hidden.shape
         rows, n_pos = batch, 1
@@ -534,7 +534,7 @@ class Capture:
 
     def _ran_twice(self, block: int) -> None:
         self._state = "failed"
-        raise RuntimeError(
+        raise UnsupportedStreamError(
             f"residtap: block {block} of {self.layout.family or type(self.model).__name__} ran more than "
             f"once in one forward of {type(self.model).__name__}. A model that loops over its blocks "
             "(recurrent or looped layers) has no single residual per block, which is what residtap "
@@ -620,9 +620,9 @@ class Capture:
         captured in a dtype the contract does not define."""
         if torch.promote_types(inp.dtype, out.dtype) != out.dtype:
             names = [str(t.dtype).replace("torch.", "") for t in (out, inp)]
-            raise RuntimeError(f"residtap: block {layer_id - 1} returned a {names[0]} hidden state from a "
-                               f"{names[1]} input; a residual stream that narrows inside the model cannot "
-                               "be captured")
+            raise UnsupportedStreamError(
+                f"residtap: block {layer_id - 1} returned a {names[0]} hidden state from a {names[1]} input; "
+                "a residual stream that narrows inside the model cannot be captured")
         return inp.to(out.dtype)
 
     def _overlaps(self, ops: _DeviceOps, device: torch.device, module_normed: bool) -> bool:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .arch import max_positions
+from .arch import UnsupportedStreamError, max_positions
 from .selection import resolve_dtype
 
 
@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad arguments: one clear line, no traceback
-        print(f"residtap {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, UnsupportedStreamError) as e:  # bad arguments, a model residtap cannot
+        print(f"residtap {args.command}: error: {e}", file=sys.stderr)  # tap: one clear line
         return 2
 
 

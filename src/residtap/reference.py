@@ -193,7 +193,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     The model runs in the caller's autograd mode (wrap the call in ``torch.no_grad()`` to save
     memory), so that it computes what a capture in the same mode sees; every output is detached.
     """
-    from .arch import module_device, resolve_layout
+    from .arch import UnsupportedStreamError, module_device, resolve_layout
     from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
 
     dtype = resolve_dtype(dtype)
@@ -206,7 +206,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
 
     def once(i):
         if i in ran:
-            raise RuntimeError(f"run_reference: block {i} of {layout.family} ran more than once in one "
+            raise UnsupportedStreamError(f"run_reference: block {i} of {layout.family} ran more than once in one "
                                f"forward of {type(model).__name__}; residtap keeps one residual per block")
         ran.add(i)
 
