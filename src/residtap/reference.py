@@ -191,7 +191,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     as the model itself would compute it). Read such a result per layer (``layer`` / ``per_layer``).
 
     The model runs in the caller's autograd mode (wrap the call in ``torch.no_grad()`` to save
-    memory), so that it computes what a capture in the same mode sees; every output is detached.
+    memory), so that it computes what a capture in the same mode sees. The outputs are detached;
+    ``model_output`` is what the model returned, graph and all in grad mode.
     """
     from .arch import UnsupportedStreamError, module_device, resolve_layout
     from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
@@ -206,8 +207,9 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
 
     def once(i):
         if i in ran:
-            raise UnsupportedStreamError(f"run_reference: block {i} of {layout.family} ran more than once in one "
-                               f"forward of {type(model).__name__}; residtap keeps one residual per block")
+            raise UnsupportedStreamError(
+                f"run_reference: block {i} of {layout.family} ran more than once in one forward of "
+                f"{type(model).__name__}; residtap keeps one residual per block")
         ran.add(i)
 
     def pre_hook(_mod, a, kw):
