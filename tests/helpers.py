@@ -22,6 +22,11 @@ def tiny_gpt2(n_layer=2, n_embd=64, n_head=2, dtype=torch.float32, lm_head=True,
                        dtype=dtype, lm_head=lm_head, seed=seed)
 
 
+def hook_counts(model) -> int:
+    """Forward hooks and pre-hooks registered on ``model`` and its submodules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def ids_for(model, batch, seq, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)

@@ -8,13 +8,9 @@ import torch
 from torch import nn
 
 import residtap
-from helpers import ids_for, tiny_gpt2
+from helpers import hook_counts, ids_for, tiny_gpt2
 from residtap import backend
 from residtap._build import BuildInfo
-
-
-def hook_counts(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING
 
 import residtap
-from helpers import assert_same_outputs
+from helpers import assert_same_outputs, hook_counts
 from residtap import cli
 from residtap.arch import bare_model
 from residtap.models import random_input_ids
@@ -494,13 +494,13 @@ def test_a_model_with_parallel_streams_is_refused_by_name(monkeypatch, tmp_path,
                                  layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config).eval()
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    hooks = hook_counts(model)
     monkeypatch.setitem(residtap.FAMILIES, "gemma3n_text", residtap.Family("layers", "norm"))
     shape = r"expected the first block's hidden state to be \[batch, seq, d_model\], got shape \(4, 2, 8, 64\)"
     with pytest.raises(residtap.UnsupportedStreamError, match=shape):
         with residtap.capture(model, outputs=("resid", "normed")):
             model(IDS, attention_mask=PADDED)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert hook_counts(model) == hooks
     model.save_pretrained(tmp_path / "gemma3n")
     capsys.readouterr()  # save_pretrained's progress bar
     assert cli.main(["verify", "--model", str(tmp_path / "gemma3n"), "--batch", "2", "--seq", "8"]) == 2

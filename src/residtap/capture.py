@@ -174,7 +174,6 @@ class Capture:
         self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, (weight, bias) copies)
         self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
-        self._written = 0
         self._done: set[int] = set()  # the layer ids this forward has written
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
@@ -278,12 +277,12 @@ class Capture:
         """Start of a forward: resolve positions for this length and (re)allocate if the shape changed."""
         if self._side is not None:  # a forward that ended without a join (it raised): join now,
             self._join(check=False)  # before its buffers are reused or freed
-        self._state, self._written = "running", 0
+        self._state = "running"
         self._done.clear()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
         if hidden.dim() != 3:
             raise UnsupportedStreamError(f"residtap: expected the first block's hidden state to be "
-                               f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
+                                         f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
         batch, seq, d_model = hidden.shape
         rows, n_pos = batch, 1
         spec = self.config.positions
@@ -535,15 +534,13 @@ class Capture:
     def _ran_twice(self, block: int) -> None:
         self._state = "failed"
         raise UnsupportedStreamError(
-            f"residtap: block {block} of {self.layout.family or type(self.model).__name__} ran more than "
-            f"once in one forward of {type(self.model).__name__}. A model that loops over its blocks "
+            f"residtap: block {block} of {self.layout.family} ran more than once in one forward of {type(self.model).__name__}. A model that loops over its blocks "
             "(recurrent or looped layers) has no single residual per block, which is what residtap "
             "captures; nothing was kept from this forward")
 
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
-        self._done.add(layer_id)
         k = self._slot[layer_id]
         full_out = out = out.detach()
         device = out.device
@@ -602,8 +599,8 @@ class Capture:
                 self._side.run(device, layer_id, (full_out, out, inp, index), work)
         else:
             work(full_out, out, inp, index)
-        self._written += 1
-        if self._written == len(self.config.layer_ids):
+        self._done.add(layer_id)
+        if len(self._done) == len(self.config.layer_ids):
             if self._side is not None and (self._model_depth == 0 or not self._stacked):
                 # No model-level hook will join (the blocks were called without the model), or
                 # _restack is about to read the buffers on the main stream.
@@ -655,7 +652,7 @@ class Capture:
         if self._state == "failed":
             raise CaptureError(f"cap.{attr}: the last forward raised, so the buffers are incomplete")
         if self._state == "running":
-            raise CaptureError(f"cap.{attr}: the last forward reached {self._written} of "
+            raise CaptureError(f"cap.{attr}: the last forward reached {len(self._done)} of "
                                f"{len(self.config.layer_ids)} selected layers")
 
     def _check_requested(self, output: str, attr: str) -> None:

@@ -202,24 +202,22 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     layout = resolve_layout(model, blocks=NOT_GIVEN if blocks is None else blocks,
                             final_norm=NOT_GIVEN if final_norm is None else final_norm)
     layer_ids = resolve_layers(layers, layout.n_layers)
-    saved = {}
-    ran = set()  # blocks that have run: a model that loops over its blocks has no residual per block
+    saved = {}  # residual index -> (output, input); one seen twice: a block ran twice (a loop)
 
-    def once(i):
-        if i in ran:
-            raise UnsupportedStreamError(
-                f"run_reference: block {i} of {layout.family} ran more than once in one forward of "
-                f"{type(model).__name__}; residtap keeps one residual per block")
-        ran.add(i)
+    def ran_twice(block):
+        raise UnsupportedStreamError(
+            f"run_reference: block {block} of {layout.family} ran more than once in one forward of "
+            f"{type(model).__name__}; residtap keeps one residual per block")
 
     def pre_hook(_mod, a, kw):
-        once(0)
+        if 0 in saved:
+            ran_twice(0)
         saved[0] = (layout.hidden_from_args(a, kw).detach().clone(), None)
 
     def make_hook(i):
         def hook(_mod, a, kw, output):
-            if i:
-                once(i)
+            if i + 1 in saved:
+                ran_twice(i)
             out = _clone_as_placed(layout.hidden_from_output(output).detach())
             # the input where the output is (a dispatched block may receive it elsewhere)
             saved[i + 1] = (out, layout.hidden_from_args(a, kw).detach().to(out.device, copy=True))
