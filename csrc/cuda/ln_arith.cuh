@@ -194,12 +194,16 @@ __device__ __forceinline__ void finish_moments(const Moments* w, int d, float ep
 
 // One output element of torch's fast LayerNorm kernel, in float (rounded to the model dtype by
 // the caller). Without a weight pass w = 1 and without a bias b = -0: fma(1, c, -0) == c and
-// fma(w, c, -0) == w * c exactly, signed zeros included. Bias without weight is a different
-// expression in torch (rstd * (x - mean) + b, contracted to one fma).
+// fma(w, c, -0) == w * c exactly, signed zeros included.
+// Bias without weight is a different expression in torch's source, rstd * (x - mean) + b, and its
+// shipped sm_90 machine code (torch 2.11 and 2.14, float, half and bfloat16 alike) computes it in
+// two ways: the compiler merged that branch with the no-affine one, so element 0 of each 4-element
+// vector is rounded after the product and then added (FMUL, FADD), while elements 1..3 are one
+// fma. `pos4` is the element's place in torch's 4-element vector, i.e. its column % 4.
 __device__ __forceinline__ float ln_apply(float x, float mean, float rstd, float w, float b,
-                                          bool bias_only) {
+                                          bool bias_only, int pos4) {
   const float xm = __fsub_rn(x, mean);
-  if (bias_only) return __fmaf_rn(rstd, xm, b);
+  if (bias_only) return pos4 == 0 ? __fadd_rn(__fmul_rn(rstd, xm), b) : __fmaf_rn(rstd, xm, b);
   return __fmaf_rn(w, __fmul_rn(rstd, xm), b);
 }
 

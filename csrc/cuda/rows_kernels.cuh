@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
           OutT r[kN];
 #pragma unroll
           for (int i = 0; i < kN; ++i) {
-            const float yv = ln_apply(xf[i], mean, rstd, wf[i], bf[i], bias_only);
+            const float yv = ln_apply(xf[i], mean, rstd, wf[i], bf[i], bias_only, i % 4);
             r[i] = cast_out<OutT>(from_f<InT>(yv));  // rounded once to the model dtype
           }
           store_vec(p_out<OutT>(p.normed) + orow + L::offset(y, j), r);
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
           for (int ii = 0; ii < 4; ++ii) {
             const float wf = weight != nullptr ? to_f(wv[u][ii]) : 1.f;
             const float bf = bias != nullptr ? to_f(bv[u][ii]) : -0.f;
-            const float yv = ln_apply(to_f(xv[u][ii]), mean, rstd, wf, bf, p.bias_only);
+            const float yv = ln_apply(to_f(xv[u][ii]), mean, rstd, wf, bf, p.bias_only, ii);
             r[ii] = cast_out<OutT>(from_f<InT>(yv));
           }
           store_vec(normed + row * p.d + 4 * v, r);
@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
       for (int e = t; e < p.d; e += kBlock) {
         const float wf = weight != nullptr ? to_f(weight[e]) : 1.f;
         const float bf = bias != nullptr ? to_f(bias[e]) : -0.f;
-        const float yv = ln_apply(to_f(out[ooff + e]), mean, rstd, wf, bf, p.bias_only);
+        const float yv = ln_apply(to_f(out[ooff + e]), mean, rstd, wf, bf, p.bias_only, e % 4);
         normed[row * p.d + e] = cast_out<OutT>(from_f<InT>(yv));
       }
     }
