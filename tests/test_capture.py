@@ -280,3 +280,79 @@ def test_run_reference_clones_a_block_output_at_the_same_alignment(dtype):
         assert y.data_ptr() % 64 == x.data_ptr() % 64
     t = base[:60].view(3, 20).t()  # not contiguous: torch's norm copies it anyway
     assert torch.equal(_clone_as_placed(t), t)
+
+
+def test_run_reference_norms_every_residual_where_the_model_placed_it(monkeypatch):
+    """run_reference norms each residual from a copy at the model's own address modulo 64 bytes:
+    the embeddings (residual 0, saved by the first block's pre-hook) as well as block outputs,
+    since torch's CUDA LayerNorm picks its kernel by alignment (MisalignedBlocks: all misaligned)."""
+    from helpers import MisalignedBlocks
+    from residtap import reference
+
+    model = MisalignedBlocks()
+    placed = []  # where the model holds residual 0, 1, 2
+    model.layers[0].register_forward_pre_hook(lambda m, a: placed.append(a[0].data_ptr() % 64))
+    for layer in model.layers:
+        layer.register_forward_hook(lambda m, a, o: placed.append(o.data_ptr() % 64))
+    normed_at = []
+    real = reference.block_outputs
+
+    def spy(out, *args, **kwargs):
+        normed_at.append(out.data_ptr() % 64)
+        return real(out, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "block_outputs", spy)
+    ids = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
+    run_reference(model, ids, outputs=OUTPUTS, blocks="layers", final_norm="norm")
+    assert len(placed) == 3 and all(a % 16 for a in placed), placed
+    assert normed_at == placed
+
+
+_HOST_READS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero",
+               "argwhere", "unique", "masked_select"}
+
+
+class _HostReadSpy(torch.overrides.TorchFunctionMode):
+    """Records the tensor calls that read device values on the host (a sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in _HOST_READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "overlap"])
+@pytest.mark.parametrize("positions", [None, [0, -1, 3], "last", slice(2, 7)], ids=str)
+def test_capture_hooks_read_nothing_back_to_the_host(positions, overlap):
+    """The CPU proxy of test_cuda's sync-debug tests, so that CI sees it: residtap's hooks (set-up on
+    the first forward included) never turn a tensor into a Python value, which on CUDA is a host
+    sync. HF's own mask handling is outside the hooks and not watched."""
+    model = tiny_gpt2(2, 64, 2)
+    ids = ids_for(model, 2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    cap = residtap.Capture(model, positions=positions, outputs=OUTPUTS, overlap=overlap)
+    spy = _HostReadSpy()
+    calls = []
+
+    def watched(name, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            with spy:
+                return fn(*args, **kwargs)
+        return run
+
+    hooks = ("_on_model_enter", "_on_model_call", "_on_first_block", "_begin", "_write", "_on_model_exit")
+    for name in hooks:
+        setattr(cap, name, watched(name, getattr(cap, name)))
+    for _ in range(2):
+        with cap, torch.no_grad():
+            model(ids, attention_mask=mask)
+    assert calls.count("_write") == 6 and calls.count("_on_model_exit") == 2
+    assert spy.reads == []
+    assert_same_outputs(cap, run_reference(model, ids, attention_mask=mask, positions=positions,
+                                           outputs=OUTPUTS), OUTPUTS)

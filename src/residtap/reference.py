@@ -212,7 +212,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     def pre_hook(_mod, a, kw):
         if 0 in saved:
             ran_twice(0)
-        saved[0] = (layout.hidden_from_args(a, kw).detach().clone(), None)
+        # placed like the original: residual 0 (the embeddings) is normed as the model holds it too
+        saved[0] = (_clone_as_placed(layout.hidden_from_args(a, kw).detach()), None)
 
     def make_hook(i):
         def hook(_mod, a, kw, output):
