@@ -379,6 +379,35 @@ def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch, device):
     assert again.complete and again.shards_written == 0
 
 
+def test_a_shard_that_fails_to_publish_is_not_recorded_and_a_rerun_completes(tmp_path, monkeypatch):
+    """Publishing (hash, rename, record) runs on threads of its own, after the shard's host buffer
+    went back to the pool. A failure there is a clear error; that shard is neither recorded nor left
+    behind, the shards written whole around it are, and a rerun fills the gap byte-identically."""
+    path, _ = ids_file(tmp_path, 8 * 24)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", outputs=("resid", "stats"), progress=False)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "ref", **kw)
+    real = store.sha256_file
+
+    def failing(p, *args, **kwargs):
+        if os.path.basename(p) == store.shard_name(2):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(store, "sha256_file", failing)
+    with pytest.raises(store.StoreError, match=r"publishing shard 2 .*Input/output error"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", writers=2, **kw)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    recorded = [r["index"] for r in m["shards"]]
+    assert not m["complete"] and 2 not in recorded and {0, 1} <= set(recorded)
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == \
+        [store.shard_name(i) for i in sorted(recorded)]
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+    monkeypatch.setattr(store, "sha256_file", real)
+    res = residtap.extract(tiny_gpt2(), path, tmp_path / "out", **kw)
+    assert res.complete and res.shards_skipped == len(recorded)
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+
+
 def test_a_full_disk_reported_by_safetensors_is_a_clear_error(tmp_path, monkeypatch):
     """safetensors raises its own SafetensorError, not OSError, when a write fails; the message
     ends in the OS error number (format checked against safetensors' real error for a missing

@@ -8,7 +8,10 @@ The pipeline, per batch (two Capture objects alternate, so one can be copied out
 
     compute stream:  [wait: slot k free] forward with Capture k → event F
     copy stream:     [wait F] D2H of every captured tensor into a pinned host shard buffer → event C_k
-    writer threads:  [wait the shard's last C] safetensors file → fsync → sha256 → rename → manifest
+    writer threads:  [wait the shard's last C] safetensors file under a temporary name → fsync
+                     (the host buffer is free again here)
+    publisher threads: sha256 of the written file → rename → manifest (as many as writers: hashing
+                     costs more per byte than writing, and this way it holds no host buffer)
 
 Capture k's buffers are overwritten by its next forward only after C_k (the compute stream waits on
 it), so no copy ever reads half-overwritten data; ``record_stream`` keeps buffers freed by a shape
@@ -108,7 +111,7 @@ class ExtractResult:
     n_rows: int  # captured rows written by this call
     bytes_written: int
     seconds: float  # from the first forward to the last shard durable
-    waits: dict  # seconds, by what on: "model", "disk", "d2h", "write" (see _Waits)
+    waits: dict  # seconds, by what on: "model", "disk", "d2h", "write", "hash" (see _Waits)
     manifest: dict
     writers: int = 0  # writer threads this call ran (fewer than asked where host_memory is short)
 
@@ -195,10 +198,11 @@ def load_tokenizer(path: str):
 class _Waits:
     """Seconds spent, by what on: the main thread in the forward ("model": on CUDA, waiting for the
     GPU) or blocked for a free host buffer ("disk": the writers are behind); the writer threads
-    blocked on a device-to-host copy ("d2h") or busy writing and hashing ("write", summed)."""
+    blocked on a device-to-host copy ("d2h") or busy writing ("write", summed); the publisher threads
+    busy hashing and renaming written shards ("hash", summed)."""
 
     def __init__(self):
-        self.t = {"model": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0}
+        self.t = {"model": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0, "hash": 0.0}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -281,7 +285,8 @@ def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int) -> str:
     e = max(elapsed, 1e-9)
     return (f"wait {label} {100 * waits['model'] / e:.0f}% disk {100 * waits['disk'] / e:.0f}% "
             f"d2h {100 * waits['d2h'] / (e * n_writers):.0f}% | writers busy "
-            f"{100 * waits['write'] / (e * n_writers):.0f}%")
+            f"{100 * waits['write'] / (e * n_writers):.0f}% hashing "
+            f"{100 * waits['hash'] / (e * n_writers):.0f}%")
 
 
 def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
@@ -312,7 +317,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     (``"auto"``, ``"balanced"``, a dict, ...) loads a model given by name that way (accelerate);
     ``device`` then does not apply. ``overlap``: as in :func:`residtap.capture` (CUDA: each
     layer's capture on a side stream beside the next blocks); it changes no stored byte, so a run
-    may resume with either.
+    may resume with either. ``writers``: threads writing shards, each with one host buffer of
+    ``shard_size`` (fewer where ``host_memory`` is short); as many threads again hash and publish them.
 
     Example::
 
@@ -681,7 +687,9 @@ class _Run:
                 "was overwritten. Restore the data, or use a new --out directory.")
 
     # -------------------------------------------------------------------- writer side
-    def _writer(self, jobs: queue.Queue, pool: queue.Queue, bar) -> None:
+    def _writer(self, jobs: queue.Queue, pool: queue.Queue, published: queue.Queue) -> None:
+        """Writes each shard handed over (after its copies to the host), fsynced under a temporary
+        name, then returns the host buffer at once: hashing and renaming are the publishers'."""
         if self.cuda:  # else this thread's first CUDA call (an event wait) would open a context on
             torch.cuda.set_device(self.device)  # GPU 0, which another rank of torchrun is using
         while (host := jobs.get()) is not None:
@@ -696,24 +704,39 @@ class _Run:
                 b = host.block
                 meta = {"format": _store.FORMAT, "shard": b.index, "seq_start": b.seq_start,
                         "layer_ids": ",".join(map(str, self.cfg.layer_ids))}
+                record = {"index": b.index, "seq_start": b.seq_start, "seq_stop": b.seq_start + b.n_seqs,
+                          "n_seqs": b.n_seqs, "n_tokens": b.n_tokens, "n_rows": n_rows,
+                          "input_sha256": b.digest(), "source_first": b.source[0].tolist(),
+                          "source_last": b.source[-1].tolist()}
                 with self.waits.on("write"):
-                    rec = _store.write_shard(self.manifest.out, b.index, tensors, meta)
-                    record = {"index": b.index, **rec, "seq_start": b.seq_start,
-                              "seq_stop": b.seq_start + b.n_seqs, "n_seqs": b.n_seqs,
-                              "n_tokens": b.n_tokens, "n_rows": n_rows, "input_sha256": b.digest(),
-                              "source_first": b.source[0].tolist(), "source_last": b.source[-1].tolist()}
-                    self.manifest.add(record)
-                with self._stats_lock:
-                    self.written += 1
-                    self.n_rows += n_rows
-                    self.bytes += rec["bytes"]
-                if bar is not None:
-                    bar.set_postfix_str(self._postfix(), refresh=False)
+                    pending = _store.write_shard_file(self.manifest.out, b.index, tensors, meta)
+                del tensors  # views of the host buffer, which goes back to the pool now
+                published.put((pending, record))
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
                 self.errors.append(e)
             finally:
                 host.block, host.events = None, []
                 pool.put(host)
+
+    def _publisher(self, published: queue.Queue, bar) -> None:
+        """Hashes each written shard, renames it to its final name and records it in the manifest:
+        beside the writers, so that hashing (slower than writing per byte) holds no host buffer."""
+        while (item := published.get()) is not None:
+            pending, record = item
+            try:  # even after a failure elsewhere: a shard written whole is good, a resume keeps it
+                with self.waits.on("hash"):
+                    rec = _store.publish_shard(pending)
+                    self.manifest.add({"index": record["index"], **rec,
+                                       **{k: v for k, v in record.items() if k != "index"}})
+                with self._stats_lock:
+                    self.written += 1
+                    self.n_rows += record["n_rows"]
+                    self.bytes += rec["bytes"]
+                if bar is not None:
+                    bar.set_postfix_str(self._postfix(), refresh=False)
+            except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
+                _store.discard_shard(pending)
+                self.errors.append(e)
 
     def _shard_tensors(self, host: _HostShard) -> tuple[dict, int]:
         b = host.block
@@ -770,9 +793,15 @@ class _Run:
 
             bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
                        desc=f"extract{f' rank {self.rank}' if self.world > 1 else ''}")
-        threads = [threading.Thread(target=self._writer, args=(jobs, pool, bar), daemon=True,
-                                    name=f"residtap-writer-{k}") for k in range(self.n_buffers - 1)]
-        for t in threads:
+        n_writers = self.n_buffers - 1
+        # Written shards waiting for a publisher: bounded, so that writers (and then the forwards)
+        # wait when hashing falls behind rather than leave ever more shards unrecorded.
+        published: queue.Queue = queue.Queue(maxsize=2 * n_writers)
+        threads = [threading.Thread(target=self._writer, args=(jobs, pool, published), daemon=True,
+                                    name=f"residtap-writer-{k}") for k in range(n_writers)]
+        publishers = [threading.Thread(target=self._publisher, args=(published, bar), daemon=True,
+                                       name=f"residtap-publisher-{k}") for k in range(n_writers)]
+        for t in threads + publishers:
             t.start()
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
                         self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap)
@@ -839,6 +868,10 @@ class _Run:
             for _ in threads:
                 jobs.put(None)  # writers finish the shards already handed over, then stop
             for t in threads:
+                t.join()
+            for _ in publishers:
+                published.put(None)  # then publishers finish what the writers wrote
+            for t in publishers:
                 t.join()
             self.seconds = time.perf_counter() - self._t0
             if bar is not None:
@@ -1014,7 +1047,8 @@ def register_cli(sub) -> None:
     e.add_argument("--split", default=None, help="dataset split (default train)")
     e.add_argument("--shard-size", default="1GiB", help="activation bytes per shard, whole batches (1GiB)")
     e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")
-    e.add_argument("--writers", type=int, default=2, help="writer threads (2)")
+    e.add_argument("--writers", type=int, default=2,
+                   help="writer threads (2), each with one shard buffer; as many publish (hash, rename)")
     e.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
     e.add_argument("--device-map", default=None,
                    help="load the model spread over devices (accelerate): auto, balanced, sequential, "

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import struct
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -143,17 +143,28 @@ def _save_file(tensors: dict, path: str, metadata: dict) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
 
 
-def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
-    """Write one shard crash-safe; return its manifest record fields (file, bytes, sha256).
+class PendingShard(NamedTuple):
+    """A shard written and fsynced under its temporary name, not yet hashed or renamed."""
 
-    The file appears under its final name only once complete and fsynced; on any error the temporary
-    files are removed and a StoreError says why. Everything temporary lives in a directory of this
-    shard's own (``.shard-N.tmp/``): safetensors writes through a temporary file of its own naming
-    beside its target, which a SIGKILL leaves behind, and only the rank that owns shard N may remove
-    it on resume (see remove_stale_temporaries).
+    index: int
+    work: str  # the shard's own temporary directory
+    tmp: str  # the file in it
+    final: str  # where it goes once hashed
+
+
+def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor],
+                     metadata: dict) -> PendingShard:
+    """The first half of :func:`write_shard`: the shard's bytes written and fsynced under a temporary
+    name, so that the tensors' memory can be reused at once; :func:`publish_shard` then hashes and
+    renames it (extract runs the two halves on different threads). On any error the temporary files
+    are removed and a StoreError says why.
+
+    Everything temporary lives in a directory of this shard's own (``.shard-N.tmp/``): safetensors
+    writes through a temporary file of its own naming beside its target, which a SIGKILL leaves
+    behind, and only the rank that owns shard N may remove it on resume (see
+    remove_stale_temporaries).
     """
     name = shard_name(index)
-    final = os.path.join(directory, name)
     work = _temp_dir(directory, index)
     tmp = os.path.join(work, name)
     try:
@@ -167,16 +178,44 @@ def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], me
             os.fsync(fd)
         finally:
             os.close(fd)
-        # Hash what is in the file (read back from the page cache): the record vouches for the bytes.
-        digest = sha256_file(tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, final)
-        fsync_dir(directory)
     except OSError as e:
+        _remove_tree_quietly(work)
         raise os_error(e, f"writing shard {index} to", tmp) from e
+    except BaseException:
+        _remove_tree_quietly(work)
+        raise
+    return PendingShard(index, work, tmp, os.path.join(directory, name))
+
+
+def publish_shard(pending: PendingShard) -> dict:
+    """The second half of :func:`write_shard`: hash the written file (read back from the page cache:
+    the record vouches for the bytes in the file), rename it to its final name and make the rename
+    durable; returns the shard's manifest record fields (file, bytes, sha256)."""
+    try:
+        digest = sha256_file(pending.tmp)
+        size = os.path.getsize(pending.tmp)
+        os.replace(pending.tmp, pending.final)
+        fsync_dir(os.path.dirname(pending.final))
+    except OSError as e:
+        raise os_error(e, f"publishing shard {pending.index} as", pending.final) from e
     finally:
-        _remove_tree_quietly(work)  # empty after the rename; on any error, what was written
-    return {"file": name, "bytes": size, "sha256": digest}
+        _remove_tree_quietly(pending.work)  # empty after the rename; on any error, what was written
+    return {"file": os.path.basename(pending.final), "bytes": size, "sha256": digest}
+
+
+def discard_shard(pending: PendingShard) -> None:
+    """Remove a written shard that will not be published (the run is failing)."""
+    _remove_tree_quietly(pending.work)
+
+
+def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    """Write one shard crash-safe; return its manifest record fields (file, bytes, sha256).
+
+    The file appears under its final name only once complete, fsynced and hashed; on any error the
+    temporary files are removed and a StoreError says why. The two halves, for callers that overlap
+    them: :func:`write_shard_file` and :func:`publish_shard`.
+    """
+    return publish_shard(write_shard_file(directory, index, tensors, metadata))
 
 
 def _temp_dir(directory: str, index: int) -> str:
