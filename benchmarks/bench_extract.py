@@ -15,10 +15,19 @@ bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pi
 >= 0.90 when the disk is the bound). ``bound_<t>`` says which limit applied: "forward" when the raw
 write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is where the
 pipeline's threads spent their time (seconds): the main thread in the forward ("model") or blocked
-for a free host buffer ("disk"); the writers blocked on device-to-host copies ("d2h") or writing and
-hashing ("write", summed over writers).
+for a free host buffer ("disk"); the writers blocked on device-to-host copies ("d2h") or writing
+("write", summed over writers); the publishers hashing and renaming written shards ("hash", summed).
+
+--host-only measures the host side alone, on synthetic shards (no model, any machine): the raw write
+against the store's two ways of writing a shard, from the same number of writer threads:
+
+  serial_<t>_s     each thread writes, fsyncs, hashes (sha256, read back) and renames its shards
+                   (store.write_shard: what the writers did before publishing got threads of its own)
+  split_<t>_s      writer threads write and fsync (store.write_shard_file); as many publisher threads
+                   hash and rename (store.publish_shard): extract's pipeline
 
     python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
+    python benchmarks/bench_extract.py --host-only     # 8 shards of 128 MiB per target, any machine
     python benchmarks/bench_extract.py --smoke         # CPU, seconds
     python benchmarks/bench_extract.py --disk-dir /scratch --batches 16
 """
@@ -26,6 +35,7 @@ hashing ("write", summed over writers).
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -38,6 +48,7 @@ import torch
 from _common import base_parser, print_table, resolve_device, row, sync, write_rows
 
 import residtap
+from residtap.extract import parse_size
 from residtap.models import random_gpt2
 
 CONFIGS = {  # name → (size, overrides, dtype, batch, seq, batches)
@@ -96,6 +107,72 @@ def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> fl
     return seconds
 
 
+def store_write(directory: str, shards: int, tensors: dict, threads: int, split: bool) -> float:
+    """Write `shards` copies of `tensors` as crash-safe shards from `threads` writer threads, either
+    each thread doing everything (store.write_shard) or handing each written file to as many
+    publisher threads (extract's pipeline); seconds until the last shard is published."""
+    from residtap import store
+
+    out = tempfile.mkdtemp(prefix="residtap-bench-store-", dir=directory)
+    todo, lock = list(range(shards)), threading.Lock()
+    published = queue.Queue(maxsize=2 * threads)
+
+    def writer():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            if split:
+                published.put(store.write_shard_file(out, i, tensors, {"bench": "1"}))
+            else:
+                store.write_shard(out, i, tensors, {"bench": "1"})
+
+    def publisher():
+        while (pending := published.get()) is not None:
+            store.publish_shard(pending)
+
+    ws = [threading.Thread(target=writer) for _ in range(threads)]
+    ps = [threading.Thread(target=publisher) for _ in range(threads if split else 0)]
+    t0 = time.perf_counter()
+    for t in ws + ps:
+        t.start()
+    for t in ws:
+        t.join()
+    for _ in ps:
+        published.put(None)
+    for t in ps:
+        t.join()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
+def host_only(args, writers: int) -> list:
+    """The --host-only rows: raw write vs store.write_shard vs write_shard_file + publish_shard."""
+    shard = (parse_size(args.shard_size, "--shard-size") if args.shard_size
+             else (8 << 20 if args.smoke else 128 << 20))
+    shards = args.batches or (4 if args.smoke else 8)
+    n_tensors = 8
+    numel = shard // (2 * n_tensors)
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"resid.{i}": torch.randn(numel, generator=g).to(torch.bfloat16) for i in range(n_tensors)}
+    r = {"model": "synthetic", "shard_bytes": shard, "shards": shards, "writers": writers}
+    for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
+        if shutil.disk_usage(d).free < 1.2 * shard * shards:
+            r[f"skipped_{tag}"] = f"{d} has too little free space"
+            continue
+        times = {"raw": [], "serial": [], "split": []}
+        for _ in range(2):  # round-robin, twice; the faster of each (page cache, writeback noise)
+            times["raw"].append(raw_write(d, shard * shards, shard, writers))
+            times["serial"].append(store_write(d, shards, tensors, writers, split=False))
+            times["split"].append(store_write(d, shards, tensors, writers, split=True))
+        raw_s, serial_s, split_s = (min(times[k]) for k in ("raw", "serial", "split"))
+        r.update({f"raw_{tag}_s": raw_s, f"serial_{tag}_s": serial_s, f"split_{tag}_s": split_s,
+                  f"bw_frac_serial_{tag}": raw_s / serial_s, f"bw_frac_split_{tag}": raw_s / split_s})
+    return [row("cpu", bench="extract_host", **r)]
+
+
 def run_extract(model, ids, directory, batch, writers, shard_size, host_memory, device):
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
@@ -115,7 +192,17 @@ def main() -> int:
     p.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on the disk to measure")
     p.add_argument("--writers", type=int, default=None, help="writer threads (default min(4, cores))")
     p.add_argument("--shard-size", default=None, help="bytes per shard (default 1 batch's worth)")
+    p.add_argument("--host-only", action="store_true",
+                   help="the host side alone on synthetic shards: raw write vs the store's two ways")
     args = p.parse_args()
+    if args.host_only:
+        writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
+        rows = host_only(args, writers)
+        print_table(rows, ["shard_bytes", "shards", "writers", "raw_ram_s", "serial_ram_s", "split_ram_s",
+                           "bw_frac_serial_ram", "bw_frac_split_ram", "raw_disk_s", "serial_disk_s",
+                           "split_disk_s", "bw_frac_serial_disk", "bw_frac_split_disk"])
+        print(f"wrote {write_rows(rows, 'bench_extract_host', args.out)}")
+        return 0
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in (args.models.split(",") if args.models
                                                                  else CONFIGS)}
