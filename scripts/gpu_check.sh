@@ -94,6 +94,8 @@ fi
 if [ "$PART" = extract ] || [ "$PART" = all ]; then
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
+    # the host side alone (no GPU): raw write vs serial vs split shard writing, on the GPU host's cores
+    step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
 fi
 if [ "$PART" != extract ]; then  # last, in whatever time is left: every model family on the GPU
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
