@@ -693,6 +693,7 @@ class _Run:
         if self.cuda:  # else this thread's first CUDA call (an event wait) would open a context on
             torch.cuda.set_device(self.device)  # GPU 0, which another rank of torchrun is using
         while (host := jobs.get()) is not None:
+            written = None
             try:
                 if self.errors:
                     continue  # stop writing once anything failed; the buffer goes back below
@@ -709,14 +710,15 @@ class _Run:
                           "input_sha256": b.digest(), "source_first": b.source[0].tolist(),
                           "source_last": b.source[-1].tolist()}
                 with self.waits.on("write"):
-                    pending = _store.write_shard_file(self.manifest.out, b.index, tensors, meta)
-                del tensors  # views of the host buffer, which goes back to the pool now
-                published.put((pending, record))
+                    written = (_store.write_shard_file(self.manifest.out, b.index, tensors, meta), record)
+                del tensors  # views of the host buffer
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
                 self.errors.append(e)
             finally:
                 host.block, host.events = None, []
-                pool.put(host)
+                pool.put(host)  # free for the next forward's copies before waiting for a publisher
+            if written is not None:
+                published.put(written)
 
     def _publisher(self, published: queue.Queue, bar) -> None:
         """Hashes each written shard, renames it to its final name and records it in the manifest:
