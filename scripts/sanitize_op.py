@@ -24,12 +24,12 @@ WIDTHS = (64, 200, 512, 1024, 1600, 4096, 8192, 68, 66, 8200)
 DEVICE = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 
 
-def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None) -> list[str]:
+def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None, affine: str = "wb") -> list[str]:
     g = torch.Generator().manual_seed(d + rows)
     out = (torch.randn(2, rows, d, generator=g) * 3 + 30).to(dtype).to(DEVICE)
     inp = (torch.randn(2, rows, d, generator=g) * 3).to(dtype).to(DEVICE)
-    w = (torch.randn(d, generator=g) + 1).to(dtype).to(DEVICE)
-    b = torch.randn(d, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(d, generator=g) + 1).to(dtype).to(DEVICE) if "w" in affine else None
+    b = torch.randn(d, generator=g).to(dtype).to(DEVICE) if "b" in affine else None
     index = None
     if index_kind == "1d":
         index = torch.tensor([rows - 1, 0, rows // 2], device=DEVICE)
@@ -46,7 +46,8 @@ def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None) -> list[str
         res[name] = bufs
     for n in res["op"]:
         if not torch.equal(res["op"][n], res["ref"][n]):
-            bad.append(f"{n} differs at rows={rows} d={d} {dtype}->{cap_dtype} index={index_kind}")
+            bad.append(f"{n} differs at rows={rows} d={d} {dtype}->{cap_dtype} index={index_kind} "
+                       f"affine={affine or 'none'}")
     return bad
 
 
@@ -59,6 +60,9 @@ def main() -> int:
             for rows, index_kind in ((1, None), (37, None), (9, "1d"), (9, "2d")):
                 bad += one(rows, d, dtype, dtype, index_kind)
         bad += one(5, 1024, dtype, torch.float32 if dtype != torch.float32 else torch.bfloat16, None)
+        for affine in ("w", "b", ""):  # the norm's other branches: weight only, bias only, neither
+            for d in (512, 200):  # the fast kernel; 200: the generic one for 16-bit types
+                bad += one(9, d, dtype, dtype, None, affine)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     print("\n".join(bad) or "sanitize_op: all variants ran and matched the reference")
