@@ -11,6 +11,8 @@ use_cache=False, every residual index 0..n_layers:
                  once (its buffers are reused) and entered around each forward
   capture_overlap  the same with overlap=True: each layer's capture on a side stream, beside the
                  next blocks (residtap.overlap); on CPU it runs in place, like capture
+  capture_resid  residtap.Capture(outputs=("resid",)): every block's output and nothing else, like
+                 hooks_copy, nnsight and TransformerLens (the use of SAE training)
   reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
   hidden_states  HF output_hidden_states=True (no copies; the final entry is after ln_f)
   hooks_copy     plain forward hooks copying each block's output into one preallocated buffer
@@ -142,15 +144,15 @@ def bytes_floor_method(model, ids):
     return run
 
 
-def check_capture(cap, model, ids) -> str | None:
+def check_capture(cap, model, ids, outputs=OUTPUTS) -> str | None:
     """None when one capture equals the reference (l2 within 2 ulp of float64), else what differs."""
     with cap:
         model(input_ids=ids, use_cache=False)
-    ref = run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False).outputs
+    ref = run_reference(model, input_ids=ids, outputs=outputs, use_cache=False).outputs
     for name in ("resid", "delta", "normed"):
-        if not torch.equal(getattr(cap, name), ref[name]):
+        if name in outputs and not torch.equal(getattr(cap, name), ref[name]):
             return f"{name} differs from the reference"
-    for stat in STAT_NAMES:
+    for stat in STAT_NAMES if "stats" in outputs else ():
         got, want = getattr(cap.stats, stat), getattr(ref["stats"], stat)
         if stat != "l2":
             if not torch.equal(got, want):
@@ -177,7 +179,10 @@ def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
     return times
 
 
-CAPTURES = {"capture": {}, "capture_overlap": {"overlap": True}}  # method -> extra Capture kwargs
+# method -> (outputs, extra Capture kwargs). capture_resid is the like-for-like row for hooks_copy,
+# nnsight and TransformerLens, which keep each block's output and nothing else.
+CAPTURES = {"capture": (OUTPUTS, {}), "capture_overlap": (OUTPUTS, {"overlap": True}),
+            "capture_resid": (("resid",), {})}
 
 
 def measure(model, ids, device, iters: int, warmup: int, check: bool):
@@ -194,9 +199,9 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
             return run
 
         methods = {"forward": lambda: model(input_ids=ids, use_cache=False)}
-        for name, kwargs in CAPTURES.items():
-            cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled", **kwargs)
-            problem = check_capture(cap, model, ids) if check else None
+        for name, (outputs, kwargs) in CAPTURES.items():
+            cap = residtap.Capture(model, outputs=outputs, backend="compiled", **kwargs)
+            problem = check_capture(cap, model, ids, outputs) if check else None
             if problem:  # never time wrong code
                 problems[name] = problem
             else:
