@@ -534,9 +534,10 @@ class Capture:
     def _ran_twice(self, block: int) -> None:
         self._state = "failed"
         raise UnsupportedStreamError(
-            f"residtap: block {block} of {self.layout.family} ran more than once in one forward of {type(self.model).__name__}. A model that loops over its blocks "
-            "(recurrent or looped layers) has no single residual per block, which is what residtap "
-            "captures; nothing was kept from this forward")
+            f"residtap: block {block} of {self.layout.family} ran more than once in one forward of "
+            f"{type(self.model).__name__}. A model that loops over its blocks (recurrent or looped "
+            "layers) has no single residual per block, which is what residtap captures; nothing was "
+            "kept from this forward")
 
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         if layer_id in self._done:

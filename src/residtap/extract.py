@@ -705,13 +705,12 @@ class _Run:
                 b = host.block
                 meta = {"format": _store.FORMAT, "shard": b.index, "seq_start": b.seq_start,
                         "layer_ids": ",".join(map(str, self.cfg.layer_ids))}
-                record = {"index": b.index, "seq_start": b.seq_start, "seq_stop": b.seq_start + b.n_seqs,
-                          "n_seqs": b.n_seqs, "n_tokens": b.n_tokens, "n_rows": n_rows,
-                          "input_sha256": b.digest(), "source_first": b.source[0].tolist(),
-                          "source_last": b.source[-1].tolist()}
+                # the record's fields after index, file, bytes and sha256 (publish_shard's)
+                fields = {"seq_start": b.seq_start, "seq_stop": b.seq_start + b.n_seqs, "n_seqs": b.n_seqs,
+                          "n_tokens": b.n_tokens, "n_rows": n_rows, "input_sha256": b.digest(),
+                          "source_first": b.source[0].tolist(), "source_last": b.source[-1].tolist()}
                 with self.waits.on("write"):
-                    written = (_store.write_shard_file(self.manifest.out, b.index, tensors, meta), record)
-                del tensors  # views of the host buffer
+                    written = (_store.write_shard_file(self.manifest.out, b.index, tensors, meta), fields)
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
                 self.errors.append(e)
             finally:
@@ -724,20 +723,18 @@ class _Run:
         """Hashes each written shard, renames it to its final name and records it in the manifest:
         beside the writers, so that hashing (slower than writing per byte) holds no host buffer."""
         while (item := published.get()) is not None:
-            pending, record = item
+            pending, fields = item
             try:  # even after a failure elsewhere: a shard written whole is good, a resume keeps it
                 with self.waits.on("hash"):
-                    rec = _store.publish_shard(pending)
-                    self.manifest.add({"index": record["index"], **rec,
-                                       **{k: v for k, v in record.items() if k != "index"}})
+                    rec = _store.publish_shard(pending)  # removes its temporaries whatever happens
+                    self.manifest.add({"index": pending.index, **rec, **fields})
                 with self._stats_lock:
                     self.written += 1
-                    self.n_rows += record["n_rows"]
+                    self.n_rows += fields["n_rows"]
                     self.bytes += rec["bytes"]
                 if bar is not None:
                     bar.set_postfix_str(self._postfix(), refresh=False)
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
-                _store.discard_shard(pending)
                 self.errors.append(e)
 
     def _shard_tensors(self, host: _HostShard) -> tuple[dict, int]:

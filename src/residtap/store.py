@@ -178,11 +178,10 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
+    except BaseException as e:
         _remove_tree_quietly(work)
-        raise os_error(e, f"writing shard {index} to", tmp) from e
-    except BaseException:
-        _remove_tree_quietly(work)
+        if isinstance(e, OSError):
+            raise os_error(e, f"writing shard {index} to", tmp) from e
         raise
     return PendingShard(index, work, tmp, os.path.join(directory, name))
 
@@ -201,11 +200,6 @@ def publish_shard(pending: PendingShard) -> dict:
     finally:
         _remove_tree_quietly(pending.work)  # empty after the rename; on any error, what was written
     return {"file": os.path.basename(pending.final), "bytes": size, "sha256": digest}
-
-
-def discard_shard(pending: PendingShard) -> None:
-    """Remove a written shard that will not be published (the run is failing)."""
-    _remove_tree_quietly(pending.work)
 
 
 def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
