@@ -24,7 +24,9 @@ against the store's two ways of writing a shard, from the same number of writer 
   serial_<t>_s     each thread writes, fsyncs, hashes (sha256, read back) and renames its shards
                    (store.write_shard: what the writers did before publishing got threads of its own)
   split_<t>_s      writer threads write and fsync (store.write_shard_file); as many publisher threads
-                   hash and rename (store.publish_shard): extract's pipeline
+                   hash and rename (store.publish_shard)
+  wide_<t>_s       the same with ``publishers`` publisher threads (--publishers, default
+                   residtap.extract.default_publishers(writers): extract's default pipeline)
 
     python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
     python benchmarks/bench_extract.py --host-only     # 8 shards of 128 MiB per target, any machine
@@ -48,7 +50,7 @@ import torch
 from _common import base_parser, print_table, resolve_device, row, sync, write_rows
 
 import residtap
-from residtap.extract import parse_size
+from residtap.extract import default_publishers, parse_size
 from residtap.models import random_gpt2
 
 CONFIGS = {  # name → (size, overrides, dtype, batch, seq, batches)
@@ -107,15 +109,16 @@ def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> fl
     return seconds
 
 
-def store_write(directory: str, shards: int, tensors: dict, threads: int, split: bool) -> float:
+def store_write(directory: str, shards: int, tensors: dict, threads: int, publishers: int) -> float:
     """Write `shards` copies of `tensors` as crash-safe shards from `threads` writer threads, either
-    each thread doing everything (store.write_shard) or handing each written file to as many
-    publisher threads (extract's pipeline); seconds until the last shard is published."""
+    each thread doing everything (store.write_shard; publishers=0) or handing each written file to
+    `publishers` publisher threads (extract's pipeline); seconds until the last shard is published."""
     from residtap import store
 
     out = tempfile.mkdtemp(prefix="residtap-bench-store-", dir=directory)
     todo, lock = list(range(shards)), threading.Lock()
     published = queue.Queue(maxsize=2 * threads)
+    split = publishers > 0
 
     def writer():
         while True:
@@ -133,7 +136,7 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, split:
             store.publish_shard(pending)
 
     ws = [threading.Thread(target=writer) for _ in range(threads)]
-    ps = [threading.Thread(target=publisher) for _ in range(threads if split else 0)]
+    ps = [threading.Thread(target=publisher) for _ in range(publishers)]
     t0 = time.perf_counter()
     for t in ws + ps:
         t.start()
@@ -148,7 +151,7 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, split:
     return seconds
 
 
-def host_only(args, writers: int) -> list:
+def host_only(args, writers: int, publishers: int) -> list:
     """The --host-only rows: raw write vs store.write_shard vs write_shard_file + publish_shard."""
     shard = (parse_size(args.shard_size, "--shard-size") if args.shard_size
              else (8 << 20 if args.smoke else 128 << 20))
@@ -157,26 +160,31 @@ def host_only(args, writers: int) -> list:
     numel = shard // (2 * n_tensors)
     g = torch.Generator().manual_seed(0)
     tensors = {f"resid.{i}": torch.randn(numel, generator=g).to(torch.bfloat16) for i in range(n_tensors)}
-    r = {"model": "synthetic", "shard_bytes": shard, "shards": shards, "writers": writers}
+    r = {"model": "synthetic", "shard_bytes": shard, "shards": shards, "writers": writers,
+         "publishers": publishers}
     for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
         if shutil.disk_usage(d).free < 1.2 * shard * shards:
             r[f"skipped_{tag}"] = f"{d} has too little free space"
             continue
-        times = {"raw": [], "serial": [], "split": []}
+        ways = {"serial": 0, "split": writers, "wide": publishers}
+        times = {"raw": [], **{way: [] for way in ways}}
         for _ in range(2):  # round-robin, twice; the faster of each (page cache, writeback noise)
             times["raw"].append(raw_write(d, shard * shards, shard, writers))
-            times["serial"].append(store_write(d, shards, tensors, writers, split=False))
-            times["split"].append(store_write(d, shards, tensors, writers, split=True))
-        raw_s, serial_s, split_s = (min(times[k]) for k in ("raw", "serial", "split"))
-        r.update({f"raw_{tag}_s": raw_s, f"serial_{tag}_s": serial_s, f"split_{tag}_s": split_s,
-                  f"bw_frac_serial_{tag}": raw_s / serial_s, f"bw_frac_split_{tag}": raw_s / split_s})
+            for way, n in ways.items():
+                times[way].append(store_write(d, shards, tensors, writers, n))
+        raw_s = min(times["raw"])
+        r[f"raw_{tag}_s"] = raw_s
+        for way in ways:
+            r[f"{way}_{tag}_s"] = min(times[way])
+            r[f"bw_frac_{way}_{tag}"] = raw_s / min(times[way])
     return [row("cpu", bench="extract_host", **r)]
 
 
-def run_extract(model, ids, directory, batch, writers, shard_size, host_memory, device):
+def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device):
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
-        res = residtap.extract(model, ids, out, batch_size=batch, writers=writers, shard_size=shard_size,
+        res = residtap.extract(model, ids, out, batch_size=batch, writers=writers, publishers=publishers,
+                               shard_size=shard_size,
                                host_memory=host_memory, progress=False, verify_existing=False)
         sync(device)
         return res
@@ -191,16 +199,19 @@ def main() -> int:
     p.add_argument("--ram-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     p.add_argument("--disk-dir", default=tempfile.gettempdir(), help="a directory on the disk to measure")
     p.add_argument("--writers", type=int, default=None, help="writer threads (default min(4, cores))")
+    p.add_argument("--publishers", type=int, default=None,
+                   help="publisher threads (default: extract's, default_publishers(writers))")
     p.add_argument("--shard-size", default=None, help="bytes per shard (default 1 batch's worth)")
     p.add_argument("--host-only", action="store_true",
                    help="the host side alone on synthetic shards: raw write vs the store's two ways")
     args = p.parse_args()
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
-        rows = host_only(args, writers)
-        print_table(rows, ["shard_bytes", "shards", "writers", "raw_ram_s", "serial_ram_s", "split_ram_s",
-                           "bw_frac_serial_ram", "bw_frac_split_ram", "raw_disk_s", "serial_disk_s",
-                           "split_disk_s", "bw_frac_serial_disk", "bw_frac_split_disk"])
+        rows = host_only(args, writers, args.publishers or default_publishers(writers))
+        print_table(rows, ["shard_bytes", "shards", "writers", "publishers"]
+                    + [f"{k}_{t}_s" for t in ("ram", "disk") for k in
+                       ("raw", "serial", "split", "wide")]
+                    + [f"bw_frac_{k}_{t}" for t in ("ram", "disk") for k in ("serial", "split", "wide")])
         print(f"wrote {write_rows(rows, 'bench_extract_host', args.out)}")
         return 0
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
@@ -223,7 +234,8 @@ def main() -> int:
         host_memory = 2 * max(shard if isinstance(shard, int) else 0, batch_bytes) * (writers + 1) + (1 << 20)
         fwd_s = time_forward(model, ids, batch, device)
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
-        run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, shard, host_memory, device)
+        run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, args.publishers, shard, host_memory,
+                    device)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "batches": n_batches, "writers_asked": writers, "forward_s": fwd_s}
         for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
@@ -231,11 +243,12 @@ def main() -> int:
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
                 r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
                 continue
-            res = run_extract(model, ids, d, batch, writers, shard, host_memory, device)
+            res = run_extract(model, ids, d, batch, writers, args.publishers, shard, host_memory, device)
             # The raw write gets as many threads as the pipeline ran writers: like against like.
             raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1),
                               res.writers)
             r[f"writers_{tag}"] = res.writers
+            r[f"publishers_{tag}"] = res.publishers
             r[f"extract_{tag}_s"] = res.seconds
             r[f"raw_{tag}_s"] = raw_s
             r[f"GB_{tag}"] = res.bytes_written / 1e9

@@ -275,6 +275,53 @@ def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeyp
     assert_same_dirs(tmp_path / "plain", tmp_path / "async")
 
 
+@pytest.mark.parametrize("publishers", [1, 4])
+def test_publishers_run_as_many_as_asked_and_change_no_byte(tmp_path, monkeypatch, publishers):
+    """Publisher threads (hash, rename, record) are as many as asked, each of them used, and the
+    shards and the manifest's records are the same whatever their number (against one writer and
+    one publisher, the serial order)."""
+    ex = sys.modules["residtap.extract"]
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 24)
+    kw = dict(seq_len=8, batch_size=2, outputs=("resid", "stats"), layers=[0, 2], progress=False,
+              shard_size=2 * 8 * 2 * (64 + 4) * 4)  # one batch per shard: 12 shards
+    residtap.extract(model, path, tmp_path / "serial", writers=1, publishers=1, **kw)
+
+    used, first = set(), threading.Barrier(publishers, timeout=30)
+    publish = store.publish_shard
+
+    def slow_publish(pending):
+        used.add(threading.current_thread().name)
+        if pending.index < publishers:
+            first.wait()  # the first shards wait until every publisher holds one: all of them run
+        return publish(pending)
+
+    monkeypatch.setattr(ex._store, "publish_shard", slow_publish)
+    res = residtap.extract(model, path, tmp_path / "wide", writers=2, publishers=publishers, **kw)
+    assert (res.writers, res.publishers, res.shards_written) == (2, publishers, 12)
+    assert used == {f"residtap-publisher-{k}" for k in range(publishers)}
+    assert_same_dirs(tmp_path / "serial", tmp_path / "wide")
+
+
+def test_default_publishers_follow_the_cores(tmp_path, monkeypatch):
+    ex = sys.modules["residtap.extract"]
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, writers, want in [(16, 2, 4), (16, 4, 8), (8, 4, 4), (2, 2, 2), (1, 1, 1), (64, 3, 6)]:
+        monkeypatch.setattr(ex.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert ex.default_publishers(writers) == want, (cores, writers)
+    monkeypatch.setattr(ex.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the node's 16 cores
+    assert ex.default_publishers(2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    path, _ = ids_file(tmp_path, 8 * 4)
+    res = residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, writers=3, progress=False)
+    assert (res.writers, res.publishers) == (3, 6)  # what extract runs when not told
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"publishers: expected a positive int or None, got {bad!r}"):
+            residtap.extract(tiny_gpt2(), path, tmp_path / "bad", seq_len=8, publishers=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_copies_and_forwards_made_slow_still_give_the_same_bytes(tmp_path, monkeypatch):
     """The real CUDA queues, with a long sleep queued on the compute stream before each forward and
@@ -553,7 +600,10 @@ def test_bad_arguments(tmp_path, capsys):
     assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "i"),
                      "--layers", "0,9"]) == 2
     assert "layers" in capsys.readouterr().err
-    for d in "abcdefghi":
+    assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "j"),
+                     "--publishers", "0"]) == 2
+    assert "publishers: expected a positive int or None, got 0" in capsys.readouterr().err
+    for d in "abcdefghij":
         assert not (tmp_path / d).exists() or not shard_files(tmp_path / d)
 
 

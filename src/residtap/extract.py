@@ -10,8 +10,9 @@ The pipeline, per batch (two Capture objects alternate, so one can be copied out
     copy stream:     [wait F] D2H of every captured tensor into a pinned host shard buffer → event C_k
     writer threads:  [wait the shard's last C] safetensors file under a temporary name → fsync
                      (the host buffer is free again here)
-    publisher threads: sha256 of the written file → rename → manifest (as many as writers: hashing
-                     costs more per byte than writing, and this way it holds no host buffer)
+    publisher threads: sha256 of the written file → rename → manifest (by default up to twice as
+                     many as writers, where there are cores for them: hashing costs more per byte
+                     than writing, and this way it holds no host buffer)
 
 Capture k's buffers are overwritten by its next forward only after C_k (the compute stream waits on
 it), so no copy ever reads half-overwritten data; ``record_stream`` keeps buffers freed by a shape
@@ -76,6 +77,20 @@ def parse_size(value, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ settings
+def default_publishers(writers: int) -> int:
+    """Publisher threads for ``writers`` writer threads when the caller does not say: twice as many
+    where this process has the cores (sha256 runs at about half the speed of a write from memory,
+    and each thread hashes one shard at a time), never fewer than the writers. The cores are those
+    this process may run on, shared with the other processes of this node under torchrun
+    (LOCAL_WORLD_SIZE), less one per writer and one for the forwards."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(writers, min(2 * writers, cores - writers - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractOptions:
     """How the pipeline runs (validated at construction; ``ValueError`` names the argument)."""
@@ -87,13 +102,17 @@ class ExtractOptions:
     shard_size: int = 1 << 30  # bytes of activations per shard (rounded to whole batches, at least one)
     host_memory: int = 8 << 30  # bytes of host shard buffers, at most
     writers: int = 2
+    publishers: int | None = None  # None: default_publishers(writers run)
     verify_existing: bool = True
 
     def __post_init__(self):
-        for name in ("batch_size", "writers"):
+        for name in ("batch_size", "writers", "publishers"):
             v = getattr(self, name)
+            if v is None and name == "publishers":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+                raise ValueError(f"{name}: expected a positive int{' or None' if name == 'publishers' else ''}, "
+                                 f"got {v!r}")
         if self.packing not in _inputs.PACKINGS:
             raise ValueError(f"packing: expected one of {_inputs.PACKINGS}, got {self.packing!r}")
 
@@ -114,6 +133,7 @@ class ExtractResult:
     waits: dict  # seconds, by what on: "model", "disk", "d2h", "write", "hash" (see _Waits)
     manifest: dict
     writers: int = 0  # writer threads this call ran (fewer than asked where host_memory is short)
+    publishers: int = 0  # publisher threads (hash, rename, record) this call ran
 
     @property
     def tokens_per_s(self) -> float:
@@ -281,18 +301,19 @@ class _Manifest:
                                                "shards": [shards[i] for i in sorted(shards)]})
 
 
-def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int) -> str:
+def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int, n_publishers: int) -> str:
     e = max(elapsed, 1e-9)
     return (f"wait {label} {100 * waits['model'] / e:.0f}% disk {100 * waits['disk'] / e:.0f}% "
             f"d2h {100 * waits['d2h'] / (e * n_writers):.0f}% | writers busy "
-            f"{100 * waits['write'] / (e * n_writers):.0f}% hashing "
-            f"{100 * waits['hash'] / (e * n_writers):.0f}%")
+            f"{100 * waits['write'] / (e * n_writers):.0f}% publishers hashing "
+            f"{100 * waits['hash'] / (e * n_publishers):.0f}%")
 
 
 def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
-            shard_size="1GiB", host_memory="8GiB", writers: int = 2, device=None, model_dtype=None,
+            shard_size="1GiB", host_memory="8GiB", writers: int = 2, publishers: int | None = None,
+            device=None, model_dtype=None,
             seed: int = 0, device_map=None, backend: str | None = None, overlap: bool = False,
             model_name: str | None = None,
             progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
@@ -318,7 +339,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     ``device`` then does not apply. ``overlap``: as in :func:`residtap.capture` (CUDA: each
     layer's capture on a side stream beside the next blocks); it changes no stored byte, so a run
     may resume with either. ``writers``: threads writing shards, each with one host buffer of
-    ``shard_size`` (fewer where ``host_memory`` is short); as many threads again hash and publish them.
+    ``shard_size`` (fewer where ``host_memory`` is short). ``publishers``: threads that hash, rename
+    and record the written shards (default :func:`default_publishers`: up to twice the writers, as
+    the cores allow). Neither changes a stored byte.
 
     Example::
 
@@ -329,7 +352,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     opts = ExtractOptions(batch_size=batch_size, seq_len=seq_len, packing=packing, max_tokens=max_tokens,
                           shard_size=parse_size(shard_size, "shard_size"),
                           host_memory=parse_size(host_memory, "host_memory"), writers=writers,
-                          verify_existing=verify_existing)
+                          publishers=publishers, verify_existing=verify_existing)
     rank, world, local_rank = _dist_env(rank, world_size)
     if device_map is not None and (not isinstance(model, str) or device is not None or world > 1):
         raise ValueError(f"device_map: only applies to a model given by name or path, without device "
@@ -454,7 +477,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                          n_shards=final.get("n_shards", run.n_blocks), shards_written=run.written,
                          shards_skipped=run.skipped, n_tokens=run.n_tokens, n_rows=run.n_rows,
                          bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
-                         manifest=final, writers=run.n_buffers - 1)
+                         manifest=final, writers=run.n_writers, publishers=run.n_publishers)
 
 
 def _dist_env(rank, world_size):
@@ -656,6 +679,8 @@ class _Run:
         self.base, self.cfg, self.source, self.opts = base, cfg, source, opts
         self.specs, self.pos, self.n_pos, self.seqs_per_shard = specs, pos, n_pos, seqs_per_shard
         self.n_buffers, self.manifest, self.rank, self.world = n_buffers, manifest, rank, world
+        self.n_writers = n_buffers - 1  # each writes from one buffer while one more fills
+        self.n_publishers = opts.publishers or default_publishers(self.n_writers)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.progress = progress
@@ -768,7 +793,8 @@ class _Run:
     def _postfix(self) -> str:
         label = "gpu" if self.cuda else "cpu"
         el = time.perf_counter() - self._t0
-        return f"{_fmt_waits(self.waits.t, el, label, self.n_buffers - 1)} | shards {self.written}"
+        return (f"{_fmt_waits(self.waits.t, el, label, self.n_writers, self.n_publishers)} "
+                f"| shards {self.written}")
 
     # -------------------------------------------------------------------- main side
     def go(self) -> None:
@@ -792,14 +818,13 @@ class _Run:
 
             bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
                        desc=f"extract{f' rank {self.rank}' if self.world > 1 else ''}")
-        n_writers = self.n_buffers - 1
         # Written shards waiting for a publisher: bounded, so that writers (and then the forwards)
         # wait when hashing falls behind rather than leave ever more shards unrecorded.
-        published: queue.Queue = queue.Queue(maxsize=2 * n_writers)
+        published: queue.Queue = queue.Queue(maxsize=2 * self.n_writers)
         threads = [threading.Thread(target=self._writer, args=(jobs, pool, published), daemon=True,
-                                    name=f"residtap-writer-{k}") for k in range(n_writers)]
+                                    name=f"residtap-writer-{k}") for k in range(self.n_writers)]
         publishers = [threading.Thread(target=self._publisher, args=(published, bar), daemon=True,
-                                       name=f"residtap-publisher-{k}") for k in range(n_writers)]
+                                       name=f"residtap-publisher-{k}") for k in range(self.n_publishers)]
         for t in threads + publishers:
             t.start()
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
@@ -1000,7 +1025,8 @@ def cmd_extract(args) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
                       packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
                       split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
-                      writers=args.writers, device=args.device, model_dtype=args.model_dtype, seed=args.seed,
+                      writers=args.writers, publishers=args.publishers, device=args.device,
+                      model_dtype=args.model_dtype, seed=args.seed,
                       device_map=_parse_device_map(args.device_map),
                       backend=args.backend, overlap=args.overlap,
                       progress=False if args.no_progress else None,
@@ -1047,7 +1073,10 @@ def register_cli(sub) -> None:
     e.add_argument("--shard-size", default="1GiB", help="activation bytes per shard, whole batches (1GiB)")
     e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")
     e.add_argument("--writers", type=int, default=2,
-                   help="writer threads (2), each with one shard buffer; as many publish (hash, rename)")
+                   help="writer threads (2), each with one shard buffer")
+    e.add_argument("--publishers", type=int, default=None,
+                   help="threads hashing (sha256) and renaming written shards (default: twice the writers "
+                        "where the cores allow, at least as many)")
     e.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
     e.add_argument("--device-map", default=None,
                    help="load the model spread over devices (accelerate): auto, balanced, sequential, "
