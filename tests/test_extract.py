@@ -751,6 +751,15 @@ def test_a_shard_recomputed_by_torchrun_wins_over_the_stale_record_of_a_single_p
     residtap.open(out, verify=True)
 
 
+@pytest.mark.parametrize("n", [0, 1, 4097, 3 * 1024 + 5])
+def test_sha256_file_is_hashlibs_digest_of_the_bytes(tmp_path, n):
+    """Across the chunk size (1 KiB here: several chunks and a partial last one) and for an empty
+    file, which cannot be memory-mapped."""
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert store.sha256_file(tmp_path / "f", chunk=1024) == hashlib.sha256(data).hexdigest()
+
+
 def test_merged_records_prefer_the_record_that_describes_the_file(tmp_path):
     data = b"shard bytes"
     (tmp_path / "s.safetensors").write_bytes(data)
