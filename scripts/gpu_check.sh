@@ -12,8 +12,11 @@
 #            120 s, 3 of its 4 models done)
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
 #            re-check after a fix
+#   profile  where the op's time goes: scripts/profile_op.py's output subsets against their own copy
+#            ceilings (also in op and all), then Nsight Compute on one call per shape and dtype
+#            (ncu_op.csv; about 2 minutes, not measured yet)
 #
-#   bash scripts/gpu_check.sh [op|extract|all|tests]  # on a machine with a CUDA GPU, torch and nvcc
+#   bash scripts/gpu_check.sh [op|extract|all|tests|profile]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
 #
 # No install needed: the package runs from src/ (PYTHONPATH); the machine's torch, transformers,
@@ -31,7 +34,8 @@ case "$PART" in
     extract) budget=200 ;;
     all) budget=560 ;;
     tests) budget=300 ;;
-    *) echo "gpu_check.sh: expected op, extract, all or tests, got '$PART'" >&2; exit 2 ;;
+    profile) budget=300 ;;
+    *) echo "gpu_check.sh: expected op, extract, all, tests or profile, got '$PART'" >&2; exit 2 ;;
 esac
 LOG="$OUT/gpu_check-$PART.log"
 START=$SECONDS
@@ -73,12 +77,22 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     echo "build failed: nothing else can run" | tee -a "$LOG"
     exit 1
 fi
+if [ "$PART" = profile ]; then
+    step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
+    step profile-ncu 180 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+        --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
+    echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
+    [ ${#FAILED[@]} -eq 0 ]
+    exit
+fi
 if [ "$PART" != extract ]; then  # op, all, tests
     step cuda-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
         tests/test_cuda_order.py tests/test_parity.py tests/test_overlap.py
 fi
 if [ "$PART" = op ] || [ "$PART" = all ]; then
     step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
+    step profile-time 40 python3 scripts/profile_op.py time --out "$OUT"
     step bench-capture 180 python3 benchmarks/bench_capture.py --out "$OUT"
     step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py
     step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_op.py
@@ -94,7 +108,8 @@ fi
 if [ "$PART" = extract ] || [ "$PART" = all ]; then
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
-    # the host side alone (no GPU): raw write vs serial vs split shard writing, on the GPU host's cores
+    # the host side alone (no GPU): raw write vs serial vs split vs split with extract's default
+    # publisher count (twice the writers on that host's 16 cores), on the GPU host's cores
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
 fi
 if [ "$PART" != extract ]; then  # last, in whatever time is left: every model family on the GPU

@@ -1,0 +1,139 @@
+"""Where the fused op's time goes, without hardware counters and with them.
+
+``time`` (the default): the CUDA op asked for subsets of its outputs, each timed against a plain
+device copy of the bytes that subset must move (its inputs read once, its outputs written once),
+measured side by side in one run. The op reads a row once and keeps it in registers whatever it
+is asked for, so the subsets tell the phases apart: ``resid`` alone is a copy through the kernel,
+``stats`` alone is the read plus the row reduction, ``normed`` adds the second phase, and ``all`` is
+what bench_op times. A subset far below its own ceiling is where the kernel loses time. Prints a
+table and writes ``profile_op-<gpu>.json`` to --out.
+
+``ncu``: per shape and dtype (the narrowest, furthest from the target, first), a warm-up call of
+the op with every output and then one call inside an NVTX range "profile", which is all that
+Nsight Compute is asked to profile::
+
+    python scripts/profile_op.py time --out results/
+    ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \\
+        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \\
+        --log-file ncu_op.csv python scripts/profile_op.py ncu
+
+scripts/gpu_check.sh runs both (parts ``op``/``all``: ``time``; part ``profile``: both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from _common import median_time, parse_list, print_table, row, write_rows  # noqa: E402
+
+SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+STATS = ("mean", "rstd", "l2", "maxabs")
+# output subsets, each with whether it reads the block input (delta) and the norm's weight and bias
+SUBSETS = {
+    "resid": ("resid",),
+    "stats": STATS,
+    "resid+stats": ("resid", *STATS),
+    "resid+delta": ("resid", "delta"),
+    "normed": ("normed",),
+    "all": ("resid", "delta", "normed", *STATS),
+}
+EPS = 1e-5
+
+
+def inputs(rows: int, d: int, dtype: torch.dtype, device: str) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    inp = torch.randn(1, rows, d, generator=g, device=device)
+    inp[:, rows // 2:] += 30.0
+    out = (inp + torch.randn(1, rows, d, generator=g, device=device)).to(dtype)
+    return {"out": out, "inp": inp.to(dtype),
+            "weight": (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype),
+            "bias": (0.1 * torch.randn(d, generator=g, device=device)).to(dtype)}
+
+
+def buffers(x: dict, names) -> dict:
+    out = x["out"]
+    return {n: (torch.empty(out.shape[:2], device=out.device) if n in STATS else torch.empty_like(out))
+            for n in names}
+
+
+def call(x: dict, bufs: dict) -> None:
+    normed = "normed" in bufs
+    torch.ops.residtap.capture_block(
+        x["out"], x["inp"] if "delta" in bufs else None, None,
+        x["weight"] if normed else None, x["bias"] if normed else None,
+        "layer_norm" if normed or "mean" in bufs else "none", EPS,
+        *(bufs.get(n) for n in ("resid", "delta", "normed", *STATS)))
+
+
+def subset_bytes(rows: int, d: int, dtype: torch.dtype, names) -> int:
+    e = torch.empty((), dtype=dtype).element_size()
+    reads = rows * d * e * (1 + ("delta" in names)) + (2 * d * e if "normed" in names else 0)
+    writes = sum(rows * d * e for n in names if n not in STATS) + sum(rows * 4 for n in names if n in STATS)
+    return reads + writes
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="time", choices=["time", "ncu"])
+    p.add_argument("--dtypes", default=None, help=f"comma list of {','.join(DTYPES)} (default both)")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script on tiny shapes")
+    p.add_argument("--out", default=None, help="directory for the JSON rows (default benchmarks/results)")
+    args = p.parse_args()
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_op: needs a CUDA device (--device cpu: a dry run)")
+    from residtap._build import load_extension
+
+    info = load_extension()
+    if not info.loaded or (dev == "cuda" and not info.with_cuda):
+        raise SystemExit(f"profile_op: no compiled op ({info.error or info.cuda_skipped_because})")
+    dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
+    rows = []
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for n, d in (SHAPES if dev == "cuda" else [(64, 768), (32, 1600)]):
+            for dname in dtypes:
+                x = inputs(n, d, DTYPES[dname], dev)
+                if args.mode == "ncu":
+                    bufs = buffers(x, SUBSETS["all"])
+                    call(x, bufs)
+                    sync()
+                    with torch.cuda.nvtx.range("profile") if dev == "cuda" else contextlib.nullcontext():
+                        call(x, bufs)
+                    sync()
+                    continue
+                for subset, names in SUBSETS.items():
+                    bufs = buffers(x, names)
+                    nbytes = subset_bytes(n, d, DTYPES[dname], names)
+                    src = torch.empty((nbytes + 1) // 2, dtype=torch.uint8, device=dev)
+                    dst = torch.empty_like(src)
+
+                    def timed(fn):
+                        return median_time(fn, device=dev, iters=args.iters, warmup=10)
+
+                    t_copy = timed(lambda: dst.copy_(src))
+                    t_op = timed(lambda: call(x, bufs))
+                    t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
+                    rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
+                                    bytes=nbytes, op_s=t_op, copy_s=t_copy, frac_of_copy=t_copy / t_op,
+                                    TBps=nbytes / t_op / 1e12))
+                    del bufs, src, dst
+                del x
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+    if args.mode == "time":
+        print_table(rows, ["shape", "dtype", "subset", "bytes", "op_s", "copy_s", "TBps", "frac_of_copy"])
+        print(f"wrote {write_rows(rows, 'profile_op', args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
