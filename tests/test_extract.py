@@ -312,6 +312,8 @@ def test_default_publishers_follow_the_cores(tmp_path, monkeypatch):
     monkeypatch.setattr(ex.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the node's 16 cores
     assert ex.default_publishers(2) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")  # not torchrun's: ignored
+    assert ex.default_publishers(2) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     path, _ = ids_file(tmp_path, 8 * 4)
     res = residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, writers=3, progress=False)

@@ -87,7 +87,10 @@ def default_publishers(writers: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    try:
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        pass  # not torchrun's: this process has the cores to itself
     return max(writers, min(2 * writers, cores - writers - 1))
 
 
@@ -106,13 +109,12 @@ class ExtractOptions:
     verify_existing: bool = True
 
     def __post_init__(self):
-        for name in ("batch_size", "writers", "publishers"):
+        for name, may_be_none in (("batch_size", False), ("writers", False), ("publishers", True)):
             v = getattr(self, name)
-            if v is None and name == "publishers":
+            if v is None and may_be_none:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int{' or None' if name == 'publishers' else ''}, "
-                                 f"got {v!r}")
+                raise ValueError(f"{name}: expected a positive int{' or None' if may_be_none else ''}, got {v!r}")
         if self.packing not in _inputs.PACKINGS:
             raise ValueError(f"packing: expected one of {_inputs.PACKINGS}, got {self.packing!r}")
 
@@ -313,8 +315,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
             shard_size="1GiB", host_memory="8GiB", writers: int = 2, publishers: int | None = None,
-            device=None, model_dtype=None,
-            seed: int = 0, device_map=None, backend: str | None = None, overlap: bool = False,
+            device=None, model_dtype=None, seed: int = 0, device_map=None, backend: str | None = None, overlap: bool = False,
             model_name: str | None = None,
             progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
             world_size: int | None = None) -> ExtractResult:
