@@ -27,6 +27,15 @@ struct Msg {
   TORCH_CHECK((cond), "residtap.capture_block: argument '", name, "' expected ",         \
               (::residtap::Msg() << expected).str(), ", got ", got)
 
+// The most blocks a row-kernel launch from this thread may use; 0: as many as the rows need (the
+// kernels loop over rows, so any grid gives the same bytes). Set through residtap::_set_grid_cap
+// (ops.cpp) around a launch that should leave most of the GPU to concurrent work: overlap's
+// side-stream captures, beside the forward's next blocks. The CPU implementation ignores it.
+inline int64_t& grid_cap() {
+  static thread_local int64_t cap = 0;
+  return cap;
+}
+
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
   s << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device()

@@ -2,6 +2,20 @@
 // (cpu/capture_cpu.cpp, cuda/capture_cuda.cpp) with TORCH_LIBRARY_IMPL.
 #include <torch/library.h>
 
+#include "capture_common.h"
+
+namespace {
+// Sets this thread's cap on the blocks of a CUDA row-kernel launch (see grid_cap in
+// capture_common.h); returns the previous cap, so that a caller can restore it.
+int64_t set_grid_cap(int64_t blocks) {
+  TORCH_CHECK(blocks >= 0, "residtap._set_grid_cap: argument 'blocks' expected an int >= 0 (0: no cap), got ",
+              blocks);
+  const int64_t previous = residtap::grid_cap();
+  residtap::grid_cap() = blocks;
+  return previous;
+}
+}  // namespace
+
 TORCH_LIBRARY(residtap, m) {
   // One call per block, from the block's forward hook. Reads the block's output `out`
   // [batch, seq, d_model] and (optionally) its input `inp` of the same shape, selects positions,
@@ -26,4 +40,7 @@ TORCH_LIBRARY(residtap, m) {
       "Tensor? norm_bias, str norm_kind, float eps, "
       "Tensor(a!)? resid, Tensor(b!)? delta, Tensor(c!)? normed, Tensor(d!)? mean, "
       "Tensor(e!)? rstd, Tensor(f!)? l2, Tensor(g!)? maxabs) -> ()");
+  // This thread's cap on the blocks of each CUDA launch of capture_block (0: none); returns the
+  // previous cap. Changes no output byte, only how much of the GPU one launch may take at once.
+  m.def("_set_grid_cap(int blocks) -> int", &set_grid_cap);
 }

@@ -142,3 +142,41 @@ def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
     out = args.pop("out")
     with pytest.raises(RuntimeError, match=f"'{argname}' expected"):
         ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
+
+
+def test_grid_cap_is_per_thread_restored_and_validated(extension):
+    """ops.grid_cap sets this thread's cap on the CUDA launches (the CUDA outputs under caps are
+    checked in test_cuda.py) and puts back the one before, also when the block raises."""
+    import threading
+
+    set_cap = torch.ops.residtap._set_grid_cap
+    assert set_cap(0) == 0
+    with ops.grid_cap(7):
+        assert set_cap(7) == 7  # the cap inside the block (set again to read it)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(set_cap(0)))
+        t.start()
+        t.join()
+        assert seen == [0]  # another thread's launches are not capped
+        with pytest.raises(KeyError):
+            with ops.grid_cap(3):
+                raise KeyError("inside")
+        assert set_cap(7) == 7
+    assert set_cap(0) == 0
+    with pytest.raises(RuntimeError, match=r"argument 'blocks' expected an int >= 0 \(0: no cap\), got -2"):
+        set_cap(-2)
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match=rf"blocks: expected an int >= 0 \(0: no cap\), got {bad!r}"):
+            with ops.grid_cap(bad):
+                pass
+    assert set_cap(0) == 0
+    # Off CUDA the cap changes nothing: the CPU op's outputs under a cap equal the reference's.
+    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
+    with ops.grid_cap(1):
+        got = run_op(out, inp, None, w, b, 1e-5, torch.float32)
+    want = nan_buffers(out, None, torch.float32)
+    reference.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5,
+                            **want)
+    for name in got:
+        if name != "l2":
+            assert torch.equal(got[name], want[name]), name

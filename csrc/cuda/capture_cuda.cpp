@@ -174,6 +174,7 @@ void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
   base.index_2d = a.index.defined() && a.index.dim() == 2;
   base.eps = static_cast<float>(eps);
   base.bias_only = !a.weight.defined() && a.bias.defined();
+  base.max_grid = grid_cap();
 
   // One launch per capture dtype among the row outputs (normally exactly one); the per-token
   // stats go with the first.

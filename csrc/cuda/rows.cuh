@@ -36,6 +36,7 @@ struct Params {
   int welford;   // compute the moments (for normed and/or mean/rstd)
   int bias_only; // bias given without weight (torch uses a different expression)
   int vec;       // generic kernel: whole 4-element vectors (d % 4 == 0, rows 4-element aligned)
+  int64_t max_grid;  // at most this many blocks per launch (0: no cap; the kernels loop over rows)
 };
 
 inline bool aligned(const void* ptr, size_t bytes) {

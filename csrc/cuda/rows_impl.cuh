@@ -16,7 +16,8 @@ namespace residtap {
 namespace cuda_impl {
 namespace {
 
-int64_t grid_for(int64_t blocks) {
+int64_t grid_for(int64_t blocks, int64_t max_grid) {
+  if (max_grid > 0) blocks = std::min(blocks, max_grid);
   return std::max<int64_t>(1, std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
 }
 
@@ -24,7 +25,7 @@ template <typename InT, typename OutT, int K>
 void launch_fast(const Params& p, cudaStream_t stream) {
   using L = FastLayout<sizeof(InT), K>;
   const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
-  fast_rows_kernel<InT, OutT, K><<<grid_for(groups), kBlock, 0, stream>>>(p);
+  fast_rows_kernel<InT, OutT, K><<<grid_for(groups, p.max_grid), kBlock, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -78,7 +79,7 @@ void launch_rows(const Params& p, cudaStream_t stream) {
   }
   Params q = p;
   q.vec = generic_vec_fits<InT, OutT>(p) ? 1 : 0;
-  generic_rows_kernel<InT, OutT><<<grid_for(p.rows), kBlock, 0, stream>>>(q);
+  generic_rows_kernel<InT, OutT><<<grid_for(p.rows, p.max_grid), kBlock, 0, stream>>>(q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

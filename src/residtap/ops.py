@@ -6,6 +6,8 @@ so a machine that cannot build it can still import residtap and use the referenc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 NORM_KINDS = ("layer_norm", "torch_layer_norm", "none")
@@ -39,6 +41,28 @@ def capture_block(
         out, inp, index, norm_weight, norm_bias, norm_kind, float(eps),
         resid, delta, normed, mean, rstd, l2, maxabs,
     )
+
+
+@contextlib.contextmanager
+def grid_cap(blocks: int):
+    """Within the block, this thread's CUDA launches of capture_block use at most ``blocks`` thread
+    blocks each (0: no cap), so that a launch beside other work leaves it most of the GPU; the
+    outputs are the same bytes (the kernels loop over rows). A no-op where the compiled library is
+    not loaded (the reference has no launches to cap)."""
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
+        raise ValueError(f"blocks: expected an int >= 0 (0: no cap), got {blocks!r}")
+    try:
+        set_cap = torch.ops.residtap._set_grid_cap
+    except (AttributeError, RuntimeError):
+        set_cap = None
+    if set_cap is None:
+        yield
+        return
+    previous = set_cap(blocks)
+    try:
+        yield
+    finally:
+        set_cap(previous)
 
 
 _fake_registered = False
