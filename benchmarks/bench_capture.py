@@ -11,6 +11,9 @@ use_cache=False, every residual index 0..n_layers:
                  once (its buffers are reused) and entered around each forward
   capture_overlap  the same with overlap=True: each layer's capture on a side stream, beside the
                  next blocks (residtap.overlap); on CPU it runs in place, like capture
+  capture_overlap_gN  (with --overlap-grid-caps N,...; experimental) capture_overlap with at most N
+                 thread blocks per side-stream launch of the op, so that it takes a few SMs beside
+                 the next blocks' kernels instead of queueing behind or ahead of them
   capture_resid  residtap.Capture(outputs=("resid",)): every block's output and nothing else, like
                  hooks_copy, nnsight and TransformerLens (the use of SAE training)
   reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
@@ -185,7 +188,13 @@ CAPTURES = {"capture": (OUTPUTS, {}), "capture_overlap": (OUTPUTS, {"overlap": T
             "capture_resid": (("resid",), {})}
 
 
-def measure(model, ids, device, iters: int, warmup: int, check: bool):
+def capture_methods(grid_caps=()) -> dict:
+    """CAPTURES, plus capture_overlap_g<N> per grid cap N (overlap with at most N thread blocks per
+    side-stream launch of the op: see residtap.overlap.SideStreams.grid_cap)."""
+    return {**CAPTURES, **{f"capture_overlap_g{n}": (OUTPUTS, {"overlap": True}) for n in grid_caps}}
+
+
+def measure(model, ids, device, iters: int, warmup: int, check: bool, grid_caps=()):
     """(times per method, {capture method: what its check found wrong}, {optional method: why
     skipped}).
 
@@ -199,8 +208,10 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool):
             return run
 
         methods = {"forward": lambda: model(input_ids=ids, use_cache=False)}
-        for name, (outputs, kwargs) in CAPTURES.items():
+        for name, (outputs, kwargs) in capture_methods(grid_caps).items():
             cap = residtap.Capture(model, outputs=outputs, backend="compiled", **kwargs)
+            if name.startswith("capture_overlap_g"):
+                cap._side.grid_cap = int(name[len("capture_overlap_g"):])  # experimental, not public
             problem = check_capture(cap, model, ids, outputs) if check else None
             if problem:  # never time wrong code
                 problems[name] = problem
@@ -234,7 +245,17 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=None, help="override every model's sequence length")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare one capture with the reference before timing (default on)")
+    p.add_argument("--overlap-grid-caps", default="",
+                   help="comma list of N: also time overlap with at most N thread blocks per side-stream "
+                        "launch (rows capture_overlap_gN; experimental)")
     args = p.parse_args()
+    try:
+        grid_caps = [int(v) for v in args.overlap_grid_caps.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--overlap-grid-caps: expected a comma list of positive ints, got "
+                         f"{args.overlap_grid_caps!r}")
+    if any(n < 1 for n in grid_caps):
+        raise SystemExit(f"--overlap-grid-caps: expected positive ints, got {args.overlap_grid_caps!r}")
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in parse_list(args.models, CONFIGS, "--models")}
     dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
@@ -257,7 +278,7 @@ def main() -> int:
             common = dict(bench="capture", model=name, layers=model.config.n_layer,
                           d_model=model.config.n_embd, batch=batch, seq=seq, dtype=dname)
             times, problems, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
-                                              device, iters, warmup, args.check)
+                                              device, iters, warmup, args.check, grid_caps)
             del model  # free it (and the caches below) before the next size is built
             gc.collect()
             if device.type == "cuda":
@@ -268,7 +289,8 @@ def main() -> int:
                 rows.append(row(device, method=method, check=f"FAILED: {problem}", **common))
             fwd = times["forward"]
             for method, ts in times.items():
-                extra = {"check": "passed" if args.check else "skipped"} if method in CAPTURES else {}
+                extra = ({"check": "passed" if args.check else "skipped"}
+                         if method in capture_methods(grid_caps) else {})
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
             write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these

@@ -12,9 +12,10 @@
 #            120 s, 3 of its 4 models done)
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
 #            re-check after a fix
-#   profile  where the op's time goes: scripts/profile_op.py's output subsets against their own copy
-#            ceilings (also in op and all), then Nsight Compute on one call per shape and dtype
-#            (ncu_op.csv; about 2 minutes, not measured yet)
+#   profile  overlap with the side-stream op capped at a few thread blocks (bench_capture
+#            --overlap-grid-caps, GPT-2-small size); where the op's time goes: scripts/profile_op.py's
+#            output subsets against their own copy ceilings (also in op and all), then Nsight Compute
+#            on one call per shape and dtype (ncu_op.csv); about 4 minutes, not measured yet
 #
 #   bash scripts/gpu_check.sh [op|extract|all|tests|profile]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
@@ -34,7 +35,7 @@ case "$PART" in
     extract) budget=200 ;;
     all) budget=560 ;;
     tests) budget=300 ;;
-    profile) budget=300 ;;
+    profile) budget=400 ;;
     *) echo "gpu_check.sh: expected op, extract, all, tests or profile, got '$PART'" >&2; exit 2 ;;
 esac
 LOG="$OUT/gpu_check-$PART.log"
@@ -78,6 +79,8 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     exit 1
 fi
 if [ "$PART" = profile ]; then
+    step bench-capture-caps 120 python3 benchmarks/bench_capture.py --models small \
+        --overlap-grid-caps 16,33,66,132,264 --out "$OUT"
     step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
     step profile-ncu 180 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \

@@ -100,6 +100,20 @@ def test_cuda_op_gathers_positions(cuda_ext, dtype, d, index_kind):
     assert_equal_outputs(got, want, out, index)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", (64, 768, 1600, 4096, 1004, 8196))
+@pytest.mark.parametrize("cap", (1, 3, 64))
+def test_cuda_op_under_a_grid_cap_matches_reference(cuda_ext, dtype, d, cap):
+    """A capped launch (overlap's side stream may cap it) loops its blocks over all the rows: the
+    same outputs, for the fast kernel (several rows per block and one) and the generic one."""
+    out, inp, w, b = make_inputs(4099, d, dtype, seed=d + cap, centre=30.0)
+    index = make_index("2d", 1, 4099)
+    for idx in (None, index):
+        with ops.grid_cap(cap):
+            got, want = run_both(out, inp, idx, w, b, 1e-5, dtype)
+        assert_equal_outputs(got, want, out, idx)
+
+
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cap_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", (68, 1024))
@@ -342,6 +356,21 @@ def test_cuda_overlap_with_a_lagging_side_stream_is_still_exact(cuda_ext, dtype)
             logits = model(ids, use_cache=False).logits
         assert torch.equal(logits, plain)  # the model's own computation is untouched
         assert_same_outputs(cap, ref, OUTPUTS)
+
+
+@pytest.mark.parametrize("grid_cap", (1, 16))
+def test_cuda_overlap_with_a_grid_cap_is_exact(cuda_ext, grid_cap):
+    import residtap
+
+    model = cuda_gpt2(n_layer=4, n_embd=256, n_head=4, dtype=torch.bfloat16)
+    ids = ids_for(model, 8, 200).to(CUDA)
+    ref = run_reference(model, ids, outputs=OUTPUTS, use_cache=False)
+    cap = residtap.Capture(model, outputs=OUTPUTS, backend="compiled", overlap=True)
+    cap._side.grid_cap = grid_cap
+    with cap, torch.no_grad():
+        model(ids, use_cache=False)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    assert torch.ops.residtap._set_grid_cap(0) == 0  # put back after each side-stream launch
 
 
 def test_cuda_overlap_holds_the_copy_a_packed_capture_makes_of_a_non_contiguous_output(cuda_ext):

@@ -33,10 +33,13 @@ a capture simply runs in place. The events are pooled per device, so a steady st
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from typing import Callable, NamedTuple
 
 import torch
+
+from . import ops
 
 
 class OverlapError(RuntimeError):
@@ -57,10 +60,14 @@ class SideStreams:
     streams after every capture launched so far. ``window``: how many captures may be in flight
     before the main stream waits for the oldest one (which bounds how many tensors are held)."""
 
-    def __init__(self, window: int = 2):
+    def __init__(self, window: int = 2, grid_cap: int = 0):
         if window < 1:
             raise ValueError(f"window: expected an int >= 1, got {window!r}")
         self.window = window
+        # Experimental (bench_capture --overlap-grid-caps measures it): at most this many thread
+        # blocks per side-stream launch of the compiled op (0: no cap), so that a capture takes a
+        # few SMs beside the next block's kernels instead of the whole GPU. Same bytes either way.
+        self.grid_cap = grid_cap
         self._streams: dict[torch.device, object] = {}
         self._events: dict[torch.device, list] = {}  # free events per device
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -116,7 +123,8 @@ class SideStreams:
         fork.record(main)
         side.wait_event(fork)
         self._events[device].append(fork)  # reusable now: a later record does not move this wait
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), (ops.grid_cap(self.grid_cap) if self.grid_cap
+                                       else contextlib.nullcontext()):
             fn()
         done = self._event(device)
         done.record(side)
