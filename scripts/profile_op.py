@@ -8,6 +8,10 @@ is asked for, so the subsets tell the phases apart: ``resid`` alone is a copy th
 what bench_op times. A subset far below its own ceiling is where the kernel loses time. Prints a
 table and writes ``profile_op-<gpu>.json`` to --out.
 
+``all`` is timed again with the launch capped at 1-8 blocks per SM (``grid_cap``; 0 is no cap): the
+blocks then loop over several groups of rows each, like a persistent kernel, which tells whether
+launching one block per group of rows costs time.
+
 ``ncu``: per shape and dtype (the narrowest, furthest from the target, first), a warm-up call of
 the op with every output and then one call inside an NVTX range "profile", which is all that
 Nsight Compute is asked to profile::
@@ -32,6 +36,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from _common import median_time, parse_list, print_table, row, write_rows  # noqa: E402
 
+from residtap import ops  # noqa: E402
+
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 STATS = ("mean", "rstd", "l2", "maxabs")
@@ -45,6 +51,9 @@ SUBSETS = {
     "all": ("resid", "delta", "normed", *STATS),
 }
 EPS = 1e-5
+# "all" again with the grid capped at these multiples of the SM count (ops.grid_cap): blocks that
+# loop over several row groups instead of one block per group, as a persistent kernel would
+GRID_WAVES = (1, 2, 3, 4, 8)
 
 
 def inputs(rows: int, d: int, dtype: torch.dtype, device: str) -> dict:
@@ -110,7 +119,10 @@ def main() -> int:
                         call(x, bufs)
                     sync()
                     continue
-                for subset, names in SUBSETS.items():
+                sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
+                runs = [(subset, names, 0) for subset, names in SUBSETS.items()]
+                runs += [("all", SUBSETS["all"], k * sms) for k in GRID_WAVES]
+                for subset, names, grid in runs:
                     bufs = buffers(x, names)
                     nbytes = subset_bytes(n, d, DTYPES[dname], names)
                     src = torch.empty((nbytes + 1) // 2, dtype=torch.uint8, device=dev)
@@ -120,17 +132,19 @@ def main() -> int:
                         return median_time(fn, device=dev, iters=args.iters, warmup=10)
 
                     t_copy = timed(lambda: dst.copy_(src))
-                    t_op = timed(lambda: call(x, bufs))
+                    with ops.grid_cap(grid):
+                        t_op = timed(lambda: call(x, bufs))
                     t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
                     rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
-                                    bytes=nbytes, op_s=t_op, copy_s=t_copy, frac_of_copy=t_copy / t_op,
+                                    grid_cap=grid, bytes=nbytes, op_s=t_op, copy_s=t_copy, frac_of_copy=t_copy / t_op,
                                     TBps=nbytes / t_op / 1e12))
                     del bufs, src, dst
                 del x
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     if args.mode == "time":
-        print_table(rows, ["shape", "dtype", "subset", "bytes", "op_s", "copy_s", "TBps", "frac_of_copy"])
+        print_table(rows, ["shape", "dtype", "subset", "grid_cap", "bytes", "op_s", "copy_s", "TBps",
+                           "frac_of_copy"])
         print(f"wrote {write_rows(rows, 'profile_op', args.out)}")
     return 0
 
