@@ -110,12 +110,20 @@ def row(device: str | torch.device = "cpu", **fields) -> dict:
     return stamp
 
 
+# GPU cycles of sleep per timed call (median_time): about 100 us at the H200's 1.98 GHz, far more
+# than the host needs to enqueue a call and its two events.
+HOLD_CYCLES_PER_CALL = 200_000
+
+
 def median_time(fn: Callable[[], object], *, device: str | torch.device = "cpu", iters: int = 10,
                 warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in seconds over ``iters`` calls after ``warmup`` calls.
 
     On CUDA each call is bracketed by CUDA events on the current stream (GPU time of the work
-    ``fn`` enqueues, no host sync between calls except reading the events at the end); on CPU,
+    ``fn`` enqueues, no host sync between calls except reading the events at the end), with the
+    GPU held by a sleep kernel while the host enqueues every call: a kernel shorter than the
+    host's cost of launching it (tens of microseconds through Python) would otherwise be timed
+    as that host cost. A warning says so if the host still fell behind. On CPU,
     ``time.perf_counter``.
     """
     dev = torch.device(device)
@@ -125,10 +133,14 @@ def median_time(fn: Callable[[], object], *, device: str | torch.device = "cpu",
         torch.cuda.synchronize(dev)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(iters)]
+        torch.cuda._sleep(HOLD_CYCLES_PER_CALL * iters)  # the host gets ahead of the GPU here
         for start, end in events:
             start.record()
             fn()
             end.record()
+        if events and events[-1][0].query():  # the GPU reached the last call before it was enqueued
+            print(f"median_time: the host fell behind the GPU ({iters} calls); short calls may be timed "
+                  "as their launch cost", file=sys.stderr)
         torch.cuda.synchronize(dev)
         return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
     times = []
