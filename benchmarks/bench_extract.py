@@ -19,7 +19,7 @@ for a free host buffer ("disk"); the writers blocked on device-to-host copies ("
 ("write", summed over writers); the publishers hashing and renaming written shards ("hash", summed).
 
 --host-only measures the host side alone, on synthetic shards (no model, any machine): the raw write
-against the store's two ways of writing a shard, from the same number of writer threads:
+against the store's ways of writing a shard, from the same number of writer threads:
 
   serial_<t>_s     each thread writes, fsyncs, hashes (sha256, read back) and renames its shards
                    (store.write_shard: what the writers did before publishing got threads of its own)
@@ -184,8 +184,8 @@ def run_extract(model, ids, directory, batch, writers, publishers, shard_size, h
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
         res = residtap.extract(model, ids, out, batch_size=batch, writers=writers, publishers=publishers,
-                               shard_size=shard_size,
-                               host_memory=host_memory, progress=False, verify_existing=False)
+                               shard_size=shard_size, host_memory=host_memory, progress=False,
+                               verify_existing=False)
         sync(device)
         return res
     finally:
@@ -203,7 +203,7 @@ def main() -> int:
                    help="publisher threads (default: extract's, default_publishers(writers))")
     p.add_argument("--shard-size", default=None, help="bytes per shard (default 1 batch's worth)")
     p.add_argument("--host-only", action="store_true",
-                   help="the host side alone on synthetic shards: raw write vs the store's two ways")
+                   help="the host side alone on synthetic shards: raw write vs the store's ways")
     args = p.parse_args()
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
