@@ -753,12 +753,18 @@ def test_a_shard_recomputed_by_torchrun_wins_over_the_stale_record_of_a_single_p
     residtap.open(out, verify=True)
 
 
+@pytest.mark.parametrize("mappable", [True, False], ids=["mmap", "read"])
 @pytest.mark.parametrize("n", [0, 1, 4097, 3 * 1024 + 5])
-def test_sha256_file_is_hashlibs_digest_of_the_bytes(tmp_path, n):
-    """Across the chunk size (1 KiB here: several chunks and a partial last one) and for an empty
-    file, which cannot be memory-mapped."""
+def test_sha256_file_is_hashlibs_digest_of_the_bytes(tmp_path, monkeypatch, n, mappable):
+    """Across the chunk size (1 KiB here: several chunks and a partial last one), for an empty file,
+    which cannot be memory-mapped, and on a file system where mmap fails (read in chunks instead)."""
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)
+    if not mappable:
+        def no_mmap(*_a, **_k):
+            raise OSError(errno.ENODEV, "No such device")
+
+        monkeypatch.setattr(store.mmap, "mmap", no_mmap)
     assert store.sha256_file(tmp_path / "f", chunk=1024) == hashlib.sha256(data).hexdigest()
 
 
