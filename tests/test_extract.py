@@ -617,7 +617,8 @@ def _env():
     return env
 
 
-CLI_ARGS = ["--seq-len", "8", "--batch-size", "2", "--shard-size", "2KiB", "--outputs", "resid,stats"]
+CLI_ARGS = ["--seq-len", "8", "--batch-size", "2", "--shard-size", "2KiB", "--outputs", "resid,stats",
+            "--publishers", "3"]  # more publishers than the 2 writers: the bytes must not depend on it
 
 
 def _cli(path, out):
