@@ -182,19 +182,19 @@ def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
     return times
 
 
-# method -> (outputs, extra Capture kwargs). capture_resid is the like-for-like row for hooks_copy,
-# nnsight and TransformerLens, which keep each block's output and nothing else.
-CAPTURES = {"capture": (OUTPUTS, {}), "capture_overlap": (OUTPUTS, {"overlap": True}),
-            "capture_resid": (("resid",), {})}
+# method -> (outputs, overlap, side-stream grid cap). capture_resid is the like-for-like row for
+# hooks_copy, nnsight and TransformerLens, which keep each block's output and nothing else.
+CAPTURES = {"capture": (OUTPUTS, False, 0), "capture_overlap": (OUTPUTS, True, 0),
+            "capture_resid": (("resid",), False, 0)}
 
 
 def capture_methods(grid_caps=()) -> dict:
     """CAPTURES, plus capture_overlap_g<N> per grid cap N (overlap with at most N thread blocks per
     side-stream launch of the op: see residtap.overlap.SideStreams.grid_cap)."""
-    return {**CAPTURES, **{f"capture_overlap_g{n}": (OUTPUTS, {"overlap": True}) for n in grid_caps}}
+    return {**CAPTURES, **{f"capture_overlap_g{n}": (OUTPUTS, True, n) for n in grid_caps}}
 
 
-def measure(model, ids, device, iters: int, warmup: int, check: bool, grid_caps=()):
+def measure(model, ids, device, iters: int, warmup: int, check: bool, captures: dict):
     """(times per method, {capture method: what its check found wrong}, {optional method: why
     skipped}).
 
@@ -208,10 +208,10 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool, grid_caps=
             return run
 
         methods = {"forward": lambda: model(input_ids=ids, use_cache=False)}
-        for name, (outputs, kwargs) in capture_methods(grid_caps).items():
-            cap = residtap.Capture(model, outputs=outputs, backend="compiled", **kwargs)
-            if name.startswith("capture_overlap_g"):
-                cap._side.grid_cap = int(name[len("capture_overlap_g"):])  # experimental, not public
+        for name, (outputs, overlap, grid_cap) in captures.items():
+            cap = residtap.Capture(model, outputs=outputs, backend="compiled", overlap=overlap)
+            if grid_cap:
+                cap._side.grid_cap = grid_cap  # experimental, not public
             problem = check_capture(cap, model, ids, outputs) if check else None
             if problem:  # never time wrong code
                 problems[name] = problem
@@ -256,6 +256,7 @@ def main() -> int:
                          f"{args.overlap_grid_caps!r}")
     if any(n < 1 for n in grid_caps):
         raise SystemExit(f"--overlap-grid-caps: expected positive ints, got {args.overlap_grid_caps!r}")
+    captures = capture_methods(grid_caps)
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in parse_list(args.models, CONFIGS, "--models")}
     dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
@@ -278,7 +279,7 @@ def main() -> int:
             common = dict(bench="capture", model=name, layers=model.config.n_layer,
                           d_model=model.config.n_embd, batch=batch, seq=seq, dtype=dname)
             times, problems, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
-                                              device, iters, warmup, args.check, grid_caps)
+                                              device, iters, warmup, args.check, captures)
             del model  # free it (and the caches below) before the next size is built
             gc.collect()
             if device.type == "cuda":
@@ -289,8 +290,7 @@ def main() -> int:
                 rows.append(row(device, method=method, check=f"FAILED: {problem}", **common))
             fwd = times["forward"]
             for method, ts in times.items():
-                extra = ({"check": "passed" if args.check else "skipped"}
-                         if method in capture_methods(grid_caps) else {})
+                extra = {"check": "passed" if args.check else "skipped"} if method in captures else {}
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
             write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these

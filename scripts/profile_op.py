@@ -35,13 +35,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from _common import median_time, parse_list, print_table, row, write_rows  # noqa: E402
+from bench_op import DTYPES, EPS, SHAPES, STATS, make_inputs  # noqa: E402  (the same inputs as bench_op)
 
 from residtap import ops  # noqa: E402
 
-SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-STATS = ("mean", "rstd", "l2", "maxabs")
-# output subsets, each with whether it reads the block input (delta) and the norm's weight and bias
+# output subsets; what a subset reads follows from it (inp for delta, weight and bias for normed)
 SUBSETS = {
     "resid": ("resid",),
     "stats": STATS,
@@ -50,20 +48,9 @@ SUBSETS = {
     "normed": ("normed",),
     "all": ("resid", "delta", "normed", *STATS),
 }
-EPS = 1e-5
 # "all" again with the grid capped at these multiples of the SM count (ops.grid_cap): blocks that
 # loop over several row groups instead of one block per group, as a persistent kernel would
 GRID_WAVES = (1, 2, 3, 4, 8)
-
-
-def inputs(rows: int, d: int, dtype: torch.dtype, device: str) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    inp = torch.randn(1, rows, d, generator=g, device=device)
-    inp[:, rows // 2:] += 30.0
-    out = (inp + torch.randn(1, rows, d, generator=g, device=device)).to(dtype)
-    return {"out": out, "inp": inp.to(dtype),
-            "weight": (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype),
-            "bias": (0.1 * torch.randn(d, generator=g, device=device)).to(dtype)}
 
 
 def buffers(x: dict, names) -> dict:
@@ -74,11 +61,9 @@ def buffers(x: dict, names) -> dict:
 
 def call(x: dict, bufs: dict) -> None:
     normed = "normed" in bufs
-    torch.ops.residtap.capture_block(
-        x["out"], x["inp"] if "delta" in bufs else None, None,
-        x["weight"] if normed else None, x["bias"] if normed else None,
-        "layer_norm" if normed or "mean" in bufs else "none", EPS,
-        *(bufs.get(n) for n in ("resid", "delta", "normed", *STATS)))
+    ops.capture_block(x["out"], x["inp"] if "delta" in bufs else None, None,
+                      norm_weight=x["weight"] if normed else None, norm_bias=x["bias"] if normed else None,
+                      norm_kind="layer_norm" if normed or "mean" in bufs else "none", eps=EPS, **bufs)
 
 
 def subset_bytes(rows: int, d: int, dtype: torch.dtype, names) -> int:
@@ -107,10 +92,17 @@ def main() -> int:
     dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
     rows = []
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
+    runs = [(subset, names, 0) for subset, names in SUBSETS.items()]
+    runs += [("all", SUBSETS["all"], k * sms) for k in GRID_WAVES]
+
+    def timed(fn):
+        return median_time(fn, device=dev, iters=args.iters, warmup=10)
+
     with torch.no_grad():
         for n, d in (SHAPES if dev == "cuda" else [(64, 768), (32, 1600)]):
             for dname in dtypes:
-                x = inputs(n, d, DTYPES[dname], dev)
+                x = make_inputs(n, d, DTYPES[dname], torch.device(dev))
                 if args.mode == "ncu":
                     bufs = buffers(x, SUBSETS["all"])
                     call(x, bufs)
@@ -119,25 +111,18 @@ def main() -> int:
                         call(x, bufs)
                     sync()
                     continue
-                sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
-                runs = [(subset, names, 0) for subset, names in SUBSETS.items()]
-                runs += [("all", SUBSETS["all"], k * sms) for k in GRID_WAVES]
                 for subset, names, grid in runs:
                     bufs = buffers(x, names)
                     nbytes = subset_bytes(n, d, DTYPES[dname], names)
                     src = torch.empty((nbytes + 1) // 2, dtype=torch.uint8, device=dev)
                     dst = torch.empty_like(src)
-
-                    def timed(fn):
-                        return median_time(fn, device=dev, iters=args.iters, warmup=10)
-
                     t_copy = timed(lambda: dst.copy_(src))
                     with ops.grid_cap(grid):
                         t_op = timed(lambda: call(x, bufs))
                     t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
                     rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
-                                    grid_cap=grid, bytes=nbytes, op_s=t_op, copy_s=t_copy, frac_of_copy=t_copy / t_op,
-                                    TBps=nbytes / t_op / 1e12))
+                                    grid_cap=grid, bytes=nbytes, op_s=t_op, copy_s=t_copy,
+                                    frac_of_copy=t_copy / t_op, TBps=nbytes / t_op / 1e12))
                     del bufs, src, dst
                 del x
                 if dev == "cuda":

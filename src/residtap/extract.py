@@ -114,7 +114,8 @@ class ExtractOptions:
             if v is None and may_be_none:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int{' or None' if may_be_none else ''}, got {v!r}")
+                expected = "a positive int or None" if may_be_none else "a positive int"
+                raise ValueError(f"{name}: expected {expected}, got {v!r}")
         if self.packing not in _inputs.PACKINGS:
             raise ValueError(f"packing: expected one of {_inputs.PACKINGS}, got {self.packing!r}")
 
@@ -315,9 +316,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
             shard_size="1GiB", host_memory="8GiB", writers: int = 2, publishers: int | None = None,
-            device=None, model_dtype=None, seed: int = 0, device_map=None, backend: str | None = None, overlap: bool = False,
-            model_name: str | None = None,
-            progress: bool | None = None, verify_existing: bool = True, rank: int | None = None,
+            device=None, model_dtype=None, seed: int = 0, device_map=None, backend: str | None = None,
+            overlap: bool = False, model_name: str | None = None, progress: bool | None = None,
+            verify_existing: bool = True, rank: int | None = None,
             world_size: int | None = None) -> ExtractResult:
     """Run ``model`` over ``data`` and write the captured activations to ``out`` (shards + manifest).
 

@@ -135,14 +135,10 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
             view = memoryview(buf)
             while n := f.readinto(buf):
                 h.update(view[:n])
-            return h.hexdigest()
-        with m:
-            view = memoryview(m)
-            try:
+        else:
+            with m, memoryview(m) as view:  # the view is released before the map is closed
                 for start in range(0, size, chunk):
                     h.update(view[start:start + chunk])
-            finally:
-                view.release()  # else closing the map raises BufferError
     return h.hexdigest()
 
 
