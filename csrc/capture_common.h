@@ -36,6 +36,15 @@ inline int64_t& grid_cap() {
   return cap;
 }
 
+// Whether this thread's CUDA launches of the fast row kernel use its staged variant (rows copied
+// ahead into shared memory while the previous group is worked on; see fast_rows_kernel). Same
+// output bytes either way. Experimental: set through residtap::_set_staged_rows (ops.cpp) to
+// measure it; off by default. The CPU implementation ignores it.
+inline bool& staged_rows() {
+  static thread_local bool staged = false;
+  return staged;
+}
+
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
   s << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device()

@@ -14,6 +14,14 @@ int64_t set_grid_cap(int64_t blocks) {
   residtap::grid_cap() = blocks;
   return previous;
 }
+
+// Turns the staged fast kernel on or off for this thread's CUDA launches (see staged_rows in
+// capture_common.h); returns the previous setting.
+bool set_staged_rows(bool on) {
+  const bool previous = residtap::staged_rows();
+  residtap::staged_rows() = on;
+  return previous;
+}
 }  // namespace
 
 TORCH_LIBRARY(residtap, m) {
@@ -43,4 +51,7 @@ TORCH_LIBRARY(residtap, m) {
   // This thread's cap on the blocks of each CUDA launch of capture_block (0: none); returns the
   // previous cap. Changes no output byte, only how much of the GPU one launch may take at once.
   m.def("_set_grid_cap(int blocks) -> int", &set_grid_cap);
+  // Whether this thread's CUDA launches use the staged fast kernel (experimental; same outputs);
+  // returns the previous setting.
+  m.def("_set_staged_rows(bool on) -> bool", &set_staged_rows);
 }

@@ -66,11 +66,17 @@ static inline void __stcs(uint2* p, uint2 v) { *p = v; }
 
 // Fibers: the scheduler resumes each unfinished fiber in turn; a fiber runs until it waits at a
 // barrier (or ends). A barrier opens when all its members have arrived.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+};
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   unsigned tid = 0;
   bool done = false;
+  std::vector<AsyncCopy> open;                  // cp.async issued since the last commit
+  std::vector<std::vector<AsyncCopy>> groups;   // committed, not yet waited for (oldest first)
 };
 static ucontext_t g_sched;
 static Fiber* g_fiber = nullptr;
@@ -127,6 +133,43 @@ static T __shfl_down_sync(unsigned, T v, int d) { return warp_exchange(v, down_s
 template <typename T>
 static T __shfl_xor_sync(unsigned, T v, int m) { return warp_exchange(v, xor_src, m); }
 
+// cp.async, deferred: a copy lands in shared memory only when its thread waits for its group, so a
+// stage read before its wait (or refilled while still needed) gives wrong outputs here. The stage
+// memory starts each block filled with a poison byte, and a guard zone past its end must stay
+// untouched.
+static std::vector<unsigned char> g_stage;  // the launch's dynamic shared memory + guard
+static size_t g_stage_bytes = 0;
+constexpr size_t kStageGuard = 256;
+constexpr unsigned char kPoison = 0x5a;
+static int g_async_copies = 0;  // copies performed (a staged run that performed none is a failure)
+static std::string g_launch_error;  // what the last launch did wrong with its stages ("" if nothing)
+
+static void async_copy16(void* dst, const void* src) {
+  const auto* d = static_cast<unsigned char*>(dst);
+  if (d < g_stage.data() || d + 16 > g_stage.data() + g_stage_bytes) {
+    g_launch_error = "cp.async outside the stage memory";
+    return;
+  }
+  g_fiber->open.push_back({dst, src});
+}
+static void async_commit() {
+  g_fiber->groups.push_back(std::move(g_fiber->open));
+  g_fiber->open.clear();
+}
+template <int N>
+static void async_wait() {
+  auto& groups = g_fiber->groups;
+  while (groups.size() > static_cast<size_t>(N)) {
+    for (const AsyncCopy& c : groups.front()) {
+      std::memcpy(c.dst, c.src, 16);
+      ++g_async_copies;
+    }
+    groups.erase(groups.begin());
+  }
+}
+static uint4* stage_memory() { return reinterpret_cast<uint4*>(g_stage.data()); }
+
+#define RESIDTAP_KERNEL_EMU 1
 #include "rows_kernels.cuh"
 #include "torch_ln_order.h"
 
@@ -143,19 +186,25 @@ static void fiber_main() {
   swapcontext(&g_fiber->ctx, &g_sched);  // never resumed
 }
 
-static void launch(int grid, const std::function<void()>& kernel) {
+static void launch(int grid, const std::function<void()>& kernel, size_t stage_bytes = 0) {
+  g_stage_bytes = stage_bytes;
+  g_launch_error.clear();
+  g_stage.assign(stage_bytes + kStageGuard, kPoison);
   gridDim.x = grid;
   blockDim.x = kBlock;
   g_kernel = &kernel;
   for (int b = 0; b < grid; ++b) {
     BlockEmu block;
     g_block = &block;
+    std::fill(g_stage.begin(), g_stage.begin() + static_cast<std::ptrdiff_t>(stage_bytes), kPoison);
     blockIdx.x = b;
     static std::vector<Fiber> fibers(kBlock);  // stacks allocated once, reused by every block
     for (int t = 0; t < kBlock; ++t) {
       Fiber& f = fibers[t];
       f.tid = t;
       f.done = false;
+      f.open.clear();
+      f.groups.clear();
       if (f.stack.empty()) f.stack.resize(256 * 1024);
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -172,6 +221,17 @@ static void launch(int grid, const std::function<void()>& kernel) {
         swapcontext(&g_sched, &f.ctx);
         live += f.done ? 0 : 1;
       }
+    }
+    for (const Fiber& f : fibers) {  // copies still in flight at exit were fetched for nothing
+      for (const auto& group : f.groups) {
+        if (!group.empty() || !f.open.empty()) {
+          g_launch_error = "block " + std::to_string(b) + " thread " + std::to_string(f.tid) +
+                           " ended with copies never waited for";
+        }
+      }
+    }
+    for (size_t i = stage_bytes; i < g_stage.size(); ++i) {
+      if (g_stage[i] != kPoison) g_launch_error = "write past the stage memory";
     }
   }
 }
@@ -204,6 +264,7 @@ struct Config {
   float centre;
   bool vec = false;  // generic kernel: whole 4-element vectors
   bool nans = false;  // plant NaNs with a sign and payload in out: resid/delta must keep their bits
+  bool staged = false;  // the fast kernel's staged variant (rows through shared memory)
 };
 
 // NaN bit patterns a trip through float would not give back (c10 makes every bfloat16 NaN 0x7fc0).
@@ -228,6 +289,8 @@ template <typename InT, typename OutT, int K>
 static void run_kernel(const Config& c, const Params& p) {
   if (c.generic) {
     launch(c.grid, [&] { generic_rows_kernel<InT, OutT>(p); });
+  } else if (c.staged) {
+    launch(c.grid, [&] { fast_rows_kernel<InT, OutT, K, true>(p); }, staged_smem_bytes<InT, K>(p));
   } else {
     launch(c.grid, [&] { fast_rows_kernel<InT, OutT, K>(p); });
   }
@@ -294,7 +357,10 @@ static std::string check(const Config& c, std::mt19937& rng) {
   p.welford = c.with_normed || c.with_stats;
   p.bias_only = p.bias != nullptr && p.weight == nullptr;
   p.vec = c.vec;
+  g_async_copies = 0;
   run_dispatch<InT, OutT>(c, p);
+  if (!g_launch_error.empty()) return g_launch_error;
+  if (c.staged && rows > 0 && g_async_copies == 0) return "staged run copied nothing";
 
   std::vector<float> xrow(d);
   for (int64_t r = 0; r < rows; ++r) {
@@ -370,14 +436,17 @@ int main() {
     if (err.empty()) return;
     ++failures;
     std::printf("FAIL %s d=%d batch=%d seq=%d index=%d inp=%d w=%d b=%d normed=%d stats=%d pad=%d "
-                "grid=%d generic=%d vec=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind, c.with_inp,
-                c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid, c.generic,
-                c.vec, err.c_str());
+                "grid=%d generic=%d vec=%d staged=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind,
+                c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid,
+                c.generic, c.vec, c.staged, err.c_str());
   };
   // Fast-kernel widths for every K and for both unit sizes, tiny widths (mostly empty virtual
-  // threads); generic-kernel widths (16-bit % 8 != 0; above 8192).
+  // threads), each with and without staging (grids of 1 or 2 blocks: each block loops over several
+  // row groups, so both stages are filled and refilled); generic-kernel widths (16-bit % 8 != 0;
+  // above 8192).
   const int fast_widths[] = {8, 64, 72, 200, 768, 1000, 1600, 4104, 8192};
   int variant = 0;
+  for (bool staged : {false, true})
   for (int d : fast_widths) {
     for (int index_kind = 0; index_kind < 3; ++index_kind) {
       for (int rows_case = 0; rows_case < 2; ++rows_case) {
@@ -389,6 +458,7 @@ int main() {
                  variant % 6 != 3,  // normed
                  variant % 7 != 4,  // stats
                  rows_case ? 2 : 0, variant % 2 + 1, false, variant % 2 ? 30.f : 0.f};
+        c.staged = staged;
         if (index_kind != 0 && c.seq == 1) c.seq = 4;
         report("float->float", c, check<float, float>(c, rng));
         if (d % 8 == 0) {
@@ -419,6 +489,7 @@ int main() {
       ++variant;
       Config c{2, 9, d, variant % 3, with_inp, true, true, true, true, 1, 2, d % 8 != 0 || d > 8192,
                0.f, false, true};
+      c.staged = !c.generic && with_inp;  // the fast kernel: staged with inp, plain without
       report("float->float nan", c, check<float, float>(c, rng));
       report("bf16->bf16 nan", c, check<BF16, BF16>(c, rng));
       report("f16->f16 nan", c, check<F16, F16>(c, rng));

@@ -5,7 +5,9 @@
   compares every row's mean and rstd, bit for bit, with a direct transcription of torch's order.
 - tests/cuda_kernel_emu.cpp compiles the kernels themselves (csrc/cuda/rows_kernels.cuh) for the
   CPU with CUDA's built-ins emulated (threads as fibers in lock step, shared memory, barriers,
-  shuffles) and checks every output of both kernels over dtypes, widths, gathers and options.
+  shuffles) and checks every output of both kernels over dtypes, widths, gathers and options,
+  the fast one also staged (asynchronous copies into shared memory, deferred to the thread's wait
+  so that reading a stage too early shows).
 
 Each file says what it can and cannot establish; tests/test_cuda.py runs the real thing on a GPU.
 """

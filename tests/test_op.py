@@ -144,6 +144,43 @@ def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
         ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
 
 
+def test_staged_rows_is_per_thread_restored_and_validated(extension):
+    """ops.staged_rows turns the fast CUDA kernel's staged variant on for this thread's launches
+    (its CUDA outputs are checked in test_cuda.py) and puts back the setting before, also when the
+    block raises; the CPU op ignores it."""
+    import threading
+
+    set_staged = torch.ops.residtap._set_staged_rows
+    assert set_staged(False) is False
+    with ops.staged_rows():
+        assert set_staged(True) is True  # on inside the block (set again to read it)
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(set_staged(False)))
+        t.start()
+        t.join()
+        assert seen == [False]  # another thread's launches are not staged
+        with pytest.raises(KeyError):
+            with ops.staged_rows(False):
+                assert set_staged(False) is False
+                raise KeyError("inside")
+        assert set_staged(True) is True
+    assert set_staged(False) is False
+    for bad in (1, 0, None, "yes"):
+        with pytest.raises(ValueError, match=rf"on: expected True or False, got {bad!r}"):
+            with ops.staged_rows(bad):
+                pass
+    assert set_staged(False) is False
+    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
+    with ops.staged_rows():
+        got = run_op(out, inp, None, w, b, 1e-5, torch.float32)
+    want = nan_buffers(out, None, torch.float32)
+    reference.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5,
+                            **want)
+    for name in got:
+        if name != "l2":
+            assert torch.equal(got[name], want[name]), name
+
+
 def test_grid_cap_is_per_thread_restored_and_validated(extension):
     """ops.grid_cap sets this thread's cap on the CUDA launches (the CUDA outputs under caps are
     checked in test_cuda.py) and puts back the one before, also when the block raises."""

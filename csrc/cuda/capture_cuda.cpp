@@ -19,6 +19,9 @@
 // Other shapes (misaligned pointers, 16-bit widths % 8 != 0, wider rows) use `generic_rows_kernel`:
 // same arithmetic, one block per row, the row re-read for normalization; it loads whole 4-element
 // vectors where the width and pointers allow, else one element at a time.
+// Experimental, off unless a thread asks (residtap::_set_staged_rows): a staged variant of the fast
+// kernel that copies each block's next rows into shared memory (cp.async) while it works on the
+// current ones, on a grid sized to the GPU; same arithmetic, same bytes (rows_kernels.cuh).
 //
 // No host synchronization and no device allocation on these paths; launches go to the current
 // stream, so the op can be captured in a CUDA graph.
@@ -175,6 +178,7 @@ void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
   base.eps = static_cast<float>(eps);
   base.bias_only = !a.weight.defined() && a.bias.defined();
   base.max_grid = grid_cap();
+  base.staged = staged_rows() ? 1 : 0;
 
   // One launch per capture dtype among the row outputs (normally exactly one); the per-token
   // stats go with the first.

@@ -37,6 +37,7 @@ struct Params {
   int bias_only; // bias given without weight (torch uses a different expression)
   int vec;       // generic kernel: whole 4-element vectors (d % 4 == 0, rows 4-element aligned)
   int64_t max_grid;  // at most this many blocks per launch (0: no cap; the kernels loop over rows)
+  int staged;        // fast kernel: its staged variant (rows copied ahead into shared memory)
 };
 
 inline bool aligned(const void* ptr, size_t bytes) {

@@ -29,6 +29,31 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The staged fast kernel (see fast_rows_kernel): as many blocks as fit on the GPU at once, each
+// looping over row groups; false (nothing launched) where its shared memory does not fit.
+template <typename InT, typename OutT, int K>
+bool launch_fast_staged(const Params& p, cudaStream_t stream) {
+  using L = FastLayout<sizeof(InT), K>;
+  auto* kernel = &fast_rows_kernel<InT, OutT, K, true>;
+  const size_t smem = staged_smem_bytes<InT, K>(p);
+  int device = 0, sms = 0, smem_optin = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem > static_cast<size_t>(smem_optin)) return false;
+  if (smem > 48 * 1024) {  // above the default limit a kernel has to opt in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem));
+  if (per_sm < 1) return false;
+  const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
+  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+  kernel<<<grid_for(std::min(groups, resident), p.max_grid), kBlock, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // Whether rows can be accessed as whole vectors of `unit` elements (at most 16 bytes): out and inp
 // (start and strides), the row outputs and, if `weights`, the norm's weight and bias aligned to a
 // vector of their type.
@@ -71,6 +96,14 @@ void launch_rows(const Params& p, cudaStream_t stream) {
   if (fast_kernel_fits<InT, OutT>(p)) {
     const int nvec = p.d / 4;
     const int k = (nvec + 127) / 128;  // vectors per virtual thread
+    if (p.staged) {
+      const bool launched = k <= 1   ? launch_fast_staged<InT, OutT, 1>(p, stream)
+                            : k <= 2 ? launch_fast_staged<InT, OutT, 2>(p, stream)
+                            : k <= 4 ? launch_fast_staged<InT, OutT, 4>(p, stream)
+                            : k <= 8 ? launch_fast_staged<InT, OutT, 8>(p, stream)
+                                     : launch_fast_staged<InT, OutT, 16>(p, stream);
+      if (launched) return;
+    }
     if (k <= 1) return launch_fast<InT, OutT, 1>(p, stream);
     if (k <= 2) return launch_fast<InT, OutT, 2>(p, stream);
     if (k <= 4) return launch_fast<InT, OutT, 4>(p, stream);

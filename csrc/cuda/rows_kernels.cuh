@@ -68,6 +68,17 @@ __device__ __forceinline__ void load_unit(const T* src, Unit<T, N>& dst) {
   memcpy(&dst, &raw, 16);
 }
 
+// A unit from shared memory (a stage of the staged kernel) or, with __ldg, from global memory.
+template <bool kShared, typename T, int N>
+__device__ __forceinline__ void load_staged_or_global(const T* src, Unit<T, N>& dst) {
+  if constexpr (kShared) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    memcpy(&dst, &raw, 16);
+  } else {
+    load_unit(src, dst);
+  }
+}
+
 // The unit's values as floats (exact). bfloat16 is the upper half of a float: one shift or one
 // mask per element instead of the generic extract-and-shift.
 template <typename T, int N>
@@ -106,6 +117,41 @@ __device__ __forceinline__ void store_vec(T* dst, const T (&v)[N]) {
   }
 }
 
+// ----------------------------------------------------- asynchronous copies (staged fast kernel)
+// Global -> shared 16-byte copies that do not wait (cp.async, sm_80+), in commit groups: the staged
+// fast kernel copies the next row group into shared memory while it works on the current one.
+// tests/cuda_kernel_emu.cpp supplies these four for the CPU (the copies deferred to the wait, so
+// that reading a stage before waiting for it shows up as wrong outputs there).
+#ifndef RESIDTAP_KERNEL_EMU
+__device__ __forceinline__ void async_copy16(void* smem_dst, const void* gmem_src) {
+#ifdef __CUDA_ARCH__
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  // .cg: through L2 only; the rows are read once
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's most recent commit groups are still in flight.
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// The block's dynamic shared memory (the staged kernel's stages).
+__device__ __forceinline__ uint4* stage_memory() {
+  extern __shared__ uint4 residtap_stage_memory[];
+  return residtap_stage_memory;
+}
+#endif
+
 // Offsets (elements) of the selected row r's data in out and inp; false if the index is bad
 // (after a device-side assert, like torch's own indexing; checking on the host would sync).
 __device__ __forceinline__ bool resolve_row(const Params& p, int64_t r, int64_t& out_off,
@@ -133,7 +179,23 @@ __device__ __forceinline__ bool resolve_row(const Params& p, int64_t r, int64_t&
 // flight, so 384 threads per SM already cover HBM's latency-bandwidth product.
 constexpr int kFastMinBlocks = 3;
 
-template <typename InT, typename OutT, int K>
+// The staged variant (kStaged, chosen per thread with residtap::_set_staged_rows; experimental):
+// the same kernel, but its rows arrive through shared memory. Each block loops over row groups
+// (blockIdx.x, + gridDim.x, ...; the launcher sizes the grid to what fits on the GPU at once) and,
+// before working on a group, starts asynchronous copies of its next group's rows of out (and inp,
+// for delta) into the other of two stages; so loads are in flight while it reduces, normalizes and
+// stores. Every thread copies exactly the 16-byte units it later reads itself, so a thread's own
+// cp.async.wait_group is the only synchronization the stages need. The arithmetic, and so every
+// output bit, is the same as without staging; only where the row comes from differs.
+// Shared memory: two stages of kTeams rows of d elements per staged tensor (staged_smem_bytes).
+template <typename InT, int K>
+__host__ __device__ inline size_t staged_smem_bytes(const Params& p) {
+  using L = FastLayout<sizeof(InT), K>;
+  const size_t tensors = p.delta != nullptr && p.inp != nullptr ? 2 : 1;
+  return 2 * tensors * L::kTeams * static_cast<size_t>(p.d) * sizeof(InT);
+}
+
+template <typename InT, typename OutT, int K, bool kStaged = false>
 __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const Params p) {
   using L = FastLayout<sizeof(InT), K>;
   constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
@@ -153,13 +215,50 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
   const bool has_w = p.weight != nullptr, has_b = p.bias != nullptr;
   const bool welford = p.welford != 0, bias_only = p.bias_only != 0;
 
-  for (int64_t group = blockIdx.x; group * L::kTeams < p.rows; group += gridDim.x) {
+  // Staged: stage s holds, per staged tensor, the block's kTeams rows; this thread's part of its
+  // team's row starts at element tp_off.
+  const bool stage_inp = kStaged && has_delta && has_inp;
+  const int64_t stage_elems = static_cast<int64_t>(L::kTeams) * p.d;  // one tensor of one stage
+  InT* const stages = kStaged ? reinterpret_cast<InT*>(stage_memory()) : nullptr;
+  auto stage_x = [&](int s) {
+    return stages + (stage_inp ? 2 : 1) * s * stage_elems + team * p.d + tp_off;
+  };
+  auto stage_i = [&](int s) { return stage_x(s) + stage_elems; };
+  // Starts the copies of this thread's units of row group `g` into stage s (one commit group,
+  // empty past the last group, so that async_wait<1> always means "all but the newest").
+  auto fetch = [&](int64_t g, int s) {
+    const int64_t r = g * L::kTeams + team;
+    int64_t oo = 0, io = 0;
+    if (g * L::kTeams < p.rows && r < p.rows && resolve_row(p, r, oo, io)) {
+      const InT* src = static_cast<const InT*>(p.out) + oo + tp_off;
+      const InT* isrc = static_cast<const InT*>(p.inp) + io + tp_off;
+#pragma unroll
+      for (int y = 0; y < kY; ++y)
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          if (tp_off + L::offset(y, j) >= p.d) continue;
+          async_copy16(stage_x(s) + L::offset(y, j), src + L::offset(y, j));
+          if (stage_inp) async_copy16(stage_i(s) + L::offset(y, j), isrc + L::offset(y, j));
+        }
+    }
+    async_commit();
+  };
+  if constexpr (kStaged) fetch(blockIdx.x, 0);
+
+  int stage = 0;
+  for (int64_t group = blockIdx.x; group * L::kTeams < p.rows; group += gridDim.x, stage ^= 1) {
     const int64_t row = group * L::kTeams + team;
     int64_t ooff = 0, ioff = 0;
     const bool active = row < p.rows && resolve_row(p, row, ooff, ioff);
-    const InT* xrow = static_cast<const InT*>(p.out) + ooff + tp_off;
-    const InT* irow = static_cast<const InT*>(p.inp) + ioff + tp_off;
+    const InT* xrow = kStaged ? stage_x(stage) : static_cast<const InT*>(p.out) + ooff + tp_off;
+    const InT* irow = kStaged ? stage_i(stage) : static_cast<const InT*>(p.inp) + ioff + tp_off;
     const int64_t orow = row * p.d + tp_off;
+    if constexpr (kStaged) {
+      // The next group's copies go into the other stage, which this thread finished reading in
+      // the previous iteration (its values were used before this point); then this group's.
+      fetch(group + gridDim.x, stage ^ 1);
+      async_wait<1>();
+    }
 
     // ---- read the row slice once (all loads in flight together)
     Unit<InT, kN> x[kY][K];
@@ -170,7 +269,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
       for (int j = 0; j < K; ++j) {
         valid[y][j] = active && tp_off + L::offset(y, j) < p.d;
         if (valid[y][j]) {
-          load_unit(xrow + L::offset(y, j), x[y][j]);
+          load_staged_or_global<kStaged>(xrow + L::offset(y, j), x[y][j]);
         } else {
           memset(&x[y][j], 0, sizeof(x[y][j]));
         }
@@ -192,7 +291,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
 #pragma unroll
         for (int c = 0; c < L::kChunk; ++c) {
           const int y = (c0 + c) / K, j = (c0 + c) % K;
-          if (valid[y][j]) load_unit(irow + L::offset(y, j), xi[c]);
+          if (valid[y][j]) load_staged_or_global<kStaged>(irow + L::offset(y, j), xi[c]);
         }
       }
 #pragma unroll

@@ -65,6 +65,29 @@ def grid_cap(blocks: int):
         set_cap(previous)
 
 
+@contextlib.contextmanager
+def staged_rows(on: bool = True):
+    """Within the block, this thread's CUDA launches of capture_block use the staged variant of the
+    fast row kernel (each block copies its next rows into shared memory while it works on the
+    current ones) or, with ``on=False``, the plain one. Experimental, off by default: the outputs
+    are the same bytes either way, and which is faster is measured by benchmarks/bench_op.py. A
+    no-op where the compiled library is not loaded."""
+    if not isinstance(on, bool):
+        raise ValueError(f"on: expected True or False, got {on!r}")
+    try:
+        set_staged = torch.ops.residtap._set_staged_rows
+    except (AttributeError, RuntimeError):
+        set_staged = None
+    if set_staged is None:
+        yield
+        return
+    previous = set_staged(on)
+    try:
+        yield
+    finally:
+        set_staged(previous)
+
+
 _fake_registered = False
 
 
