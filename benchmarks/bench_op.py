@@ -5,6 +5,9 @@ normed through a LayerNorm with weight and bias, and the stats mean/rstd/l2/maxa
 preallocated buffers, measured in the same run:
 
   fused_op    residtap.ops.capture_block, the compiled op (C++ on CPU, CUDA on GPU)
+  fused_op_staged  (CUDA only) the same op with the fast kernel's experimental staged variant
+              (residtap.ops.staged_rows: each block copies its next rows into shared memory
+              while it works on the current ones); checked like fused_op
   torch_ops   what the reference does with separate torch ops: clone (resid), sub (delta),
               F.layer_norm (normed), native_layer_norm(x.float()) (mean, rstd),
               linalg.vector_norm (l2), abs().amax (maxabs), all timed together as one row
@@ -153,6 +156,7 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 20)
     op = load_op(device)
     cuda = device.type == "cuda"
+    from residtap.ops import staged_rows
     unit, scale = ("TB/s", 1e12) if cuda else ("GB/s", 1e9)
 
     rows, failed = [], []
@@ -162,6 +166,10 @@ def main() -> int:
             x = make_inputs(n, d, dtype, device)
             common = dict(bench="op", shape=[n, d], dtype=dname, bytes=op_bytes(n, d, dtype))
             problem = check(op, x) if args.check else None
+            if cuda and args.check and not problem:
+                with staged_rows(True):
+                    if (staged_problem := check(op, x)) is not None:
+                        problem = f"staged: {staged_problem}"
             if problem:
                 failed.append(f"{n}x{d} {dname}: {problem}")
                 rows.append(row(device, method="fused_op", check=f"FAILED: {problem}", **common))
@@ -178,11 +186,15 @@ def main() -> int:
 
             t_copy = timed(lambda: dst.copy_(src))
             t_op = timed(lambda: run_fused(op, x, bufs))
-            t_torch = timed(lambda: run_torch(x))
-            t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
-            for method, t in (("fused_op", t_op), ("torch_ops", t_torch), ("copy", t_copy)):
+            times = {"fused_op": t_op}
+            if cuda:
+                with staged_rows(True):
+                    times["fused_op_staged"] = timed(lambda: run_fused(op, x, bufs))
+            t_torch = times["torch_ops"] = timed(lambda: run_torch(x))
+            t_copy = times["copy"] = min(t_copy, timed(lambda: dst.copy_(src)))
+            for method, t in times.items():
                 rate = common["bytes"] / t
-                extra = {"check": "passed" if args.check else "skipped"} if method == "fused_op" else {}
+                extra = {"check": "passed" if args.check else "skipped"} if method.startswith("fused") else {}
                 rows.append(row(device, method=method, median_s=t, bytes_per_s=rate, **{unit: rate / scale},
                                 frac_of_copy=t_copy / t, x_torch=t_torch / t, **extra, **common))
             del x, bufs, src, dst

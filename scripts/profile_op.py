@@ -10,11 +10,14 @@ table and writes ``profile_op-<gpu>.json`` to --out.
 
 ``all`` is timed again with the launch capped at 1-8 blocks per SM (``grid_cap``; 0 is no cap): the
 blocks then loop over several groups of rows each, like a persistent kernel, which tells whether
-launching one block per group of rows costs time.
+launching one block per group of rows costs time. ``resid+delta``, ``normed`` and ``all`` are also
+timed with the fast kernel's experimental staged variant (``staged`` = 1: rows copied ahead into
+shared memory, ``ops.staged_rows``), which sizes its own grid to the GPU.
 
 ``ncu``: per shape and dtype (the narrowest, furthest from the target, first), a warm-up call of
-the op with every output and then one call inside an NVTX range "profile", which is all that
-Nsight Compute is asked to profile::
+the op with every output and then one call inside an NVTX range "profile", plain and then staged
+(the kernel's name ends in ``false`` or ``true``), which is all that Nsight Compute is asked to
+profile::
 
     python scripts/profile_op.py time --out results/
     ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \\
@@ -93,8 +96,9 @@ def main() -> int:
     rows = []
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
-    runs = [(subset, names, 0) for subset, names in SUBSETS.items()]
-    runs += [("all", SUBSETS["all"], k * sms) for k in GRID_WAVES]
+    runs = [(subset, names, 0, False) for subset, names in SUBSETS.items()]
+    runs += [("all", SUBSETS["all"], k * sms, False) for k in GRID_WAVES]
+    runs += [(subset, SUBSETS[subset], 0, True) for subset in ("resid+delta", "normed", "all")]
 
     def timed(fn):
         return median_time(fn, device=dev, iters=args.iters, warmup=10)
@@ -105,30 +109,32 @@ def main() -> int:
                 x = make_inputs(n, d, DTYPES[dname], torch.device(dev))
                 if args.mode == "ncu":
                     bufs = buffers(x, SUBSETS["all"])
-                    call(x, bufs)
-                    sync()
-                    with torch.cuda.nvtx.range("profile") if dev == "cuda" else contextlib.nullcontext():
-                        call(x, bufs)
-                    sync()
+                    for staged in (False, True):
+                        with ops.staged_rows(staged):
+                            call(x, bufs)
+                            sync()
+                            with torch.cuda.nvtx.range("profile") if dev == "cuda" else contextlib.nullcontext():
+                                call(x, bufs)
+                            sync()
                     continue
-                for subset, names, grid in runs:
+                for subset, names, grid, staged in runs:
                     bufs = buffers(x, names)
                     nbytes = subset_bytes(n, d, DTYPES[dname], names)
                     src = torch.empty((nbytes + 1) // 2, dtype=torch.uint8, device=dev)
                     dst = torch.empty_like(src)
                     t_copy = timed(lambda: dst.copy_(src))
-                    with ops.grid_cap(grid):
+                    with ops.grid_cap(grid), ops.staged_rows(staged):
                         t_op = timed(lambda: call(x, bufs))
                     t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
                     rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
-                                    grid_cap=grid, bytes=nbytes, op_s=t_op, copy_s=t_copy,
+                                    grid_cap=grid, staged=int(staged), bytes=nbytes, op_s=t_op, copy_s=t_copy,
                                     frac_of_copy=t_copy / t_op, TBps=nbytes / t_op / 1e12))
                     del bufs, src, dst
                 del x
                 if dev == "cuda":
                     torch.cuda.empty_cache()
     if args.mode == "time":
-        print_table(rows, ["shape", "dtype", "subset", "grid_cap", "bytes", "op_s", "copy_s", "TBps",
+        print_table(rows, ["shape", "dtype", "subset", "grid_cap", "staged", "bytes", "op_s", "copy_s", "TBps",
                            "frac_of_copy"])
         print(f"wrote {write_rows(rows, 'profile_op', args.out)}")
     return 0

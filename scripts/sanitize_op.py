@@ -24,7 +24,8 @@ WIDTHS = (64, 200, 512, 1024, 1600, 4096, 8192, 68, 66, 8200)
 DEVICE = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 
 
-def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None, affine: str = "wb") -> list[str]:
+def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None, affine: str = "wb",
+        staged: bool = False) -> list[str]:
     g = torch.Generator().manual_seed(d + rows)
     out = (torch.randn(2, rows, d, generator=g) * 3 + 30).to(dtype).to(DEVICE)
     inp = (torch.randn(2, rows, d, generator=g) * 3).to(dtype).to(DEVICE)
@@ -42,12 +43,14 @@ def one(rows: int, d: int, dtype, cap_dtype, index_kind: str | None, affine: str
         bufs = {n: torch.empty(2, n_pos, d, dtype=cap_dtype, device=DEVICE)
                 for n in ("resid", "delta", "normed")}
         bufs.update({n: torch.empty(2, n_pos, device=DEVICE) for n in ("mean", "rstd", "maxabs")})
-        fn(out, inp, index, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5, **bufs)
+        # staged on two blocks: each loops over several row groups, refilling both stages
+        with ops.staged_rows(staged and name == "op"), ops.grid_cap(2 if staged else 0):
+            fn(out, inp, index, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5, **bufs)
         res[name] = bufs
     for n in res["op"]:
         if not torch.equal(res["op"][n], res["ref"][n]):
             bad.append(f"{n} differs at rows={rows} d={d} {dtype}->{cap_dtype} index={index_kind} "
-                       f"affine={affine or 'none'}")
+                       f"affine={affine or 'none'} staged={staged}")
     return bad
 
 
@@ -63,6 +66,11 @@ def main() -> int:
         for affine in ("w", "b", ""):  # the norm's other branches: weight only, bias only, neither
             for d in (512, 200):  # the fast kernel; 200: the generic one for 16-bit types
                 bad += one(9, d, dtype, dtype, None, affine)
+        # the fast kernel's staged variant (shared-memory stages, asynchronous copies): every K,
+        # with and without a gather
+        for d in (64, 512, 1600, 4096, 8192):
+            for rows, index_kind in ((37, None), (9, "2d")):
+                bad += one(rows, d, dtype, dtype, index_kind, staged=True)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     print("\n".join(bad) or "sanitize_op: all variants ran and matched the reference")
