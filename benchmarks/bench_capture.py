@@ -14,6 +14,9 @@ use_cache=False, every residual index 0..n_layers:
   capture_overlap_gN  (with --overlap-grid-caps N,...; experimental) capture_overlap with at most N
                  thread blocks per side-stream launch of the op, so that it takes a few SMs beside
                  the next blocks' kernels instead of queueing behind or ahead of them
+  capture_staged, capture_overlap_staged  (with --staged; experimental) capture and capture_overlap
+                 with the op's fast kernel staged (residtap.ops.staged_rows: each thread block
+                 copies its next rows into shared memory while it works on the current ones)
   capture_resid  residtap.Capture(outputs=("resid",)): every block's output and nothing else, like
                  hooks_copy, nnsight and TransformerLens (the use of SAE training)
   reference      residtap.reference.run_reference with the same outputs (hooks + clone + torch ops)
@@ -58,6 +61,7 @@ from _common import base_parser, finish, l2_problem, parse_list, resolve_device,
 
 import residtap
 from residtap._build import load_extension
+from residtap.ops import staged_rows
 from residtap.models import random_gpt2, random_input_ids
 from residtap.reference import OUTPUTS, STAT_NAMES, run_reference
 
@@ -182,16 +186,22 @@ def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
     return times
 
 
-# method -> (outputs, overlap, side-stream grid cap). capture_resid is the like-for-like row for
-# hooks_copy, nnsight and TransformerLens, which keep each block's output and nothing else.
-CAPTURES = {"capture": (OUTPUTS, False, 0), "capture_overlap": (OUTPUTS, True, 0),
-            "capture_resid": (("resid",), False, 0)}
+# method -> (outputs, overlap, side-stream grid cap, staged kernel). capture_resid is the
+# like-for-like row for hooks_copy, nnsight and TransformerLens, which keep each block's output and
+# nothing else.
+CAPTURES = {"capture": (OUTPUTS, False, 0, False), "capture_overlap": (OUTPUTS, True, 0, False),
+            "capture_resid": (("resid",), False, 0, False)}
 
 
-def capture_methods(grid_caps=()) -> dict:
+def capture_methods(grid_caps=(), staged: bool = False) -> dict:
     """CAPTURES, plus capture_overlap_g<N> per grid cap N (overlap with at most N thread blocks per
-    side-stream launch of the op: see residtap.overlap.SideStreams.grid_cap)."""
-    return {**CAPTURES, **{f"capture_overlap_g{n}": (OUTPUTS, True, n) for n in grid_caps}}
+    side-stream launch of the op: see residtap.overlap.SideStreams.grid_cap), plus, if ``staged``,
+    capture and capture_overlap with the staged kernel (residtap.ops.staged_rows)."""
+    methods = {**CAPTURES, **{f"capture_overlap_g{n}": (OUTPUTS, True, n, False) for n in grid_caps}}
+    if staged:
+        methods.update({"capture_staged": (OUTPUTS, False, 0, True),
+                        "capture_overlap_staged": (OUTPUTS, True, 0, True)})
+    return methods
 
 
 def measure(model, ids, device, iters: int, warmup: int, check: bool, captures: dict):
@@ -201,22 +211,23 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool, captures: 
     Everything built here (capture buffers, hook buffers, optional wrappers) is freed on return."""
     skipped, problems = {}, {}
     with torch.no_grad():
-        def capture_method(cap):
+        def capture_method(cap, staged):
             def run():
-                with cap:
+                with staged_rows(staged), cap:
                     model(input_ids=ids, use_cache=False)
             return run
 
         methods = {"forward": lambda: model(input_ids=ids, use_cache=False)}
-        for name, (outputs, overlap, grid_cap) in captures.items():
+        for name, (outputs, overlap, grid_cap, staged) in captures.items():
             cap = residtap.Capture(model, outputs=outputs, backend="compiled", overlap=overlap)
             if grid_cap:
                 cap._side.grid_cap = grid_cap  # experimental, not public
-            problem = check_capture(cap, model, ids, outputs) if check else None
+            with staged_rows(staged):
+                problem = check_capture(cap, model, ids, outputs) if check else None
             if problem:  # never time wrong code
                 problems[name] = problem
             else:
-                methods[name] = capture_method(cap)
+                methods[name] = capture_method(cap, staged)
         methods.update({
             "reference": lambda: run_reference(model, input_ids=ids, outputs=OUTPUTS, use_cache=False),
             "hidden_states": lambda: model(input_ids=ids, use_cache=False, output_hidden_states=True),
@@ -248,6 +259,9 @@ def main() -> int:
     p.add_argument("--overlap-grid-caps", default="",
                    help="comma list of N: also time overlap with at most N thread blocks per side-stream "
                         "launch (rows capture_overlap_gN; experimental)")
+    p.add_argument("--staged", action="store_true",
+                   help="also time capture and capture_overlap with the op's staged kernel (rows "
+                        "capture_staged, capture_overlap_staged; experimental)")
     args = p.parse_args()
     try:
         grid_caps = [int(v) for v in args.overlap_grid_caps.split(",") if v.strip()]
@@ -256,7 +270,7 @@ def main() -> int:
                          f"{args.overlap_grid_caps!r}")
     if any(n < 1 for n in grid_caps):
         raise SystemExit(f"--overlap-grid-caps: expected positive ints, got {args.overlap_grid_caps!r}")
-    captures = capture_methods(grid_caps)
+    captures = capture_methods(grid_caps, args.staged)
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in parse_list(args.models, CONFIGS, "--models")}
     dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")

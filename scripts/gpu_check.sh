@@ -13,7 +13,8 @@
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
 #            re-check after a fix
 #   profile  overlap with the side-stream op capped at a few thread blocks (bench_capture
-#            --overlap-grid-caps, GPT-2-small size); where the op's time goes: scripts/profile_op.py's
+#            --overlap-grid-caps, GPT-2-small size) and captures with the op's staged kernel
+#            (--staged); where the op's time goes: scripts/profile_op.py's
 #            output subsets against their own copy ceilings (also in op and all), then Nsight Compute
 #            on one call per shape and dtype (ncu_op.csv); about 4 minutes, not measured yet
 #
@@ -79,8 +80,8 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     exit 1
 fi
 if [ "$PART" = profile ]; then
-    step bench-capture-caps 120 python3 benchmarks/bench_capture.py --models small \
-        --overlap-grid-caps 16,33,66,132,264 --out "$OUT"
+    step bench-capture-caps 150 python3 benchmarks/bench_capture.py --models small \
+        --overlap-grid-caps 16,33,66,132,264 --staged --out "$OUT"
     step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
     step profile-ncu 180 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
