@@ -185,8 +185,10 @@ constexpr int kFastMinBlocks = 3;
 // before working on a group, starts asynchronous copies of its next group's rows of out (and inp,
 // for delta) into the other of two stages; so loads are in flight while it reduces, normalizes and
 // stores. Every thread copies exactly the 16-byte units it later reads itself, so a thread's own
-// cp.async.wait_group is the only synchronization the stages need. The arithmetic, and so every
-// output bit, is the same as without staging; only where the row comes from differs.
+// cp.async.wait_group is the only synchronization the stages need. It keeps no row in registers:
+// each unit is read from the stage where it is used (twice when normed is asked for), which frees
+// the registers the plain kernel spends on its row slice. The arithmetic, and so every output bit,
+// is the same as without staging; only where the row comes from differs.
 // Shared memory: two stages of kTeams rows of d elements per staged tensor (staged_smem_bytes).
 template <typename InT, int K>
 __host__ __device__ inline size_t staged_smem_bytes(const Params& p) {
@@ -260,7 +262,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
       async_wait<1>();
     }
 
-    // ---- read the row slice once (all loads in flight together)
+    // ---- read the row slice once (all loads in flight together); staged, the stage holds it
     Unit<InT, kN> x[kY][K];
     bool valid[kY][K];
 #pragma unroll
@@ -268,12 +270,17 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
 #pragma unroll
       for (int j = 0; j < K; ++j) {
         valid[y][j] = active && tp_off + L::offset(y, j) < p.d;
-        if (valid[y][j]) {
-          load_staged_or_global<kStaged>(xrow + L::offset(y, j), x[y][j]);
-        } else {
-          memset(&x[y][j], 0, sizeof(x[y][j]));
+        if constexpr (!kStaged) {
+          if (valid[y][j]) {
+            load_unit(xrow + L::offset(y, j), x[y][j]);
+          } else {
+            memset(&x[y][j], 0, sizeof(x[y][j]));
+          }
         }
       }
+    // Where unit (y, j) of the row is used, `xs` is it read from the stage (staged), which this
+    // thread does not refill before its next iteration: the staged kernel holds no row slice in
+    // registers. The plain kernel uses x[y][j] as it is (a copy changed its register allocation).
 
     // ---- one pass: resid and delta out, l2 / maxabs, torch's Welford over each virtual thread
     Moments m[L::kSlots];
@@ -298,8 +305,11 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
       for (int c = 0; c < L::kChunk; ++c) {
         const int y = (c0 + c) / K, j = (c0 + c) % K;  // y-major: each slot sees j in order
         if (!valid[y][j]) continue;
+        Unit<InT, kN> xs;
+        if constexpr (kStaged) load_staged_or_global<true>(xrow + L::offset(y, j), xs);
+        const Unit<InT, kN>& xu = kStaged ? xs : x[y][j];
         float xf[kN];
-        unpack(x[y][j], xf);
+        unpack(xu, xf);
         double l2u = 0.0;
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
@@ -311,7 +321,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
         OutT r[kN];
         if (has_resid) {
 #pragma unroll
-          for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(x[y][j].v[i], xf[i]);
+          for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(xu.v[i], xf[i]);
           store_vec(p_out<OutT>(p.resid) + orow + L::offset(y, j), r);
         }
         if (has_delta) {
@@ -325,7 +335,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
             }
           } else {
 #pragma unroll
-            for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(x[y][j].v[i], xf[i]);
+            for (int i = 0; i < kN; ++i) r[i] = cast_out<OutT>(xu.v[i], xf[i]);
           }
           store_vec(p_out<OutT>(p.delta) + orow + L::offset(y, j), r);
         }
@@ -402,7 +412,9 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
           const int y = (c0 + c) / K, j = (c0 + c) % K;
           if (!valid[y][j]) continue;
           float xf[kN], wf[kN], bf[kN];
-          unpack(x[y][j], xf);
+          Unit<InT, kN> xs;
+          if constexpr (kStaged) load_staged_or_global<true>(xrow + L::offset(y, j), xs);
+          unpack(kStaged ? xs : x[y][j], xf);
           if (has_w) {
             unpack(wu[c], wf);
           } else {
