@@ -9,6 +9,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "rows_kernels.cuh"
 
@@ -29,6 +32,31 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// How many blocks of `kernel` with `smem` bytes of dynamic shared memory fit on the current GPU
+// at once (0: none, the memory does not fit). Found once per kernel, device and size: the
+// attribute and occupancy calls cost host time, and a capture launches per layer and forward.
+inline int64_t resident_blocks(const void* kernel, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, std::pair<int, size_t>>, int64_t> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_pair(kernel, std::make_pair(device, smem));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  int sms = 0, smem_optin = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem <= static_cast<size_t>(smem_optin)) {
+    if (smem > 48 * 1024) {
+      // Above the default limit a kernel has to opt in, per device. To the device's maximum, not
+      // to this size: a smaller size set later would otherwise fail a launch of this one.
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
+    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem));
+  }
+  return known[key] = static_cast<int64_t>(per_sm) * sms;
+}
+
 // The staged fast kernel (see fast_rows_kernel): as many blocks as fit on the GPU at once, each
 // looping over row groups; false (nothing launched) where its shared memory does not fit.
 template <typename InT, typename OutT, int K>
@@ -36,19 +64,9 @@ bool launch_fast_staged(const Params& p, cudaStream_t stream) {
   using L = FastLayout<sizeof(InT), K>;
   auto* kernel = &fast_rows_kernel<InT, OutT, K, true>;
   const size_t smem = staged_smem_bytes<InT, K>(p);
-  int device = 0, sms = 0, smem_optin = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem > static_cast<size_t>(smem_optin)) return false;
-  if (smem > 48 * 1024) {  // above the default limit a kernel has to opt in
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem));
-  if (per_sm < 1) return false;
+  const int64_t resident = resident_blocks(reinterpret_cast<const void*>(kernel), smem);
+  if (resident < 1) return false;
   const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
   kernel<<<grid_for(std::min(groups, resident), p.max_grid), kBlock, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
