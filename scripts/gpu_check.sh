@@ -17,8 +17,13 @@
 #            (--staged); where the op's time goes: scripts/profile_op.py's
 #            output subsets against their own copy ceilings (also in op and all), then Nsight Compute
 #            on one call per shape and dtype (ncu_op.csv); about 4 minutes, not measured yet
+#   lease    one call for a whole 15-minute device lease (9.5 minutes at most), in order of value:
+#            the CUDA tests, bench_op, the subset timing, bench_capture on GPT-2-small with the
+#            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
+#            sanitizers, extraction's tests and benchmarks, the family tests, bench_capture on the
+#            XL size, then ncu; whatever the budget cannot reach is reported as skipped
 #
-#   bash scripts/gpu_check.sh [op|extract|all|tests|profile]  # on a machine with a CUDA GPU, torch and nvcc
+#   bash scripts/gpu_check.sh [op|extract|all|tests|profile|lease]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
 #
 # No install needed: the package runs from src/ (PYTHONPATH); the machine's torch, transformers,
@@ -37,7 +42,8 @@ case "$PART" in
     all) budget=560 ;;
     tests) budget=300 ;;
     profile) budget=400 ;;
-    *) echo "gpu_check.sh: expected op, extract, all, tests or profile, got '$PART'" >&2; exit 2 ;;
+    lease) budget=570 ;;
+    *) echo "gpu_check.sh: expected op, extract, all, tests, profile or lease, got '$PART'" >&2; exit 2 ;;
 esac
 LOG="$OUT/gpu_check-$PART.log"
 START=$SECONDS
@@ -78,6 +84,29 @@ assert i.loaded and i.with_cuda, i.error or i.cuda_skipped_because"
 if [[ " ${FAILED[*]} " == *" build "* ]]; then
     echo "build failed: nothing else can run" | tee -a "$LOG"
     exit 1
+fi
+if [ "$PART" = lease ]; then
+    step cuda-tests 150 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_cuda_order.py tests/test_parity.py tests/test_overlap.py
+    step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
+    step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
+    step bench-capture-small 150 python3 benchmarks/bench_capture.py --models small \
+        --overlap-grid-caps 33,132 --staged --out "$OUT"
+    step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_op.py
+    step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_op.py
+    step extract-tests 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_device_map.py \
+        tests/test_extract.py -k "cuda or gpu or split"
+    step bench-extract 90 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
+    step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
+    step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
+        tests/test_families.py::test_cuda_capture_matches_reference
+    step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --out "$OUT/xl"
+    step profile-ncu 120 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+        --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
+    echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
+    [ ${#FAILED[@]} -eq 0 ]
+    exit
 fi
 if [ "$PART" = profile ]; then
     step bench-capture-caps 150 python3 benchmarks/bench_capture.py --models small \
