@@ -166,10 +166,13 @@ def main() -> int:
             x = make_inputs(n, d, dtype, device)
             common = dict(bench="op", shape=[n, d], dtype=dname, bytes=op_bytes(n, d, dtype))
             problem = check(op, x) if args.check else None
+            staged_problem = None
             if cuda and args.check and not problem:
                 with staged_rows(True):
-                    if (staged_problem := check(op, x)) is not None:
-                        problem = f"staged: {staged_problem}"
+                    staged_problem = check(op, x)
+            if staged_problem:  # reported and not timed; the plain op still is
+                failed.append(f"{n}x{d} {dname} staged: {staged_problem}")
+                rows.append(row(device, method="fused_op_staged", check=f"FAILED: {staged_problem}", **common))
             if problem:
                 failed.append(f"{n}x{d} {dname}: {problem}")
                 rows.append(row(device, method="fused_op", check=f"FAILED: {problem}", **common))
@@ -187,7 +190,7 @@ def main() -> int:
             t_copy = timed(lambda: dst.copy_(src))
             t_op = timed(lambda: run_fused(op, x, bufs))
             times = {"fused_op": t_op}
-            if cuda:
+            if cuda and not staged_problem:
                 with staged_rows(True):
                     times["fused_op_staged"] = timed(lambda: run_fused(op, x, bufs))
             t_torch = times["torch_ops"] = timed(lambda: run_torch(x))
