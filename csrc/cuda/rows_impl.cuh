@@ -46,11 +46,15 @@ inline int64_t resident_blocks(const void* kernel, size_t smem) {
   int sms = 0, smem_optin = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem <= static_cast<size_t>(smem_optin)) {
-    if (smem > 48 * 1024) {
-      // Above the default limit a kernel has to opt in, per device. To the device's maximum, not
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // The kernel's static shared memory counts against the same per-block limit.
+  const int dynamic_max = smem_optin - static_cast<int>(attr.sharedSizeBytes);
+  if (dynamic_max > 0 && smem <= static_cast<size_t>(dynamic_max)) {
+    if (smem > 48 * 1024 - attr.sharedSizeBytes) {
+      // Above the default limit a kernel has to opt in, per device. To the most it may have, not
       // to this size: a smaller size set later would otherwise fail a launch of this one.
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_max));
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem));
   }
