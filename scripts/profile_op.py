@@ -4,7 +4,7 @@
 device copy of the bytes that subset must move (its inputs read once, its outputs written once),
 measured side by side in one run. The op reads a row once and keeps it in registers whatever it
 is asked for, so the subsets tell the phases apart: ``resid`` alone is a copy through the kernel,
-``stats`` alone is the read plus the row reduction, ``normed`` adds the second phase, and ``all`` is
+``stats`` alone is the read plus the row reductions (``mean+rstd`` and ``l2+maxabs`` split them), ``normed`` adds the second phase, and ``all`` is
 what bench_op times. A subset far below its own ceiling is where the kernel loses time. Prints a
 table and writes ``profile_op-<gpu>.json`` to --out.
 
@@ -46,6 +46,10 @@ from residtap import ops  # noqa: E402
 SUBSETS = {
     "resid": ("resid",),
     "stats": STATS,
+    # the stats split: torch's Welford and merge tree alone, or the float64 sum of squares and the
+    # max alone (the kernel computes those two whatever is asked; resid alone pays them too)
+    "mean+rstd": ("mean", "rstd"),
+    "l2+maxabs": ("l2", "maxabs"),
     "resid+stats": ("resid", *STATS),
     "resid+delta": ("resid", "delta"),
     "normed": ("normed",),
