@@ -144,6 +144,19 @@ def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
         ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
 
 
+def assert_cpu_op_unchanged_under(setting) -> None:
+    """The CPU op's outputs with a CUDA launch setting in force equal the reference's."""
+    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
+    with setting:
+        got = run_op(out, inp, None, w, b, 1e-5, torch.float32)
+    want = nan_buffers(out, None, torch.float32)
+    reference.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5,
+                            **want)
+    for name in got:
+        if name != "l2":
+            assert torch.equal(got[name], want[name]), name
+
+
 def test_staged_rows_is_per_thread_restored_and_validated(extension):
     """ops.staged_rows turns the fast CUDA kernel's staged variant on for this thread's launches
     (its CUDA outputs are checked in test_cuda.py) and puts back the setting before, also when the
@@ -170,15 +183,7 @@ def test_staged_rows_is_per_thread_restored_and_validated(extension):
             with ops.staged_rows(bad):
                 pass
     assert set_staged(False) is False
-    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
-    with ops.staged_rows():
-        got = run_op(out, inp, None, w, b, 1e-5, torch.float32)
-    want = nan_buffers(out, None, torch.float32)
-    reference.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5,
-                            **want)
-    for name in got:
-        if name != "l2":
-            assert torch.equal(got[name], want[name]), name
+    assert_cpu_op_unchanged_under(ops.staged_rows())
 
 
 def test_grid_cap_is_per_thread_restored_and_validated(extension):
@@ -207,13 +212,4 @@ def test_grid_cap_is_per_thread_restored_and_validated(extension):
             with ops.grid_cap(bad):
                 pass
     assert set_cap(0) == 0
-    # Off CUDA the cap changes nothing: the CPU op's outputs under a cap equal the reference's.
-    out, inp, w, b = make_inputs(2, 5, 64, torch.float32)
-    with ops.grid_cap(1):
-        got = run_op(out, inp, None, w, b, 1e-5, torch.float32)
-    want = nan_buffers(out, None, torch.float32)
-    reference.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5,
-                            **want)
-    for name in got:
-        if name != "l2":
-            assert torch.equal(got[name], want[name]), name
+    assert_cpu_op_unchanged_under(ops.grid_cap(1))  # off CUDA the cap changes nothing

@@ -44,6 +44,22 @@ def capture_block(
 
 
 @contextlib.contextmanager
+def _thread_setting(op_name: str, value):
+    """Sets one of the compiled library's per-thread launch settings (``torch.ops.residtap.<op_name>``,
+    which returns the previous value) for the block, and puts the previous value back after it,
+    also when it raises. A no-op where the compiled library is not loaded."""
+    try:
+        set_value = getattr(torch.ops.residtap, op_name)
+    except (AttributeError, RuntimeError):
+        yield
+        return
+    previous = set_value(value)
+    try:
+        yield
+    finally:
+        set_value(previous)
+
+
 def grid_cap(blocks: int):
     """Within the block, this thread's CUDA launches of capture_block use at most ``blocks`` thread
     blocks each (0: no cap), so that a launch beside other work leaves it most of the GPU; the
@@ -51,21 +67,9 @@ def grid_cap(blocks: int):
     not loaded (the reference has no launches to cap)."""
     if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
         raise ValueError(f"blocks: expected an int >= 0 (0: no cap), got {blocks!r}")
-    try:
-        set_cap = torch.ops.residtap._set_grid_cap
-    except (AttributeError, RuntimeError):
-        set_cap = None
-    if set_cap is None:
-        yield
-        return
-    previous = set_cap(blocks)
-    try:
-        yield
-    finally:
-        set_cap(previous)
+    return _thread_setting("_set_grid_cap", blocks)
 
 
-@contextlib.contextmanager
 def staged_rows(on: bool = True):
     """Within the block, this thread's CUDA launches of capture_block use the staged variant of the
     fast row kernel (each block copies its next rows into shared memory while it works on the
@@ -74,18 +78,7 @@ def staged_rows(on: bool = True):
     no-op where the compiled library is not loaded."""
     if not isinstance(on, bool):
         raise ValueError(f"on: expected True or False, got {on!r}")
-    try:
-        set_staged = torch.ops.residtap._set_staged_rows
-    except (AttributeError, RuntimeError):
-        set_staged = None
-    if set_staged is None:
-        yield
-        return
-    previous = set_staged(on)
-    try:
-        yield
-    finally:
-        set_staged(previous)
+    return _thread_setting("_set_staged_rows", on)
 
 
 _fake_registered = False
