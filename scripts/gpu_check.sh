@@ -68,6 +68,18 @@ step() {  # step NAME LIMIT_S COMMAND...  (the limit shrinks to what is left bef
     [ "$rc" -eq 0 ] || FAILED+=("$name")
 }
 
+profile_ncu() {  # profile_ncu LIMIT_S: Nsight Compute on profile_op's calls inside its NVTX range
+    step profile-ncu "$1" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+        --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
+}
+
+finish() {  # the summary line; exits 0 only if every step passed
+    echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
+    [ ${#FAILED[@]} -eq 0 ]
+    exit
+}
+
 : > "$LOG"
 step env 60 bash -c 'nvidia-smi -L; nvcc --version | tail -1; python3 -c "import torch, transformers, safetensors
 print(torch.__version__, torch.version.cuda, transformers.__version__, safetensors.__version__)"'
@@ -101,23 +113,15 @@ if [ "$PART" = lease ]; then
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
     step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --out "$OUT/xl"
-    step profile-ncu 120 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
-        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
-        --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
-    echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
-    [ ${#FAILED[@]} -eq 0 ]
-    exit
+    profile_ncu 120
+    finish
 fi
 if [ "$PART" = profile ]; then
     step bench-capture-caps 150 python3 benchmarks/bench_capture.py --models small \
         --overlap-grid-caps 16,33,66,132,264 --staged --out "$OUT"
     step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
-    step profile-ncu 180 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
-        --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
-        --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
-    echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
-    [ ${#FAILED[@]} -eq 0 ]
-    exit
+    profile_ncu 180
+    finish
 fi
 if [ "$PART" != extract ]; then  # op, all, tests
     step cuda-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
@@ -149,5 +153,4 @@ if [ "$PART" != extract ]; then  # last, in whatever time is left: every model f
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
 fi
-echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
-[ ${#FAILED[@]} -eq 0 ]
+finish
