@@ -24,14 +24,6 @@ int64_t grid_for(int64_t blocks, int64_t max_grid) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
 }
 
-template <typename InT, typename OutT, int K>
-void launch_fast(const Params& p, cudaStream_t stream) {
-  using L = FastLayout<sizeof(InT), K>;
-  const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
-  fast_rows_kernel<InT, OutT, K><<<grid_for(groups, p.max_grid), kBlock, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // How many blocks of `kernel` with `smem` bytes of dynamic shared memory fit on the current GPU
 // at once (0: none, the memory does not fit). Found once per kernel, device and size: the
 // attribute and occupancy calls cost host time, and a capture launches per layer and forward.
@@ -62,18 +54,28 @@ inline int64_t resident_blocks(const void* kernel, size_t smem) {
 }
 
 // The staged fast kernel (see fast_rows_kernel): as many blocks as fit on the GPU at once, each
-// looping over row groups; false (nothing launched) where its shared memory does not fit.
+// looping over the `groups` row groups; false (nothing launched) where its shared memory does
+// not fit.
 template <typename InT, typename OutT, int K>
-bool launch_fast_staged(const Params& p, cudaStream_t stream) {
-  using L = FastLayout<sizeof(InT), K>;
+bool launch_fast_staged(const Params& p, int64_t groups, cudaStream_t stream) {
   auto* kernel = &fast_rows_kernel<InT, OutT, K, true>;
   const size_t smem = staged_smem_bytes<InT, K>(p);
   const int64_t resident = resident_blocks(reinterpret_cast<const void*>(kernel), smem);
   if (resident < 1) return false;
-  const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
   kernel<<<grid_for(std::min(groups, resident), p.max_grid), kBlock, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
+}
+
+// The fast kernel for K vectors per virtual thread: staged where this thread asked for it and its
+// stages fit, else plain, one block per row group.
+template <typename InT, typename OutT, int K>
+void launch_fast(const Params& p, cudaStream_t stream) {
+  using L = FastLayout<sizeof(InT), K>;
+  const int64_t groups = (p.rows + L::kTeams - 1) / L::kTeams;
+  if (p.staged && launch_fast_staged<InT, OutT, K>(p, groups, stream)) return;
+  fast_rows_kernel<InT, OutT, K><<<grid_for(groups, p.max_grid), kBlock, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Whether rows can be accessed as whole vectors of `unit` elements (at most 16 bytes): out and inp
@@ -118,14 +120,6 @@ void launch_rows(const Params& p, cudaStream_t stream) {
   if (fast_kernel_fits<InT, OutT>(p)) {
     const int nvec = p.d / 4;
     const int k = (nvec + 127) / 128;  // vectors per virtual thread
-    if (p.staged) {
-      const bool launched = k <= 1   ? launch_fast_staged<InT, OutT, 1>(p, stream)
-                            : k <= 2 ? launch_fast_staged<InT, OutT, 2>(p, stream)
-                            : k <= 4 ? launch_fast_staged<InT, OutT, 4>(p, stream)
-                            : k <= 8 ? launch_fast_staged<InT, OutT, 8>(p, stream)
-                                     : launch_fast_staged<InT, OutT, 16>(p, stream);
-      if (launched) return;
-    }
     if (k <= 1) return launch_fast<InT, OutT, 1>(p, stream);
     if (k <= 2) return launch_fast<InT, OutT, 2>(p, stream);
     if (k <= 4) return launch_fast<InT, OutT, 4>(p, stream);

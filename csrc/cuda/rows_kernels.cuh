@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
   auto fetch = [&](int64_t g, int s) {
     const int64_t r = g * L::kTeams + team;
     int64_t oo = 0, io = 0;
-    if (g * L::kTeams < p.rows && r < p.rows && resolve_row(p, r, oo, io)) {
+    if (r < p.rows && resolve_row(p, r, oo, io)) {  // past the last group: r >= rows
       const InT* src = static_cast<const InT*>(p.out) + oo + tp_off;
       const InT* isrc = static_cast<const InT*>(p.inp) + io + tp_off;
 #pragma unroll
