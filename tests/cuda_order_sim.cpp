@@ -1,20 +1,23 @@
 // Host-side check of the fused CUDA kernel's replay of torch's LayerNorm order of operations.
 //
-// The fast kernel (csrc/cuda/rows_impl.cuh) packs several of torch's 128 "virtual threads" into
+// The fast kernel (csrc/cuda/rows_kernels.cuh) packs several of torch's 128 "virtual threads" into
 // each physical thread and several rows into each block, then replays torch's Welford updates and
-// merge tree in that layout. Whether the replay visits the same operations in the same order is a
-// question of indices, not of GPU arithmetic, so it can be answered on a CPU: this program
-// compiles the kernel's own layout and reduction code (csrc/cuda/ln_arith.cuh) for the host,
-// emulates the round-to-nearest intrinsics with IEEE float operations (-ffp-contract=off) and
-// runs each simulated block's 128 threads as std::threads whose warp shuffles meet at barriers
-// (lock step, like a warp). Every row's mean and rstd must equal, bit for bit, a plain
-// transcription of torch's order (GPU.md): virtual thread t reads vectors t, t+128, ...; shuffle-down
-// merges 16, 8, 4, 2, 1 in each warp; then ((w0 + w2) + (w1 + w3)).
+// merge tree in that layout, the tree's merges shared out among a row's threads (merge_tree, in
+// ln_arith.cuh; the generic kernel runs the same tree with one virtual thread per thread). Whether
+// the replay visits the same operations in the same order is a question of indices, not of GPU
+// arithmetic, so it can be answered on a CPU: this program compiles the kernel's own layout and
+// reduction code (csrc/cuda/ln_arith.cuh) for the host, emulates the round-to-nearest intrinsics
+// with IEEE float operations (-ffp-contract=off) and runs each simulated block's 128 threads as
+// std::threads whose warp shuffles and block barriers meet in lock step. The mean and rstd that
+// every thread of a team ends up with must equal, bit for bit, a plain transcription of torch's
+// order (GPU.md): virtual thread t reads vectors t, t+128, ...; shuffle-down merges 16, 8, 4, 2, 1
+// in each warp; then ((w0 + w2) + (w1 + w3)).
 //
 // What this cannot check: the GPU's own arithmetic (rsqrtf is emulated by 1/sqrtf on both sides),
 // memory access, or speed. tests/test_cuda.py does that on a GPU.
 //
-// Output: one line per layout, then "configs N mismatches M"; exit status 1 if M > 0.
+// Output: one line per layout (the merges each thread does per row), then "configs N mismatches M";
+// exit status 1 if M > 0.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -31,29 +34,33 @@
 #include "host_intrinsics.h"
 
 // A warp in lock step: each shuffle publishes the value, waits for all 32 lanes, reads the source
-// lane (its own value when the source is past lane 31, as __shfl_down_sync does), waits again.
+// lane, waits again. A block barrier for __syncthreads (the merge tree of teams wider than a warp).
 struct WarpSim {
   float slot[32];
   std::barrier<> bar{32};
 };
+struct Dim3 {
+  unsigned x = 0;
+};
 thread_local WarpSim* tl_warp = nullptr;
-thread_local int tl_lane = 0;
+thread_local Dim3 threadIdx;
+static std::barrier<>* g_block_bar = nullptr;
 
-static inline float __shfl_down_sync(unsigned, float v, int delta) {
-  tl_warp->slot[tl_lane] = v;
+static inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  const unsigned lane = threadIdx.x % 32;
+  tl_warp->slot[lane] = v;
   tl_warp->bar.arrive_and_wait();
-  const int src = tl_lane + delta;
-  const float r = src < 32 ? tl_warp->slot[src] : v;
+  const float r = tl_warp->slot[lane ^ static_cast<unsigned>(mask)];
   tl_warp->bar.arrive_and_wait();
   return r;
 }
+static inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 
 #include "ln_arith.cuh"
 #include "torch_ln_order.h"
 
 using residtap::cuda_impl::FastLayout;
 using residtap::cuda_impl::Moments;
-using residtap::cuda_impl::VwarpOwner;
 using residtap::cuda_impl::welford_combine;
 using residtap::cuda_impl::welford_push;
 
@@ -69,13 +76,16 @@ static int check_block(int d, std::mt19937& rng, float centre) {
   std::vector<std::vector<float>> rows(L::kTeams, std::vector<float>(d));
   for (auto& r : rows)
     for (auto& x : r) x = dist(rng);
-  std::vector<Moments> vwarp(4 * L::kTeams);
+  std::vector<Moments> result(residtap::cuda_impl::kBlock);
   WarpSim warps[4];
+  std::barrier<> block_bar(residtap::cuda_impl::kBlock);
+  g_block_bar = &block_bar;
+  Moments xchg[residtap::cuda_impl::kBlock];  // the kernel's shared exchange array
   std::vector<std::thread> threads;
   for (int tid = 0; tid < residtap::cuda_impl::kBlock; ++tid) {
     threads.emplace_back([&, tid] {
       tl_warp = &warps[tid / 32];
-      tl_lane = tid % 32;
+      threadIdx.x = static_cast<unsigned>(tid);
       const int team = tid / kT, tp = tid % kT;
       const int tp_off = 4 * kU * tp;
       const float* row = rows[team].data();
@@ -92,21 +102,20 @@ static int check_block(int d, std::mt19937& rng, float centre) {
         }
         residtap::cuda_impl::set_counts<kU>(&m[kU * y], nv);
       }
-      residtap::cuda_impl::reduce_virtual_warps<kU, kT, kY>(m);
-      for (int w = 0; w < 4; ++w)
-        if (tp == VwarpOwner<kU, kT>::p(w)) vwarp[4 * team + w] = m[kU * VwarpOwner<kU, kT>::y(w)];
+      result[tid] = residtap::cuda_impl::merge_tree<kU, kT, kY>(m, tp, xchg);
     });
   }
   for (auto& t : threads) t.join();
   int bad = 0;
-  for (int team = 0; team < L::kTeams; ++team) {
+  for (int tid = 0; tid < residtap::cuda_impl::kBlock; ++tid) {  // every thread of every team
+    const int team = tid / kT;
     float mean, rstd, want_mean, want_rstd;
-    residtap::cuda_impl::finish_moments(&vwarp[4 * team], d, kEps, mean, rstd);
+    residtap::cuda_impl::finish_moments(result[tid], d, kEps, mean, rstd);
     torch_ln_moments(rows[team].data(), d, kEps, want_mean, want_rstd);
     if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
       if (bad == 0)
-        std::printf("  MISMATCH bytes=%d K=%d d=%d team=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n",
-                    kElemBytes, K, d, team, mean, want_mean, rstd, want_rstd);
+        std::printf("  MISMATCH bytes=%d K=%d d=%d thread=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n",
+                    kElemBytes, K, d, tid, mean, want_mean, rstd, want_rstd);
       ++bad;
     }
   }
@@ -124,12 +133,72 @@ static int check_width(int d, std::mt19937& rng, float centre) {
   return check_block<kElemBytes, 16>(d, rng, centre);
 }
 
+// The generic kernel (rows_kernels.cuh): one row per block, thread t = torch's virtual thread t,
+// counting its elements one by one, through the same merge tree (its cross-warp steps in shared
+// memory).
+static int check_generic(int d, std::mt19937& rng, float centre) {
+  std::normal_distribution<float> dist(centre, 3.f);
+  std::vector<float> row(d);
+  for (auto& x : row) x = dist(rng);
+  constexpr int kBlock = residtap::cuda_impl::kBlock;
+  std::vector<Moments> result(kBlock);
+  WarpSim warps[4];
+  std::barrier<> block_bar(kBlock);
+  g_block_bar = &block_bar;
+  Moments xchg[kBlock];
+  std::vector<std::thread> threads;
+  for (int tid = 0; tid < kBlock; ++tid) {
+    threads.emplace_back([&, tid] {
+      tl_warp = &warps[tid / 32];
+      threadIdx.x = static_cast<unsigned>(tid);
+      Moments m[1] = {Moments{0.f, 0.f, 0.f}};
+      for (int v = tid; v < d / 4; v += kBlock) {
+        for (int i = 0; i < 4; ++i) {
+          m[0].n = __fadd_rn(m[0].n, 1.f);
+          welford_push(m[0].mean, m[0].m2, row[4 * v + i], __frcp_rn(m[0].n));
+        }
+      }
+      result[tid] = residtap::cuda_impl::merge_tree<1, kBlock, 1>(m, tid, xchg);
+    });
+  }
+  for (auto& t : threads) t.join();
+  float want_mean, want_rstd;
+  torch_ln_moments(row.data(), d, kEps, want_mean, want_rstd);
+  int bad = 0;
+  for (int tid = 0; tid < kBlock; ++tid) {
+    float mean, rstd;
+    residtap::cuda_impl::finish_moments(result[tid], d, kEps, mean, rstd);
+    if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
+      if (bad == 0) std::printf("  MISMATCH generic d=%d thread=%d\n", d, tid);
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+// The merges one thread does per row in each layout (the plan's work; printed for the record).
+static int merges_per_thread(int kU, int kT, int kY) {
+  const auto plan = residtap::cuda_impl::tree_plan(kU, kT, kY);
+  int n = 0;
+  for (const auto& st : plan.step) n += st.kind == residtap::cuda_impl::kMergeSlots ? st.slots / 2 : (st.slots > 1 ? st.slots / 2 : 1);
+  return n;
+}
+
+template <int kElemBytes, int K>
+static void print_plan() {
+  using L = FastLayout<kElemBytes, K>;
+  std::printf("layout bytes=%d K=%d kT=%d slots=%d: %d merges per thread\n", kElemBytes, K, L::kT,
+              L::kSlots, merges_per_thread(L::kU, L::kT, L::kY));
+}
+
 int main() {
   // Widths on both sides of every K boundary, tiny ones (most virtual threads empty), and the
   // model widths of GPU.md's probe.
   const int widths[] = {8,    16,   24,   64,   72,   96,   128,  136,  256,  504,  512,  520,
                         768,  1000, 1024, 1032, 1280, 1600, 2048, 2056, 2560, 3072, 4096, 4104,
                         5120, 6144, 7168, 8184, 8192};
+  print_plan<4, 1>(), print_plan<4, 2>(), print_plan<4, 4>(), print_plan<4, 8>(), print_plan<4, 16>();
+  print_plan<2, 1>(), print_plan<2, 2>(), print_plan<2, 4>(), print_plan<2, 8>(), print_plan<2, 16>();
   std::mt19937 rng(1234);
   int configs = 0, mismatches = 0;
   for (float centre : {0.f, 30.f}) {
@@ -141,6 +210,8 @@ int main() {
         mismatches += check_width<2>(d, rng, centre);
         ++configs;
       }
+      mismatches += check_generic(d, rng, centre);
+      ++configs;
     }
   }
   std::printf("configs %d mismatches %d\n", configs, mismatches);

@@ -9,13 +9,13 @@
 //   * var = m2 / D, rstd = rsqrtf(var + eps), y = fma(w, rstd * (x - mean), b).
 //
 // Only the order of operations matters, not which physical thread performs them, so the kernels
-// in rows_impl.cuh hold several virtual threads per physical thread ("slots") and replay the
-// same merge tree. Every operation below is an explicit round-to-nearest intrinsic so that the
+// in rows_kernels.cuh hold several virtual threads per physical thread ("slots") and replay the
+// same merge tree, sharing its merges out among a row's threads (merge_tree). Every operation below is an explicit round-to-nearest intrinsic so that the
 // compiler can neither contract nor re-associate it (never build with fast-math).
 //
 // Everything here is free of ATen so that tests/cuda_order_sim.cpp can compile it for the host
 // (with the intrinsics emulated and warp shuffles run in lock step) and check that the layouts
-// below replay torch's order exactly: the one part of the kernel a CPU machine can verify.
+// and the merge tree below replay torch's order exactly.
 #pragma once
 
 #ifdef __CUDACC__
@@ -64,17 +64,12 @@ __device__ __forceinline__ Moments welford_combine(const Moments& own, const Mom
   return r;
 }
 
-__device__ __forceinline__ Moments shfl_down(const Moments& m, int delta) {
-  return Moments{__shfl_down_sync(kFullMask, m.mean, delta), __shfl_down_sync(kFullMask, m.m2, delta),
-                 __shfl_down_sync(kFullMask, m.n, delta)};
-}
-
 // Layout for widths d <= 128 * 4 * K (d % (4 * kU) == 0, 16-byte aligned rows):
 //   kU   vectors of 4 elements per 16-byte unit: 1 for float, 2 for 16-bit types;
 //   kT   threads per row ("team"); a block of 128 threads holds 128 / kT rows; every thread keeps
 //        its kY * K units (32 to 128 elements) in registers from the read to the normalization;
 //   team thread p, unit (y, j) = the kU vectors starting at kU*p + kU*kT*y + 128*j, i.e. the j-th
-//   vector of virtual threads kU*p + u + kU*kT*y (see reduce_virtual_warps).
+//   vector of virtual threads kU*p + u + kU*kT*y (see tree_plan).
 template <int kElemBytes, int K>
 struct FastLayout {
   static constexpr int kU = kElemBytes == 2 ? 2 : 1;
@@ -121,72 +116,158 @@ __device__ __forceinline__ void set_counts(Moments* m, int nv) {
   for (int u = 0; u < kU; ++u) m[u].n = static_cast<float>(4 * nv);
 }
 
-// The in-warp part of torch's merge tree, for a physical layout where each thread holds the
-// partials of kU * kY virtual threads: slot s = u + kU * y of team thread p is virtual thread
-//     t = kU * p + u + kU * kT * y      (u < kU, y < kY, p < kT;  kU * kT * kY == 128).
-// (A 16-byte load of a 16-bit type covers kU = 2 consecutive vectors, hence consecutive virtual
-// threads; teams of kT threads hold one row.) Virtual lane = t % 32, virtual warp = t / 32.
-// Torch merges, for offset o = 16, 8, 4, 2, 1, virtual lane v with virtual lane v + o; only the
-// lanes that feed lane 0 matter, and those are the ones computed correctly here (the others hold
-// harmless garbage, exactly like the lanes torch never reads). Offsets are handled by whichever
-// index carries them: y (inside the thread), p (a shuffle by o / kU lanes) or u (inside the thread).
-// On return, virtual warp w's result is at virtual thread 32 * w: see vwarp_owner().
-template <int kU, int kT, int kY>
-__device__ __forceinline__ void reduce_virtual_warps(Moments (&m)[kU * kY]) {
-  constexpr int kUT = kU * kT;  // virtual threads spanned by one y step
-  static_assert(kUT * kY == 128, "the layout must cover torch's 128 threads");
-  static_assert(kU == 1 || kU == 2, "kU is 1 or 2");
-  if constexpr (kUT < 32) {
-    // A virtual warp spans kYlo consecutive y of the same thread: offsets >= kUT live in y.
-    constexpr int kYlo = 32 / kUT;
-#pragma unroll
-    for (int o = 16; o >= kUT; o /= 2) {
-      const int step = o / kUT;
-#pragma unroll
-      for (int w = 0; w < kY / kYlo; ++w)
-#pragma unroll
-        for (int ylo = 0; ylo < kYlo; ++ylo)
-          if (ylo < step)
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-              Moments& own = m[u + kU * (ylo + kYlo * w)];
-              own = welford_combine(own, m[u + kU * (ylo + step + kYlo * w)]);
-            }
+// ------------------------------------------------------------------------ the merge tree
+// torch's merge tree over its 128 virtual threads, replayed by a team of kT physical threads that
+// each hold the partials of kSlots = 128 / kT of them. Name the 7 bits of a virtual thread's index
+// t = lane + 32 * warp: torch merges the partials that differ in bit 4 (shuffle-down 16), then bit
+// 3, 2, 1, 0 (offsets 8, 4, 2, 1), then bit 6 (w0 + w2, w1 + w3), then bit 5; always with the
+// member whose bit is 0 as `own` (cuWelfordCombine's dataB) and the other as `in`.
+//
+// Every bit of t lives somewhere in the layout: in the slot index (which partial of a thread) or
+// in the team-thread index p. Merging over a bit that lives in the slot index is a merge inside
+// each thread (kSlots / 2 of them). Merging over a bit that lives in p pairs two threads; rather
+// than have both compute all their pairs (and half the lanes compute for nothing, as a plain
+// shuffle-down does), the two split the work: over the highest slot bit, the thread whose p-bit
+// is 0 takes the pairs whose slot bit is 0 and the other thread those whose slot bit is 1, each
+// sending the partner the half it gives up (a butterfly exchange, shfl_xor). So every merge a
+// thread does is one torch does, the number of partials per thread halves at each step, and the
+// p-bit now stands for the slot bit it took over. Once a thread holds one partial, a merge over a
+// p-bit is done by both threads alike (the same operands in the same order, so the same bits).
+// After the 7 steps every thread of the team holds the row's final moments: no shared memory,
+// no barrier and no single thread finishing the row, where p's bits are lane bits (kT <= 32);
+// p-bits above the warp (kT of 64, 128) exchange through shared memory.
+//
+// A thread does 8 to 18 merges per row here (bfloat16 at width 768: 11), where letting every
+// thread replay every level of the tree took 20 to 36 and a serial finish.
+enum TreeStepKind { kMergeSlots = 0, kSplitThreads = 1, kPairThreads = 2 };
+struct TreeStep {
+  int kind;
+  int bit;    // the slot bit (kMergeSlots) or the p-bit (otherwise) that this step merges over
+  int slots;  // partials per thread before the step
+};
+struct TreePlan {
+  TreeStep step[7];
+};
+
+constexpr int log2_exact(int x) {
+  int r = 0;
+  while ((1 << r) < x) ++r;
+  return r;
+}
+
+// The steps for FastLayout's layout: slot s = u + kU * y of team thread p holds virtual thread
+// t = kU * p + u + kU * kT * y (u < kU, y < kY; a 16-byte unit of a 16-bit type holds kU = 2
+// consecutive vectors, hence consecutive virtual threads). Where each bit of t lives is
+// followed step by step; slot bits stay numbered 0 .. log2(slots) - 1.
+constexpr TreePlan tree_plan(int kU, int kT, int kY) {
+  const int lu = log2_exact(kU), lt = log2_exact(kT), ly = log2_exact(kY);
+  int slot_bit[7] = {}, p_bit[7] = {};  // -1: not there
+  for (int b = 0; b < 7; ++b) {
+    slot_bit[b] = b < lu ? b : (b >= lu + lt ? lu + (b - lu - lt) : -1);
+    p_bit[b] = b >= lu && b < lu + lt ? b - lu : -1;
+  }
+  int slot_bits = lu + ly;
+  const int order[7] = {4, 3, 2, 1, 0, 6, 5};
+  TreePlan plan{};
+  for (int i = 0; i < 7; ++i) {
+    const int b = order[i];
+    if (slot_bit[b] >= 0) {
+      const int k = slot_bit[b];
+      plan.step[i] = TreeStep{kMergeSlots, k, 1 << slot_bits};
+      for (int c = 0; c < 7; ++c)
+        if (slot_bit[c] > k) --slot_bit[c];
+      slot_bit[b] = -1;
+      --slot_bits;
+    } else if (slot_bits > 0) {
+      plan.step[i] = TreeStep{kSplitThreads, p_bit[b], 1 << slot_bits};
+      for (int c = 0; c < 7; ++c) {
+        if (slot_bit[c] == slot_bits - 1) {  // the highest slot bit moves to the freed p-bit
+          slot_bit[c] = -1;
+          p_bit[c] = p_bit[b];
+        }
+      }
+      p_bit[b] = -1;
+      --slot_bits;
+    } else {
+      plan.step[i] = TreeStep{kPairThreads, p_bit[b], 1};
+      p_bit[b] = -1;
     }
   }
-  // Offsets carried by the physical lane: shuffle down by o / kU lanes.
-  constexpr int kShuffleTop = (kUT < 32 ? kUT : 32) / 2;
-  constexpr int kYStep = kUT < 32 ? 32 / kUT : 1;  // only y at the start of a virtual warp matter
-#pragma unroll
-  for (int o = kShuffleTop; o >= kU; o /= 2) {
-#pragma unroll
-    for (int y = 0; y < kY; y += kYStep)
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        Moments& own = m[u + kU * y];
-        own = welford_combine(own, shfl_down(own, o / kU));
-      }
-  }
-  if constexpr (kU == 2) {  // offset 1: the two vectors of one 16-byte unit
-#pragma unroll
-    for (int y = 0; y < kY; y += kYStep) m[2 * y] = welford_combine(m[2 * y], m[2 * y + 1]);
+  return plan;
+}
+
+// The partner's partial across p-bit `k`: a shuffle within the warp, else (teams wider than a
+// warp) through `xchg`, a shared array of kBlock entries, with the whole block taking part.
+template <int k>
+__device__ __forceinline__ Moments team_exchange(const Moments& v, Moments* xchg) {
+  if constexpr (k < 5) {
+    return Moments{__shfl_xor_sync(kFullMask, v.mean, 1 << k), __shfl_xor_sync(kFullMask, v.m2, 1 << k),
+                   __shfl_xor_sync(kFullMask, v.n, 1 << k)};
+  } else {
+    xchg[threadIdx.x] = v;
+    __syncthreads();
+    const Moments r = xchg[threadIdx.x ^ (1u << k)];
+    __syncthreads();
+    return r;
   }
 }
 
-// Which team thread p and which y hold virtual warp w's result (virtual thread 32 * w, u = 0).
-template <int kU, int kT>
-struct VwarpOwner {
-  static constexpr int kUT = kU * kT;
-  __host__ __device__ static constexpr int y(int w) { return (32 * w) / kUT; }
-  __host__ __device__ static constexpr int p(int w) { return ((32 * w) % kUT) / kU; }
-};
+// One merge over p-bit k: this thread holds `keep` and gives up `send`; the partner's `send` comes
+// back. The member whose p-bit is 0 is `own`.
+// c ? a : b, on values (a conditional on two array elements would select an address and put
+// the array in local memory).
+__device__ __forceinline__ Moments pick(bool c, Moments a, Moments b) {
+  return Moments{c ? a.mean : b.mean, c ? a.m2 : b.m2, c ? a.n : b.n};
+}
 
-// torch's cross-warp merge ((w0 + w2) + (w1 + w3)), then var = m2 / D and rstd = rsqrt(var + eps).
-__device__ __forceinline__ void finish_moments(const Moments* w, int d, float eps, float& mean,
-                                               float& rstd) {
-  const Moments c02 = welford_combine(w[0], w[2]);
-  const Moments c13 = welford_combine(w[1], w[3]);
-  const Moments f = welford_combine(c02, c13);
+template <int k>
+__device__ __forceinline__ Moments pair_merge(const Moments& keep, const Moments& send, bool hi,
+                                              Moments* xchg) {
+  const Moments recv = team_exchange<k>(send, xchg);
+  return welford_combine(pick(hi, recv, keep), pick(hi, keep, recv));
+}
+
+template <int kU, int kT, int kY, int kStep>
+__device__ __forceinline__ void tree_step(Moments* m, int tp, Moments* xchg) {
+  constexpr TreeStep st = tree_plan(kU, kT, kY).step[kStep];
+  constexpr int H = st.slots / 2;
+  if constexpr (st.kind == kMergeSlots) {
+    constexpr int lo = (1 << st.bit) - 1;
+    Moments r[H];
+#pragma unroll
+    for (int s = 0; s < H; ++s) {
+      const int s0 = ((s & ~lo) << 1) | (s & lo);  // slot bit st.bit inserted: 0, then 1
+      r[s] = welford_combine(m[s0], m[s0 | (1 << st.bit)]);
+    }
+#pragma unroll
+    for (int s = 0; s < H; ++s) m[s] = r[s];
+  } else {
+    const bool hi = ((tp >> st.bit) & 1) != 0;
+    if constexpr (st.kind == kSplitThreads) {
+      // keep the pairs whose highest slot bit equals this thread's p-bit
+#pragma unroll
+      for (int s = 0; s < H; ++s) m[s] = pair_merge<st.bit>(pick(hi, m[s + H], m[s]), pick(hi, m[s], m[s + H]), hi, xchg);
+    } else {
+      m[0] = pair_merge<st.bit>(m[0], m[0], hi, xchg);
+    }
+  }
+  if constexpr (kStep + 1 < 7) tree_step<kU, kT, kY, kStep + 1>(m, tp, xchg);
+}
+
+// Runs torch's merge tree over a team's partials (m: this thread's kU * kY slots in FastLayout's
+// order; tp: its index in the team) and returns the row's moments, the same in every thread of
+// the team. `xchg` (kBlock entries of shared memory) is used only by teams wider than a warp, and
+// there every thread of the block must call this.
+template <int kU, int kT, int kY>
+__device__ __forceinline__ Moments merge_tree(Moments (&m)[kU * kY], int tp, Moments* xchg) {
+  static_assert(kU * kT * kY == 128, "the layout must cover torch's 128 threads");
+  static_assert(kU == 1 || kU == 2, "kU is 1 or 2");
+  tree_step<kU, kT, kY, 0>(m, tp, xchg);
+  return m[0];
+}
+
+// torch's finish: var = m2 / D (true division), rstd = rsqrt(var + eps).
+__device__ __forceinline__ void finish_moments(const Moments& f, int d, float eps, float& mean, float& rstd) {
   mean = f.mean;
   const float var = __fdiv_rn(f.m2, static_cast<float>(d));
   rstd = rsqrtf(__fadd_rn(var, eps));  // the hardware approximation torch also uses

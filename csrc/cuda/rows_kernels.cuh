@@ -201,8 +201,10 @@ template <typename InT, typename OutT, int K, bool kStaged = false>
 __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const Params p) {
   using L = FastLayout<sizeof(InT), K>;
   constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
-  __shared__ Moments s_vwarp[L::kTeams][4];
-  __shared__ float s_moments[L::kTeams][2];
+  // Only teams wider than a warp (kT of 64, 128) use shared memory and barriers: the merge tree's
+  // exchanges across warps, and the team's l2 / maxabs partials.
+  constexpr bool kWide = L::kTeamWarps > 1;
+  __shared__ Moments s_xchg[kWide ? kBlock : 1];
   __shared__ double s_l2[L::kTeams][L::kTeamWarps];
   __shared__ float s_max[L::kTeams][L::kTeamWarps];
 
@@ -342,7 +344,9 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
       }
     }
 
-    // ---- torch's merge tree; l2 and maxabs over the team (the double sum's order is ours)
+    // ---- torch's merge tree (every team thread gets the row's mean and rstd); l2 and maxabs over
+    // the team (the double sum's order is ours)
+    float mean = 0.f, rstd = 0.f;
     if (welford) {
 #pragma unroll
       for (int y = 0; y < kY; ++y) {
@@ -351,50 +355,37 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
         for (int j = 0; j < K; ++j) nv += valid[y][j] ? 1 : 0;
         set_counts<kU>(&m[kU * y], nv);
       }
-      reduce_virtual_warps<kU, kT, kY>(m);
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        if (tp == VwarpOwner<kU, kT>::p(w)) s_vwarp[team][w] = m[kU * VwarpOwner<kU, kT>::y(w)];
-      }
+      finish_moments(merge_tree<kU, kT, kY>(m, tp, s_xchg), p.d, p.eps, mean, rstd);
     }
 #pragma unroll
     for (int o = L::kLanes / 2; o > 0; o /= 2) {
       l2 += __shfl_xor_sync(kFullMask, l2, o);
       mx = max_nan(mx, __shfl_xor_sync(kFullMask, mx, o));
     }
-    if (lane % L::kLanes == 0) {
-      s_l2[team][team_warp] = l2;
-      s_max[team][team_warp] = mx;
+    if constexpr (kWide) {
+      if (lane == 0) {
+        s_l2[team][team_warp] = l2;
+        s_max[team][team_warp] = mx;
+      }
+      __syncthreads();
+      if (tp == 0) {
+#pragma unroll
+        for (int w = 1; w < L::kTeamWarps; ++w) {
+          l2 += s_l2[team][w];
+          mx = max_nan(mx, s_max[team][w]);
+        }
+      }
+      __syncthreads();  // s_l2 and s_max are rewritten by the next row group
     }
-    __syncthreads();
     if (tp == 0 && active) {
-      if (welford) {
-        float mean, rstd;
-        finish_moments(s_vwarp[team], p.d, p.eps, mean, rstd);
-        s_moments[team][0] = mean;
-        s_moments[team][1] = rstd;
-        if (p.mean != nullptr) p.mean[row] = mean;
-        if (p.rstd != nullptr) p.rstd[row] = rstd;
-      }
-      if (p.l2 != nullptr) {
-        double acc = s_l2[team][0];
-#pragma unroll
-        for (int w = 1; w < L::kTeamWarps; ++w) acc += s_l2[team][w];
-        p.l2[row] = __double2float_rn(sqrt(acc));
-      }
-      if (p.maxabs != nullptr) {
-        float mm = s_max[team][0];
-#pragma unroll
-        for (int w = 1; w < L::kTeamWarps; ++w) mm = max_nan(mm, s_max[team][w]);
-        p.maxabs[row] = mm;
-      }
+      if (p.mean != nullptr) p.mean[row] = mean;
+      if (p.rstd != nullptr) p.rstd[row] = rstd;
+      if (p.l2 != nullptr) p.l2[row] = __double2float_rn(sqrt(l2));
+      if (p.maxabs != nullptr) p.maxabs[row] = mx;
     }
-    __syncthreads();
 
     // ---- normalize from registers
     if (has_normed) {
-      const float mean = s_moments[team][0];
-      const float rstd = s_moments[team][1];
       const InT* wrow = static_cast<const InT*>(p.weight) + tp_off;
       const InT* brow = static_cast<const InT*>(p.bias) + tp_off;
 #pragma unroll
@@ -464,8 +455,7 @@ __device__ __forceinline__ void load4(const T* src, T (&v)[4]) {
 
 template <typename InT, typename OutT>
 __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
-  __shared__ Moments s_vwarp[4];
-  __shared__ float s_moments[2];
+  __shared__ Moments s_xchg[kBlock];
   __shared__ double s_l2[4];
   __shared__ float s_max[4];
   const int t = threadIdx.x;
@@ -549,10 +539,8 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
         }
       }
     }
-    if (p.welford) {
-      reduce_virtual_warps<1, kBlock, 1>(m);
-      if (lane == 0) s_vwarp[warp] = m[0];  // virtual warp w's result sits at thread 32 * w
-    }
+    float mean = 0.f, rstd = 0.f;  // torch's merge tree: every thread gets the row's moments
+    if (p.welford) finish_moments(merge_tree<1, kBlock, 1>(m, t, s_xchg), p.d, p.eps, mean, rstd);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) {
       l2 += __shfl_xor_sync(kFullMask, l2, o);
@@ -564,22 +552,15 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
     }
     __syncthreads();
     if (t == 0 && active) {
-      if (p.welford) {
-        float mean, rstd;
-        finish_moments(s_vwarp, p.d, p.eps, mean, rstd);
-        s_moments[0] = mean;
-        s_moments[1] = rstd;
-        if (p.mean != nullptr) p.mean[row] = mean;
-        if (p.rstd != nullptr) p.rstd[row] = rstd;
-      }
+      if (p.mean != nullptr) p.mean[row] = mean;
+      if (p.rstd != nullptr) p.rstd[row] = rstd;
       if (p.l2 != nullptr) p.l2[row] = __double2float_rn(sqrt(((s_l2[0] + s_l2[1]) + s_l2[2]) + s_l2[3]));
       if (p.maxabs != nullptr) {
         p.maxabs[row] = max_nan(max_nan(s_max[0], s_max[1]), max_nan(s_max[2], s_max[3]));
       }
     }
-    __syncthreads();
+    __syncthreads();  // s_l2 and s_max are rewritten by the next row
     if (normed != nullptr && active && p.vec) {
-      const float mean = s_moments[0], rstd = s_moments[1];
       for (int v0 = t; v0 < nvec; v0 += kGenericVecs * kBlock) {
         InT xv[kGenericVecs][4], wv[kGenericVecs][4], bv[kGenericVecs][4];
 #pragma unroll
@@ -606,7 +587,6 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
         }
       }
     } else if (normed != nullptr && active) {
-      const float mean = s_moments[0], rstd = s_moments[1];
       for (int e = t; e < p.d; e += kBlock) {
         const float wf = weight != nullptr ? to_f(weight[e]) : 1.f;
         const float bf = bias != nullptr ? to_f(bias[e]) : -0.f;
@@ -614,7 +594,6 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
         normed[row * p.d + e] = cast_out<OutT>(from_f<InT>(yv));
       }
     }
-    __syncthreads();  // s_moments is rewritten by the next row
   }
 }
 
