@@ -102,7 +102,7 @@ static int check_block(int d, std::mt19937& rng, float centre) {
         }
         residtap::cuda_impl::set_counts<kU>(&m[kU * y], nv);
       }
-      result[tid] = residtap::cuda_impl::merge_tree<kU, kT, kY>(m, tp, xchg);
+      result[tid] = residtap::cuda_impl::merge_tree<kU, kT, kY, true>(m, tp, xchg);
     });
   }
   for (auto& t : threads) t.join();
@@ -158,7 +158,7 @@ static int check_generic(int d, std::mt19937& rng, float centre) {
           welford_push(m[0].mean, m[0].m2, row[4 * v + i], __frcp_rn(m[0].n));
         }
       }
-      result[tid] = residtap::cuda_impl::merge_tree<1, kBlock, 1>(m, tid, xchg);
+      result[tid] = residtap::cuda_impl::merge_tree<1, kBlock, 1, false>(m, tid, xchg);
     });
   }
   for (auto& t : threads) t.join();
@@ -201,6 +201,18 @@ int main() {
   print_plan<2, 1>(), print_plan<2, 2>(), print_plan<2, 4>(), print_plan<2, 8>(), print_plan<2, 16>();
   std::mt19937 rng(1234);
   int configs = 0, mismatches = 0;
+  // The fast kernel's 1/n: rcp_x4 (table and index) against __frcp_rn at every count it can meet.
+  for (int n = 4; n <= residtap::cuda_impl::kMaxFastWidth; n += 4) {
+    const float want = __frcp_rn(static_cast<float>(n)), got = residtap::cuda_impl::rcp_x4(static_cast<float>(n));
+    if (std::memcmp(&want, &got, 4) != 0) {
+      std::printf("  MISMATCH rcp_x4(%d) = %.9g, want %.9g\n", n, got, want);
+      ++mismatches;
+    }
+  }
+  if (residtap::cuda_impl::rcp_x4(0.f) != 0.f) {
+    std::printf("  MISMATCH rcp_x4(0) != 0\n");
+    ++mismatches;
+  }
   for (float centre : {0.f, 30.f}) {
     for (int d : widths) {
       // float: units of 4 elements; 16-bit types: units of 8 (other widths take the generic kernel)

@@ -25,5 +25,10 @@ static inline float __int_as_float(int i) {
   std::memcpy(&f, &i, 4);
   return f;
 }
+static inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
 static inline float host_rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 #define rsqrtf host_rsqrtf  // a macro: cuda_runtime.h may already declare rsqrtf

@@ -45,6 +45,35 @@ def test_fast_kernel_layouts_replay_torch_order(tmp_path):
     assert configs >= 100, out  # every layout and width actually ran
 
 
+def test_device_reciprocal_table_is_correctly_rounded(tmp_path):
+    """The fast kernel's merges take 1/n from a table that nvcc evaluates at compile time
+    (ln_arith.cuh, kRcpX4); the host programs above check it as g++ evaluates it. Here nvcc's own
+    constant data, read from the PTX it emits, must be IEEE's correctly rounded 1/(4 i) (what the
+    device's __frcp_rn returns) at every index, and 0 at index 0."""
+    import re
+
+    import numpy as np
+
+    from residtap._build import _find_nvcc
+
+    cuda_home = _find_nvcc()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit (nvcc) found")
+    src = tmp_path / "rcp_probe.cu"
+    src.write_text('#include "ln_arith.cuh"\n'
+                   "__global__ void probe(float* out, float n) { out[0] = residtap::cuda_impl::rcp_x4(n); }\n")
+    ptx = tmp_path / "rcp_probe.ptx"
+    subprocess.run([str(cuda_home / "bin" / "nvcc"), "-std=c++20", "-ptx", "-arch=sm_90", "-I", str(CUDA_SRC),
+                    str(src), "-o", str(ptx)], check=True)
+    m = re.search(r"\.const \.align 4 \.b8 \S*kRcpX4\S*\[(\d+)\] = \{([^}]*)\}", ptx.read_text())
+    assert m is not None, "kRcpX4 not found in the PTX"
+    table = np.array([int(b) for b in m.group(2).split(",")], dtype=np.uint8).view("<f4")
+    assert int(m.group(1)) == table.nbytes == 4 * 2049
+    i = np.arange(1, 2049, dtype=np.float32)
+    want = np.concatenate([[np.float32(0)], np.float32(1) / (np.float32(4) * i)]).astype(np.float32)
+    assert np.array_equal(table.view(np.uint32), want.view(np.uint32))
+
+
 def test_kernels_emulated_on_the_host(tmp_path):
     from residtap._build import _find_nvcc
 

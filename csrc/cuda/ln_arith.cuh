@@ -64,6 +64,47 @@ __device__ __forceinline__ Moments welford_combine(const Moments& own, const Mom
   return r;
 }
 
+// The fast kernel's counts are multiples of 4 (4 elements per vector) of at most 8192 (its widest
+// row), so its merges take 1/n from this table rather than computing __frcp_rn(n) (a multi-step
+// sequence with a range check and an out-of-line slow path, each a branch): kRcpX4[i] is the
+// correctly rounded 1/(4 i), the very value __frcp_rn(4 i) returns (both are correctly rounded),
+// here computed by the compiler as an IEEE division of constants. kRcpX4[0] is 0, not infinity:
+// a merge of two empty partials (n = 0, both means and m2 zero) then yields exactly the zeros
+// torch's `n > 0` branch sets, with no branch. tests/cuda_order_sim.cpp checks every entry.
+constexpr int kMaxFastWidth = 128 * 4 * kMaxFastK;  // 8192
+struct RcpX4Table {
+  float v[kMaxFastWidth / 4 + 1];
+};
+constexpr RcpX4Table make_rcp_x4() {
+  RcpX4Table t{};
+  t.v[0] = 0.f;
+  for (int i = 1; i <= kMaxFastWidth / 4; ++i) t.v[i] = 1.0f / static_cast<float>(4 * i);
+  return t;
+}
+#ifdef __CUDACC__
+static __constant__ RcpX4Table kRcpX4 = make_rcp_x4();
+#else
+static constexpr RcpX4Table kRcpX4 = make_rcp_x4();
+#endif
+
+// kRcpX4 at n / 4, for n a multiple of 4 in [0, 8192]: n / 4 + 2^23 puts the integer n / 4 in the
+// low bits of the float (one exact fma instead of a conversion).
+__device__ __forceinline__ float rcp_x4(float n) {
+  return kRcpX4.v[__float_as_int(__fmaf_rn(n, 0.25f, 8388608.f)) - 0x4B000000];
+}
+
+// welford_combine for the fast kernel's counts: the same operations on the same operands (1/n from
+// the table), so the same bits, without a branch.
+__device__ __forceinline__ Moments welford_combine_x4(const Moments& own, const Moments& in) {
+  const float delta = __fsub_rn(own.mean, in.mean);
+  const float n = __fadd_rn(in.n, own.n);
+  const float c = rcp_x4(n);
+  const float n_in = __fmul_rn(in.n, c);
+  const float n_own = __fmul_rn(own.n, c);
+  return Moments{__fmaf_rn(n_in, in.mean, __fmul_rn(n_own, own.mean)),
+                 __fmaf_rn(__fmul_rn(__fmul_rn(delta, delta), in.n), n_own, __fadd_rn(in.m2, own.m2)), n};
+}
+
 // Layout for widths d <= 128 * 4 * K (d % (4 * kU) == 0, 16-byte aligned rows):
 //   kU   vectors of 4 elements per 16-byte unit: 1 for float, 2 for 16-bit types;
 //   kT   threads per row ("team"); a block of 128 threads holds 128 / kT rows; every thread keeps
@@ -220,14 +261,24 @@ __device__ __forceinline__ Moments pick(bool c, Moments a, Moments b) {
   return Moments{c ? a.mean : b.mean, c ? a.m2 : b.m2, c ? a.n : b.n};
 }
 
-template <int k>
+// torch's merge, or welford_combine_x4 where the counts are the fast kernel's (kX4).
+template <bool kX4>
+__device__ __forceinline__ Moments merge(const Moments& own, const Moments& in) {
+  if constexpr (kX4) {
+    return welford_combine_x4(own, in);
+  } else {
+    return welford_combine(own, in);
+  }
+}
+
+template <bool kX4, int k>
 __device__ __forceinline__ Moments pair_merge(const Moments& keep, const Moments& send, bool hi,
                                               Moments* xchg) {
   const Moments recv = team_exchange<k>(send, xchg);
-  return welford_combine(pick(hi, recv, keep), pick(hi, keep, recv));
+  return merge<kX4>(pick(hi, recv, keep), pick(hi, keep, recv));
 }
 
-template <int kU, int kT, int kY, int kStep>
+template <int kU, int kT, int kY, bool kX4, int kStep>
 __device__ __forceinline__ void tree_step(Moments* m, int tp, Moments* xchg) {
   constexpr TreeStep st = tree_plan(kU, kT, kY).step[kStep];
   constexpr int H = st.slots / 2;
@@ -237,7 +288,7 @@ __device__ __forceinline__ void tree_step(Moments* m, int tp, Moments* xchg) {
 #pragma unroll
     for (int s = 0; s < H; ++s) {
       const int s0 = ((s & ~lo) << 1) | (s & lo);  // slot bit st.bit inserted: 0, then 1
-      r[s] = welford_combine(m[s0], m[s0 | (1 << st.bit)]);
+      r[s] = merge<kX4>(m[s0], m[s0 | (1 << st.bit)]);
     }
 #pragma unroll
     for (int s = 0; s < H; ++s) m[s] = r[s];
@@ -246,23 +297,24 @@ __device__ __forceinline__ void tree_step(Moments* m, int tp, Moments* xchg) {
     if constexpr (st.kind == kSplitThreads) {
       // keep the pairs whose highest slot bit equals this thread's p-bit
 #pragma unroll
-      for (int s = 0; s < H; ++s) m[s] = pair_merge<st.bit>(pick(hi, m[s + H], m[s]), pick(hi, m[s], m[s + H]), hi, xchg);
+      for (int s = 0; s < H; ++s) m[s] = pair_merge<kX4, st.bit>(pick(hi, m[s + H], m[s]), pick(hi, m[s], m[s + H]), hi, xchg);
     } else {
-      m[0] = pair_merge<st.bit>(m[0], m[0], hi, xchg);
+      m[0] = pair_merge<kX4, st.bit>(m[0], m[0], hi, xchg);
     }
   }
-  if constexpr (kStep + 1 < 7) tree_step<kU, kT, kY, kStep + 1>(m, tp, xchg);
+  if constexpr (kStep + 1 < 7) tree_step<kU, kT, kY, kX4, kStep + 1>(m, tp, xchg);
 }
 
 // Runs torch's merge tree over a team's partials (m: this thread's kU * kY slots in FastLayout's
 // order; tp: its index in the team) and returns the row's moments, the same in every thread of
 // the team. `xchg` (kBlock entries of shared memory) is used only by teams wider than a warp, and
-// there every thread of the block must call this.
-template <int kU, int kT, int kY>
+// there every thread of the block must call this. kX4: the counts are the fast kernel's (multiples
+// of 4, at most 8192; see welford_combine_x4).
+template <int kU, int kT, int kY, bool kX4>
 __device__ __forceinline__ Moments merge_tree(Moments (&m)[kU * kY], int tp, Moments* xchg) {
   static_assert(kU * kT * kY == 128, "the layout must cover torch's 128 threads");
   static_assert(kU == 1 || kU == 2, "kU is 1 or 2");
-  tree_step<kU, kT, kY, 0>(m, tp, xchg);
+  tree_step<kU, kT, kY, kX4, 0>(m, tp, xchg);
   return m[0];
 }
 

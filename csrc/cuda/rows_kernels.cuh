@@ -173,11 +173,21 @@ __device__ __forceinline__ bool resolve_row(const Params& p, int64_t r, int64_t&
 // ------------------------------------------------------------------------------ fast kernel
 // The layout (FastLayout, in ln_arith.cuh) and the replay of torch's order are shared with the
 // host-side simulation in tests/cuda_order_sim.cpp, which checks them against torch's order.
-// At least 3 blocks (384 threads) per SM: up to 170 registers per thread, enough to hold a row
-// slice, a chunk of input units and the Welford slots without spilling (4 blocks spilled up to
-// 364 bytes per thread in the float K = 2 layout). Each thread keeps 8-16 16-byte loads in
-// flight, so 384 threads per SM already cover HBM's latency-bandwidth product.
-constexpr int kFastMinBlocks = 3;
+// Blocks per SM the compiler must fit (so at most 65536 / (128 * blocks) registers per thread):
+// 4 (128 registers) where the layout holds its row slice, a chunk of input units and its Welford
+// slots in that without spilling, else 3 (170 registers). Measured with ptxas for every
+// instantiation (-Xptxas -v, nvcc 13.0, sm_90): 4 blocks spilled 48-200 bytes per thread in the
+// 16-bit K = 1 and K = 16 and the float K = 2 and K = 4 layouts, and nothing in the others. Each
+// thread keeps 8-16 16-byte loads in flight, so 384 threads per SM already cover HBM's
+// latency-bandwidth product; more blocks hide the row's reductions better.
+template <typename InT, int K>
+constexpr int fast_min_blocks() {
+  if constexpr (sizeof(InT) == 2) {
+    return K == 1 || K == 16 ? 3 : 4;
+  } else {
+    return K == 2 || K == 4 ? 3 : 4;
+  }
+}
 
 // The staged variant (kStaged, chosen per thread with residtap::_set_staged_rows; experimental):
 // the same kernel, but its rows arrive through shared memory. Each block loops over row groups
@@ -198,7 +208,7 @@ __host__ __device__ inline size_t staged_smem_bytes(const Params& p) {
 }
 
 template <typename InT, typename OutT, int K, bool kStaged = false>
-__global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const Params p) {
+__global__ void __launch_bounds__(kBlock, (fast_min_blocks<InT, K>())) fast_rows_kernel(const Params p) {
   using L = FastLayout<sizeof(InT), K>;
   constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
   // Only teams wider than a warp (kT of 64, 128) use shared memory and barriers: the merge tree's
@@ -355,7 +365,7 @@ __global__ void __launch_bounds__(kBlock, kFastMinBlocks) fast_rows_kernel(const
         for (int j = 0; j < K; ++j) nv += valid[y][j] ? 1 : 0;
         set_counts<kU>(&m[kU * y], nv);
       }
-      finish_moments(merge_tree<kU, kT, kY>(m, tp, s_xchg), p.d, p.eps, mean, rstd);
+      finish_moments(merge_tree<kU, kT, kY, true>(m, tp, s_xchg), p.d, p.eps, mean, rstd);
     }
 #pragma unroll
     for (int o = L::kLanes / 2; o > 0; o /= 2) {
@@ -540,7 +550,7 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
       }
     }
     float mean = 0.f, rstd = 0.f;  // torch's merge tree: every thread gets the row's moments
-    if (p.welford) finish_moments(merge_tree<1, kBlock, 1>(m, t, s_xchg), p.d, p.eps, mean, rstd);
+    if (p.welford) finish_moments(merge_tree<1, kBlock, 1, false>(m, t, s_xchg), p.d, p.eps, mean, rstd);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) {
       l2 += __shfl_xor_sync(kFullMask, l2, o);
