@@ -1,4 +1,5 @@
-"""Extraction throughput: residtap.extract of all layers vs a plain forward vs a raw write of the same bytes.
+"""Extraction throughput: residtap.extract of all layers (or --layers) vs a plain forward vs a raw
+write of the same bytes.
 
 For each model (random-init GPT-2-small bf16 at 16x1024 and GPT-2-XL-size bf16 at 8x1024 on a GPU;
 a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over the same batches:
@@ -9,6 +10,9 @@ a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over th
                    forward to the last shard durable (fsynced, hashed, renamed, in the manifest)
   raw_<t>_s        writing the same number of bytes as shard-sized files with os.write + fsync, from
                    the same number of threads as the pipeline has writers
+
+--layers 6 (a comma list of residual indices; default all) extracts fewer layers: few enough bytes per
+forward that the output keeps up with the forward (bound "forward"), where the <= 1.05 target applies.
 
 Ratios: x_forward_<t> = extract / forward (target <= 1.05 while the disk keeps up) and
 bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pipeline reached (target
@@ -32,6 +36,7 @@ against the store's ways of writing a shard, from the same number of writer thre
     python benchmarks/bench_extract.py --host-only     # 8 shards of 128 MiB per target, any machine
     python benchmarks/bench_extract.py --smoke         # CPU, seconds
     python benchmarks/bench_extract.py --disk-dir /scratch --batches 16
+    python benchmarks/bench_extract.py --models gpt2-small --layers 6   # forward-bound
 """
 
 from __future__ import annotations
@@ -180,10 +185,11 @@ def host_only(args, writers: int, publishers: int) -> list:
     return [row("cpu", bench="extract_host", **r)]
 
 
-def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device):
+def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device, layers):
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
-        res = residtap.extract(model, ids, out, batch_size=batch, writers=writers, publishers=publishers,
+        res = residtap.extract(model, ids, out, layers=layers, batch_size=batch, writers=writers,
+                               publishers=publishers,
                                shard_size=shard_size, host_memory=host_memory, progress=False,
                                verify_existing=False)
         sync(device)
@@ -204,7 +210,13 @@ def main() -> int:
     p.add_argument("--shard-size", default=None, help="bytes per shard (default 1 batch's worth)")
     p.add_argument("--host-only", action="store_true",
                    help="the host side alone on synthetic shards: raw write vs the store's ways")
+    p.add_argument("--layers", default=None,
+                   help="comma list of residual indices to extract (default all): fewer for a forward-bound run")
     args = p.parse_args()
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        p.error(f"--layers: expected a comma list of residual indices such as 6 or 0,6,12, got {args.layers!r}")
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         rows = host_only(args, writers, args.publishers or default_publishers(writers))
@@ -225,7 +237,7 @@ def main() -> int:
         cfg = model.config
         ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq),
                             generator=torch.Generator().manual_seed(0))
-        n_res = cfg.n_layer + 1
+        n_res = len(layers) if layers else cfg.n_layer + 1
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem
         shard = args.shard_size or batch_bytes  # one batch per shard: the most manifest traffic
@@ -235,15 +247,16 @@ def main() -> int:
         fwd_s = time_forward(model, ids, batch, device)
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
         run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, args.publishers, shard, host_memory,
-                    device)
+                    device, layers)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
+             "layer_ids": layers if layers else "all",
              "batches": n_batches, "writers_asked": writers, "forward_s": fwd_s}
         for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
             need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
                 r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
                 continue
-            res = run_extract(model, ids, d, batch, writers, args.publishers, shard, host_memory, device)
+            res = run_extract(model, ids, d, batch, writers, args.publishers, shard, host_memory, device, layers)
             # The raw write gets as many threads as the pipeline ran writers: like against like.
             raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1),
                               res.writers)

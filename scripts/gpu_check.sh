@@ -6,8 +6,8 @@
 #   op       (issue 3, the default; about 6 minutes on an H200) the CUDA op and capture tests,
 #            bench_op, bench_capture, compute-sanitizer memcheck and racecheck; last, capture against
 #            the reference in each model family of tests/test_families.py
-#   extract  (issue 5; about 1.5 minutes) extraction's CUDA pipeline against captures, models split
-#            over devices, bench_extract on GPT-2-small
+#   extract  (issue 5; about 2 minutes) extraction's CUDA pipeline against captures, models split
+#            over devices, bench_extract on GPT-2-small (all layers, and one: forward-bound)
 #   all      both, in one call (about 7 minutes on an H200: 347 s measured with bench_capture cut at
 #            120 s, 3 of its 4 models done)
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
@@ -20,8 +20,9 @@
 #   lease    one call for a whole 15-minute device lease (9.5 minutes at most), in order of value:
 #            the CUDA tests, bench_op, the subset timing, bench_capture on GPT-2-small with the
 #            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
-#            sanitizers, extraction's tests and benchmarks, the family tests, bench_capture on the
-#            XL size, then ncu; whatever the budget cannot reach is reported as skipped
+#            sanitizers, extraction's tests and benchmarks (all layers, and one layer: forward-bound),
+#            the family tests, bench_capture on the XL size, then ncu; whatever the budget cannot
+#            reach is reported as skipped
 #
 #   bash scripts/gpu_check.sh [op|extract|all|tests|profile|lease]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
@@ -109,7 +110,8 @@ if [ "$PART" = lease ]; then
     step extract-tests 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_device_map.py \
         tests/test_extract.py -k "cuda or gpu or split"
     step bench-extract 90 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
-    step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
+    step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
+        --batches 24 --out "$OUT/keepup"
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
     step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --out "$OUT/xl"
@@ -145,6 +147,8 @@ fi
 if [ "$PART" = extract ] || [ "$PART" = all ]; then
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
+    step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
+        --batches 24 --out "$OUT/keepup"
     # the host side alone (no GPU): raw write vs serial vs split vs split with extract's default
     # publisher count (twice the writers on that host's 16 cores), on the GPU host's cores
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
