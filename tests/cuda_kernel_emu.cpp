@@ -440,11 +440,11 @@ int main() {
                 c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid,
                 c.generic, c.vec, c.staged, err.c_str());
   };
-  // Fast-kernel widths for every K and for both unit sizes, tiny widths (mostly empty virtual
-  // threads), each with and without staging (grids of 1 or 2 blocks: each block loops over several
-  // row groups, so both stages are filled and refilled); generic-kernel widths (16-bit % 8 != 0;
-  // above 8192).
-  const int fast_widths[] = {8, 64, 72, 200, 768, 1000, 1600, 4104, 8192};
+  // Fast-kernel widths for every K (1: 8-512, 2: 768, 1000, 4: 1600, 8: 3072, 16: 4104, 8192) and
+  // for both unit sizes, tiny widths (mostly empty virtual threads), each with and without staging
+  // (grids of 1 or 2 blocks: each block loops over several row groups, so both stages are filled
+  // and refilled); generic-kernel widths (16-bit % 8 != 0; above 8192).
+  const int fast_widths[] = {8, 64, 72, 200, 768, 1000, 1600, 3072, 4104, 8192};
   int variant = 0;
   for (bool staged : {false, true})
   for (int d : fast_widths) {
