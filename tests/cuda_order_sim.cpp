@@ -180,7 +180,7 @@ static int check_generic(int d, std::mt19937& rng, float centre) {
 static int merges_per_thread(int kU, int kT, int kY) {
   const auto plan = residtap::cuda_impl::tree_plan(kU, kT, kY);
   int n = 0;
-  for (const auto& st : plan.step) n += st.kind == residtap::cuda_impl::kMergeSlots ? st.slots / 2 : (st.slots > 1 ? st.slots / 2 : 1);
+  for (const auto& st : plan.step) n += st.slots > 1 ? st.slots / 2 : 1;  // a pair step: 1
   return n;
 }
 
@@ -203,7 +203,8 @@ int main() {
   int configs = 0, mismatches = 0;
   // The fast kernel's 1/n: rcp_x4 (table and index) against __frcp_rn at every count it can meet.
   for (int n = 4; n <= residtap::cuda_impl::kMaxFastWidth; n += 4) {
-    const float want = __frcp_rn(static_cast<float>(n)), got = residtap::cuda_impl::rcp_x4(static_cast<float>(n));
+    const float want = __frcp_rn(static_cast<float>(n));
+    const float got = residtap::cuda_impl::rcp_x4(static_cast<float>(n));
     if (std::memcmp(&want, &got, 4) != 0) {
       std::printf("  MISMATCH rcp_x4(%d) = %.9g, want %.9g\n", n, got, want);
       ++mismatches;

@@ -10,8 +10,9 @@
 //
 // Only the order of operations matters, not which physical thread performs them, so the kernels
 // in rows_kernels.cuh hold several virtual threads per physical thread ("slots") and replay the
-// same merge tree, sharing its merges out among a row's threads (merge_tree). Every operation below is an explicit round-to-nearest intrinsic so that the
-// compiler can neither contract nor re-associate it (never build with fast-math).
+// same merge tree, sharing its merges out among a row's threads (merge_tree). Every operation
+// below is an explicit round-to-nearest intrinsic so that the compiler can neither contract nor
+// re-associate it (never build with fast-math).
 //
 // Everything here is free of ATen so that tests/cuda_order_sim.cpp can compile it for the host
 // (with the intrinsics emulated and warp shuffles run in lock step) and check that the layouts
@@ -70,7 +71,8 @@ __device__ __forceinline__ Moments welford_combine(const Moments& own, const Mom
 // correctly rounded 1/(4 i), the very value __frcp_rn(4 i) returns (both are correctly rounded),
 // here computed by the compiler as an IEEE division of constants. kRcpX4[0] is 0, not infinity:
 // a merge of two empty partials (n = 0, both means and m2 zero) then yields exactly the zeros
-// torch's `n > 0` branch sets, with no branch. tests/cuda_order_sim.cpp checks every entry.
+// torch's `n > 0` branch sets, with no branch. tests/cuda_order_sim.cpp checks rcp_x4 at every
+// count as g++ builds the table, tests/test_cuda_order.py every entry of the table nvcc emits.
 constexpr int kMaxFastWidth = 128 * 4 * kMaxFastK;  // 8192
 struct RcpX4Table {
   float v[kMaxFastWidth / 4 + 1];
@@ -178,8 +180,9 @@ __device__ __forceinline__ void set_counts(Moments* m, int nv) {
 // no barrier and no single thread finishing the row, where p's bits are lane bits (kT <= 32);
 // p-bits above the warp (kT of 64, 128) exchange through shared memory.
 //
-// A thread does 8 to 18 merges per row here (bfloat16 at width 768: 11), where letting every
-// thread replay every level of the tree took 20 to 36 and a serial finish.
+// A thread of the fast kernel does 7 to 18 merges per row here (bfloat16 at width 768: 11), where
+// letting every thread replay every level of its warp's tree took 5 to 36, then one thread per row
+// merged the 4 warps after a barrier.
 enum TreeStepKind { kMergeSlots = 0, kSplitThreads = 1, kPairThreads = 2 };
 struct TreeStep {
   int kind;
@@ -253,8 +256,6 @@ __device__ __forceinline__ Moments team_exchange(const Moments& v, Moments* xchg
   }
 }
 
-// One merge over p-bit k: this thread holds `keep` and gives up `send`; the partner's `send` comes
-// back. The member whose p-bit is 0 is `own`.
 // c ? a : b, on values (a conditional on two array elements would select an address and put
 // the array in local memory).
 __device__ __forceinline__ Moments pick(bool c, Moments a, Moments b) {
@@ -271,6 +272,8 @@ __device__ __forceinline__ Moments merge(const Moments& own, const Moments& in) 
   }
 }
 
+// One merge over p-bit k: this thread holds `keep` and gives up `send`; the partner's `send` comes
+// back. The member whose p-bit is 0 is `own`.
 template <bool kX4, int k>
 __device__ __forceinline__ Moments pair_merge(const Moments& keep, const Moments& send, bool hi,
                                               Moments* xchg) {
@@ -297,7 +300,9 @@ __device__ __forceinline__ void tree_step(Moments* m, int tp, Moments* xchg) {
     if constexpr (st.kind == kSplitThreads) {
       // keep the pairs whose highest slot bit equals this thread's p-bit
 #pragma unroll
-      for (int s = 0; s < H; ++s) m[s] = pair_merge<kX4, st.bit>(pick(hi, m[s + H], m[s]), pick(hi, m[s], m[s + H]), hi, xchg);
+      for (int s = 0; s < H; ++s) {
+        m[s] = pair_merge<kX4, st.bit>(pick(hi, m[s + H], m[s]), pick(hi, m[s], m[s + H]), hi, xchg);
+      }
     } else {
       m[0] = pair_merge<kX4, st.bit>(m[0], m[0], hi, xchg);
     }
@@ -319,7 +324,8 @@ __device__ __forceinline__ Moments merge_tree(Moments (&m)[kU * kY], int tp, Mom
 }
 
 // torch's finish: var = m2 / D (true division), rstd = rsqrt(var + eps).
-__device__ __forceinline__ void finish_moments(const Moments& f, int d, float eps, float& mean, float& rstd) {
+__device__ __forceinline__ void finish_moments(const Moments& f, int d, float eps, float& mean,
+                                               float& rstd) {
   mean = f.mean;
   const float var = __fdiv_rn(f.m2, static_cast<float>(d));
   rstd = rsqrtf(__fadd_rn(var, eps));  // the hardware approximation torch also uses
