@@ -6,8 +6,9 @@
 #   op       (issue 3, the default; about 6 minutes on an H200) the CUDA op and capture tests,
 #            bench_op, bench_capture, compute-sanitizer memcheck and racecheck; last, capture against
 #            the reference in each model family of tests/test_families.py
-#   extract  (issue 5; about 2 minutes) extraction's CUDA pipeline against captures, models split
-#            over devices, bench_extract on GPT-2-small (all layers, and one: forward-bound)
+#   extract  (issue 5; about 2.5 minutes) extraction's CUDA pipeline against captures, models split
+#            over devices, bench_extract on GPT-2-small (all layers; one: forward-bound; 64 batches
+#            to RAM: the steady state)
 #   all      both, in one call (about 7 minutes on an H200: 347 s measured with bench_capture cut at
 #            120 s, 3 of its 4 models done)
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
@@ -20,9 +21,9 @@
 #   lease    one call for a whole 15-minute device lease (9.5 minutes at most), in order of value:
 #            the CUDA tests, bench_op, the subset timing, bench_capture on GPT-2-small with the
 #            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
-#            sanitizers, extraction's tests and benchmarks (all layers, and one layer: forward-bound),
-#            the family tests, bench_capture on the XL size, then ncu; whatever the budget cannot
-#            reach is reported as skipped
+#            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound; 64
+#            batches to RAM: the steady state), the family tests, bench_capture on the XL size, then
+#            ncu; whatever the budget cannot reach is reported as skipped
 #
 #   bash scripts/gpu_check.sh [op|extract|all|tests|profile|lease]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
@@ -112,6 +113,8 @@ if [ "$PART" = lease ]; then
     step bench-extract 90 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
         --batches 24 --out "$OUT/keepup"
+    step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
+        --batches 64 --out "$OUT/steady"
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
     step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --out "$OUT/xl"
@@ -149,6 +152,9 @@ if [ "$PART" = extract ] || [ "$PART" = all ]; then
     step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
         --batches 24 --out "$OUT/keepup"
+    # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
+    step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
+        --batches 64 --out "$OUT/steady"
     # the host side alone (no GPU): raw write vs serial vs split vs split with extract's default
     # publisher count (twice the writers on that host's 16 cores), on the GPU host's cores
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
