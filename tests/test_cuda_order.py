@@ -54,17 +54,17 @@ def test_device_reciprocal_table_is_correctly_rounded(tmp_path):
 
     import numpy as np
 
-    from residtap._build import _find_nvcc
+    from residtap._build import IEEE_CUDA_FLAGS, _find_nvcc
 
     cuda_home = _find_nvcc()
     if cuda_home is None:
         pytest.skip("no CUDA toolkit (nvcc) found")
     src = tmp_path / "rcp_probe.cu"
-    src.write_text('#include "ln_arith.cuh"\n'
-                   "__global__ void probe(float* out, float n) { out[0] = residtap::cuda_impl::rcp_x4(n); }\n")
+    src.write_text('#include "ln_arith.cuh"\n__global__ void probe(float* out, float n) '
+                   "{ out[0] = residtap::cuda_impl::rcp_x4(n); }\n")
     ptx = tmp_path / "rcp_probe.ptx"
-    subprocess.run([str(cuda_home / "bin" / "nvcc"), "-std=c++20", "-ptx", "-arch=sm_90", "-I", str(CUDA_SRC),
-                    str(src), "-o", str(ptx)], check=True)
+    subprocess.run([str(cuda_home / "bin" / "nvcc"), "-std=c++20", "-O3", *IEEE_CUDA_FLAGS, "-ptx",
+                    "-arch=sm_90", "-I", str(CUDA_SRC), str(src), "-o", str(ptx)], check=True)
     m = re.search(r"\.const \.align 4 \.b8 \S*kRcpX4\S*\[(\d+)\] = \{([^}]*)\}", ptx.read_text())
     assert m is not None, "kRcpX4 not found in the PTX"
     table = np.array([int(b) for b in m.group(2).split(",")], dtype=np.uint8).view("<f4")

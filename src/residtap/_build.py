@@ -28,6 +28,9 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 DEFAULT_CUDA_ARCHS = "9.0"
 _NAME = "residtap_C"
+# Never fast-math. The IEEE settings are nvcc's defaults, spelled out so that flags slipped in
+# through NVCC_PREPEND_FLAGS cannot turn on flush-to-zero or approximate division unnoticed.
+IEEE_CUDA_FLAGS = ("-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +148,7 @@ def _load() -> BuildInfo:
 
     extra_include = [str(CSRC)]
     cflags = ["-O3"]  # the C++ standard is the one torch's own flags ask for
-    # Never fast-math. The IEEE settings are nvcc's defaults, spelled out so that flags slipped in
-    # through NVCC_PREPEND_FLAGS cannot turn on flush-to-zero or approximate division unnoticed.
-    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                  "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true"]
+    cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *IEEE_CUDA_FLAGS]
     if with_cuda:
         cpp_extension.CUDA_HOME = str(cuda_home)
         os.environ["CUDA_HOME"] = str(cuda_home)
