@@ -61,10 +61,57 @@ static inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 
 using residtap::cuda_impl::FastLayout;
 using residtap::cuda_impl::Moments;
-using residtap::cuda_impl::welford_combine;
 using residtap::cuda_impl::welford_push;
 
 constexpr float kEps = 1e-5f;
+
+// Runs `thread(tid, xchg)` as the 128 threads of one block in lock step (warp shuffles, block
+// barriers, the kernel's shared exchange array) and returns each thread's moments.
+template <typename Thread>
+static std::vector<Moments> run_block(const Thread& thread) {
+  constexpr int kBlock = residtap::cuda_impl::kBlock;
+  std::vector<Moments> result(kBlock);
+  WarpSim warps[4];
+  std::barrier<> block_bar(kBlock);
+  g_block_bar = &block_bar;
+  Moments xchg[kBlock];
+  std::vector<std::thread> threads;
+  for (int tid = 0; tid < kBlock; ++tid) {
+    threads.emplace_back([&, tid] {
+      tl_warp = &warps[tid / 32];
+      threadIdx.x = static_cast<unsigned>(tid);
+      result[tid] = thread(tid, xchg);
+    });
+  }
+  for (auto& t : threads) t.join();
+  return result;
+}
+
+// Mismatches between what each thread finished with and torch's order on its row (row_of(tid));
+// the first one is printed, labelled `what`.
+template <typename RowOf>
+static int compare(const std::vector<Moments>& result, int d, const RowOf& row_of, const char* what) {
+  int bad = 0;
+  for (int tid = 0; tid < static_cast<int>(result.size()); ++tid) {  // every thread of every team
+    float mean, rstd, want_mean, want_rstd;
+    residtap::cuda_impl::finish_moments(result[tid], d, kEps, mean, rstd);
+    torch_ln_moments(row_of(tid), d, kEps, want_mean, want_rstd);
+    if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
+      if (bad == 0)
+        std::printf("  MISMATCH %s d=%d thread=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n", what, d, tid,
+                    mean, want_mean, rstd, want_rstd);
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+static std::vector<float> random_row(int d, std::mt19937& rng, float centre) {
+  std::normal_distribution<float> dist(centre, 3.f);
+  std::vector<float> row(d);
+  for (auto& x : row) x = dist(rng);
+  return row;
+}
 
 // One simulated block of the fast kernel: kTeams rows, each thread doing exactly what
 // fast_rows_kernel does with its units (the same header functions, the same indices).
@@ -72,54 +119,29 @@ template <int kElemBytes, int K>
 static int check_block(int d, std::mt19937& rng, float centre) {
   using L = FastLayout<kElemBytes, K>;
   constexpr int kU = L::kU, kT = L::kT, kY = L::kY, kN = L::kN;
-  std::normal_distribution<float> dist(centre, 3.f);
-  std::vector<std::vector<float>> rows(L::kTeams, std::vector<float>(d));
-  for (auto& r : rows)
-    for (auto& x : r) x = dist(rng);
-  std::vector<Moments> result(residtap::cuda_impl::kBlock);
-  WarpSim warps[4];
-  std::barrier<> block_bar(residtap::cuda_impl::kBlock);
-  g_block_bar = &block_bar;
-  Moments xchg[residtap::cuda_impl::kBlock];  // the kernel's shared exchange array
-  std::vector<std::thread> threads;
-  for (int tid = 0; tid < residtap::cuda_impl::kBlock; ++tid) {
-    threads.emplace_back([&, tid] {
-      tl_warp = &warps[tid / 32];
-      threadIdx.x = static_cast<unsigned>(tid);
-      const int team = tid / kT, tp = tid % kT;
-      const int tp_off = 4 * kU * tp;
-      const float* row = rows[team].data();
-      Moments m[L::kSlots];
-      for (auto& s : m) s = Moments{0.f, 0.f, 0.f};
-      for (int y = 0; y < kY; ++y) {
-        int nv = 0;
-        for (int j = 0; j < K; ++j) {
-          if (tp_off + L::offset(y, j) >= d) continue;
-          float xf[kN];
-          std::memcpy(xf, row + tp_off + L::offset(y, j), sizeof(xf));
-          residtap::cuda_impl::welford_unit<kU>(&m[kU * y], xf, j);
-          ++nv;
-        }
-        residtap::cuda_impl::set_counts<kU>(&m[kU * y], nv);
+  std::vector<std::vector<float>> rows;
+  for (int team = 0; team < L::kTeams; ++team) rows.push_back(random_row(d, rng, centre));
+  const auto result = run_block([&](int tid, Moments* xchg) {
+    const int tp = tid % kT, tp_off = 4 * kU * tp;
+    const float* row = rows[tid / kT].data();
+    Moments m[L::kSlots];
+    for (auto& s : m) s = Moments{0.f, 0.f, 0.f};
+    for (int y = 0; y < kY; ++y) {
+      int nv = 0;
+      for (int j = 0; j < K; ++j) {
+        if (tp_off + L::offset(y, j) >= d) continue;
+        float xf[kN];
+        std::memcpy(xf, row + tp_off + L::offset(y, j), sizeof(xf));
+        residtap::cuda_impl::welford_unit<kU>(&m[kU * y], xf, j);
+        ++nv;
       }
-      result[tid] = residtap::cuda_impl::merge_tree<kU, kT, kY, true>(m, tp, xchg);
-    });
-  }
-  for (auto& t : threads) t.join();
-  int bad = 0;
-  for (int tid = 0; tid < residtap::cuda_impl::kBlock; ++tid) {  // every thread of every team
-    const int team = tid / kT;
-    float mean, rstd, want_mean, want_rstd;
-    residtap::cuda_impl::finish_moments(result[tid], d, kEps, mean, rstd);
-    torch_ln_moments(rows[team].data(), d, kEps, want_mean, want_rstd);
-    if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
-      if (bad == 0)
-        std::printf("  MISMATCH bytes=%d K=%d d=%d thread=%d: mean %.9g vs %.9g, rstd %.9g vs %.9g\n",
-                    kElemBytes, K, d, tid, mean, want_mean, rstd, want_rstd);
-      ++bad;
+      residtap::cuda_impl::set_counts<kU>(&m[kU * y], nv);
     }
-  }
-  return bad;
+    return residtap::cuda_impl::merge_tree<kU, kT, kY, true>(m, tp, xchg);
+  });
+  char what[32];
+  std::snprintf(what, sizeof(what), "bytes=%d K=%d", kElemBytes, K);
+  return compare(result, d, [&](int tid) { return rows[tid / kT].data(); }, what);
 }
 
 // The launcher's choice of K for a width (rows_impl.cuh, launch_rows).
@@ -137,43 +159,19 @@ static int check_width(int d, std::mt19937& rng, float centre) {
 // counting its elements one by one, through the same merge tree (its cross-warp steps in shared
 // memory).
 static int check_generic(int d, std::mt19937& rng, float centre) {
-  std::normal_distribution<float> dist(centre, 3.f);
-  std::vector<float> row(d);
-  for (auto& x : row) x = dist(rng);
   constexpr int kBlock = residtap::cuda_impl::kBlock;
-  std::vector<Moments> result(kBlock);
-  WarpSim warps[4];
-  std::barrier<> block_bar(kBlock);
-  g_block_bar = &block_bar;
-  Moments xchg[kBlock];
-  std::vector<std::thread> threads;
-  for (int tid = 0; tid < kBlock; ++tid) {
-    threads.emplace_back([&, tid] {
-      tl_warp = &warps[tid / 32];
-      threadIdx.x = static_cast<unsigned>(tid);
-      Moments m[1] = {Moments{0.f, 0.f, 0.f}};
-      for (int v = tid; v < d / 4; v += kBlock) {
-        for (int i = 0; i < 4; ++i) {
-          m[0].n = __fadd_rn(m[0].n, 1.f);
-          welford_push(m[0].mean, m[0].m2, row[4 * v + i], __frcp_rn(m[0].n));
-        }
+  const std::vector<float> row = random_row(d, rng, centre);
+  const auto result = run_block([&](int tid, Moments* xchg) {
+    Moments m[1] = {Moments{0.f, 0.f, 0.f}};
+    for (int v = tid; v < d / 4; v += kBlock) {
+      for (int i = 0; i < 4; ++i) {
+        m[0].n = __fadd_rn(m[0].n, 1.f);
+        welford_push(m[0].mean, m[0].m2, row[4 * v + i], __frcp_rn(m[0].n));
       }
-      result[tid] = residtap::cuda_impl::merge_tree<1, kBlock, 1, false>(m, tid, xchg);
-    });
-  }
-  for (auto& t : threads) t.join();
-  float want_mean, want_rstd;
-  torch_ln_moments(row.data(), d, kEps, want_mean, want_rstd);
-  int bad = 0;
-  for (int tid = 0; tid < kBlock; ++tid) {
-    float mean, rstd;
-    residtap::cuda_impl::finish_moments(result[tid], d, kEps, mean, rstd);
-    if (std::memcmp(&mean, &want_mean, 4) != 0 || std::memcmp(&rstd, &want_rstd, 4) != 0) {
-      if (bad == 0) std::printf("  MISMATCH generic d=%d thread=%d\n", d, tid);
-      ++bad;
     }
-  }
-  return bad;
+    return residtap::cuda_impl::merge_tree<1, kBlock, 1, false>(m, tid, xchg);
+  });
+  return compare(result, d, [&](int) { return row.data(); }, "generic");
 }
 
 // The merges one thread does per row in each layout (the plan's work; printed for the record).
