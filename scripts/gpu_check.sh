@@ -76,6 +76,17 @@ profile_ncu() {  # profile_ncu LIMIT_S: Nsight Compute on profile_op's calls ins
         --log-file "$OUT/ncu_op.csv" python3 scripts/profile_op.py ncu
 }
 
+bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer run)
+    # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
+    step bench-extract "$1" python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
+    # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target)
+    step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
+        --batches 24 --out "$OUT/keepup"
+    # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
+    step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
+        --batches 64 --out "$OUT/steady"
+}
+
 finish() {  # the summary line; exits 0 only if every step passed
     echo "== done in $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
     [ ${#FAILED[@]} -eq 0 ]
@@ -110,11 +121,7 @@ if [ "$PART" = lease ]; then
     step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/sanitize_op.py
     step extract-tests 90 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_device_map.py \
         tests/test_extract.py -k "cuda or gpu or split"
-    step bench-extract 90 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
-    step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
-        --batches 24 --out "$OUT/keepup"
-    step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
-        --batches 64 --out "$OUT/steady"
+    bench_extract_steps 90
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
     step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --out "$OUT/xl"
@@ -148,13 +155,7 @@ if [ "$PART" != op ]; then  # extract, all, tests
         tests/test_extract.py -k "cuda or gpu or split"
 fi
 if [ "$PART" = extract ] || [ "$PART" = all ]; then
-    # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
-    step bench-extract 120 python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
-    step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
-        --batches 24 --out "$OUT/keepup"
-    # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
-    step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
-        --batches 64 --out "$OUT/steady"
+    bench_extract_steps 120
     # the host side alone (no GPU): raw write vs serial vs split vs split with extract's default
     # publisher count (twice the writers on that host's 16 cores), on the GPU host's cores
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"

@@ -28,7 +28,8 @@ namespace cuda_impl {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kBlock = 128;    // threads per block for both kernels
-constexpr int kMaxFastK = 16;  // fast kernel: at most 16 vectors per virtual thread (width 8192)
+constexpr int kMaxFastK = 16;  // fast kernel: at most 16 vectors per virtual thread
+constexpr int kMaxFastWidth = 128 * 4 * kMaxFastK;  // so its widest row: 8192
 
 // Partial moments of one virtual thread (count kept as float, as torch does).
 struct Moments {
@@ -73,7 +74,6 @@ __device__ __forceinline__ Moments welford_combine(const Moments& own, const Mom
 // a merge of two empty partials (n = 0, both means and m2 zero) then yields exactly the zeros
 // torch's `n > 0` branch sets, with no branch. tests/cuda_order_sim.cpp checks rcp_x4 at every
 // count as g++ builds the table, tests/test_cuda_order.py every entry of the table nvcc emits.
-constexpr int kMaxFastWidth = 128 * 4 * kMaxFastK;  // 8192
 struct RcpX4Table {
   float v[kMaxFastWidth / 4 + 1];
 };

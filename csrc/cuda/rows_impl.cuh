@@ -103,7 +103,7 @@ bool vectors_fit(const Params& p, int64_t unit, bool weights) {
 template <typename InT, typename OutT>
 bool fast_kernel_fits(const Params& p) {
   const int64_t unit = sizeof(InT) == 2 ? 8 : 4;  // elements per 16-byte unit
-  if (p.d <= 0 || p.d % unit != 0 || p.d > 128 * 4 * kMaxFastK) return false;
+  if (p.d <= 0 || p.d % unit != 0 || p.d > kMaxFastWidth) return false;
   return vectors_fit<InT, OutT>(p, unit, p.normed != nullptr);
 }
 
