@@ -111,8 +111,10 @@ def _sources(with_cuda: bool) -> list[Path]:
     return srcs
 
 
-def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
+def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...], flags: tuple[str, ...]) -> str:
+    """The build's directory name: torch, Python, CUDA and architectures in words; the sources,
+    the headers they include and the compiler flags as a hash."""
+    h = hashlib.sha256("\0".join(flags).encode())
     headers = (".h", ".cuh") if with_cuda else (".h",)
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and (p.suffix in headers or p in sources):
@@ -121,6 +123,12 @@ def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...]) -> str:
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     dev = f"cu{torch.version.cuda}-sm{'_'.join(a.replace('.', '') for a in archs)}" if with_cuda else "cpu"
     return f"torch{torch.__version__.replace('+', '_')}-{py}-{dev}-{h.hexdigest()[:12]}"
+
+
+def _openmp() -> bool:
+    """Whether the C++ sources are compiled with OpenMP: where torch's own intra-op parallelism is
+    OpenMP (its Linux wheels) and the compiler is GCC-compatible."""
+    return bool(getattr(torch._C, "has_openmp", False)) and sys.platform.startswith("linux")
 
 
 def _load() -> BuildInfo:
@@ -142,12 +150,16 @@ def _load() -> BuildInfo:
     with_cuda = cuda_home is not None
     archs = _cuda_archs() if with_cuda else ()
     sources = _sources(with_cuda)
-    root = Path(os.environ.get("RESIDTAP_BUILD_DIR", Path.home() / ".cache" / "residtap" / "build"))
-    build_dir = root / _tag(sources, with_cuda, archs)
-    build_dir.mkdir(parents=True, exist_ok=True)
 
     extra_include = [str(CSRC)]
     cflags = ["-O3"]  # the C++ standard is the one torch's own flags ask for
+    ldflags = []
+    if _openmp():
+        # at::parallel_for is a header template: without -fopenmp it compiles to a serial loop.
+        # The link asks for libgomp.so.1, which resolves to the copy torch has already loaded,
+        # so the CPU op shares torch's thread pool and follows torch.set_num_threads.
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     cuda_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *IEEE_CUDA_FLAGS]
     if with_cuda:
         cpp_extension.CUDA_HOME = str(cuda_home)
@@ -156,6 +168,9 @@ def _load() -> BuildInfo:
         extra_include += _pip_cuda_includes()
         cflags.append("-DRESIDTAP_WITH_CUDA")
         cuda_flags.append("-DRESIDTAP_WITH_CUDA")
+    root = Path(os.environ.get("RESIDTAP_BUILD_DIR", Path.home() / ".cache" / "residtap" / "build"))
+    build_dir = root / _tag(sources, with_cuda, archs, (*cflags, *ldflags, *cuda_flags))
+    build_dir.mkdir(parents=True, exist_ok=True)
 
     if not (build_dir / f"{_NAME}.so").exists():
         what = f"C++ and CUDA (sm {', '.join(archs)})" if with_cuda else "C++ (CPU only)"
@@ -167,6 +182,7 @@ def _load() -> BuildInfo:
         extra_include_paths=extra_include,
         extra_cflags=cflags,
         extra_cuda_cflags=cuda_flags,
+        extra_ldflags=ldflags,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=os.environ.get("RESIDTAP_VERBOSE_BUILD", "") not in ("", "0"),
