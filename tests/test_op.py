@@ -87,6 +87,64 @@ def test_op_maxabs_propagates_nan(extension):
     assert torch.equal(m.isnan(), out.abs().amax(-1).isnan())
 
 
+def assert_equal_but_nan_bits(got, want, what):
+    """Equal bit for bit where ``want`` is a number, NaN where it is a NaN (whose payload torch's own
+    vectorized and scalar casts do not agree on)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), what
+    assert torch.equal(got[~nan], want[~nan]), what
+
+
+def random_bits(shape, dtype, seed):
+    """Every class of value the dtype has (zeros, subnormals, ties, infinities, NaNs, the largest
+    finite), from uniformly random bit patterns."""
+    g = torch.Generator().manual_seed(seed)
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    info = torch.iinfo(bits)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(bits).view(dtype)
+
+
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+def test_cpu_row_loops_on_random_bit_patterns(extension, model_dtype):
+    """The CPU op's own element loops (its float <-> bfloat16 conversion, delta's rounding, max |x|
+    on the bits, l2 in lanes) against torch's casts and ops, on every kind of value, at widths whose
+    tails the 8-lane loops handle apart (67, 8 * 33 + 5)."""
+    for d in (67, 269):
+        out, inp = random_bits((3, 41, d), model_dtype, d), random_bits((3, 41, d), model_dtype, d + 1)
+        for cap_dtype in DTYPES:
+            got = {n: torch.empty(3, 41, d, dtype=cap_dtype) for n in ("resid", "delta")}
+            stats = {n: torch.empty(3, 41) for n in ("l2", "maxabs")}
+            ops.capture_block(out, inp, None, **got, **stats)
+            assert_equal_but_nan_bits(got["resid"], out.to(cap_dtype), f"resid as {cap_dtype}")
+            assert_equal_but_nan_bits(got["delta"], (out - inp).to(cap_dtype), f"delta as {cap_dtype}")
+            assert_equal_but_nan_bits(stats["maxabs"], out.float().abs().amax(-1), "maxabs")
+            assert_l2_close(stats["l2"], torch.linalg.vector_norm(out.double(), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_kind", [None, "2d"])
+def test_cpu_op_over_many_chunks_and_threads(extension, dtype, index_kind):
+    """More selected rows than the CPU op's chunk (2**18 elements: 4096 rows at width 64), so the
+    norm runs chunk by chunk, with one thread and with two: the reference's outputs either way."""
+    batch, seq, d = 3, 1500, 64
+    out, inp, w, b = make_inputs(batch, seq, d, dtype, seed=11)
+    index = None if index_kind is None else torch.randint(
+        0, seq, (batch, seq), generator=torch.Generator().manual_seed(2))
+    want = reference.block_outputs(out, inp, sel=index, final_norm=reference.layer_norm_fn(w, b, 1e-5),
+                                   eps=1e-5, outputs=reference.OUTPUTS)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            got = run_op(out, inp, index, w, b, 1e-5, dtype)
+            for name in ("resid", "delta", "normed"):
+                assert torch.equal(got[name], want[name]), (name, n_threads)
+            for name in ("mean", "rstd", "maxabs"):
+                assert torch.equal(got[name], getattr(want["stats"], name)), (name, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("impl", ["op", "reference"])
 def test_copied_outputs_keep_every_bit_of_a_nan(extension, impl):
     assert_copies_keep_nan_bits(ops.capture_block if impl == "op" else reference.capture_block, "cpu")
