@@ -127,7 +127,8 @@ def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...], flags: tu
 
 def _openmp() -> bool:
     """Whether the C++ sources are compiled with OpenMP: where torch's own intra-op parallelism is
-    OpenMP (its Linux wheels) and the compiler is GCC-compatible."""
+    OpenMP, on Linux, where torch's wheels ship GCC's libgomp and the extension's compiler is the
+    system's c++ (GCC or a compiler that takes GCC's -fopenmp)."""
     return bool(getattr(torch._C, "has_openmp", False)) and sys.platform.startswith("linux")
 
 
