@@ -179,6 +179,14 @@ NAN_BITS = {torch.float32: (-1, 0x7FC00001, -0x3FFFFF, 0x7F800001),
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+def random_bits(shape, dtype, seed):
+    """Every class of value the dtype has (zeros, subnormals, ties, infinities, NaNs, the largest
+    finite), from uniformly random bit patterns."""
+    info = torch.iinfo(_INT[dtype])
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(_INT[dtype]).view(dtype)
+
+
 def assert_copies_keep_nan_bits(capture_block, device):
     """resid and the no-input delta are copies of ``out`` in the model dtype (Tensor.to(dtype) is
     the identity there), so every bit of a NaN survives, in every dtype and in the wide kernel

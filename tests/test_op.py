@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DTYPES, assert_copies_keep_nan_bits, assert_l2_close, make_inputs, nan_buffers
+from helpers import (DTYPES, assert_copies_keep_nan_bits, assert_l2_close, make_inputs, nan_buffers,
+                     random_bits)
 from residtap import ops, reference
 
 WIDTHS = (1, 3, 64, 66, 129, 768)
@@ -88,20 +89,9 @@ def test_op_maxabs_propagates_nan(extension):
 
 
 def assert_equal_but_nan_bits(got, want, what):
-    """Equal bit for bit where ``want`` is a number, NaN where it is a NaN (whose payload torch's own
-    vectorized and scalar casts do not agree on)."""
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan), what
-    assert torch.equal(got[~nan], want[~nan]), what
-
-
-def random_bits(shape, dtype, seed):
-    """Every class of value the dtype has (zeros, subnormals, ties, infinities, NaNs, the largest
-    finite), from uniformly random bit patterns."""
-    g = torch.Generator().manual_seed(seed)
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
-    info = torch.iinfo(bits)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(bits).view(dtype)
+    """Equal where ``want`` is a number, NaN where it is a NaN (whose payload torch's own vectorized
+    and scalar casts do not agree on)."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=what)
 
 
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)

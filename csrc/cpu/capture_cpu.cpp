@@ -145,10 +145,13 @@ float row_l2(const float* x, int64_t d) {
 }
 
 // Rows [first, last) of the selection: resid, delta, l2 and maxabs, and the rows the norm runs on
-// where it needs them gathered (`rows_m`, model dtype) or in float32 (`rows_f`, a 16-bit model's
-// moments), each indexed from `first`.
+// where it needs them gathered (`rows_m_t`, model dtype) or in float32 (`rows_f_t`, a 16-bit model's
+// moments), each indexed from `first` (undefined: not needed).
 template <typename scalar_t>
-void rowwise_pass(const CaptureArgs& a, int64_t first, int64_t last, scalar_t* rows_m, float* rows_f) {
+void rowwise_pass(const CaptureArgs& a, int64_t first, int64_t last, const at::Tensor& rows_m_t,
+                  const at::Tensor& rows_f_t) {
+  scalar_t* rows_m = rows_m_t.defined() ? rows_m_t.data_ptr<scalar_t>() : nullptr;
+  float* rows_f = rows_f_t.defined() ? rows_f_t.data_ptr<float>() : nullptr;
   const int64_t S = a.seq, P = a.n_pos, D = a.d_model;
   const int64_t* idx = a.index.defined() ? a.index.data_ptr<int64_t>() : nullptr;
   const bool per_row_index = a.index.defined() && a.index.dim() == 2;
@@ -253,19 +256,9 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
   for (int64_t first = 0; first < N; first += chunk) {
     const int64_t n = std::min(chunk, N - first), last = first + n;
     switch (a.out.scalar_type()) {  // make_capture_args admits these three
-      case at::kFloat:
-        rowwise_pass<float>(a, first, last, rows_m.defined() ? rows_m.data_ptr<float>() : nullptr,
-                            nullptr);
-        break;
-      case at::kBFloat16:
-        rowwise_pass<c10::BFloat16>(a, first, last,
-                                    rows_m.defined() ? rows_m.data_ptr<c10::BFloat16>() : nullptr,
-                                    rows_f.defined() ? rows_f.data_ptr<float>() : nullptr);
-        break;
-      case at::kHalf:
-        rowwise_pass<c10::Half>(a, first, last, rows_m.defined() ? rows_m.data_ptr<c10::Half>() : nullptr,
-                                rows_f.defined() ? rows_f.data_ptr<float>() : nullptr);
-        break;
+      case at::kFloat: rowwise_pass<float>(a, first, last, rows_m, rows_f); break;
+      case at::kBFloat16: rowwise_pass<c10::BFloat16>(a, first, last, rows_m, rows_f); break;
+      case at::kHalf: rowwise_pass<c10::Half>(a, first, last, rows_m, rows_f); break;
       default: TORCH_CHECK(false, "residtap: unsupported dtype ", a.out.scalar_type());
     }
     if (!norm) continue;
