@@ -193,13 +193,13 @@ def host_only(args, writers: int, publishers: int) -> list:
     return [row("cpu", bench="extract_host", **r)]
 
 
-def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device, layers):
+def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device,
+                layers):
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
         res = residtap.extract(model, ids, out, layers=layers, batch_size=batch, writers=writers,
-                               publishers=publishers,
-                               shard_size=shard_size, host_memory=host_memory, progress=False,
-                               verify_existing=False)
+                               publishers=publishers, shard_size=shard_size, host_memory=host_memory,
+                               progress=False, verify_existing=False)
         sync(device)
         return res
     finally:
@@ -220,12 +220,14 @@ def main() -> int:
                    help="the host side alone on synthetic shards: raw write vs the store's ways")
     p.add_argument("--targets", default="ram,disk", help="comma list of ram, disk (default both)")
     p.add_argument("--layers", default=None,
-                   help="comma list of residual indices to extract (default all): fewer for a forward-bound run")
+                   help="comma list of residual indices to extract (default all): fewer for a "
+                        "forward-bound run")
     args = p.parse_args()
     try:
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     except ValueError:
-        p.error(f"--layers: expected a comma list of residual indices such as 6 or 0,6,12, got {args.layers!r}")
+        p.error(f"--layers: expected a comma list of residual indices such as 6 or 0,6,12, "
+                f"got {args.layers!r}")
     dirs = {"ram": args.ram_dir, "disk": args.disk_dir}
     targets = [t for t in args.targets.split(",") if t]
     if not targets or any(t not in dirs for t in targets):
@@ -269,7 +271,8 @@ def main() -> int:
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
                 r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
                 continue
-            res = run_extract(model, ids, d, batch, writers, args.publishers, shard, host_memory, device, layers)
+            res = run_extract(model, ids, d, batch, writers, args.publishers, shard, host_memory, device,
+                              layers)
             # The raw write gets as many threads as the pipeline ran writers: like against like.
             raw_s = raw_write(d, res.bytes_written, res.bytes_written // max(res.shards_written, 1),
                               res.writers)

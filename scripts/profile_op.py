@@ -5,8 +5,8 @@ device copy of the bytes that subset must move (its inputs read once, its output
 measured side by side in one run. The op reads a row once and keeps it in registers whatever it
 is asked for, so the subsets tell the phases apart: ``resid`` alone is a copy through the kernel,
 ``stats`` alone is the read plus the row reductions (``mean+rstd`` and ``l2+maxabs`` split them),
-``normed`` adds the second phase, and ``all`` is what bench_op times. A subset far below its own ceiling is where the kernel loses time. Prints a
-table and writes ``profile_op-<gpu>.json`` to --out.
+``normed`` adds the second phase, and ``all`` is what bench_op times. A subset far below its own
+ceiling is where the kernel loses time. Prints a table and writes ``profile_op-<gpu>.json`` to --out.
 
 ``all`` is timed again with the launch capped at 1-8 blocks per SM (``grid_cap``; 0 is no cap): the
 blocks then loop over several groups of rows each, like a persistent kernel, which tells whether
