@@ -3,11 +3,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace residtap {
 
@@ -107,6 +109,50 @@ inline void check_stat_output(const at::Tensor& t, const char* name, const Captu
   RESIDTAP_CHECK_ARG(t.is_contiguous(), name, "a contiguous tensor", describe(t));
 }
 
+// Whether writing `w` may change what `t` holds: torch's own test where it can tell (both dense);
+// else, conservatively, whether they share a storage and their byte extents meet.
+inline bool may_overlap(const at::Tensor& w, const at::Tensor& t) {
+  if (!w.defined() || !t.defined()) return false;
+  switch (at::get_overlap_status(w, t)) {
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial: return true;
+    case at::MemOverlapStatus::No: return false;
+    case at::MemOverlapStatus::TooHard: break;
+  }
+  if (!w.has_storage() || !t.has_storage() || !w.storage().is_alias_of(t.storage())) return false;
+  auto extent = [](const at::Tensor& x) {  // [first byte, one past the last byte]
+    int64_t last = 0;
+    for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
+    const char* p = static_cast<const char*>(x.const_data_ptr());
+    return std::make_pair(p, p + (last + 1) * static_cast<int64_t>(x.element_size()));
+  };
+  const auto [w0, w1] = extent(w);
+  const auto [t0, t1] = extent(t);
+  return w0 < t1 && t0 < w1;
+}
+
+// Outputs may share no memory with the inputs or with each other: the op reads its inputs while
+// it writes, and each output is written by its own pass (torch's out= ops refuse the same).
+inline void check_no_overlap(const CaptureArgs& a, const at::Tensor& out,
+                             const std::optional<at::Tensor>& inp) {
+  const std::pair<const char*, at::Tensor> outputs[] = {
+      {"resid", a.resid}, {"delta", a.delta}, {"normed", a.normed}, {"mean", a.mean},
+      {"rstd", a.rstd},   {"l2", a.l2},       {"maxabs", a.maxabs}};
+  const std::pair<const char*, at::Tensor> inputs[] = {
+      {"out", out}, {"inp", opt(inp)}, {"index", a.index}, {"norm_weight", a.weight},
+      {"norm_bias", a.bias}};
+  for (size_t i = 0; i < std::size(outputs); ++i) {
+    const auto& [name, w] = outputs[i];
+    if (!w.defined() || w.numel() == 0) continue;
+    for (const auto& [other, t] : inputs)
+      RESIDTAP_CHECK_ARG(!may_overlap(w, t), name, "memory of its own",
+                         describe(w) + " sharing memory with '" + other + "'");
+    for (size_t j = 0; j < i; ++j)
+      RESIDTAP_CHECK_ARG(!may_overlap(w, outputs[j].second), name, "memory of its own",
+                         describe(w) + " sharing memory with '" + outputs[j].first + "'");
+  }
+}
+
 inline CaptureArgs make_capture_args(
     const at::Tensor& out, const std::optional<at::Tensor>& inp,
     const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& norm_weight,
@@ -180,6 +226,7 @@ inline CaptureArgs make_capture_args(
   check_stat_output(a.maxabs, "maxabs", a);
   RESIDTAP_CHECK_ARG(!(a.normed.defined() && a.norm == NormKind::kNone), "normed",
                      "None when norm_kind is 'none'", describe(a.normed));
+  check_no_overlap(a, out, inp);
   return a;
 }
 

@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from residtap.models import random_gpt2
@@ -270,3 +271,39 @@ def check_misaligned_block_outputs(device, dtype, positions):
     from residtap.selection import resolve_positions
     sel = resolve_positions(positions, ids.shape[1]).as_selection(final.device)
     assert torch.equal(cap.normed[-1], take(final, sel))
+
+
+def _overlap_case(case: str, device) -> dict:
+    """Op arguments where one output shares memory with an input or another output."""
+    out, inp = torch.randn(2, 4, 8, device=device), torch.randn(2, 4, 8, device=device)
+    stats, rows = torch.zeros(2, 4, device=device), torch.zeros(3, 4, 8, device=device)
+    flat = torch.randn(2 * 4 * 16, device=device)
+    reverse = torch.tensor([3, 2, 1, 0], device=device)
+    return {
+        "resid is out": dict(out=out, index=reverse, resid=out),
+        "delta is inp": dict(out=out, inp=inp, index=reverse, delta=inp),
+        "one stats buffer": dict(out=out, mean=stats, maxabs=stats),
+        "partial": dict(out=out, resid=rows[:2], delta=rows[1:]),
+        # out strided (torch's own test cannot tell): resid covers some of its elements
+        "strided out": dict(out=flat.view(2, 4, 16)[:, :, :8], resid=flat[8:72].view(2, 4, 8)),
+    }[case]
+
+
+# (the refused output, the argument it shares memory with, the case's name)
+OVERLAP_CASES = (("resid", "out", "resid is out"), ("delta", "inp", "delta is inp"),
+                 ("maxabs", "mean", "one stats buffer"), ("delta", "resid", "partial"),
+                 ("resid", "out", "strided out"))
+
+
+def assert_overlap_refused(name: str, other: str, case: str, device) -> None:
+    """The op refuses ``case`` naming ``name`` and ``other``, and leaves every tensor as it was."""
+    from residtap import ops
+
+    kwargs = _overlap_case(case, device)
+    out, inp, index = kwargs.pop("out"), kwargs.pop("inp", None), kwargs.pop("index", None)
+    before = [t.clone() for t in (out, inp, *kwargs.values()) if t is not None]
+    with pytest.raises(RuntimeError, match=f"'{name}' expected memory of its own, got .* sharing "
+                                           f"memory with '{other}'"):
+        ops.capture_block(out, inp, index, **kwargs)
+    after = [t for t in (out, inp, *kwargs.values()) if t is not None]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))

@@ -240,6 +240,12 @@ def test_cuda_opcheck(cuda_ext, dtype):
                           (out, inp, index, w, b, "layer_norm", 1e-5, *bufs))
 
 
+@pytest.mark.parametrize("name,other,case", list(helpers.OVERLAP_CASES))
+def test_cuda_op_refuses_outputs_that_share_memory_with_an_argument(cuda_ext, name, other, case):
+    """The same host-side check as on the CPU (test_op.py), before anything is launched."""
+    helpers.assert_overlap_refused(name, other, case, CUDA)
+
+
 def test_cuda_parity_guard_passes_on_this_torch(cuda_ext):
     """The guard's probe agrees with torch for the usual widths (else it warns and falls back)."""
     for dtype in DTYPES:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (DTYPES, assert_copies_keep_nan_bits, assert_l2_close, make_inputs, nan_buffers,
-                     random_bits)
+from helpers import (DTYPES, OVERLAP_CASES, assert_copies_keep_nan_bits, assert_l2_close,
+                     assert_overlap_refused, make_inputs, nan_buffers, random_bits)
 from residtap import ops, reference
 
 WIDTHS = (1, 3, 64, 66, 129, 768)
@@ -190,6 +190,45 @@ def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
     out = args.pop("out")
     with pytest.raises(RuntimeError, match=f"'{argname}' expected"):
         ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
+
+
+def test_cpu_op_checks_every_index_value_before_writing(extension):
+    """A bad index value anywhere, the last of thousands included, raises before any output is
+    written (the rows before it would otherwise already be in the buffers)."""
+    out, inp, w, b = make_inputs(2, 3000, 64, torch.float32)
+    for index in (torch.cat([torch.arange(2999), torch.tensor([3000])]),
+                  torch.arange(3000).repeat(2, 1).index_put_((torch.tensor(1), torch.tensor(2999)),
+                                                             torch.tensor(-1))):
+        bufs = nan_buffers(out, index, torch.float32)
+        before = {k: v.clone() for k, v in bufs.items()}
+        with pytest.raises(RuntimeError, match=r"'index' expected values in \[0, 3000\), got (3000|-1)"):
+            ops.capture_block(out, inp, index, norm_weight=w, norm_bias=b, norm_kind="layer_norm",
+                              **bufs)
+        for k in bufs:
+            assert torch.equal(bufs[k].view(torch.int32), before[k].view(torch.int32)), k
+
+
+@pytest.mark.parametrize("name,other,case", list(OVERLAP_CASES))
+def test_op_refuses_outputs_that_share_memory_with_an_argument(extension, name, other, case):
+    """An output sharing memory with an input or another output would be read while it is
+    written, or written twice: refused up front, naming both (torch's out= ops refuse the same)."""
+    assert_overlap_refused(name, other, case, "cpu")
+
+
+def test_op_takes_outputs_cut_side_by_side_from_one_buffer(extension):
+    """Outputs that share a buffer without overlapping are not mistaken for aliases."""
+    out, inp, w, b = make_inputs(2, 4, 8, torch.float32)
+    rows = torch.full((3, 2, 4, 8), float("nan"))  # resid, delta, normed side by side
+    stats = torch.full((4, 2, 4), float("nan"))
+    ops.capture_block(out, inp, None, norm_weight=w, norm_bias=b, norm_kind="layer_norm", resid=rows[0],
+                      delta=rows[1], normed=rows[2], mean=stats[0], rstd=stats[1], l2=stats[2],
+                      maxabs=stats[3])
+    want = reference.block_outputs(out, inp, final_norm=reference.layer_norm_fn(w, b, 1e-5), eps=1e-5,
+                                   outputs=reference.OUTPUTS)
+    for k, name in enumerate(("resid", "delta", "normed")):
+        assert torch.equal(rows[k], want[name]), name
+    for k, name in ((0, "mean"), (1, "rstd"), (3, "maxabs")):
+        assert torch.equal(stats[k], getattr(want["stats"], name)), name
 
 
 def assert_cpu_op_unchanged_under(setting) -> None:

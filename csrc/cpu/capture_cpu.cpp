@@ -152,7 +152,7 @@ void rowwise_pass(const CaptureArgs& a, int64_t first, int64_t last, const at::T
                   const at::Tensor& rows_f_t) {
   scalar_t* rows_m = rows_m_t.defined() ? rows_m_t.data_ptr<scalar_t>() : nullptr;
   float* rows_f = rows_f_t.defined() ? rows_f_t.data_ptr<float>() : nullptr;
-  const int64_t S = a.seq, P = a.n_pos, D = a.d_model;
+  const int64_t P = a.n_pos, D = a.d_model;
   const int64_t* idx = a.index.defined() ? a.index.data_ptr<int64_t>() : nullptr;
   const bool per_row_index = a.index.defined() && a.index.dim() == 2;
   const scalar_t* out_p = a.out.data_ptr<scalar_t>();
@@ -177,11 +177,7 @@ void rowwise_pass(const CaptureArgs& a, int64_t first, int64_t last, const at::T
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / P, p = r % P;
       int64_t s = p;
-      if (idx) {
-        s = per_row_index ? idx[b * P + p] : idx[p];
-        TORCH_CHECK(s >= 0 && s < S, "residtap.capture_block: argument 'index' expected values in [0, ",
-                    S, "), got ", s);
-      }
+      if (idx) s = per_row_index ? idx[b * P + p] : idx[p];  // in [0, seq): checked up front
       const scalar_t* xo = out_p + b * ob + s * os;
       if (rows_m) copy_row(rows_m + (r - first) * D, xo, D);
       const float* x = nullptr;  // the row as float, where needed
@@ -233,6 +229,14 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
                        const std::optional<at::Tensor>& maxabs) {
   CaptureArgs a = make_capture_args(out, inp, index, norm_weight, norm_bias, norm_kind, eps, resid,
                                     delta, normed, mean, rstd, l2, maxabs);
+  // Every index value before any output is written, so that a bad one leaves the outputs as they
+  // were. (The CUDA op cannot read them on the host without a sync; it asserts on the device.)
+  if (a.index.defined()) {
+    const int64_t* idx = a.index.const_data_ptr<int64_t>();
+    for (int64_t k = 0, n = a.index.numel(); k < n; ++k)
+      RESIDTAP_CHECK_ARG(idx[k] >= 0 && idx[k] < a.seq, "index", "values in [0, " << a.seq << ")",
+                         idx[k]);
+  }
   at::NoGradGuard no_grad;
   const int64_t N = a.batch * a.n_pos, D = a.d_model;
   const bool moments = a.mean.defined() || a.rstd.defined();
