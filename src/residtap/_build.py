@@ -1,8 +1,8 @@
 """Build and load the compiled extension for the torch that imports it.
 
 The extension is JIT-compiled with ``torch.utils.cpp_extension.load`` and ninja into a cache keyed
-by the torch version, the CUDA build, the target architectures and a hash of the sources, so it is
-built once per environment and always against the torch in use. CUDA sources are added only where
+by the torch version, the CUDA build, the target architectures and a hash of the sources (and of
+where they are), so it is built once per environment and always against the torch in use. CUDA sources are added only where
 torch is a CUDA build and nvcc is found; a CPU-only machine builds the CPU op alone.
 
 Environment:
@@ -113,8 +113,10 @@ def _sources(with_cuda: bool) -> list[Path]:
 
 def _tag(sources: list[Path], with_cuda: bool, archs: tuple[str, ...], flags: tuple[str, ...]) -> str:
     """The build's directory name: torch, Python, CUDA and architectures in words; the sources,
-    the headers they include and the compiler flags as a hash."""
-    h = hashlib.sha256("\0".join(flags).encode())
+    the headers they include, where they are and the compiler flags as a hash. (ninja's build file
+    names the sources by absolute path: two checkouts sharing one directory would rebuild each
+    other's extension on every switch.)"""
+    h = hashlib.sha256("\0".join((str(CSRC), *flags)).encode())
     headers = (".h", ".cuh") if with_cuda else (".h",)
     for p in sorted(CSRC.rglob("*")):
         if p.is_file() and (p.suffix in headers or p in sources):
