@@ -236,3 +236,44 @@ def test_a_block_that_narrows_the_stream_is_refused_by_name(model):
         h.remove()
     with pytest.raises(residtap.CaptureError, match="the last forward raised"):
         cap.resid
+
+
+class _ToyBlock(nn.Module):
+    """A block called as ``block(state=x)`` (``by_keyword``) or returning ``(None, x)``."""
+
+    def __init__(self, by_keyword: bool):
+        super().__init__()
+        self.proj, self.by_keyword = nn.Linear(8, 8), by_keyword
+
+    def forward(self, x=None, *, state=None):
+        if self.by_keyword:
+            return state + self.proj(state)
+        return None, x + self.proj(x)
+
+
+class _Toy(nn.Module):
+    def __init__(self, by_keyword: bool):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList([_ToyBlock(by_keyword) for _ in range(2)])
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.layers:
+            x = block(state=x) if block.by_keyword else block(x)[1]
+        return x
+
+
+@pytest.mark.parametrize("by_keyword,match", [
+    (True, r"could not find the hidden state among the block's arguments \(positional: 0, keywords: "
+           r"\['state'\]\)"),
+    (False, r"a block returned tuple; expected a tensor, or a tuple / ModelOutput whose first element is"),
+])
+def test_a_block_whose_hidden_state_cannot_be_found_is_refused(by_keyword, match):
+    """blocks= pointing at modules called another way: UnsupportedStreamError (which `residtap
+    verify` reports in one line, exit 2), and the hooks are gone."""
+    model = _Toy(by_keyword)
+    with pytest.raises(residtap.UnsupportedStreamError, match=match):
+        with residtap.capture(model, blocks="layers", final_norm=None):
+            model(torch.zeros(1, 3, dtype=torch.long))
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)

@@ -12,7 +12,7 @@ from torch import nn
 
 import residtap
 from helpers import DTYPES, ids_for, tiny_gpt2
-from residtap import cli
+from residtap import backend, cli
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,7 +78,9 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
     (["--batch", "0"], r"--batch: .*expected an int >= 1, got '0'"),
     (["--seq", "-1"], r"--seq: .*expected an int >= 1, got '-1'"),
     (["--seq", "2000"], r"--seq: expected at most 1024 \(the model's positions\), got 2000"),
-    (["--device", "bogus"], r"--device: expected a torch device"),
+    (["--device", "bogus"], r"--device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--device", "meta"], r"--device: expected cpu, cuda or cuda:N, got 'meta'"),
+    (["--device", "mps"], r"--device: expected cpu, cuda or cuda:N, got 'mps'"),
     (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
 ])
 def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):
@@ -88,6 +90,50 @@ def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, ma
         rc = e.code
     assert rc == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_verify_compiled_backend_unavailable_exits_2_in_one_line(monkeypatch, capsys):
+    """Asking for a backend this machine lacks is a bad argument (2), not a failed check (1)."""
+    monkeypatch.setattr(backend, "compiled_unavailable_reason", lambda device: "no compiler here")
+    assert cli.main(["verify", "--batch", "1", "--seq", "4", "--backend", "compiled"]) == 2
+    err = capsys.readouterr().err
+    assert err == "residtap verify: error: backend='compiled' was requested but no compiler here\n"
+
+
+def test_report_json_is_strict_where_a_nan_faces_a_number(extension, capsys):
+    """max |diff| is inf where a NaN faces a number: to_json and --json write it as the string
+    "inf", since a bare Infinity is not JSON."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(3, 64, 2, torch.float32))
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.bias[3] = float("nan")
+    rep = residtap.verify(model, ids_for(model, 1, 6))
+    assert rep.rows[2].normed_maxabs == float("inf")
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    d = json.loads(rep.to_json(), parse_constant=refuse)
+    assert d["rows"][2]["normed_maxabs"] == "inf" and d["rows"][2]["raw_maxabs"] == 0.0
+    assert d["ok"] is True and d["rows"][-1]["normed_maxabs"] == 0.0
+
+
+def test_report_when_the_projection_does_not_explain_the_last_state(extension):
+    """A family with a projection (OPT's project_out) whose re-application misses: the convention
+    says the projection was tried, not that residtap knows none."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=97, hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=2,
+                    num_attention_heads=2, ffn_dim=128, max_position_embeddings=64)
+    model = OPTForCausalLM(cfg).eval()
+    ids = ids_for(model, 1, 5)
+    assert residtap.verify(model, ids).ok
+    rep = residtap.verify(model, ids, final_norm=nn.LayerNorm(64, eps=0.1))
+    assert not rep.ok
+    assert rep.convention == ("unexplained: hidden_states[-1] (width 32, d_model 64) is not "
+                              "project_out(final_norm(raw output))")
 
 
 def test_report_for_a_model_whose_layers_are_stored_per_device(extension, monkeypatch):

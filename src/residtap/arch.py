@@ -251,7 +251,7 @@ class Layout:
         for name in _HIDDEN_KWARGS:
             if isinstance(kwargs.get(name), torch.Tensor):
                 return kwargs[name]
-        raise RuntimeError("residtap: could not find the hidden state among the block's arguments "
+        raise UnsupportedStreamError("residtap: could not find the hidden state among the block's arguments "
                            f"(positional: {len(args)}, keywords: {sorted(kwargs)}); expected it first "
                            f"or as one of the keywords {_HIDDEN_KWARGS}. Pass blocks= pointing at "
                            "modules called that way")
@@ -267,7 +267,7 @@ class Layout:
             first = next(iter(output.values()))
         if isinstance(first, torch.Tensor):
             return first
-        raise RuntimeError(f"residtap: a block returned {type(output).__name__}; expected a tensor, "
+        raise UnsupportedStreamError(f"residtap: a block returned {type(output).__name__}; expected a tensor, "
                            "or a tuple / ModelOutput whose first element is the hidden state")
 
 

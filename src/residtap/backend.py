@@ -17,6 +17,10 @@ import torch
 BACKENDS = ("auto", "compiled", "reference")
 
 
+class BackendUnavailableError(RuntimeError):
+    """``backend="compiled"`` was asked for where the compiled op cannot run (says why)."""
+
+
 class Choice(NamedTuple):
     name: str  # "compiled" or "reference"
     fn: Callable[..., None]  # signature of residtap.ops.capture_block
@@ -52,7 +56,7 @@ def choose(requested: str | None, device: torch.device) -> Choice:
     if reason is None:
         return Choice("compiled", ops.capture_block, "requested" if requested == "compiled" else "available")
     if requested == "compiled":
-        raise RuntimeError(f"backend='compiled' was requested but {reason}")
+        raise BackendUnavailableError(f"backend='compiled' was requested but {reason}")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"residtap: using the pure-PyTorch reference because {reason}. Results are "

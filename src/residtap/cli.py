@@ -10,6 +10,7 @@ import sys
 import torch
 
 from .arch import UnsupportedStreamError, max_positions
+from .backend import BackendUnavailableError
 from .selection import resolve_dtype
 
 
@@ -29,11 +30,13 @@ def _load_model(name: str | None, dtype, device: str, seed: int):
 
 
 def _device(text: str) -> torch.device:
-    """--device: a device torch knows and this machine has."""
+    """--device: the CPU or a CUDA device this machine has (the devices residtap runs on)."""
     try:
         device = torch.device(text)
-    except RuntimeError as e:
-        raise ValueError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from e
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and (not torch.cuda.is_available()
                                   or (device.index or 0) >= torch.cuda.device_count()):
         raise ValueError(f"--device: {text!r} is not available here ({torch.cuda.device_count()} CUDA "
@@ -53,7 +56,7 @@ def _positive_int(text: str) -> int:
 
 def cmd_verify(args) -> int:
     from .models import random_input_ids
-    from .verify import verify
+    from .verify import to_json, verify
 
     dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
     model, label = _load_model(args.model, dtype, _device(args.device), args.seed)
@@ -63,9 +66,7 @@ def cmd_verify(args) -> int:
     ids = random_input_ids(model, args.batch, args.seq, seed=args.seed)
     report = verify(model, ids, backend=args.backend)
     if args.json:
-        d = report.to_dict()
-        d["model"] = label
-        print(json.dumps(d, indent=2))
+        print(to_json({**report.to_dict(), "model": label}))
     else:
         print(str(report).replace(report.model, label, 1))
     return 0 if report.ok else 1
@@ -148,8 +149,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, UnsupportedStreamError) as e:  # bad arguments, a model residtap cannot
-        print(f"residtap {args.command}: error: {e}", file=sys.stderr)  # tap: one clear line
+    # bad arguments (a backend this machine lacks among them), a model residtap cannot tap: one
+    # clear line
+    except (ValueError, UnsupportedStreamError, BackendUnavailableError) as e:
+        print(f"residtap {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

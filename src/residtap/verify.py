@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 
 import torch
 
@@ -41,6 +42,21 @@ class LayerRow:
     # The residual index this row compares hidden_states[layer] with: ``layer`` itself, or
     # ``min(layer + 1, n_layers)`` where hidden_states has no embeddings entry (Mamba).
     resid_index: int | None = None
+
+
+def to_json(d: dict) -> str:
+    """A report's dict as strict JSON: a non-finite float (max |diff| is inf where a NaN faces a
+    number) becomes the string "inf", "-inf" or "nan", which JSON parsers other than Python's accept."""
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(d), indent=2, allow_nan=False)
 
 
 _WHAT = {"raw": "raw block output", "normed": "final_norm(raw)", "both": "raw (= normed)",
@@ -96,6 +112,9 @@ class VerifyReport:
             return (f"{others}repeats the last block's raw output ({why})" if shifted
                     else f"all entries are raw block outputs ({why})")
         if self.last_width != self.d_model:
+            if self.has_projection:
+                return (f"unexplained: hidden_states[-1] (width {self.last_width}, d_model "
+                        f"{self.d_model}) is not {self._projection_name()}")
             return (f"unexplained: hidden_states[-1] has width {self.last_width}, not d_model "
                     f"{self.d_model}, and residtap knows no projection to re-apply")
         return "unexplained: some entries match neither the raw residual nor its final norm"
@@ -115,7 +134,8 @@ class VerifyReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """``to_dict()`` as strict JSON (see :func:`to_json`)."""
+        return to_json(self.to_dict())
 
     def __str__(self) -> str:
         def num(x):
