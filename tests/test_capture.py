@@ -356,3 +356,31 @@ def test_capture_hooks_read_nothing_back_to_the_host(positions, overlap):
     assert spy.reads == []
     assert_same_outputs(cap, run_reference(model, ids, attention_mask=mask, positions=positions,
                                            outputs=OUTPUTS), OUTPUTS)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_hooks_on_a_layernorm_final_norm_run_as_in_the_model(extension, backend):
+    """A hook on GPT-2's ln_f (a plain nn.LayerNorm, which the op normally re-applies itself)
+    changes what the model computes: normed then comes from the module, hook included, so it
+    equals run_reference and, at the last layer, hidden_states[-1]. Without the hook (removed
+    between forwards of one capture) the op takes over again."""
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 5)
+    plain = run_reference(model, ids, outputs=OUTPUTS)
+    h = model.transformer.ln_f.register_forward_hook(lambda _m, _a, out: out * 2 + 1)
+    try:
+        with residtap.capture(model, outputs=OUTPUTS, backend=backend) as cap:
+            hs = model(ids, output_hidden_states=True).hidden_states
+        assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+        assert torch.equal(cap.normed[-1], hs[-1])
+        assert not torch.equal(cap.normed, plain.outputs["normed"])
+        c = residtap.Capture(model, outputs=OUTPUTS, backend=backend)
+        with c:
+            model(ids)
+            hooked = c.normed.clone()
+            h.remove()
+            model(ids)
+        assert torch.equal(hooked, cap.normed)
+        assert_same_outputs(c, plain, OUTPUTS)
+    finally:
+        h.remove()

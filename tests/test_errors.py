@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -277,3 +279,54 @@ def test_a_block_whose_hidden_state_cannot_be_found_is_refused(by_keyword, match
         with residtap.capture(model, blocks="layers", final_norm=None):
             model(torch.zeros(1, 3, dtype=torch.long))
     assert all(not b._forward_hooks and not b._forward_pre_hooks for b in model.layers)
+
+
+def test_backend_from_the_environment_is_checked_at_construction_by_its_name(model, monkeypatch):
+    monkeypatch.setenv("RESIDTAP_BACKEND", "compild")
+    with pytest.raises(ValueError, match=r"RESIDTAP_BACKEND: expected one of \('auto', 'compiled', "
+                                         r"'reference'\) or unset, got 'compild'"):
+        residtap.capture(model)
+
+
+@pytest.mark.parametrize("change,positions,shape", [
+    (lambda h: h[:, :3], 0, (2, 3, 64)),  # drops tokens: the op alone would not notice at position 0
+    (lambda h: h.reshape(-1, 64), None, (10, 64)),
+    (lambda h: torch.cat([h, h], -1), None, (2, 5, 128)),
+], ids=["fewer-tokens", "flattened", "wider"])
+def test_a_block_that_changes_the_stream_shape_is_refused_by_name(model, change, positions, shape):
+    """README: a stream of another shape is refused with UnsupportedStreamError, naming it; nothing
+    of that forward is kept, whichever positions are asked for."""
+    def reshape(_mod, _args, out):  # runs before the capture's hook, which then sees the new shape
+        return (change(out[0]), *out[1:]) if isinstance(out, tuple) else change(out)
+
+    h = model.transformer.h[0].register_forward_hook(reshape)
+    try:
+        cap = residtap.capture(model, positions=positions)
+        with pytest.raises(residtap.UnsupportedStreamError,
+                           match=rf"block 0 of gpt2 returned a hidden state of shape {re.escape(str(shape))}, "
+                                 r"but the stream entered the first block as \(2, 5, 64\)"):
+            with cap:
+                model(ids_for(model, 2, 5))
+    finally:
+        h.remove()
+    with pytest.raises(residtap.CaptureError, match="the last forward raised"):
+        cap.resid
+
+
+def test_a_forward_that_raises_before_the_first_block_leaves_no_stale_buffers(model):
+    """The previous forward's buffers are not this one's: reading them after a forward that raised
+    in the embeddings is an error, inside the with (caught there) and after it."""
+    cap = residtap.capture(model, outputs=("resid",))
+    bad = torch.full((1, 4), model.config.vocab_size + 5)  # out of the vocabulary: the embedding raises
+    with cap:
+        model(ids_for(model, 1, 4))
+        cap.resid  # complete
+        with pytest.raises(IndexError):
+            model(bad)
+        with pytest.raises(residtap.CaptureError, match="the last forward reached 0 of 3 selected layers"):
+            cap.resid
+    with pytest.raises(IndexError):
+        with cap:
+            model(bad)
+    with pytest.raises(residtap.CaptureError, match="the last forward raised"):
+        cap.resid

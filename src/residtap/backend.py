@@ -44,10 +44,21 @@ def compiled_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def requested_backend(backend: str | None) -> str:
+    """``backend`` as asked for: the argument, else ``RESIDTAP_BACKEND``, else "auto"; a ValueError
+    naming whichever of the two holds something else."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+        return backend
+    env = os.environ.get("RESIDTAP_BACKEND") or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"RESIDTAP_BACKEND: expected one of {BACKENDS} or unset, got {env!r}")
+    return env
+
+
 def choose(requested: str | None, device: torch.device) -> Choice:
-    requested = requested or os.environ.get("RESIDTAP_BACKEND", "auto")
-    if requested not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
+    requested = requested_backend(requested)
     from . import ops, reference
 
     if requested == "reference":

@@ -49,10 +49,10 @@ class _NormStamp:
 
     __slots__ = ("key", "_held")
 
-    def __init__(self, params: tuple):
+    def __init__(self, params: tuple, hooked: bool = False):
         self._held = params
-        self.key = tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
-                         for p in params)
+        self.key = (tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
+                          for p in params), hooked)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _NormStamp) and self.key == other.key
@@ -80,8 +80,7 @@ class CaptureConfig:
             raise ValueError(f"outputs: 'normed' needs a final norm, but {layout.family} has none "
                              "(pass final_norm= to name one)")
         positions = resolve_position_spec(positions)  # tensors are read once here, never in a forward
-        if backend is not None and backend not in _backend.BACKENDS:
-            raise ValueError(f"backend: expected one of {_backend.BACKENDS} or None, got {backend!r}")
+        _backend.requested_backend(backend)  # the argument, or RESIDTAP_BACKEND when it is None
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap: expected True or False, got {overlap!r}")
         return cls(tuple(resolve_layers(layers, layout.n_layers)), positions,
@@ -178,6 +177,7 @@ class Capture:
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
         self._shape = None  # (batch, seq) of the last forward
+        self._stream = None  # (batch, seq, d_model) of the last forward
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
         self._mask_arg = _positional_index(model, "attention_mask")
@@ -221,6 +221,10 @@ class Capture:
     def _on_model_enter(self, _module, _args):
         if self._model_depth == 0:
             self._calls += 1
+            # A forward has started: until its first block runs, the buffers hold the previous
+            # one's, which must not be read as this one's if it raises first (in the embeddings).
+            self._state = "running"
+            self._done.clear()
         self._model_depth += 1
 
     def _on_model_exit(self, _module, _args, _output):
@@ -301,6 +305,7 @@ class Capture:
             self._sel = plan.as_selection(hidden.device)
             n_pos = plan.n_pos
         self._shape = (batch, seq)
+        self._stream = tuple(hidden.shape)  # every block's input and output must keep it
         self._sels = {hidden.device: self._sel}
         if hidden.device != self._anchor:  # first forward, or the model moved: read its blocks again
             self._homes = [hidden.device if h is None else h for h in self._predict_homes()]
@@ -334,7 +339,15 @@ class Capture:
         return tuple(p.detach() if p is not None else None for p in self._live_norm_params())
 
     def _norm_stamp(self) -> _NormStamp:
-        return _NormStamp(self._live_norm_params())
+        return _NormStamp(self._live_norm_params(), self._norm_hooked())
+
+    def _norm_hooked(self) -> bool:
+        """Whether calling the final norm runs forward hooks (its own, or global ones): then the op
+        cannot stand in for it, and the module computes normed, its hooks included, as in the model."""
+        norm = self.layout.final_norm
+        return norm is not None and bool(norm._forward_hooks or norm._forward_pre_hooks
+                                         or nn.modules.module._global_forward_hooks
+                                         or nn.modules.module._global_forward_pre_hooks)
 
     def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
         """The final norm's (weight, bias), detached, on ``device``, and the stamp they were copied
@@ -405,7 +418,7 @@ class Capture:
         """((weight, bias) for the op on ``device``, whether the op computes normed itself there);
         (None, None) and False when it does not."""
         norm = self.layout.norm
-        if "normed" not in self.config.outputs or norm.kind != "layer_norm":
+        if "normed" not in self.config.outputs or norm.kind != "layer_norm" or self._norm_hooked():
             return (None, None), False
         (weight, bias), _ = self._norm_params_on(device)
         if not _backend.fused_norm_ok(norm, weight, bias, dtype, device):
@@ -542,6 +555,14 @@ class Capture:
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
+        for what, x in (("returned", out), ("was called with", inp)):
+            if x is not None and tuple(x.shape) != self._stream:
+                self._state = "failed"
+                raise UnsupportedStreamError(
+                    f"residtap: block {layer_id - 1} of {self.layout.family} {what} a hidden state of "
+                    f"shape {tuple(x.shape)}, but the stream entered the first block as {self._stream} "
+                    "[batch, seq, d_model]. A residual stream that changes shape between blocks is not "
+                    "one residtap captures; nothing was kept from this forward")
         k = self._slot[layer_id]
         full_out = out = out.detach()
         device = out.device
