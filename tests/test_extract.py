@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -383,12 +384,49 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     assert torch.equal(two, torch.stack([full[0], acts.layer(2)[0]]))
     loader = torch.utils.data.DataLoader(acts.dataset(2, batch_size=50), batch_size=None, num_workers=0)
     assert sum(len(b) for b in loader) == 240
+    assert acts.layer(1)[[]].shape == (0, 64)
+    with pytest.raises(ValueError, match="'attention_mask' is not stored in this extraction"):
+        acts.sequences("attention_mask")  # packed inputs have none
     # max_tokens: the first ceil(50 / 8) sequences; the progress bar path runs too
     res = residtap.extract(tiny_gpt2(), path, tmp_path / "few", seq_len=8, batch_size=2, max_tokens=50,
                            layers=[1, 2], progress=True)
     assert res.n_tokens == 56 and torch.equal(residtap.open(tmp_path / "few").layer(1).to_tensor(), full[:56])
     with pytest.raises(ValueError, match="layer_id"):
         acts.layer(0)
+
+
+def test_shuffled_rows_with_dataloader_workers(tmp_path):
+    """With workers, the loader yields len() batches, every row once, one short batch at most
+    (drop_last drops fewer than batch_size rows), and set_epoch reaches persistent workers."""
+    path, _ = ids_file(tmp_path, 8 * 30)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    full = acts.layer(1).to_tensor()
+    key = lambda rows: rows[torch.argsort(rows[:, 0])]  # noqa: E731
+
+    def load(ds, **kw):
+        return list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, **kw))
+
+    for batch_size, drop_last in ((32, False), (32, True), (48, False), (7, True), (None, False)):
+        ds = acts.dataset(1, batch_size=batch_size, seed=3, buffer_shards=2, drop_last=drop_last)
+        got = load(ds)
+        assert len(got) == len(ds), (batch_size, drop_last)
+        rows = torch.stack(got) if batch_size is None else torch.cat(got)
+        if batch_size is not None:
+            assert sum(len(b) < batch_size for b in got) <= (0 if drop_last else 1)
+            assert len(rows) == (240 // batch_size * batch_size if drop_last else 240)
+        if not drop_last:
+            assert torch.equal(key(rows), key(full))
+    ds = acts.dataset(1, batch_size=32, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    first = torch.cat(list(loader))
+    ds.set_epoch(1)
+    second = torch.cat(list(loader))
+    assert not torch.equal(first, second) and torch.equal(key(first), key(second))
+    fresh = acts.dataset(1, batch_size=32, seed=3)
+    fresh.set_epoch(1)
+    assert torch.equal(torch.cat(load(fresh)), second)
 
 
 # ------------------------------------------------------------------------------------------ reliability
@@ -539,6 +577,52 @@ def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
     residtap.open(out, verify=True)
 
 
+def test_a_deleted_shard_of_a_complete_extraction_is_recomputed(tmp_path, capsys):
+    """The checksum error's advice (delete the file, run the same command again) works on a complete
+    extraction too; a run resumed with another backend keeps the environment the extraction was
+    started with and lists the other under "resumed_with"."""
+    path, _ = ids_file(tmp_path, 8 * 10)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, **kw)
+    before = {f: (out / f).read_bytes() for f in shard_files(out)}
+    victim = out / shard_files(out)[1]
+    victim.unlink()
+    with pytest.raises(residtap.ShardCorruptError, match="shard 1 .*listed in the manifest but missing"):
+        residtap.open(out)
+    capsys.readouterr()
+    res = residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert "1 shard(s) of the complete extraction" in capsys.readouterr().err
+    assert res.complete and res.shards_written == 1
+    assert {f: (out / f).read_bytes() for f in shard_files(out)} == before
+    m = residtap.open(out, verify=True).manifest
+    assert m["complete"] and m["n_shards"] == len(before) and "resumed_with" not in m
+    victim.unlink()
+    res = residtap.extract(tiny_gpt2(), path, out, backend="reference", **kw)  # bytes may differ (l2)
+    m = residtap.open(out, verify=True).manifest
+    assert res.shards_written == 1 and m["complete"] and m["n_shards"] == len(before)
+    assert m["environment"] == {"device": "cpu", "backend": "compiled"}
+    assert [r["environment"] for r in m["resumed_with"]] == [{"device": "cpu", "backend": "reference"}]
+
+
+def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp_path, capsys):
+    """A run that fails before its first shard leaves only a manifest of its settings: the corrected
+    command replaces it (it holds nothing) instead of refusing it as another extraction's. A seq_len
+    beyond the model's positions is an error before anything is written."""
+    model = tiny_gpt2()
+    bad, _ = ids_file(tmp_path, 100, vocab=200)
+    with pytest.raises(ValueError, match="outside"):
+        residtap.extract(model, bad, tmp_path / "out", seq_len=8, progress=False)
+    assert (tmp_path / "out" / "manifest.json").exists() and not shard_files(tmp_path / "out")
+    ok, _ = ids_file(tmp_path, 64)
+    capsys.readouterr()
+    res = residtap.extract(model, ok, tmp_path / "out", seq_len=8, progress=False)
+    assert res.complete and "holds a manifest of another run's settings but no shard" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"seq_len: expected at most 256 \(the model's .*\), got 300"):
+        residtap.extract(model, ok, tmp_path / "long", seq_len=300, progress=False)
+    assert not (tmp_path / "long").exists()
+
+
 def test_unwritable_output(tmp_path, monkeypatch, capsys):
     path, _ = ids_file(tmp_path, 8 * 4)
     (tmp_path / "file").write_text("x")
@@ -605,7 +689,13 @@ def test_bad_arguments(tmp_path, capsys):
     assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "j"),
                      "--publishers", "0"]) == 2
     assert "publishers: expected a positive int or None, got 0" in capsys.readouterr().err
-    for d in "abcdefghij":
+    for args, match in ((["--device", "tpu"], "--device|device: expected cpu, cuda or cuda:N, got 'tpu'"),
+                        (["--model", RANDOM + ",n_layr=1"], r"overrides: .*got unknown \['n_layr'\]"),
+                        (["--model", RANDOM + ",n_layer=x"], "with int or float values, got 'n_layer=x'")):
+        base = ["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "k")]
+        assert cli_main(base + args) == 2, args
+        assert re.search(match, capsys.readouterr().err), args
+    for d in "abcdefghijk":
         assert not (tmp_path / d).exists() or not shard_files(tmp_path / d)
 
 

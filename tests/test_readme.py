@@ -41,11 +41,12 @@ def test_the_extraction_example_runs(extension, tmp_path, monkeypatch):
     np.save(tmp_path / "ids.npy", ids_for(model, 1, 12 * 16).reshape(-1).int().numpy())
     monkeypatch.chdir(tmp_path)
     residtap.extract(model, "ids.npy", "acts/", seq_len=16, batch_size=4, progress=False)
-    ns = {"residtap": residtap}
+    ns = {"residtap": residtap, "torch": torch}
     exec(compile(_block("residtap.open("), "README.md (Extraction)", "exec"), ns)
     assert ns["acts"].layer(6).shape == (12 * 16, 64)
     batch = next(iter(ns["ds"]))
     assert batch.shape == (12 * 16, 64)  # fewer rows than batch_size: one batch of all of them
+    assert [b.shape for b in ns["loader"]] == [(12 * 16, 64)]  # from whichever worker holds them
 
 
 def test_every_python_example_is_run_here():

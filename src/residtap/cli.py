@@ -11,7 +11,7 @@ import torch
 
 from .arch import UnsupportedStreamError, max_positions
 from .backend import BackendUnavailableError
-from .selection import resolve_dtype
+from .selection import resolve_device, resolve_dtype
 
 
 def _load_model(name: str | None, dtype, device: str, seed: int):
@@ -31,17 +31,7 @@ def _load_model(name: str | None, dtype, device: str, seed: int):
 
 def _device(text: str) -> torch.device:
     """--device: the CPU or a CUDA device this machine has (the devices residtap runs on)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device: {text!r} is not available here ({torch.cuda.device_count()} CUDA "
-                         "devices visible)")
-    return device
+    return resolve_device(text, "--device")
 
 
 def _positive_int(text: str) -> int:

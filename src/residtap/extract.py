@@ -55,7 +55,7 @@ from . import store as _store
 from .arch import bare_model, max_positions, module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import LAST, KeepMask, resolve_dtype, resolve_positions
+from .selection import LAST, KeepMask, resolve_device, resolve_dtype, resolve_positions
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -183,7 +183,11 @@ def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map
             k, eq, v = pair.partition("=")
             if not eq or not k:
                 raise ValueError(f"model: expected 'random:SIZE[,key=value...]', got {spec!r}")
-            overrides[k.strip()] = float(v) if "." in v else int(v)
+            try:
+                overrides[k.strip()] = float(v) if "." in v else int(v)
+            except ValueError:
+                raise ValueError(f"model: expected 'random:SIZE[,key=value...]' with int or float values, "
+                                 f"got {pair!r} in {spec!r}") from None
         model = random_gpt2(size, seed=seed, dtype=dtype or torch.float32, device=device, **overrides)
         return model, f"{spec} (random init, seed {seed})", None
     from transformers import AutoTokenizer
@@ -355,6 +359,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                           shard_size=parse_size(shard_size, "shard_size"),
                           host_memory=parse_size(host_memory, "host_memory"), writers=writers,
                           publishers=publishers, verify_existing=verify_existing)
+    resolve_device(device, "device")  # None, cpu or a CUDA device this machine has
     rank, world, local_rank = _dist_env(rank, world_size)
     if device_map is not None and (not isinstance(model, str) or device is not None or world > 1):
         raise ValueError(f"device_map: only applies to a model given by name or path, without device "
@@ -397,6 +402,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  tokenizer=tokenizer, text_field=text_field, split=split,
                                  default_seq_len=min(1024, int(max_pos or 1024)))
     seq_len = source.seq_len
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"seq_len: expected at most {max_pos} (the model's max_position_embeddings / "
+                         f"n_positions), got {seq_len}")
     if cfg.positions == LAST:
         pos, n_pos = None, 1  # per sequence, from its mask (see _Run._rows)
     else:
@@ -465,6 +473,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
                                  shards_written=0, shards_skipped=len(records), n_tokens=0, n_rows=0,
                                  bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
+        header = _with_history(out, header)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, in_device)
@@ -541,7 +550,17 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                         "write there: choose a new or empty directory")
             _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
                                                                            "shards": []})
+        elif _holds_no_shard(existing) and _settings_differ(existing, header):
+            # What a run that failed before its first shard left (a bad setting found late, data
+            # too short): nothing to keep, so the corrected command starts afresh.
+            print(f"residtap extract: {out!r} holds a manifest of another run's settings but no shard; "
+                  "replacing it", file=sys.stderr)
+            for p in existing[1:]:
+                os.remove(p)
+            _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
+                                                                           "shards": []})
         _check_compatible(out, header)
+        _reopen_if_shards_missing(out)
     _barrier(group)
     if rank != 0:
         _check_compatible(out, header)
@@ -570,6 +589,48 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                 "recompute it.")
     _store.remove_stale_temporaries(out, owned)
     return records, False
+
+
+def _holds_no_shard(paths: list) -> bool:
+    return not any(_store.read_json(p).get("shards") for p in paths)
+
+
+def _settings_differ(paths: list, header: dict) -> bool:
+    return any(_store.settings_difference(_store.read_json(p)["settings"], header["settings"])
+               for p in paths)
+
+
+def _reopen_if_shards_missing(out: str) -> None:
+    """A complete extraction some of whose shard files were deleted (what the checksum error advises)
+    is marked incomplete again, so that this run recomputes them; a corrupted file that is still
+    there stays an error (ShardCorruptError, from the check of complete extractions)."""
+    path = os.path.join(out, _store.MANIFEST)
+    m = _store.read_json(path)
+    if not m.get("complete"):
+        return
+    missing = [r["file"] for r in m["shards"] if not os.path.exists(os.path.join(out, r["file"]))]
+    if missing:
+        print(f"residtap extract: {len(missing)} shard(s) of the complete extraction in {out!r} are missing "
+              f"(e.g. {missing[0]!r}); they will be recomputed", file=sys.stderr)
+        _store.write_json_atomic(path, {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
+                                 | {"complete": False})
+
+
+def _with_history(out: str, header: dict) -> dict:
+    """``header`` for this run's manifest writes. Resuming an extraction that has shards, it keeps the
+    versions and environment the extraction was started with and lists, under "resumed_with", every
+    other (versions, environment) that has run on it since (this one included), so that the manifest
+    never states one place for shards computed in several."""
+    paths = _store.manifest_paths(out)
+    if _holds_no_shard(paths):
+        return header
+    started = _store.read_json(paths[0])
+    history = list(started.get("resumed_with", []))
+    now = {"versions": header["versions"], "environment": header["environment"]}
+    if now != {"versions": started["versions"], "environment": started["environment"]} and now not in history:
+        history.append(now)
+    return {**header, "versions": started["versions"], "environment": started["environment"],
+            **({"resumed_with": history} if history else {})}
 
 
 def _check_compatible(out: str, header: dict) -> None:

@@ -29,6 +29,11 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
 
     if size not in GPT2_SIZES:
         raise ValueError(f"size: expected one of {sorted(GPT2_SIZES)}, got {size!r}")
+    known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map)
+    unknown = sorted(set(overrides) - known)
+    if unknown:  # GPT2Config keeps any key, so a typo would silently build the default size
+        raise ValueError(f"overrides: expected GPT2Config fields (n_layer, n_embd, n_head, vocab_size, "
+                         f"n_positions, ...), got unknown {unknown}")
     kw = {**GPT2_SIZES[size], **overrides}
     if "vocab_size" in kw:  # keep the special tokens inside a small vocabulary
         kw.setdefault("bos_token_id", kw["vocab_size"] - 1)

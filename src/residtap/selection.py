@@ -48,6 +48,22 @@ def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
     return dtype
 
 
+def resolve_device(device, name: str = "device") -> torch.device | None:
+    """None, or the CPU or a CUDA device this machine has (a torch.device or its name)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{name}: {str(device)!r} is not available here ({torch.cuda.device_count()} CUDA "
+                         "devices visible)")
+    return dev
+
+
 def resolve_outputs(outputs) -> tuple[str, ...]:
     if isinstance(outputs, str):
         outputs = (outputs,)

@@ -418,6 +418,8 @@ class LayerArray:
             return self.part(k)[i - int(self._offsets[k])].clone()
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(n))  # the selected rows only, not all n first
+        if isinstance(idx, (list, tuple)) and not idx:
+            idx = np.zeros(0, dtype=np.int64)  # (np.asarray([]) is float64)
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
         if idx.dtype == bool or idx.ndim != 1 or idx.dtype.kind not in "iu":
             raise IndexError(f"expected an int, a slice or a 1-D integer index, got {idx.dtype} {idx.shape}")
@@ -542,6 +544,9 @@ class Activations:
         [n_seqs, 2], "attention_mask" (padded inputs)."""
         if name not in SEQ_TENSORS:
             raise ValueError(f"name: expected one of {SEQ_TENSORS}, got {name!r}")
+        if self._shards and name not in self.tensor_names:
+            raise ValueError(f"name: {name!r} is not stored in this extraction (packing="
+                             f"{self.settings.get('packing')!r}; 'attention_mask' is stored for padded inputs)")
         return self._array(name).to_tensor()
 
     def dataset(self, layers, output: str = "resid", *, batch_size: int | None = None,
@@ -562,8 +567,14 @@ class ShuffledRows(torch.utils.data.IterableDataset):
     Each epoch: shuffle the shard order, then for each window of ``buffer_shards`` shards load their rows,
     shuffle them together, and yield them — one row ``[d_model]`` (``[len(layers), d_model]`` for a
     list of layers) at a time, or ``[batch_size, ...]`` batches (faster; use DataLoader(batch_size=None)).
-    With DataLoader workers, each worker takes every num_workers-th shard. ``set_epoch(e)`` changes the
-    order; the same seed and epoch give the same order.
+    ``set_epoch(e)`` changes the order; the same seed and epoch give the same order.
+
+    With DataLoader workers, the epoch's shard order is cut into one run of rows per worker, at
+    batch boundaries, so that each worker reads only its own rows and only the last yields a short
+    batch: ``len()`` is what the loader yields in all, and ``drop_last`` drops fewer than
+    ``batch_size`` rows, with or without workers. (Which rows share a window then depends on the
+    number of workers.) ``set_epoch`` reaches persistent workers too: the epoch is kept in shared
+    memory.
     """
 
     def __init__(self, acts: Activations, layers, output="resid", *, batch_size=None, shuffle=True,
@@ -580,10 +591,15 @@ class ShuffledRows(torch.utils.data.IterableDataset):
             raise ValueError(f"buffer_shards: expected a positive int, got {buffer_shards!r}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_shards, self.drop_last = buffer_shards, drop_last
-        self.epoch = 0
+        # Shared memory: DataLoader's workers (persistent ones included) read what set_epoch wrote.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         n = len(self.arrays[0])
@@ -591,21 +607,45 @@ class ShuffledRows(torch.utils.data.IterableDataset):
             return n
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def _window(self, shard_ids) -> torch.Tensor:
-        parts = [self.arrays[0].part(k) if self.single else torch.stack([a.part(k) for a in self.arrays], 1)
-                 for k in shard_ids]
-        return torch.cat(parts)
+    def _window(self, pieces) -> torch.Tensor:
+        """The rows of ``pieces`` ((shard, first row, end row) each), concatenated."""
+        def rows(k, a, b):
+            if self.single:
+                return self.arrays[0].part(k)[a:b]
+            return torch.stack([arr.part(k)[a:b] for arr in self.arrays], 1)
+
+        return torch.cat([rows(*p) for p in pieces])
+
+    def _my_rows(self, order: list) -> list:
+        """(shard, first row, end row) pieces, in ``order``, of this worker's run of the epoch's rows:
+        all of them without workers; with W workers, worker w's share of the batches, cut where a
+        batch ends (a shard may be split between two workers)."""
+        lengths = [int(n) for n in np.diff(self.arrays[0]._offsets)]
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return [(k, 0, lengths[k]) for k in order]
+        n, bs = len(self.arrays[0]), self.batch_size or 1
+        n_batches, workers = math.ceil(n / bs), info.num_workers
+        per, extra = divmod(n_batches, workers)
+        first_batch = info.id * per + min(info.id, extra)
+        lo = first_batch * bs
+        hi = min(n, (first_batch + per + (info.id < extra)) * bs)
+        pieces, at = [], 0  # at: the epoch's row where shard k starts
+        for k in order:
+            a, b = max(lo, at), min(hi, at + lengths[k])
+            if a < b:
+                pieces.append((k, a - at, b - at))
+            at += lengths[k]
+        return pieces
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n_shards = len(self.arrays[0]._shards)
         order = torch.randperm(n_shards, generator=g).tolist() if self.shuffle else list(range(n_shards))
-        info = torch.utils.data.get_worker_info()
-        if info is not None:
-            order = order[info.id::info.num_workers]
+        pieces = self._my_rows(order)
         carry = None
-        for w in range(0, len(order), self.buffer_shards):
-            rows = self._window(order[w:w + self.buffer_shards])
+        for w in range(0, len(pieces), self.buffer_shards):
+            rows = self._window(pieces[w:w + self.buffer_shards])
             if self.shuffle:
                 rows = rows[torch.randperm(len(rows), generator=g)]
             else:
