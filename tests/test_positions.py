@@ -256,3 +256,23 @@ def test_no_host_sync_in_the_hooks(extension, monkeypatch):
         ref = run_reference(m, x, blocks="blocks", final_norm="norm", outputs=OUTPUTS, **kw)
         assert_same_outputs(cap, ref, OUTPUTS)
     assert caps[0].positions.tolist() == [[4], [2]]
+
+
+def test_numpy_arrays_and_0d_tensors_select_as_their_values():
+    """positions= and cap.layer take numpy arrays / integers and 0-d integer tensors as layers= does."""
+    import numpy as np
+
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 6)
+    mask = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    for spec, same in ((np.array([0, 4, 2]), [0, 4, 2]), (torch.tensor(3), 3), (np.array(3), 3),
+                       (np.int64(-1), -1), (mask.numpy(), mask)):
+        with residtap.capture(model, positions=spec) as a:
+            model(ids)
+        with residtap.capture(model, positions=same) as b:
+            model(ids)
+        assert torch.equal(a.resid, b.resid), spec
+    for layer_id in (np.int64(1), torch.tensor(1), np.int32(-2)):
+        assert torch.equal(b.layer("resid", layer_id), b.resid[1])
+    with pytest.raises(ValueError, match="layer_id: expected an int residual index, got"):
+        b.layer("resid", torch.tensor(1.0))

@@ -81,6 +81,7 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
     (["--device", "bogus"], r"--device: expected cpu, cuda or cuda:N, got 'bogus'"),
     (["--device", "meta"], r"--device: expected cpu, cuda or cuda:N, got 'meta'"),
     (["--device", "mps"], r"--device: expected cpu, cuda or cuda:N, got 'mps'"),
+    (["--seed", str(2**64)], r"seed: expected an int in \[0, 2\*\*63\), got 18446744073709551616"),
     (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
 ])
 def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):

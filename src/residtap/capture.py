@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import numbers
+import operator
 from typing import NamedTuple
 
 import torch
@@ -711,8 +713,12 @@ class Capture:
         is ``cap.resid[k]``."""
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        if not isinstance(layer_id, int) or isinstance(layer_id, bool):
+        if isinstance(layer_id, bool) or not isinstance(layer_id, (numbers.Integral, torch.Tensor)):
             raise ValueError(f"layer_id: expected an int residual index, got {type(layer_id).__name__}")
+        try:
+            layer_id = operator.index(layer_id)  # numpy integers and 0-d integer tensors too, as in layers=
+        except TypeError:
+            raise ValueError(f"layer_id: expected an int residual index, got {layer_id!r}") from None
         n = self.layout.n_layers + 1
         k = self._slot.get(layer_id + n if -n <= layer_id < 0 else layer_id)
         attr = f"layer({output!r}, {layer_id})"

@@ -9,6 +9,7 @@ import dataclasses
 import numbers
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .reference import OUTPUTS
@@ -207,6 +208,11 @@ def resolve_position_spec(positions):
         if positions != LAST:
             raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
         return LAST
+    if isinstance(positions, np.ndarray):  # as the tensor it converts to (as layers= takes arrays)
+        positions = torch.from_numpy(positions)
+    if isinstance(positions, torch.Tensor) and positions.dim() == 0 and positions.dtype != torch.bool \
+            and not positions.dtype.is_floating_point and not positions.dtype.is_complex:
+        positions = int(positions)  # a 0-d integer tensor: the int it holds
     if isinstance(positions, torch.Tensor):
         if positions.dtype == torch.bool:
             return KeepMask.from_mask(positions)
