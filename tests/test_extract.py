@@ -571,6 +571,11 @@ def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
     victim.write_bytes(good[:-3])
     with pytest.raises(residtap.ShardCorruptError, match="bytes"):
         residtap.open(out, allow_partial=True)
+    other = out / shard_files(out)[2]  # the same size as shard 1: only its header tells them apart
+    victim.write_bytes(other.read_bytes())
+    assert victim.stat().st_size == len(good)
+    with pytest.raises(residtap.ShardCorruptError, match="shard 1 .* is shard 2 .*by its own header"):
+        residtap.open(out, allow_partial=True)
     victim.unlink()  # the remedy the message gives: delete it and run again
     res = residtap.extract(tiny_gpt2(), path, out, **kw)
     assert res.shards_written == 1 and victim.read_bytes() == good

@@ -487,7 +487,15 @@ class Activations:
             if size != r["bytes"]:
                 raise ShardCorruptError(f"shard {r['index']} ({p!r}) has {size} bytes, the manifest says "
                                         f"{r['bytes']}: the file is truncated or was replaced")
-            self._shards.append(_Shard(p, r))
+            shard = _Shard(p, r)
+            # The shard's own header says which it is: a file swapped for another of the same size
+            # is caught without hashing.
+            own = json.loads(shard.header.get("__metadata__", {}).get("residtap", "{}"))
+            if "shard" in own and (own["shard"], own.get("seq_start")) != (r["index"], r.get("seq_start")):
+                raise ShardCorruptError(f"shard {r['index']} ({p!r}) is shard {own['shard']} (from sequence "
+                                        f"{own.get('seq_start')}) by its own header: the file was replaced or "
+                                        "renamed")
+            self._shards.append(shard)
         if verify:
             self.verify()
         self._arrays: dict[str, LayerArray] = {}
