@@ -303,8 +303,9 @@ def test_a_block_that_changes_the_stream_shape_is_refused_by_name(model, change,
     try:
         cap = residtap.capture(model, positions=positions)
         with pytest.raises(residtap.UnsupportedStreamError,
-                           match=rf"block 0 of gpt2 returned a hidden state of shape {re.escape(str(shape))}, "
-                                 r"but the stream entered the first block as \(2, 5, 64\)"):
+                           match=rf"block 0 of gpt2 returned a hidden state of shape "
+                                 rf"{re.escape(str(shape))}, but the stream entered the first block as "
+                                 r"\(2, 5, 64\)"):
             with cap:
                 model(ids_for(model, 2, 5))
     finally:

@@ -622,7 +622,8 @@ def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp
     ok, _ = ids_file(tmp_path, 64)
     capsys.readouterr()
     res = residtap.extract(model, ok, tmp_path / "out", seq_len=8, progress=False)
-    assert res.complete and "holds a manifest of another run's settings but no shard" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert res.complete and "holds a manifest of another run's settings but no shard" in err
     with pytest.raises(ValueError, match=r"seq_len: expected at most 256 \(the model's .*\), got 300"):
         residtap.extract(model, ok, tmp_path / "long", seq_len=300, progress=False)
     assert not (tmp_path / "long").exists()

@@ -2,8 +2,9 @@
 
 The extension is JIT-compiled with ``torch.utils.cpp_extension.load`` and ninja into a cache keyed
 by the torch version, the CUDA build, the target architectures and a hash of the sources (and of
-where they are), so it is built once per environment and always against the torch in use. CUDA sources are added only where
-torch is a CUDA build and nvcc is found; a CPU-only machine builds the CPU op alone.
+where they are), so it is built once per environment and always against the torch in use. CUDA
+sources are added only where torch is a CUDA build and nvcc is found; a CPU-only machine builds the
+CPU op alone.
 
 Environment:
     RESIDTAP_BUILD_DIR     where builds are cached (default ~/.cache/residtap/build)

@@ -267,8 +267,9 @@ class Layout:
             first = next(iter(output.values()))
         if isinstance(first, torch.Tensor):
             return first
-        raise UnsupportedStreamError(f"residtap: a block returned {type(output).__name__}; expected a tensor, "
-                           "or a tuple / ModelOutput whose first element is the hidden state")
+        raise UnsupportedStreamError(f"residtap: a block returned {type(output).__name__}; expected a "
+                                     "tensor, or a tuple / ModelOutput whose first element is the hidden "
+                                     "state")
 
 
 _HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x")

@@ -59,9 +59,9 @@ def resolve_device(device, name: str = "device") -> torch.device | None:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"{name}: {str(device)!r} is not available here ({torch.cuda.device_count()} CUDA "
-                         "devices visible)")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n_gpus:
+        raise ValueError(f"{name}: {str(device)!r} is not available here ({n_gpus} CUDA devices visible)")
     return dev
 
 

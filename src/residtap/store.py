@@ -492,9 +492,9 @@ class Activations:
             # is caught without hashing.
             own = json.loads(shard.header.get("__metadata__", {}).get("residtap", "{}"))
             if "shard" in own and (own["shard"], own.get("seq_start")) != (r["index"], r.get("seq_start")):
-                raise ShardCorruptError(f"shard {r['index']} ({p!r}) is shard {own['shard']} (from sequence "
-                                        f"{own.get('seq_start')}) by its own header: the file was replaced or "
-                                        "renamed")
+                raise ShardCorruptError(f"shard {r['index']} ({p!r}) is shard {own['shard']} (from "
+                                        f"sequence {own.get('seq_start')}) by its own header: the file was "
+                                        "replaced or renamed")
             self._shards.append(shard)
         if verify:
             self.verify()
@@ -554,7 +554,8 @@ class Activations:
             raise ValueError(f"name: expected one of {SEQ_TENSORS}, got {name!r}")
         if self._shards and name not in self.tensor_names:
             raise ValueError(f"name: {name!r} is not stored in this extraction (packing="
-                             f"{self.settings.get('packing')!r}; 'attention_mask' is stored for padded inputs)")
+                             f"{self.settings.get('packing')!r}; 'attention_mask' is stored for padded "
+                             "inputs)")
         return self._array(name).to_tensor()
 
     def dataset(self, layers, output: str = "resid", *, batch_size: int | None = None,
