@@ -39,17 +39,18 @@ def model_on(device, dtype=torch.float32):
     return model if device == "cpu" else copy.deepcopy(model).to(device)
 
 
-def tokenizer_dir(tmp_path):
-    """A word-level tokenizer built locally: words w0..w89 → ids 3..92, [PAD]=1, [EOS]=2."""
+def tokenizer_dir(tmp_path, eos=True, pad_id=1, name="tok"):
+    """A word-level tokenizer built locally: words w0..w89 → ids 3..92, [PAD]=pad_id, [EOS]=2 (none
+    without ``eos``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(90)}}
+    vocab = {"[UNK]": 0, "[PAD]": pad_id, "[EOS]": 2, **{f"w{i}": i + 3 for i in range(90)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="[EOS]")
-    path = tmp_path / "tok"
+                                   **({"eos_token": "[EOS]"} if eos else {}))
+    path = tmp_path / name
     fast.save_pretrained(path)
     return str(path)
 
@@ -160,8 +161,63 @@ def test_text_padded_and_packed(tmp_path, device):
     assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0].cpu())
 
 
+def sequences_of(src):
+    """(input_ids, attention_mask or None, source) of every sequence of an inputs source, as lists."""
+    blocks = list(src.blocks(1000, lambda i: True))
+    cat = lambda k: np.concatenate([getattr(b, k) for b in blocks]).tolist()  # noqa: E731
+    return cat("input_ids"), None if blocks[0].attention_mask is None else cat("attention_mask"), cat("source")
+
+
+def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
+    """A .txt document is numbered by its line (blank lines count, as JSONL records do); a UTF-8 BOM
+    is not text; packing without an EOS to put between documents warns; a pad token the model
+    cannot embed is replaced by the EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))
+    txt = tmp_path / "docs.txt"
+    txt.write_bytes("\ufeffw1 w2\n\nw3 w4\n   \nw5 w6\n".encode("utf-8"))
+    ids, mask, src = sequences_of(inputs.open_source(str(txt), seq_len=4, packing="pad", max_tokens=None,
+                                                     tokenizer=tok))
+    assert ids == [[4, 5, 1, 1], [6, 7, 1, 1], [8, 9, 1, 1]] and src == [[0, 0], [2, 0], [4, 0]]
+    assert mask == [[True, True, False, False]] * 3
+    no_eos = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path, eos=False, name="no_eos"))
+    src = inputs.open_source(str(txt), seq_len=4, packing="pack", max_tokens=None, tokenizer=no_eos)
+    with pytest.warns(UserWarning, match="the tokenizer has no EOS token, so the documents are joined"):
+        src.warn_if_glued()
+    assert sequences_of(src)[0] == [[4, 5, 6, 7]]
+    # a pad token beyond the model's 97 embeddings: padding (masked, never stored) uses the EOS
+    far = tokenizer_dir(tmp_path, pad_id=120, name="far_pad")
+    res = residtap.extract(tiny_gpt2(), str(txt), tmp_path / "out", seq_len=4, packing="pad", tokenizer=far,
+                           progress=False)
+    assert residtap.open(res.out).sequences("input_ids").tolist() == [[4, 5, 2, 2], [6, 7, 2, 2], [8, 9, 2, 2]]
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("latin1.txt", "w1 caf\xe9\n".encode("latin-1"), r"data: .*latin1.txt' is not UTF-8 text \(after line 1"),
+    ("null.jsonl", b'{"text": null}\n', r"text_field: line 1 of .*: expected the field 'text' to be a string, "
+                                         r"got NoneType"),
+    ("array.json", b'[\n {"text": "w1"}\n]\n', r"is not valid JSON .*expected JSON Lines: one JSON object per line"),
+    ("wide0.npy", None, r"data: the 2-D .npy .* holds sequences of length 0"),
+])
+def test_unreadable_inputs_are_clear_errors(tmp_path, name, content, match):
+    from transformers import AutoTokenizer
+
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros((3, 0), dtype=np.int64))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        sequences_of(inputs.open_source(str(path), seq_len=None if content is None else 4, packing="pad",
+                                        max_tokens=None,
+                                        tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))))
+
+
 def test_saved_hf_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")  # optional: pip install 'residtap[data]'
+    from transformers import AutoTokenizer
+
     docs = documents(9)
     datasets.Dataset.from_dict({"input_ids": docs}).save_to_disk(tmp_path / "ids")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(
@@ -181,6 +237,22 @@ def test_saved_hf_dataset(tmp_path):
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match=r"split: the dataset .* has splits \['train'\]; got 'test'"):
         residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "c", split="test", **kw)
+    # input_ids beside a text column: read as they are, unless text_field names the column to tokenize
+    both = tmp_path / "both"
+    datasets.Dataset.from_dict({"input_ids": [[50, 51], [52]], "content": ["w1 w2 w3", "w4"]}).save_to_disk(both)
+    for field, want in ((None, [[50, 51], [52, 1]]), ("content", [[4, 5], [6, 1], [7, 1]])):
+        src = inputs.open_source(str(both), seq_len=2, packing="pad", max_tokens=None, text_field=field,
+                                 tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path)))
+        assert sequences_of(src)[0] == want, field
+    datasets.Dataset.from_dict({"text": ["w1", None]}).save_to_disk(tmp_path / "none")
+    with pytest.raises(ValueError, match=r"text_field: row 1 of the dataset .*: expected the column 'text' to "
+                                         r"hold strings, got NoneType"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "none"), tmp_path / "d", tokenizer=tokenizer_dir(tmp_path),
+                         **kw)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "state.json").write_text("{}")  # someone else's state.json
+    with pytest.raises(ValueError, match=r"data: .*other' could not be loaded as a dataset saved with"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "other"), tmp_path / "e", **kw)
 
 
 def test_overlap_writes_the_same_bytes(tmp_path, monkeypatch):

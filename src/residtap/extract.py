@@ -318,7 +318,7 @@ def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int, n_publis
 
 def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
-            packing: str = "pack", tokenizer=None, text_field: str = "text", split: str | None = None,
+            packing: str = "pack", tokenizer=None, text_field: str | None = None, split: str | None = None,
             shard_size="1GiB", host_memory="8GiB", writers: int = 2, publishers: int | None = None,
             device=None, model_dtype=None, seed: int = 0, device_map=None, backend: str | None = None,
             overlap: bool = False, model_name: str | None = None, progress: bool | None = None,
@@ -328,8 +328,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
 
     ``model``: an nn.Module (HF causal LM or bare model), ``"random:gpt2-small[,n_layer=2,...]"``,
     or a local HF model path / cached name (loaded offline). ``data``: a .npy of token ids (1-D stream
-    or 2-D ``[n, seq_len]``), a .txt (one document per line) or .jsonl (``text_field``) file, a saved
-    HF dataset directory, or an array/tensor of ids. ``layers``, ``positions``, ``outputs``, ``dtype``
+    or 2-D ``[n, seq_len]``), a .txt (one document per line) or .jsonl (``text_field``, default
+    "text") file, a saved HF dataset directory (its ``input_ids`` column, else ``text_field``; a
+    ``text_field`` given is tokenized even where it has ``input_ids``), or an array/tensor of ids. ``layers``, ``positions``, ``outputs``, ``dtype``
     select what is captured, as in :func:`residtap.capture`. ``max_tokens`` stops after the first
     ``ceil(max_tokens / seq_len)`` sequences. ``packing``: "pack" (concatenate documents, cut into
     ``seq_len``) or "pad" (a document per sequence, right-padded; padding rows are not stored).
@@ -402,6 +403,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  tokenizer=tokenizer, text_field=text_field, split=split,
                                  default_seq_len=min(1024, int(max_pos or 1024)))
     seq_len = source.seq_len
+    if isinstance(source, _inputs.DocumentSource):
+        source.warn_if_glued()
+        if (vocab := _vocab_size(base)) is not None:
+            source.fit_pad(vocab)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len: expected at most {max_pos} (the model's max_position_embeddings / "
                          f"n_positions), got {seq_len}")
@@ -1131,7 +1136,9 @@ def register_cli(sub) -> None:
     e.add_argument("--packing", default="pack", choices=_inputs.PACKINGS,
                    help="pack: concatenate documents and cut; pad: one document per sequence, padded")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    e.add_argument("--text-field", default="text", help="JSONL / dataset text field (default text)")
+    e.add_argument("--text-field", default=None,
+                   help="JSONL / dataset text field (default text; a dataset's input_ids column, if it has "
+                        "one, is read as it is unless this is given)")
     e.add_argument("--split", default=None, help="dataset split (default train)")
     e.add_argument("--shard-size", default="1GiB", help="activation bytes per shard, whole batches (1GiB)")
     e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")

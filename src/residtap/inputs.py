@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -157,6 +158,9 @@ class NpySource(Source):
                 raise ValueError("seq_len: a 1-D .npy token stream needs seq_len (the length to cut it "
                                  "into), got None")
         elif arr.ndim == 2:
+            if arr.shape[1] == 0:
+                raise ValueError(f"data: the 2-D .npy {path!r} holds sequences of length 0 (shape "
+                                 f"{arr.shape}); expected [n, seq_len] with seq_len >= 1")
             if seq_len is not None and seq_len != arr.shape[1]:
                 raise ValueError(f"seq_len: the 2-D .npy {path!r} holds sequences of length "
                                  f"{arr.shape[1]}; pass seq_len={arr.shape[1]} or None, got {seq_len}")
@@ -208,6 +212,8 @@ class ArraySource(NpySource):
             raise ValueError("packing: a 1-D token array has no document boundaries; only 'pack' applies")
         if arr.ndim == 1 and seq_len is None:
             raise ValueError("seq_len: a 1-D token array needs seq_len, got None")
+        if arr.ndim == 2 and arr.shape[1] == 0:
+            raise ValueError(f"data: expected sequences of length >= 1, got shape {arr.shape}")
         if arr.ndim == 2 and seq_len not in (None, arr.shape[1]):
             raise ValueError(f"seq_len: the array holds sequences of length {arr.shape[1]}, got {seq_len}")
         Source.__init__(self, seq_len or arr.shape[1], packing, max_seqs)
@@ -223,15 +229,36 @@ class DocumentSource(Source):
     """Documents (token lists) from text, JSONL or a dataset, packed or padded."""
 
     def __init__(self, path: str, seq_len: int | None, packing: str, max_seqs: int | None, tokenizer,
-                 text_field: str):
+                 text_field: str | None):
         if seq_len is None:
             raise ValueError("seq_len: text and dataset inputs need seq_len (tokens per sequence), got None")
         super().__init__(seq_len, packing, max_seqs)
-        self.path, self.text_field = path, text_field
+        # None: "text" (a dataset's input_ids column, where it has one, comes first; see DatasetSource)
+        self.path, self.text_field, self.field_given = path, text_field or "text", text_field is not None
         self.tokenizer = tokenizer
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad = pad if pad is not None else (self.eos if self.eos is not None else 0)
+
+    def warn_if_glued(self) -> None:
+        """packing="pack" with no EOS to put between documents: they run into each other."""
+        if self.tokenizer is None and self.tokenizes:
+            return  # an error follows: the texts need a tokenizer (_need_tokenizer)
+        if self.packing == "pack" and self.eos is None:
+            why = "the tokenizer has no EOS token" if self.tokenizer is not None else "no tokenizer was given"
+            warnings.warn(f"packing='pack': {why}, so the documents are joined with nothing between them; "
+                          "pass a tokenizer with an eos_token, or packing='pad'", UserWarning, stacklevel=3)
+
+    @property
+    def tokenizes(self) -> bool:
+        """Whether the documents are texts for the tokenizer (not token ids already)."""
+        return True
+
+    def fit_pad(self, vocab: int) -> None:
+        """The id padded positions hold: the tokenizer's pad token where the model can embed it, else
+        its EOS, else 0. Padding is masked and never stored, but the model still embeds it."""
+        if self.packing == "pad" and not 0 <= self.pad < vocab:
+            self.pad = self.eos if self.eos is not None and 0 <= self.eos < vocab else 0
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -250,25 +277,40 @@ class DocumentSource(Source):
     def _fingerprint(self) -> dict:
         return _file_fingerprint(self.path)
 
-    def _texts(self) -> Iterator[str]:
+    def _texts(self) -> Iterator[tuple[int, str]]:
+        """(document index, text) in order; the index is what ``source`` records."""
         raise NotImplementedError
 
-    def _documents(self) -> Iterator[list[int]]:
-        """Token ids per document, tokenizing texts a thousand at a time (fast tokenizers batch)."""
+    def _documents(self) -> Iterator[tuple[int, list[int]]]:
+        """(document index, token ids), tokenizing texts a thousand at a time (fast tokenizers batch)."""
         self._need_tokenizer()
         chunk: list[str] = []
-        for text in self._texts():
+        where: list[int] = []
+        for i, text in self._texts():
             chunk.append(text)
+            where.append(i)
             if len(chunk) == 1000:
-                yield from self.tokenizer(chunk)["input_ids"]
-                chunk = []
+                yield from zip(where, self.tokenizer(chunk)["input_ids"])
+                chunk, where = [], []
         if chunk:
-            yield from self.tokenizer(chunk)["input_ids"]
+            yield from zip(where, self.tokenizer(chunk)["input_ids"])
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(0-based line number, line) of a UTF-8 file (a byte-order mark at its start is not text);
+        a file that is not UTF-8 is a ValueError naming it."""
+        lineno = 0
+        try:
+            with open(self.path, encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f):
+                    yield lineno, line
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data: {self.path!r} is not UTF-8 text (after line {lineno + 1}: {e})") \
+                from None
 
     def _sequences(self):
         t = self.seq_len
         if self.packing == "pad":
-            for doc_i, doc in enumerate(self._documents()):
+            for doc_i, doc in self._documents():
                 doc = np.asarray(doc, dtype=np.int64)
                 for off in range(0, len(doc), t):
                     piece = doc[off:off + t]
@@ -281,7 +323,7 @@ class DocumentSource(Source):
         # pack: a running buffer of tokens with, for each, its (document, offset)
         buf = np.empty(0, dtype=np.int64)
         where = np.empty((0, 2), dtype=np.int64)
-        for doc_i, doc in enumerate(self._documents()):
+        for doc_i, doc in self._documents():
             doc = list(doc)
             if not doc:  # an empty text: nothing, as in "pad" (not a lone separator); doc_i still counts it
                 continue
@@ -297,16 +339,16 @@ class DocumentSource(Source):
 
 
 class TextSource(DocumentSource):
-    """One document per non-empty line of a UTF-8 text file."""
+    """One document per line of a UTF-8 text file, numbered by line; a blank line is an empty
+    document (nothing, in either packing)."""
 
     kind = "text"
 
     def _texts(self):
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    yield line
+        for lineno, line in self._lines():
+            line = line.rstrip("\n")
+            if line.strip():
+                yield lineno, line
 
 
 class JsonlSource(DocumentSource):
@@ -315,20 +357,25 @@ class JsonlSource(DocumentSource):
     kind = "jsonl"
 
     def _texts(self):
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"data: line {lineno} of {self.path!r} is not valid JSON ({e})") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get(self.text_field), str):
-                    fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"text_field: line {lineno} of {self.path!r} has no string field "
-                                     f"{self.text_field!r} (it has {fields}); pass text_field= / "
-                                     "--text-field")
-                yield obj[self.text_field]
+        record = 0  # the document index: records, not lines (blank lines are neither)
+        for lineno, line in self._lines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data: line {lineno + 1} of {self.path!r} is not valid JSON ({e}); "
+                                 "expected JSON Lines: one JSON object per line") from e
+            if not isinstance(obj, dict) or self.text_field not in obj:
+                fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise ValueError(f"text_field: line {lineno + 1} of {self.path!r} has no field "
+                                 f"{self.text_field!r} (it has {fields}); pass text_field= / --text-field")
+            text = obj[self.text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"text_field: line {lineno + 1} of {self.path!r}: expected the field "
+                                 f"{self.text_field!r} to be a string, got {type(text).__name__}")
+            yield record, text
+            record += 1
 
 
 class DatasetSource(DocumentSource):
@@ -344,7 +391,11 @@ class DatasetSource(DocumentSource):
         except ImportError as e:
             raise ValueError(f"data: {path!r} looks like a saved HF dataset, which needs the `datasets` "
                              "package (pip install 'residtap[data]' or pip install datasets)") from e
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"data: {path!r} could not be loaded as a dataset saved with save_to_disk "
+                             f"({e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if split is None:
                 split = "train" if "train" in ds else (next(iter(ds)) if len(ds) == 1 else None)
@@ -358,29 +409,43 @@ class DatasetSource(DocumentSource):
         self.split = split
         self.ds = ds
         cols = ds.column_names
-        self.column = "input_ids" if "input_ids" in cols else text_field
+        # A text_field asked for is read (tokenized) even where the dataset has input_ids too.
+        self.column = "input_ids" if "input_ids" in cols and not self.field_given else self.text_field
         if self.column not in cols:
             raise ValueError(f"text_field: the dataset {path!r} has columns {cols}, neither 'input_ids' "
-                             f"nor {text_field!r}; pass text_field= / --text-field")
+                             f"nor {self.text_field!r}; pass text_field= / --text-field")
+
+    @property
+    def tokenizes(self) -> bool:
+        return self.column != "input_ids"
 
     def _fingerprint(self) -> dict:
         return {"split": self.split, "rows": len(self.ds), "column": self.column,
                 "dataset_fingerprint": getattr(self.ds, "_fingerprint", None)}
 
     def _texts(self):
+        row = 0
         for batch in self.ds.iter(batch_size=1000):
-            yield from batch[self.column]
+            for text in batch[self.column]:
+                if not isinstance(text, str):
+                    raise ValueError(f"text_field: row {row} of the dataset {self.path!r}: expected the "
+                                     f"column {self.column!r} to hold strings, got {type(text).__name__}")
+                yield row, text
+                row += 1
 
     def _documents(self):
         if self.column != "input_ids":
             yield from super()._documents()
             return
+        row = 0
         for batch in self.ds.iter(batch_size=1000):
-            yield from batch["input_ids"]
+            for ids in batch["input_ids"]:
+                yield row, ids
+                row += 1
 
 
 def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | None, tokenizer=None,
-                text_field: str = "text", split: str | None = None,
+                text_field: str | None = None, split: str | None = None,
                 default_seq_len: int | None = None) -> Source:
     """Pick the source for ``data``: a path (.npy, .txt, .jsonl, a saved dataset directory) or an array.
 
