@@ -85,3 +85,28 @@ def test_kernels_emulated_on_the_host(tmp_path):
                                              "-I", str(cuda_home / "include"))
     assert failures == 0, out
     assert configs >= 250, out
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_staged_kernel_copies_assemble_for_gpus_before_and_after_sm80(tmp_path, arch):
+    """The staged kernel is instantiated for every target, so its copies must assemble (ptxas, not
+    only the PTX front end) where cp.async does not exist: before sm_80 they are plain copies.
+    Otherwise a build for a T4 (sm_75) fails as a whole, the CPU op included."""
+    from residtap._build import _find_nvcc
+
+    cuda_home = _find_nvcc()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit (nvcc) found")
+    src = tmp_path / "copy_probe.cu"
+    src.write_text('#include "rows_kernels.cuh"\n'
+                   "__global__ void probe(uint4* g) {\n  __shared__ uint4 s[1];\n"
+                   "  residtap::cuda_impl::async_copy16(s, g);\n  residtap::cuda_impl::async_commit();\n"
+                   "  residtap::cuda_impl::async_wait<0>();\n  g[1] = s[0];\n}\n")
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    nvcc = [str(cuda_home / "bin" / "nvcc"), "-std=c++20", "-O3", "--expt-relaxed-constexpr", f"-arch={arch}",
+            "-I", str(CUDA_SRC), "-I", str(ROOT / "csrc"), "-I", torch_include, str(src)]
+    for kind in ("-cubin", "-ptx"):  # assembled by ptxas; and the PTX, to see which copy it uses
+        done = subprocess.run([*nvcc, kind, "-o", str(tmp_path / f"probe{kind[1:]}")], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert ("cp.async" in (tmp_path / "probeptx").read_text()) == (arch == "sm_90")

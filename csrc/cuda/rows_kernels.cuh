@@ -120,19 +120,28 @@ __device__ __forceinline__ void store_vec(T* dst, const T (&v)[N]) {
 // ----------------------------------------------------- asynchronous copies (staged fast kernel)
 // Global -> shared 16-byte copies that do not wait (cp.async, sm_80+), in commit groups: the staged
 // fast kernel copies the next row group into shared memory while it works on the current one.
+// Before sm_80 (no cp.async; ptxas refuses it) the copy is a plain one that has landed before the
+// wait, which then has nothing to wait for: the same bytes, only not overlapped. The staged kernel
+// is instantiated for every target whether or not it is used, so this keeps such targets buildable.
 // tests/cuda_kernel_emu.cpp supplies these four for the CPU (the copies deferred to the wait, so
 // that reading a stage before waiting for it shows up as wrong outputs there).
 #ifndef RESIDTAP_KERNEL_EMU
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define RESIDTAP_CP_ASYNC 1
+#endif
+
 __device__ __forceinline__ void async_copy16(void* smem_dst, const void* gmem_src) {
-#ifdef __CUDA_ARCH__
+#if defined(RESIDTAP_CP_ASYNC)
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   // .cg: through L2 only; the rows are read once
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#elif defined(__CUDA_ARCH__)
+  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
 #endif
 }
 
 __device__ __forceinline__ void async_commit() {
-#ifdef __CUDA_ARCH__
+#if defined(RESIDTAP_CP_ASYNC)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
@@ -140,7 +149,7 @@ __device__ __forceinline__ void async_commit() {
 // Waits until at most N of this thread's most recent commit groups are still in flight.
 template <int N>
 __device__ __forceinline__ void async_wait() {
-#ifdef __CUDA_ARCH__
+#if defined(RESIDTAP_CP_ASYNC)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
@@ -477,7 +486,7 @@ __global__ void __launch_bounds__(kBlock) generic_rows_kernel(const Params p) {
   OutT* normed = static_cast<OutT*>(p.normed);
   const InT* weight = static_cast<const InT*>(p.weight);
   const InT* bias = static_cast<const InT*>(p.bias);
-  const int nvec = (p.d + 3) / 4;
+  const int nvec = static_cast<int>((static_cast<int64_t>(p.d) + 3) / 4);  // d may be up to 2^31 - 1
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     int64_t ooff = 0, ioff = 0;
