@@ -27,8 +27,9 @@ bool set_staged_rows(bool on) {
 TORCH_LIBRARY(residtap, m) {
   // One call per block, from the block's forward hook. Reads the block's output `out`
   // [batch, seq, d_model] and (optionally) its input `inp` of the same shape, selects positions,
-  // and writes each requested output into a caller-owned buffer. Allocates no device memory and
-  // never synchronizes with the host.
+  // and writes each requested output into a caller-owned buffer. Never synchronizes with the host,
+  // and allocates no device memory except a contiguous copy of an input whose last dimension is
+  // strided or an index that is not contiguous (no supported model's hook hands it either).
   //
   //   index      None: all positions (seq == n_pos); int64 [n_pos]: the same positions for every
   //              row; int64 [batch, n_pos]: positions per row. Values must lie in [0, seq).

@@ -23,8 +23,9 @@
 // kernel that copies each block's next rows into shared memory (cp.async) while it works on the
 // current ones, on a grid sized to the GPU; same arithmetic, same bytes (rows_kernels.cuh).
 //
-// No host synchronization and no device allocation on these paths; launches go to the current
-// stream, so the op can be captured in a CUDA graph.
+// No host synchronization and no device allocation on these paths (beyond make_capture_args' copy
+// of an input whose last dimension is strided, which no supported model's hidden state is);
+// launches go to the current stream, so the op can be captured in a CUDA graph.
 //
 // Files: this one is the host side (checks, the choice of path, the dtype dispatch), plain C++
 // compiled by the host compiler (far faster than through nvcc); the kernels
