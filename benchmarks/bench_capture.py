@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import random
 import statistics
 import sys
 import time
@@ -104,7 +105,7 @@ def nnsight_methods(model, ids):
         from nnsight import NNsight
     except ImportError:
         return None, "not installed"
-    wrapped = NNsight(model)
+    wrapped = NNsight(copy.deepcopy(model))  # it instruments the modules it wraps, for good
     n = len(model.h)
 
     def run():
@@ -170,13 +171,19 @@ def check_capture(cap, model, ids, outputs=OUTPUTS) -> str | None:
     return None
 
 
+ORDER_SEED = 0
+
+
 def time_round_robin(methods: dict, device, iters: int, warmup: int) -> dict:
-    """Per method, the list of ``iters`` wall times, measured in rotated round-robin order."""
+    """Per method, the list of ``iters`` wall times, one per round, each round in a fresh random
+    order (seeded: ORDER_SEED). A rotation would keep every method's predecessor the same, so
+    whatever one method leaves behind (clocks after heavy GEMMs, allocator state, Python garbage)
+    would land on the same neighbour, the plain forward included, every round."""
     names = list(methods)
     times = {n: [] for n in names}
+    order = random.Random(ORDER_SEED)
     for r in range(warmup + iters):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in order.sample(names, len(names)):
             sync(device)
             t0 = time.perf_counter()
             methods[name]()
@@ -285,7 +292,7 @@ def main() -> int:
     if device.type == "cuda" and not info.with_cuda:
         raise SystemExit(f"bench_capture: the extension was built without CUDA ({info.cuda_skipped_because})")
 
-    rows, failed, skipped = [], [], {}
+    rows, failed, skipped, suspect = [], [], {}, []
     for name, (size, overrides, batch, seq) in configs.items():
         batch, seq = args.batch or batch, args.seq or seq
         for dname in dtypes:
@@ -305,13 +312,23 @@ def main() -> int:
             fwd = times["forward"]
             for method, ts in times.items():
                 extra = {"check": "passed" if args.check else "skipped"} if method in captures else {}
+                ratios = sorted(t / f for t, f in zip(ts, fwd))
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
-                                ratio=statistics.median(t / f for t, f in zip(ts, fwd)), **extra, **common))
+                                ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1],
+                                iters=iters, warmup=warmup, order=f"random per round, seed {ORDER_SEED}",
+                                **extra, **common))
+            for floor in ("hidden_states", "bytes_floor"):  # each does at least a forward's work
+                r = statistics.median(t / f for t, f in zip(times[floor], fwd))
+                if r < 0.99:
+                    suspect.append(f"{name} {dname}: {floor} came out at {r:.3f} x the forward, which it "
+                                   "cannot be: the forward baseline of this run is unreliable")
             write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these
 
-    return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "check"],
+    return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "ratio_min",
+                         "ratio_max", "check"],
                   "bench_capture", args.out, failed,
-                  notes=(f"{extra}: skipped: {why}" for extra, why in skipped.items()))
+                  notes=[*(f"{extra}: skipped: {why}" for extra, why in skipped.items()),
+                         *(f"SUSPECT: {s}" for s in suspect)])
 
 
 if __name__ == "__main__":

@@ -83,10 +83,10 @@ bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer 
     step bench-extract "$1" python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
     # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target)
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
-        --batches 24 --out "$OUT/keepup"
+        --batches 24 --marginal --out "$OUT/keepup"
     # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
     step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
-        --batches 64 --out "$OUT/steady"
+        --batches 64 --repeats 2 --out "$OUT/steady"
 }
 
 finish() {  # the summary line; exits 0 only if no step that ran failed (skipped ones are listed)
