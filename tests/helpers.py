@@ -150,11 +150,16 @@ class DeferredStreams(SideStreams):
         self.held.append(reads)
         super().run(device, layer_id, reads, fn)
 
-    def _launch(self, device, fn):
+    def _fork(self, device):
+        return "main", None
+
+    def _on_side(self, device, side, fn):
         self.launched += 1
         self.queue.append((self.launched, fn))
         self.max_queued = max(self.max_queued, len(self.queue))
-        return "main", self.launched
+
+    def _record_done(self, device, side):
+        return self.launched
 
     def _wait(self, pending):
         while self.queue and self.queue[0][0] <= pending.done:

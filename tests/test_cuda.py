@@ -376,11 +376,11 @@ def lagging_side_streams(cycles: int = 2_000_000):
     from residtap.overlap import SideStreams
 
     class Lagging(SideStreams):
-        def _launch(self, device, fn):
+        def _on_side(self, device, side, fn):
             def slow():
                 torch.cuda._sleep(cycles)
                 fn()
-            return super()._launch(device, slow)
+            super()._on_side(device, side, slow)
 
     return Lagging()
 

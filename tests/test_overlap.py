@@ -198,3 +198,67 @@ def test_a_read_inside_the_forward_after_the_last_block_waits_for_the_side_strea
     assert torch.equal(seen["resid"], ref.outputs["resid"])
     assert torch.equal(seen["normed"], ref.outputs["normed"][-1])
     assert_same_outputs(cap, ref, OUTPUTS)
+
+
+class _EagerStreams(SideStreams):
+    """A side stream whose Python runs at launch (as on a GPU) and whose "kernels" (each op call)
+    only count as done when the main stream waits for the launch that queued them."""
+
+    def __init__(self):
+        super().__init__(window=2)
+        self.launches = 0
+        self.kernels: dict[int, int] = {}  # launch -> kernels it queued
+        self.waited: set[int] = set()
+
+    def has_stream(self, device):
+        return True
+
+    def _fork(self, device):
+        self.launches += 1
+        return "main", None
+
+    def _on_side(self, device, side, fn):
+        fn()
+
+    def _record_done(self, device, side):
+        return self.launches
+
+    def _wait(self, pending):
+        self.waited.add(pending.done)
+
+
+def test_a_side_stream_capture_that_raises_after_queuing_work_is_still_waited_for(extension):
+    """The op's kernels are queued before the final norm's module runs (a hook on it here); if that
+    raises, the launch must still end in a done event the main stream waits for, with its reads
+    held until then: else the kernels could run on memory already handed to the next forward."""
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 5)
+    cap = residtap.Capture(model, outputs=("resid", "normed"), overlap=True)
+    side = cap._side = _EagerStreams()
+    calls = 0
+
+    def op_as_kernel(*args, **kwargs):  # each op call: a kernel queued by the current launch
+        side.kernels[side.launches] = side.kernels.get(side.launches, 0) + 1
+        return real(*args, **kwargs)
+
+    def boom(_module, _args, _out):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second layer's normed: after its op call was queued
+            raise RuntimeError("from a hook on the final norm")
+
+    h = model.transformer.ln_f.register_forward_hook(boom)  # normed now from the module, on the side stream
+    import residtap.ops as ops_mod
+
+    real = ops_mod.capture_block
+    try:
+        ops_mod.capture_block = op_as_kernel
+        with pytest.raises(RuntimeError, match="from a hook on the final norm"):
+            with cap:
+                model(ids)
+    finally:
+        ops_mod.capture_block = real
+        h.remove()
+    assert side.kernels, "no op call was seen"
+    assert set(side.kernels) <= side.waited, (side.kernels, side.waited)
+    assert side.pending == 0

@@ -21,7 +21,8 @@ What that takes, and how this module provides it without a host sync:
   a model (or another hook) could. Each held tensor's version counter is compared when it is
   released. A change means the capture may have read the new values: OverlapError, and the capture
   is marked failed. This works only for tensors that have version counters, so not under
-  ``torch.inference_mode``.
+  ``torch.inference_mode``, and only for writes that bump them (not through ``.data``, nor by a
+  custom kernel torch does not know mutates its argument).
 - The buffers are written on the side stream. Readers on the main stream are ordered after those
   writes by the end-of-forward join. The next forward's captures wait for everything the main stream
   had queued before them (``fork``), so they cannot overwrite buffers a reader is still using.
@@ -88,10 +89,17 @@ class SideStreams:
         if not self.has_stream(device):
             fn(*reads)
             return
-        main, done = self._launch(device, functools.partial(fn, *reads))
         held = tuple(t for t in reads if t is not None)
-        self._pending.append(_Pending(device, main, done, layer_id, held,
-                                      tuple(tensor_version(t) for t in held)))
+        versions = tuple(tensor_version(t) for t in held)
+        main, side = self._fork(device)
+        try:
+            self._on_side(device, side, functools.partial(fn, *reads))
+        finally:
+            # Also when fn raised after queuing work (the final norm's module, or a hook on it,
+            # raising after the op's kernels): that work is waited for like the rest, its reads
+            # held until then, or their memory could go to new tensors while it still runs.
+            done = self._record_done(device, side)
+            self._pending.append(_Pending(device, main, done, layer_id, held, versions))
         while len(self._pending) > self.window:
             self._retire(self._pending.popleft(), check=True)
 
@@ -112,9 +120,10 @@ class SideStreams:
         free = self._events.setdefault(device, [])
         return free.pop() if free else torch.cuda.Event()
 
-    def _launch(self, device: torch.device, fn: Callable[[], None]):
-        """Fork from ``device``'s current stream, run ``fn`` on the side stream, record ``done``.
-        Returns (main stream, done); a test double overrides this and _wait to emulate a stream."""
+    # A launch is _fork, _on_side, _record_done; a test double overrides these and _wait to
+    # emulate a stream on the CPU.
+    def _fork(self, device: torch.device):
+        """(``device``'s current stream, its side stream made to wait for what is queued there)."""
         main = torch.cuda.current_stream(device)
         side = self._streams.get(device)
         if side is None:
@@ -123,12 +132,17 @@ class SideStreams:
         fork.record(main)
         side.wait_event(fork)
         self._events[device].append(fork)  # reusable now: a later record does not move this wait
+        return main, side
+
+    def _on_side(self, device: torch.device, side, fn: Callable[[], None]) -> None:
         with torch.cuda.stream(side), (ops.grid_cap(self.grid_cap) if self.grid_cap
                                        else contextlib.nullcontext()):
             fn()
+
+    def _record_done(self, device: torch.device, side):
         done = self._event(device)
         done.record(side)
-        return main, done
+        return done
 
     def _wait(self, pending: _Pending) -> None:
         pending.main.wait_event(pending.done)
