@@ -131,7 +131,8 @@ if [ "$PART" = lease ]; then
     bench_extract_steps 90
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
         tests/test_families.py::test_cuda_capture_matches_reference
-    step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --dtypes bfloat16 --out "$OUT/xl"
+    step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --dtypes bfloat16 \
+        --out "$OUT/xl"
     profile_ncu 120
     finish
 fi

@@ -165,7 +165,8 @@ def sequences_of(src):
     """(input_ids, attention_mask or None, source) of every sequence of an inputs source, as lists."""
     blocks = list(src.blocks(1000, lambda i: True))
     cat = lambda k: np.concatenate([getattr(b, k) for b in blocks]).tolist()  # noqa: E731
-    return cat("input_ids"), None if blocks[0].attention_mask is None else cat("attention_mask"), cat("source")
+    mask = None if blocks[0].attention_mask is None else cat("attention_mask")
+    return cat("input_ids"), mask, cat("source")
 
 
 def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
@@ -190,14 +191,16 @@ def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
     far = tokenizer_dir(tmp_path, pad_id=120, name="far_pad")
     res = residtap.extract(tiny_gpt2(), str(txt), tmp_path / "out", seq_len=4, packing="pad", tokenizer=far,
                            progress=False)
-    assert residtap.open(res.out).sequences("input_ids").tolist() == [[4, 5, 2, 2], [6, 7, 2, 2], [8, 9, 2, 2]]
+    stored = residtap.open(res.out).sequences("input_ids").tolist()
+    assert stored == [[4, 5, 2, 2], [6, 7, 2, 2], [8, 9, 2, 2]]
 
 
 @pytest.mark.parametrize("name,content,match", [
     ("latin1.txt", "w1 caf\xe9\n".encode("latin-1"), r"data: .*latin1.txt' is not UTF-8 text \(after line 1"),
-    ("null.jsonl", b'{"text": null}\n', r"text_field: line 1 of .*: expected the field 'text' to be a string, "
-                                         r"got NoneType"),
-    ("array.json", b'[\n {"text": "w1"}\n]\n', r"is not valid JSON .*expected JSON Lines: one JSON object per line"),
+    ("null.jsonl", b'{"text": null}\n',
+     r"text_field: line 1 of .*: expected the field 'text' to be a string, got NoneType"),
+    ("array.json", b'[\n {"text": "w1"}\n]\n',
+     r"is not valid JSON .*expected JSON Lines: one JSON object per line"),
     ("wide0.npy", None, r"data: the 2-D .npy .* holds sequences of length 0"),
 ])
 def test_unreadable_inputs_are_clear_errors(tmp_path, name, content, match):
@@ -239,16 +242,17 @@ def test_saved_hf_dataset(tmp_path):
         residtap.extract(tiny_gpt2(), str(tmp_path / "text"), tmp_path / "c", split="test", **kw)
     # input_ids beside a text column: read as they are, unless text_field names the column to tokenize
     both = tmp_path / "both"
-    datasets.Dataset.from_dict({"input_ids": [[50, 51], [52]], "content": ["w1 w2 w3", "w4"]}).save_to_disk(both)
+    datasets.Dataset.from_dict({"input_ids": [[50, 51], [52]],
+                                "content": ["w1 w2 w3", "w4"]}).save_to_disk(both)
     for field, want in ((None, [[50, 51], [52, 1]]), ("content", [[4, 5], [6, 1], [7, 1]])):
         src = inputs.open_source(str(both), seq_len=2, packing="pad", max_tokens=None, text_field=field,
                                  tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path)))
         assert sequences_of(src)[0] == want, field
     datasets.Dataset.from_dict({"text": ["w1", None]}).save_to_disk(tmp_path / "none")
-    with pytest.raises(ValueError, match=r"text_field: row 1 of the dataset .*: expected the column 'text' to "
-                                         r"hold strings, got NoneType"):
-        residtap.extract(tiny_gpt2(), str(tmp_path / "none"), tmp_path / "d", tokenizer=tokenizer_dir(tmp_path),
-                         **kw)
+    with pytest.raises(ValueError, match=r"text_field: row 1 of the dataset .*: expected the column "
+                                         r"'text' to hold strings, got NoneType"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "none"), tmp_path / "d",
+                         tokenizer=tokenizer_dir(tmp_path), **kw)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "state.json").write_text("{}")  # someone else's state.json
     with pytest.raises(ValueError, match=r"data: .*other' could not be loaded as a dataset saved with"):

@@ -247,7 +247,7 @@ def test_a_side_stream_capture_that_raises_after_queuing_work_is_still_waited_fo
         if calls == 2:  # the second layer's normed: after its op call was queued
             raise RuntimeError("from a hook on the final norm")
 
-    h = model.transformer.ln_f.register_forward_hook(boom)  # normed now from the module, on the side stream
+    h = model.transformer.ln_f.register_forward_hook(boom)  # normed: the module's, on the side stream
     import residtap.ops as ops_mod
 
     real = ops_mod.capture_block

@@ -330,10 +330,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     or a local HF model path / cached name (loaded offline). ``data``: a .npy of token ids (1-D stream
     or 2-D ``[n, seq_len]``), a .txt (one document per line) or .jsonl (``text_field``, default
     "text") file, a saved HF dataset directory (its ``input_ids`` column, else ``text_field``; a
-    ``text_field`` given is tokenized even where it has ``input_ids``), or an array/tensor of ids. ``layers``, ``positions``, ``outputs``, ``dtype``
-    select what is captured, as in :func:`residtap.capture`. ``max_tokens`` stops after the first
-    ``ceil(max_tokens / seq_len)`` sequences. ``packing``: "pack" (concatenate documents, cut into
-    ``seq_len``) or "pad" (a document per sequence, right-padded; padding rows are not stored).
+    ``text_field`` given is tokenized even where it has ``input_ids``), or an array/tensor of ids.
+    ``layers``, ``positions``, ``outputs``, ``dtype`` select what is captured, as in
+    :func:`residtap.capture`. ``max_tokens`` stops after the first ``ceil(max_tokens / seq_len)``
+    sequences. ``packing``: "pack" (concatenate documents, cut into ``seq_len``) or "pad" (a document
+    per sequence, right-padded; padding rows are not stored).
 
     Writes ``out/manifest.json`` and ``out/shard-NNNNNN.safetensors``; read them back with
     :func:`residtap.open`. Running the same call again after a crash resumes after the complete
