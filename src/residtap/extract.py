@@ -728,8 +728,10 @@ class _CudaQueues:
 
 
 def _recorded(stream):
-    """A new event recorded on ``stream``: it happens once what is queued there so far has run."""
-    event = torch.cuda.Event()
+    """A new event recorded on ``stream``: it happens once what is queued there so far has run.
+    Blocking: a thread that synchronizes on it sleeps rather than spins, leaving its core to the
+    publishers' hashing, which bounds extraction to fast storage."""
+    event = torch.cuda.Event(blocking=True)
     event.record(stream)
     return event
 
