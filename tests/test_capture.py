@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import residtap
 from helpers import DTYPES, assert_same_outputs, check_misaligned_block_outputs, ids_for, tiny_gpt2
@@ -384,3 +387,55 @@ def test_hooks_on_a_layernorm_final_norm_run_as_in_the_model(extension, backend)
         assert_same_outputs(c, plain, OUTPUTS)
     finally:
         h.remove()
+
+
+def test_a_layernorm_whose_forward_is_replaced_on_the_instance_is_called_as_a_module(extension):
+    """A patching library binds a new forward on the norm instance (Liger's LayerNorm does): the op
+    cannot stand in for that, so normed comes from the module, as in the model."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2, torch.float32))
+    plain = model.transformer.ln_f.forward
+    model.transformer.ln_f.forward = lambda x: plain(x) * 2 + 1
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        hs = model(ids, output_hidden_states=True).hidden_states
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+    assert torch.equal(cap.normed[-1], hs[-1])
+    assert residtap.verify(model, ids).ok
+
+
+def test_a_wrapper_of_a_wrapper_is_followed_to_the_hf_model(extension):
+    """A PEFT model's base_model is a tuner whose .model is the HF model (each forwarding what it
+    lacks, config included, to what it wraps): followed without paths."""
+    class Forwarding(nn.Module):
+        inner = ""
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__(self.inner), name)
+
+        def forward(self, *args, **kwargs):
+            return getattr(self, self.inner)(*args, **kwargs)
+
+    class Tuner(Forwarding):
+        inner = "model"
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    class Peft(Forwarding):
+        inner = "base_model"
+
+        def __init__(self, model):
+            super().__init__()
+            self.base_model = Tuner(model)
+
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    peft, ids = Peft(model), ids_for(model, 1, 4)
+    with residtap.capture(peft) as cap:
+        peft(ids)
+    with residtap.capture(model) as direct:
+        model(ids)
+    assert torch.equal(cap.resid, direct.resid)

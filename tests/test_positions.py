@@ -276,3 +276,33 @@ def test_numpy_arrays_and_0d_tensors_select_as_their_values():
         assert torch.equal(b.layer("resid", layer_id), b.resid[1])
     with pytest.raises(ValueError, match="layer_id: expected an int residual index, got"):
         b.layer("resid", torch.tensor(1.0))
+
+
+def test_last_reads_a_positional_mask_through_wrappers_or_says_it_cannot(extension, models):
+    """A wrapper whose forward takes *args (DataParallel here; torch.compile's OptimizedModule is
+    unwrapped the same way, by _orig_mod): the mask is found by the wrapped model's signature. A
+    custom wrapper that hides it: an error, not the last position taken as real."""
+    model, mask = models["llama", torch.float32], MASKS["right"]
+    ids = ids_for(model, B, S)
+    wrapped = nn.DataParallel(model)  # without a GPU it calls the model itself
+    sel = dict(blocks="module.model.layers", final_norm="module.model.norm")
+    with residtap.capture(wrapped, positions="last", **sel) as cap:
+        wrapped(ids, mask)  # Llama: forward(input_ids, attention_mask, ...)
+    ref = run_reference(wrapped, ids, mask, positions="last", **sel)
+    assert cap.positions.tolist() == [[p] for p in LAST["right"]]
+    assert torch.equal(cap.resid, ref.outputs["resid"])
+
+    class Opaque(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    opaque = Opaque(model)
+    with pytest.raises(ValueError, match=r"positions='last': the model was called with 2 positional "
+                                         r"arguments and its forward takes \*args"):
+        with residtap.capture(opaque, positions="last", blocks="inner.model.layers",
+                              final_norm="inner.model.norm"):
+            opaque(ids, mask)

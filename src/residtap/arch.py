@@ -14,6 +14,7 @@ blocks and final norm are.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -345,7 +346,8 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
                          f"got {type(block_list).__name__}") from None
     if not block_list or not all(isinstance(b, nn.Module) for b in block_list):
-        raise ValueError(f"blocks: expected a non-empty sequence of modules, got {blocks!r}")
+        given = f"{blocks!r}" if blocks is not NOT_GIVEN else f"no modules at the path {family.blocks!r}{source}"
+        raise ValueError(f"blocks: expected a non-empty sequence of modules, got {given}")
 
     if final_norm is NOT_GIVEN:
         norm = _get_path(base, family.final_norm, "final_norm", source) if family.final_norm else None
@@ -367,14 +369,59 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
 
 def bare_model(model: nn.Module) -> nn.Module:
     """``model`` without its LM head: where a family's paths start (resolve_layout), and what extract
-    runs to capture. HF's ``base_model``; or, where that is the model itself because its
-    ``base_model_prefix`` names no attribute, the decoder it keeps as ``model`` (Llama 4's causal LM
-    names "language_model" but holds its Llama4TextModel in ``model``)."""
-    base = getattr(model, "base_model", model)
-    inner = getattr(model, "model", None)
-    if base is model and isinstance(inner, nn.Module) and getattr(inner, "config", None) is not None:
-        return inner
-    return base
+    runs to capture. HF's ``base_model``, followed through wrappers (a PEFT model's is a tuner
+    holding the HF model); or, where that is the model itself because its ``base_model_prefix``
+    names no attribute, the model it keeps as ``model`` (Llama 4's causal LM names
+    "language_model" but holds its Llama4TextModel in ``model``; a PEFT tuner holds the HF model)."""
+    for _ in range(8):  # wrappers of wrappers, boundedly
+        base = getattr(model, "base_model", model)
+        if isinstance(base, nn.Module) and base is not model:
+            model = base
+            continue
+        inner = getattr(model, "model", None)
+        if isinstance(inner, nn.Module) and inner is not model and getattr(inner, "config", None) is not None:
+            model = inner
+            continue
+        break
+    return model
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature a call of ``model`` binds to: through wrappers whose own forward takes
+    ``*args, **kwargs`` (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) to
+    the module they wrap. None where it cannot be read."""
+    m = model
+    for _ in range(8):  # wrappers of wrappers, boundedly
+        inner = getattr(m, "_orig_mod", None)
+        if inner is None and isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = m.module
+        if not isinstance(inner, nn.Module):
+            break
+        m = inner
+    try:
+        return inspect.signature(m.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def attention_mask_of(signature: inspect.Signature | None, args: tuple, kwargs: dict):
+    """The ``attention_mask`` a call with ``args``/``kwargs`` passes (None if it passes none), by
+    keyword or by its position in ``signature``. A ValueError where positional arguments beyond the
+    first reach a ``*args`` the mask could be among: which one it is cannot be told."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None or signature is None or len(args) < 2:
+        return mask
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    if "attention_mask" in bound:
+        return bound["attention_mask"]
+    if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+        raise ValueError(f"positions='last': the model was called with {len(args)} positional arguments "
+                         "and its forward takes *args, so which one is the attention_mask cannot be told; "
+                         "pass it as attention_mask=...")
+    return None
 
 
 def text_config(model: nn.Module):

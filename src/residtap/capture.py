@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import numbers
 import operator
 from typing import NamedTuple
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .arch import Layout, UnsupportedStreamError, module_device, resolve_layout, text_config
+from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, module_device,
+                   resolve_layout, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -182,7 +182,7 @@ class Capture:
         self._stream = None  # (batch, seq, d_model) of the last forward
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
-        self._mask_arg = _positional_index(model, "attention_mask")
+        self._signature = forward_signature(model)  # where a positional attention_mask sits
         # Where each selected layer's hidden state is expected (None: the first hidden state's
         # device), read from the blocks (_predict_homes) and corrected by what forwards show.
         self._homes: list[torch.device | None] = self._predict_homes()
@@ -258,10 +258,7 @@ class Capture:
 
     def _on_model_call(self, _module, args, kwargs):
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_arg is not None and len(args) > self._mask_arg:
-            mask = args[self._mask_arg]
-        self._attention_mask = mask
+        self._attention_mask = attention_mask_of(self._signature, args, kwargs)
 
     def _on_first_block(self, _module, args, kwargs):
         hidden = self.layout.hidden_from_args(args, kwargs)
@@ -344,12 +341,17 @@ class Capture:
         return _NormStamp(self._live_norm_params(), self._norm_hooked())
 
     def _norm_hooked(self) -> bool:
-        """Whether calling the final norm runs forward hooks (its own, or global ones): then the op
-        cannot stand in for it, and the module computes normed, its hooks included, as in the model."""
+        """Whether calling the final norm runs more than its class's forward: forward hooks (its
+        own, or global ones), or a forward replaced on the instance (a patching library's). Then the
+        op cannot stand in for it, and the module computes normed as in the model. (accelerate's
+        replaced forward, recognised by its _hf_hook, only moves tensors: the op still stands in.)"""
         norm = self.layout.final_norm
-        return norm is not None and bool(norm._forward_hooks or norm._forward_pre_hooks
-                                         or nn.modules.module._global_forward_hooks
-                                         or nn.modules.module._global_forward_pre_hooks)
+        if norm is None:
+            return False
+        patched = "forward" in vars(norm) and not hasattr(norm, "_hf_hook")
+        return patched or bool(norm._forward_hooks or norm._forward_pre_hooks
+                               or nn.modules.module._global_forward_hooks
+                               or nn.modules.module._global_forward_pre_hooks)
 
     def _norm_params_on(self, device: torch.device) -> tuple[tuple, tuple | None]:
         """The final norm's (weight, bias), detached, on ``device``, and the stamp they were copied
@@ -801,20 +803,6 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     (GPU to GPU it is ordered on both devices' current streams); onto the CPU it must be complete
     before the CPU reads it, so it waits (the model's own CPU↔GPU moves wait too)."""
     return t.to(device, non_blocking=device.type == "cuda")
-
-
-def _positional_index(model: nn.Module, name: str) -> int | None:
-    """Where ``name`` sits among ``model.forward``'s positional parameters (None if it does not)."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    for i, p in enumerate(params):
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            return None
-        if p.name == name:
-            return i
-    return None
 
 
 def _misaligned_for_torch_ln(x: torch.Tensor) -> bool:

@@ -278,10 +278,10 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
 def _last_real(model, args, kwargs, shape) -> torch.Tensor:
     """int64 ``[batch, 1]``: for each row, the last of the current ``seq`` columns of the model's
     ``attention_mask`` that is nonzero (0 if none); ``seq - 1`` for every row without a mask."""
-    import inspect
+    from .arch import attention_mask_of, forward_signature
 
     batch, seq = shape
-    mask = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments.get("attention_mask")
+    mask = attention_mask_of(forward_signature(model), args, kwargs)
     if mask is None:
         return torch.full((batch, 1), seq - 1, dtype=torch.long)
     rows = (mask[:, -seq:] != 0).tolist()
