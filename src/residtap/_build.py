@@ -56,7 +56,7 @@ def _find_nvcc() -> Path | None:
     parent has no toolkit)."""
     if os.environ.get("CUDA_HOME"):
         home = Path(os.environ["CUDA_HOME"])
-        return home if (home / "bin" / "nvcc").exists() else None
+        return home if (home / "bin" / "nvcc").exists() else None  # (_cuda_plan says why)
     candidates = [Path("/usr/local/cuda")]
     which = shutil.which("nvcc")
     if which:
@@ -90,6 +90,8 @@ def _cuda_plan() -> tuple[Path | None, str | None]:
     if not list(CSRC.glob("cuda/*.cu")):
         return None, "no CUDA sources in this checkout"
     home = _find_nvcc()
+    if home is None and os.environ.get("CUDA_HOME"):
+        return None, f"CUDA_HOME={os.environ['CUDA_HOME']} has no bin/nvcc"
     if home is None:
         return None, "nvcc was not found (set CUDA_HOME)"
     return home, None
@@ -135,8 +137,30 @@ def _openmp() -> bool:
     return bool(getattr(torch._C, "has_openmp", False)) and sys.platform.startswith("linux")
 
 
+_tried_dir: str | None = None  # the build directory of the last attempt, for the record of a failure
+
+
 def _load() -> BuildInfo:
+    """The extension with CUDA where it can be built; where that build fails (a broken or mismatched
+    toolkit), the CPU op alone, with the CUDA failure as the reason CUDA was left out."""
     cuda_home, cuda_skip = _cuda_plan()
+    if cuda_home is None:
+        return _build(None, cuda_skip)
+    try:
+        return _build(cuda_home, None)
+    except Exception as e:  # noqa: BLE001 — recorded: the CPU op must not be lost with it
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # the compiler's own first complaint, rather than torch's "Error building extension" line or
+        # ninja's command lines
+        first = next((line for line in lines if not line.startswith("[") and "Error building" not in line
+                      and ("error" in line.lower() or "fatal" in line.lower())), lines[0] if lines else "")
+        why = f"the CUDA build failed ({type(e).__name__}: {first}; see {_tried_dir})"
+        print(f"residtap: {why}; building the CPU op alone", file=sys.stderr, flush=True)
+        return _build(None, why)
+
+
+def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
+    global _tried_dir
     nvcc_home = cuda_home or _find_nvcc()
     if nvcc_home is not None and not os.environ.get("CUDA_HOME"):
         # cpp_extension decides CUDA_HOME when it is first imported and guesses /usr/local.
@@ -168,29 +192,40 @@ def _load() -> BuildInfo:
     if with_cuda:
         cpp_extension.CUDA_HOME = str(cuda_home)
         os.environ["CUDA_HOME"] = str(cuda_home)
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
         extra_include += _pip_cuda_includes()
         cflags.append("-DRESIDTAP_WITH_CUDA")
         cuda_flags.append("-DRESIDTAP_WITH_CUDA")
-    root = Path(os.environ.get("RESIDTAP_BUILD_DIR", Path.home() / ".cache" / "residtap" / "build"))
+    root = Path(os.environ.get("RESIDTAP_BUILD_DIR") or Path.home() / ".cache" / "residtap" / "build")
     build_dir = root / _tag(sources, with_cuda, archs, (*cflags, *ldflags, *cuda_flags))
+    _tried_dir = str(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
 
     if not (build_dir / f"{_NAME}.so").exists():
         what = f"C++ and CUDA (sm {', '.join(archs)})" if with_cuda else "C++ (CPU only)"
         print(f"residtap: compiling the {what} extension for torch {torch.__version__} into "
               f"{build_dir} (first use only; about 1-3 minutes)...", file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=_NAME,
-        sources=[str(s) for s in sources],
-        extra_include_paths=extra_include,
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_flags,
-        extra_ldflags=ldflags,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("RESIDTAP_VERBOSE_BUILD", "") not in ("", "0"),
-    )
+    # cpp_extension reads the architectures from TORCH_CUDA_ARCH_LIST: set for this build only,
+    # the process's own value (for its other JIT builds) put back after.
+    saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    try:
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(s) for s in sources],
+            extra_include_paths=extra_include,
+            extra_cflags=cflags,
+            extra_cuda_cflags=cuda_flags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=os.environ.get("RESIDTAP_VERBOSE_BUILD", "") not in ("", "0"),
+        )
+    finally:
+        if saved_archs is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
     return BuildInfo(True, with_cuda, archs, str(build_dir), None, cuda_skip)
 
 
@@ -206,7 +241,8 @@ def load_extension() -> BuildInfo:
                 ops._register_fake()
             except Exception as e:  # a missing compiler, a failed build: recorded, reported later
                 cuda_home, cuda_skip = _cuda_plan()
-                _info = BuildInfo(False, False, (), None, f"{type(e).__name__}: {e}".strip(), cuda_skip)
+                _info = BuildInfo(False, False, (), _tried_dir, f"{type(e).__name__}: {e}".strip(),
+                                  cuda_skip)
         return _info
 
 

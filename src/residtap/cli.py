@@ -67,11 +67,24 @@ def env_report() -> dict:
 
     from . import __version__
     from ._build import load_extension
-    from .backend import compiled_unavailable_reason
+    from .backend import compiled_unavailable_reason, requested_backend
 
     info = load_extension()
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())]
                          if torch.cuda.is_available() else [])
+    try:
+        requested = requested_backend(None)  # RESIDTAP_BACKEND, else "auto"
+    except ValueError as e:
+        requested = f"invalid: {e}"
+
+    def backend_on(device: str) -> str:  # what a capture there would run, as backend.choose decides
+        if requested.startswith("invalid") or requested == "reference":
+            return requested if requested != "reference" else "reference (RESIDTAP_BACKEND=reference)"
+        reason = compiled_unavailable_reason(torch.device(device))
+        if reason is None:
+            return "compiled"
+        return f"error: {reason}" if requested == "compiled" else f"reference ({reason})"
+
     return {
         "residtap": __version__,
         "python": platform.python_version(),
@@ -87,9 +100,8 @@ def env_report() -> dict:
         "cuda_archs_built": list(info.cuda_archs),
         "cuda_left_out_because": info.cuda_skipped_because,
         "build_dir": info.build_dir,
-        "backend_by_device": {
-            d: ("compiled" if (r := compiled_unavailable_reason(torch.device(d))) is None
-                else f"reference ({r})") for d in devices},
+        "backend_requested": requested,
+        "backend_by_device": {d: backend_on(d) for d in devices},
     }
 
 

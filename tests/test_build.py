@@ -1,0 +1,96 @@
+"""Building and loading the extension: what is recorded when a part cannot be built, where builds go,
+and what `residtap env` says. The compiler is stubbed here; CI's set-up step builds for real."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from residtap import _build, cli
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No load recorded yet in this process, restored afterwards."""
+    monkeypatch.setattr(_build, "_info", None)
+    monkeypatch.setattr(_build, "_tried_dir", None)
+    return _build
+
+
+def test_a_failed_cuda_build_keeps_the_cpu_op(fresh, monkeypatch, capsys):
+    """A broken or mismatched toolkit must not cost the CPU op: the CUDA failure becomes the reason
+    CUDA was left out, and the extension is built again without it."""
+    calls = []
+
+    def build(cuda_home, cuda_skip):
+        calls.append(cuda_home)
+        fresh._tried_dir = f"/builds/{'cuda' if cuda_home else 'cpu'}"
+        if cuda_home is not None:
+            raise RuntimeError("Error building extension 'residtap_C': [1/5] nvcc -c x.cu\n"
+                               "nvcc fatal : Unsupported gpu architecture 'compute_99'")
+        return fresh.BuildInfo(True, False, (), fresh._tried_dir, None, cuda_skip)
+
+    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (Path("/toolkit"), None))
+    monkeypatch.setattr(fresh, "_build", build)
+    info = fresh._load()
+    assert calls == [Path("/toolkit"), None]
+    assert info.loaded and not info.with_cuda
+    assert info.cuda_skipped_because == ("the CUDA build failed (RuntimeError: nvcc fatal : Unsupported gpu "
+                                         "architecture 'compute_99'; see /builds/cuda)")
+    assert "building the CPU op alone" in capsys.readouterr().err
+
+
+def test_a_failed_load_records_where_it_was_built(fresh, monkeypatch):
+    def fails():
+        fresh._tried_dir = "/builds/x"
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fresh, "_load", fails)
+    info = fresh.load_extension()
+    assert not info.loaded and info.build_dir == "/builds/x" and info.error == "RuntimeError: no compiler"
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build: CUDA is never planned")
+def test_cuda_home_without_nvcc_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESIDTAP_NO_CUDA", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert _build._cuda_plan() == (None, f"CUDA_HOME={tmp_path} has no bin/nvcc")
+
+
+def test_build_directory_and_architectures(monkeypatch, tmp_path):
+    """An empty RESIDTAP_BUILD_DIR is unset (not the working directory); the architectures reach the
+    compiler for this build only, the process's TORCH_CUDA_ARCH_LIST put back after."""
+    seen = {}
+
+    def load(**kwargs):
+        seen.update(kwargs, archs=os.environ.get("TORCH_CUDA_ARCH_LIST"))
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _build sets both
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RESIDTAP_BUILD_DIR", "")
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    monkeypatch.chdir(tmp_path)
+    info = _build._build(Path("/usr/local/cuda"), None)
+    assert Path(info.build_dir).parent == tmp_path / ".cache" / "residtap" / "build"
+    assert info.with_cuda and seen["archs"] == "9.0" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert seen["build_directory"] == info.build_dir
+
+
+@pytest.mark.parametrize("value,want", [
+    ("reference", "reference (RESIDTAP_BACKEND=reference)"),
+    ("bogus", "invalid: RESIDTAP_BACKEND: expected one of ('auto', 'compiled', 'reference') or unset, "
+              "got 'bogus'"),
+])
+def test_env_reports_the_backend_residtap_backend_asks_for(extension, monkeypatch, value, want):
+    monkeypatch.setenv("RESIDTAP_BACKEND", value)
+    rep = cli.env_report()
+    assert rep["backend_by_device"]["cpu"] == want
+    assert rep["backend_requested"] == (value if value == "reference" else want)
