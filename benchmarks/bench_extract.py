@@ -331,7 +331,7 @@ def main() -> int:
                 suspect.append(f"{name} {tag}: extraction came out faster than the raw write of its bytes "
                                f"(bw_frac {raw_s / ext_s:.2f}, per pair {min(pairs):.2f}-{max(pairs):.2f}): "
                                "the raw write is not a ceiling in this run")
-            if args.marginal:
+            if args.marginal and half < len(ids) and fwd_s > fwd_half_s:
                 half_s = statistics.median(
                     run_extract(model, ids[:half], d, batch, writers, args.publishers, shard, host_memory,
                                 device, layers).seconds for _ in range(repeats))

@@ -181,6 +181,9 @@ def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
     ids, mask, src = sequences_of(inputs.open_source(str(txt), seq_len=4, packing="pad", max_tokens=None,
                                                      tokenizer=tok))
     assert ids == [[4, 5, 1, 1], [6, 7, 1, 1], [8, 9, 1, 1]] and src == [[0, 0], [2, 0], [4, 0]]
+    # in the settings: a run started under the old numbering is refused on resume as other settings
+    assert inputs.open_source(str(txt), seq_len=4, packing="pad", max_tokens=None,
+                              tokenizer=tok).describe()["documents"] == "one per line, numbered by line"
     assert mask == [[True, True, False, False]] * 3
     no_eos = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path, eos=False, name="no_eos"))
     src = inputs.open_source(str(txt), seq_len=4, packing="pack", max_tokens=None, tokenizer=no_eos)
@@ -686,23 +689,42 @@ def test_a_deleted_shard_of_a_complete_extraction_is_recomputed(tmp_path, capsys
     assert [r["environment"] for r in m["resumed_with"]] == [{"device": "cpu", "backend": "reference"}]
 
 
-def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp_path, capsys):
-    """A run that fails before its first shard leaves only a manifest of its settings: the corrected
-    command replaces it (it holds nothing) instead of refusing it as another extraction's. A seq_len
-    beyond the model's positions is an error before anything is written."""
+def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp_path):
+    """A first run that fails before its first shard takes its manifest (and the directory it made)
+    back, so the corrected command is not refused as another extraction; one killed there leaves it,
+    and the refusal says what to do. A seq_len beyond a learned position table is an error before
+    anything is written; rotary positions are not limited by the config."""
     model = tiny_gpt2()
     bad, _ = ids_file(tmp_path, 100, vocab=200)
+    ok, _ = ids_file(tmp_path, 64, seed=7)
     with pytest.raises(ValueError, match="outside"):
         residtap.extract(model, bad, tmp_path / "out", seq_len=8, progress=False)
-    assert (tmp_path / "out" / "manifest.json").exists() and not shard_files(tmp_path / "out")
-    ok, _ = ids_file(tmp_path, 64)
-    capsys.readouterr()
-    res = residtap.extract(model, ok, tmp_path / "out", seq_len=8, progress=False)
-    err = capsys.readouterr().err
-    assert res.complete and "holds a manifest of another run's settings but no shard" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="outside"):
+        residtap.extract(model, bad, tmp_path / "kept", seq_len=8, progress=False)
+    assert (tmp_path / "kept").exists() and os.listdir(tmp_path / "kept") == []
+    assert residtap.extract(model, ok, tmp_path / "out", seq_len=8, progress=False).complete
+    # what a run killed before its first shard leaves: a manifest of its settings and no shard
+    residtap.extract(model, ok, tmp_path / "killed", seq_len=8, progress=False)
+    m = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    for f in shard_files(tmp_path / "killed"):
+        (tmp_path / "killed" / f).unlink()
+    store.write_json_atomic(str(tmp_path / "killed" / "manifest.json"),
+                            {**m, "complete": False, "shards": []})
+    with pytest.raises(residtap.ManifestMismatchError, match="It holds no shard yet: if no other run is "
+                                                             "writing there"):
+        residtap.extract(model, ok, tmp_path / "killed", seq_len=4, progress=False)
     with pytest.raises(ValueError, match=r"seq_len: expected at most 256 \(the model's .*\), got 300"):
         residtap.extract(model, ok, tmp_path / "long", seq_len=300, progress=False)
     assert not (tmp_path / "long").exists()
+    import transformers as T
+
+    torch.manual_seed(0)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=97,
+                                             max_position_embeddings=4)).eval()
+    assert residtap.extract(llama, ok, tmp_path / "rotary", seq_len=8, progress=False).complete
 
 
 def test_unwritable_output(tmp_path, monkeypatch, capsys):
@@ -771,7 +793,7 @@ def test_bad_arguments(tmp_path, capsys):
     assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "j"),
                      "--publishers", "0"]) == 2
     assert "publishers: expected a positive int or None, got 0" in capsys.readouterr().err
-    for args, match in ((["--device", "tpu"], "--device|device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    for args, match in ((["--device", "tpu"], "device: expected a device that computes, .*got 'tpu'"),
                         (["--model", RANDOM + ",n_layr=1"], r"overrides: .*got unknown \['n_layr'\]"),
                         (["--model", RANDOM + ",n_layer=x"], "with int or float values, got 'n_layer=x'")):
         base = ["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "k")]

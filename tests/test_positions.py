@@ -274,8 +274,9 @@ def test_numpy_arrays_and_0d_tensors_select_as_their_values():
         assert torch.equal(a.resid, b.resid), spec
     for layer_id in (np.int64(1), torch.tensor(1), np.int32(-2)):
         assert torch.equal(b.layer("resid", layer_id), b.resid[1])
-    with pytest.raises(ValueError, match="layer_id: expected an int residual index, got"):
-        b.layer("resid", torch.tensor(1.0))
+    for bad in (torch.tensor(1.0), torch.tensor(True)):
+        with pytest.raises(ValueError, match="layer_id: expected an int residual index, got"):
+            b.layer("resid", bad)
 
 
 def test_last_reads_a_positional_mask_through_wrappers_or_says_it_cannot(extension, models):
@@ -301,8 +302,13 @@ def test_last_reads_a_positional_mask_through_wrappers_or_says_it_cannot(extensi
             return self.inner(*args)
 
     opaque = Opaque(model)
-    with pytest.raises(ValueError, match=r"positions='last': the model was called with 2 positional "
-                                         r"arguments and its forward takes \*args"):
-        with residtap.capture(opaque, positions="last", blocks="inner.model.layers",
-                              final_norm="inner.model.norm"):
+    cap = residtap.capture(opaque, positions="last", blocks="inner.model.layers",
+                           final_norm="inner.model.norm")
+    with cap:
+        opaque(ids)  # no mask: fine
+        cap.resid
+        with pytest.raises(ValueError, match=r"positions='last': the model was called with 2 positional "
+                                             r"arguments and its forward takes \*args"):
             opaque(ids, mask)
+        with pytest.raises(residtap.CaptureError, match="the last forward raised"):
+            cap.resid  # not the previous forward's, taken for this one's

@@ -78,10 +78,11 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
     (["--batch", "0"], r"--batch: .*expected an int >= 1, got '0'"),
     (["--seq", "-1"], r"--seq: .*expected an int >= 1, got '-1'"),
     (["--seq", "2000"], r"--seq: expected at most 1024 \(the model's positions\), got 2000"),
-    (["--device", "bogus"], r"--device: expected cpu, cuda or cuda:N, got 'bogus'"),
-    (["--device", "meta"], r"--device: expected cpu, cuda or cuda:N, got 'meta'"),
-    (["--device", "mps"], r"--device: expected cpu, cuda or cuda:N, got 'mps'"),
-    (["--seed", str(2**64)], r"seed: expected an int in \[0, 2\*\*63\), got 18446744073709551616"),
+    (["--device", "bogus"], r"--device: expected a device that computes, .*got 'bogus'"),
+    (["--device", "meta"], r"--device: expected a device that computes, .*got 'meta'"),
+    pytest.param(["--device", "mps"], r"--device: 'mps' is not available here",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
+    (["--seed", str(2**64)], r"seed: expected an int in \[-2\*\*63, 2\*\*64\) .*got 18446744073709551616"),
     (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
 ])
 def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):

@@ -258,7 +258,11 @@ class Capture:
 
     def _on_model_call(self, _module, args, kwargs):
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
-        self._attention_mask = attention_mask_of(self._signature, args, kwargs)
+        try:
+            self._attention_mask = attention_mask_of(self._signature, args, kwargs)
+        except ValueError:  # (this hook runs before _on_model_enter: the buffers are the last forward's)
+            self._state = "failed"
+            raise
 
     def _on_first_block(self, _module, args, kwargs):
         hidden = self.layout.hidden_from_args(args, kwargs)
@@ -715,7 +719,8 @@ class Capture:
         is ``cap.resid[k]``."""
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        if isinstance(layer_id, bool) or not isinstance(layer_id, (numbers.Integral, torch.Tensor)):
+        if isinstance(layer_id, bool) or not isinstance(layer_id, (numbers.Integral, torch.Tensor)) or (
+                isinstance(layer_id, torch.Tensor) and layer_id.dtype == torch.bool):
             raise ValueError(f"layer_id: expected an int residual index, got {type(layer_id).__name__}")
         try:
             layer_id = operator.index(layer_id)  # numpy integers and 0-d integer tensors too, as in layers=

@@ -408,9 +408,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         source.warn_if_glued()
         if (vocab := _vocab_size(base)) is not None:
             source.fit_pad(vocab)
-    if max_pos is not None and seq_len > max_pos:
+    if max_pos is not None and seq_len > max_pos and _learned_positions(base, max_pos):
         raise ValueError(f"seq_len: expected at most {max_pos} (the model's max_position_embeddings / "
-                         f"n_positions), got {seq_len}")
+                         f"n_positions: its learned position table ends there), got {seq_len}")
     if cfg.positions == LAST:
         pos, n_pos = None, 1  # per sequence, from its mask (see _Run._rows)
     else:
@@ -471,6 +471,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                           "per_row": list(_store.ROW_TENSORS), "per_sequence": list(_store.SEQ_TENSORS)}}
 
     out = os.fspath(out)
+    # A run that fails before its first shard in a directory it started takes its manifest back
+    # (else the corrected command would find "another extraction" there).
+    made_dir = not os.path.exists(out)
+    fresh = world == 1 and (made_dir or not _store.manifest_paths(out))
     group = _init_group(world)
     try:
         records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
@@ -483,7 +487,12 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, in_device)
-        run.go()
+        try:
+            run.go()
+        except BaseException:
+            if fresh and not manifest.records:
+                _abandon(out, made_dir)
+            raise
         final = _finish(out, header, manifest, run, rank, world, group)
     finally:
         if group is not None:
@@ -495,6 +504,18 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                          shards_skipped=run.skipped, n_tokens=run.n_tokens, n_rows=run.n_rows,
                          bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
                          manifest=final, writers=run.n_writers, publishers=run.n_publishers)
+
+
+def _learned_positions(base: nn.Module, max_pos: int) -> bool:
+    """Whether the model looks positions up in a learned table (GPT-2's wpe, OPT's embed_positions:
+    an embedding other than the tokens' with max_pos rows, or OPT's max_pos + 2), which a longer
+    sequence overruns; rotary and other computed positions run past the config's value."""
+    try:
+        tokens = base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        tokens = None
+    return any(isinstance(m, nn.Embedding) and m is not tokens
+               and max_pos <= m.num_embeddings <= max_pos + 2 for m in base.modules())
 
 
 def _dist_env(rank, world_size):
@@ -556,15 +577,6 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                         "write there: choose a new or empty directory")
             _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
                                                                            "shards": []})
-        elif _holds_no_shard(existing) and _settings_differ(existing, header):
-            # What a run that failed before its first shard left (a bad setting found late, data
-            # too short): nothing to keep, so the corrected command starts afresh.
-            print(f"residtap extract: {out!r} holds a manifest of another run's settings but no shard; "
-                  "replacing it", file=sys.stderr)
-            for p in existing[1:]:
-                os.remove(p)
-            _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
-                                                                           "shards": []})
         _check_compatible(out, header)
         _reopen_if_shards_missing(out)
     _barrier(group)
@@ -597,13 +609,20 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     return records, False
 
 
+def _abandon(out: str, made_dir: bool) -> None:
+    """Undo what a failed first run wrote before any shard: its manifest and temporaries, and the
+    directory if it made it. Best effort: the run's own error is what the caller raises."""
+    try:
+        _store.remove_stale_temporaries(out, lambda index: True)
+        os.remove(os.path.join(out, _store.MANIFEST))
+        if made_dir and not os.listdir(out):
+            os.rmdir(out)
+    except OSError:
+        pass
+
+
 def _holds_no_shard(paths: list) -> bool:
     return not any(_store.read_json(p).get("shards") for p in paths)
-
-
-def _settings_differ(paths: list, header: dict) -> bool:
-    return any(_store.settings_difference(_store.read_json(p)["settings"], header["settings"])
-               for p in paths)
 
 
 def _reopen_if_shards_missing(out: str) -> None:
@@ -644,10 +663,12 @@ def _check_compatible(out: str, header: dict) -> None:
         have = _store.read_json(p)
         diff = _store.settings_difference(have["settings"], header["settings"])
         if diff:
+            empty = ("" if have.get("shards") else " It holds no shard yet: if no other run is writing there "
+                     "(one killed before its first shard leaves this), delete the directory and run again.")
             raise _store.ManifestMismatchError(
                 f"out: {out!r} holds an extraction made with different settings ({os.path.basename(p)}): "
                 + "; ".join(diff) + ". Nothing was written. Use a new --out directory, or the same settings "
-                "to resume.")
+                "to resume." + empty)
         for key in ("versions", "environment"):
             if have.get(key) != header[key]:
                 print(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "

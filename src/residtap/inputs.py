@@ -344,6 +344,11 @@ class TextSource(DocumentSource):
 
     kind = "text"
 
+    def describe(self) -> dict:
+        # Recorded so that a run started when documents were numbered by non-blank line (before
+        # 0.1's line numbering) is refused on resume as other settings, not as changed data.
+        return {**super().describe(), "documents": "one per line, numbered by line"}
+
     def _texts(self):
         for lineno, line in self._lines():
             line = line.rstrip("\n")

@@ -7,6 +7,8 @@ weights.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .arch import text_config
@@ -29,8 +31,9 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
 
     if size not in GPT2_SIZES:
         raise ValueError(f"size: expected one of {sorted(GPT2_SIZES)}, got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64) (what torch.manual_seed takes), "
+                         f"got {seed!r}")
     known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map)
     unknown = sorted(set(overrides) - known)
     if unknown:  # GPT2Config keeps any key, so a typo would silently build the default size

@@ -50,18 +50,28 @@ def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
 
 
 def resolve_device(device, name: str = "device") -> torch.device | None:
-    """None, or the CPU or a CUDA device this machine has (a torch.device or its name)."""
+    """None, or a device this machine has that computes (a torch.device or its name): the CPU, a
+    CUDA device, or another accelerator torch knows (mps, xpu, ...: the reference backend runs
+    there); not meta."""
     if device is None:
         return None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}")
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if dev.type == "cuda" and (dev.index or 0) >= n_gpus:
-        raise ValueError(f"{name}: {str(device)!r} is not available here ({n_gpus} CUDA devices visible)")
+    if dev is None or dev.type == "meta":
+        raise ValueError(f"{name}: expected a device that computes, such as cpu, cuda or cuda:N, "
+                         f"got {device!r}")
+    if dev.type == "cuda":
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= n_gpus:
+            raise ValueError(f"{name}: {str(device)!r} is not available here ({n_gpus} CUDA devices "
+                             "visible)")
+    elif dev.type != "cpu":  # torch.backends.mps, torch.xpu, ...: whichever says is_available
+        where = torch.backends if dev.type == "mps" else torch
+        available = getattr(getattr(where, dev.type, None), "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"{name}: {str(device)!r} is not available here")
     return dev
 
 

@@ -607,6 +607,10 @@ class ShuffledRows(torch.utils.data.IterableDataset):
     def epoch(self) -> int:
         return int(self._epoch[0])
 
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
 
