@@ -222,22 +222,30 @@ def test_backend_fallback_warns_once_and_explicit_compiled_raises(monkeypatch, m
             model(ids)
 
 
-def test_a_block_that_narrows_the_stream_is_refused_by_name(model):
-    def to_bfloat16(_mod, _args, out):  # runs before the capture's hook, which then sees bfloat16
-        return out.bfloat16() if isinstance(out, torch.Tensor) else (out[0].bfloat16(), *out[1:])
+def assert_stream_change_refused(model, block: int, change, match: str, ids, **capture_kwargs) -> None:
+    """A forward hook on ``block`` (registered first, so the capture's hook sees its result) applies
+    ``change`` to the hidden state: the capture raises UnsupportedStreamError matching ``match``,
+    and keeps nothing of that forward."""
+    def hook(_mod, _args, out):
+        return change(out) if isinstance(out, torch.Tensor) else (change(out[0]), *out[1:])
 
-    h = model.transformer.h[1].register_forward_hook(to_bfloat16)
+    h = model.transformer.h[block].register_forward_hook(hook)
     try:
-        cap = residtap.capture(model, outputs=("resid", "delta"))
-        with pytest.raises(residtap.UnsupportedStreamError,
-                           match="block 1 returned a bfloat16 hidden state from a float32 input; "
-                                 "a residual stream that narrows"):
+        cap = residtap.capture(model, **capture_kwargs)
+        with pytest.raises(residtap.UnsupportedStreamError, match=match):
             with cap:
-                model(ids_for(model, 1, 4))
+                model(ids)
     finally:
         h.remove()
     with pytest.raises(residtap.CaptureError, match="the last forward raised"):
         cap.resid
+
+
+def test_a_block_that_narrows_the_stream_is_refused_by_name(model):
+    assert_stream_change_refused(model, 1, lambda h: h.bfloat16(),
+                                 "block 1 returned a bfloat16 hidden state from a float32 input; "
+                                 "a residual stream that narrows", ids_for(model, 1, 4),
+                                 outputs=("resid", "delta"))
 
 
 class _ToyBlock(nn.Module):
@@ -296,22 +304,11 @@ def test_backend_from_the_environment_is_checked_at_construction_by_its_name(mod
 def test_a_block_that_changes_the_stream_shape_is_refused_by_name(model, change, positions, shape):
     """README: a stream of another shape is refused with UnsupportedStreamError, naming it; nothing
     of that forward is kept, whichever positions are asked for."""
-    def reshape(_mod, _args, out):  # runs before the capture's hook, which then sees the new shape
-        return (change(out[0]), *out[1:]) if isinstance(out, tuple) else change(out)
-
-    h = model.transformer.h[0].register_forward_hook(reshape)
-    try:
-        cap = residtap.capture(model, positions=positions)
-        with pytest.raises(residtap.UnsupportedStreamError,
-                           match=rf"block 0 of gpt2 returned a hidden state of shape "
+    assert_stream_change_refused(model, 0, change,
+                                 rf"block 0 of gpt2 returned a hidden state of shape "
                                  rf"{re.escape(str(shape))}, but the stream entered the first block as "
-                                 r"\(2, 5, 64\)"):
-            with cap:
-                model(ids_for(model, 2, 5))
-    finally:
-        h.remove()
-    with pytest.raises(residtap.CaptureError, match="the last forward raised"):
-        cap.resid
+                                 r"\(2, 5, 64\)",
+                                 ids_for(model, 2, 5), positions=positions)
 
 
 def test_a_forward_that_raises_before_the_first_block_leaves_no_stale_buffers(model):

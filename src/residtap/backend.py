@@ -57,17 +57,30 @@ def requested_backend(backend: str | None) -> str:
     return env
 
 
-def choose(requested: str | None, device: torch.device) -> Choice:
+def decide(requested: str | None, device: torch.device) -> tuple[str, str]:
+    """What :func:`choose` does for ``requested`` on ``device``, without doing it: ("compiled",
+    "requested" | "available"), ("reference", "requested"), ("reference", why the compiled op cannot
+    run) under "auto", or ("unavailable", why) where "compiled" was asked for and cannot run."""
     requested = requested_backend(requested)
-    from . import ops, reference
-
     if requested == "reference":
-        return Choice("reference", reference.capture_block, "requested")
+        return "reference", "requested"
     reason = compiled_unavailable_reason(torch.device(device))
     if reason is None:
-        return Choice("compiled", ops.capture_block, "requested" if requested == "compiled" else "available")
-    if requested == "compiled":
-        raise BackendUnavailableError(f"backend='compiled' was requested but {reason}")
+        return "compiled", "requested" if requested == "compiled" else "available"
+    return ("unavailable" if requested == "compiled" else "reference"), reason
+
+
+def choose(requested: str | None, device: torch.device) -> Choice:
+    name, why = decide(requested, device)
+    from . import ops, reference
+
+    if name == "compiled":
+        return Choice("compiled", ops.capture_block, why)
+    if name == "unavailable":
+        raise BackendUnavailableError(f"backend='compiled' was requested but {why}")
+    if why == "requested":
+        return Choice("reference", reference.capture_block, why)
+    reason = why
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"residtap: using the pure-PyTorch reference because {reason}. Results are "

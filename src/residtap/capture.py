@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import operator
 from typing import NamedTuple
 
@@ -564,7 +563,7 @@ class Capture:
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
         for what, x in (("returned", out), ("was called with", inp)):
-            if x is not None and tuple(x.shape) != self._stream:
+            if x is not None and x.shape != self._stream:  # (torch.Size is a tuple)
                 self._state = "failed"
                 raise UnsupportedStreamError(
                     f"residtap: block {layer_id - 1} of {self.layout.family} {what} a hidden state of "
@@ -719,13 +718,14 @@ class Capture:
         is ``cap.resid[k]``."""
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        if isinstance(layer_id, bool) or not isinstance(layer_id, (numbers.Integral, torch.Tensor)) or (
-                isinstance(layer_id, torch.Tensor) and layer_id.dtype == torch.bool):
-            raise ValueError(f"layer_id: expected an int residual index, got {type(layer_id).__name__}")
-        try:
-            layer_id = operator.index(layer_id)  # numpy integers and 0-d integer tensors too, as in layers=
+        given = layer_id
+        try:  # numpy integers and 0-d integer tensors too, as in layers=; never a bool
+            if isinstance(given, bool) or getattr(given, "dtype", None) == torch.bool:
+                raise TypeError
+            layer_id = operator.index(given)
         except TypeError:
-            raise ValueError(f"layer_id: expected an int residual index, got {layer_id!r}") from None
+            raise ValueError(f"layer_id: expected an int residual index, got {type(given).__name__}") \
+                from None
         n = self.layout.n_layers + 1
         k = self._slot.get(layer_id + n if -n <= layer_id < 0 else layer_id)
         attr = f"layer({output!r}, {layer_id})"

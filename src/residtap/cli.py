@@ -29,11 +29,6 @@ def _load_model(name: str | None, dtype, device: str, seed: int):
     return model.to(device).eval(), name
 
 
-def _device(text: str) -> torch.device:
-    """--device: the CPU or a CUDA device this machine has (the devices residtap runs on)."""
-    return resolve_device(text, "--device")
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -49,7 +44,7 @@ def cmd_verify(args) -> int:
     from .verify import to_json, verify
 
     dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
-    model, label = _load_model(args.model, dtype, _device(args.device), args.seed)
+    model, label = _load_model(args.model, dtype, resolve_device(args.device, "--device"), args.seed)
     max_pos = max_positions(model)
     if max_pos is not None and args.seq > max_pos:
         raise ValueError(f"--seq: expected at most {max_pos} (the model's positions), got {args.seq}")
@@ -67,7 +62,7 @@ def env_report() -> dict:
 
     from . import __version__
     from ._build import load_extension
-    from .backend import compiled_unavailable_reason, requested_backend
+    from .backend import decide, requested_backend
 
     info = load_extension()
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -77,13 +72,15 @@ def env_report() -> dict:
     except ValueError as e:
         requested = f"invalid: {e}"
 
-    def backend_on(device: str) -> str:  # what a capture there would run, as backend.choose decides
-        if requested.startswith("invalid") or requested == "reference":
-            return requested if requested != "reference" else "reference (RESIDTAP_BACKEND=reference)"
-        reason = compiled_unavailable_reason(torch.device(device))
-        if reason is None:
+    def backend_on(device: str) -> str:  # what a capture there would run (backend.decide)
+        if requested.startswith("invalid"):
+            return requested
+        name, why = decide(requested, torch.device(device))
+        if name == "compiled":
             return "compiled"
-        return f"error: {reason}" if requested == "compiled" else f"reference ({reason})"
+        if name == "unavailable":
+            return f"error: {why}"
+        return "reference (RESIDTAP_BACKEND=reference)" if why == "requested" else f"reference ({why})"
 
     return {
         "residtap": __version__,

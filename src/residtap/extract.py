@@ -621,10 +621,6 @@ def _abandon(out: str, made_dir: bool) -> None:
         pass
 
 
-def _holds_no_shard(paths: list) -> bool:
-    return not any(_store.read_json(p).get("shards") for p in paths)
-
-
 def _reopen_if_shards_missing(out: str) -> None:
     """A complete extraction some of whose shard files were deleted (what the checksum error advises)
     is marked incomplete again, so that this run recomputes them; a corrupted file that is still
@@ -646,10 +642,10 @@ def _with_history(out: str, header: dict) -> dict:
     versions and environment the extraction was started with and lists, under "resumed_with", every
     other (versions, environment) that has run on it since (this one included), so that the manifest
     never states one place for shards computed in several."""
-    paths = _store.manifest_paths(out)
-    if _holds_no_shard(paths):
+    manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
+    if not any(m.get("shards") for m in manifests):
         return header
-    started = _store.read_json(paths[0])
+    started = manifests[0]
     history = list(started.get("resumed_with", []))
     now = {"versions": header["versions"], "environment": header["environment"]}
     if now != {"versions": started["versions"], "environment": started["environment"]} and now not in history:
