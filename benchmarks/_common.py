@@ -99,6 +99,8 @@ def environment(device: str = "cpu") -> dict:
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        # float32 matmuls may run as TF32 ("high"/"medium"), which changes float32 forward times
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
 
 

@@ -94,3 +94,47 @@ def test_env_reports_the_backend_residtap_backend_asks_for(extension, monkeypatc
     rep = cli.env_report()
     assert rep["backend_by_device"]["cpu"] == want
     assert rep["backend_requested"] == (value if value == "reference" else want)
+
+
+def test_a_failed_cuda_build_is_not_retried_with_the_same_toolkit(fresh, monkeypatch, tmp_path, capsys):
+    """Every process (every torchrun rank) would otherwise fail the same compile again before falling
+    back to the CPU op. The failure is recorded in the CUDA build directory and trusted until the
+    toolkit changes; a later success removes the record."""
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    built, cuda_works = [], [False]
+
+    def load(**kwargs):
+        cuda = any(s.endswith(".cu") for s in kwargs["sources"])
+        built.append("cuda" if cuda else "cpu")
+        if cuda and not cuda_works[0]:
+            raise RuntimeError("Error building extension 'residtap_C'\nx.cu(3): error: expected a ';'")
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (toolkit, None))
+    monkeypatch.setattr(fresh, "_sources", lambda with_cuda: [Path("ops.cpp"), *([Path("k.cu")] * with_cuda)])
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path / "builds"))
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
+
+    first = fresh._load()
+    assert built == ["cuda", "cpu"] and not first.with_cuda
+    marker = next((tmp_path / "builds").glob(f"*/{fresh.FAILED_MARKER}"))
+
+    built.clear()
+    again = fresh._load()  # the next process
+    assert built == ["cpu"] and not again.with_cuda
+    assert again.cuda_skipped_because.startswith(first.cuda_skipped_because)
+    assert f"not tried again with the same toolkit: delete {marker} to retry" in again.cuda_skipped_because
+    assert "expected a ';'" in capsys.readouterr().err
+
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n# another toolkit\n")
+    cuda_works[0] = True
+    built.clear()
+    fixed = fresh._load()
+    assert built == ["cuda"] and fixed.with_cuda and fixed.cuda_skipped_because is None
+    assert not marker.exists()

@@ -138,6 +138,42 @@ def _openmp() -> bool:
 
 
 _tried_dir: str | None = None  # the build directory of the last attempt, for the record of a failure
+# In a CUDA build directory: why the build failed there, for the given toolkit. Later processes (every
+# torchrun rank, every script) go straight to the CPU op instead of failing the same compile again,
+# until the toolkit changes or the file is deleted.
+FAILED_MARKER = "cuda_build_failed.txt"
+
+
+class _FailedBefore(RuntimeError):
+    """The CUDA build failed in an earlier process, with the same sources, flags and toolkit."""
+
+
+def _toolkit_identity(cuda_home: Path) -> str:
+    nvcc = cuda_home / "bin" / "nvcc"
+    try:
+        st = nvcc.stat()
+    except OSError:
+        return str(nvcc)
+    return f"{nvcc.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns}"
+
+
+def _record_failure(cuda_home: Path, why: str) -> None:
+    """Best effort: a build directory that cannot be written to just means the next process tries again."""
+    if _tried_dir is None:
+        return
+    try:
+        (Path(_tried_dir) / FAILED_MARKER).write_text(f"{_toolkit_identity(cuda_home)}\n{why}\n")
+    except OSError:
+        pass
+
+
+def _failed_before(build_dir: Path, cuda_home: Path) -> str | None:
+    """The recorded reason, when this build directory's CUDA build failed with this toolkit."""
+    try:
+        toolkit, why = (build_dir / FAILED_MARKER).read_text().split("\n")[:2]
+    except (OSError, ValueError):
+        return None
+    return why if toolkit == _toolkit_identity(cuda_home) else None
 
 
 def _load() -> BuildInfo:
@@ -148,6 +184,10 @@ def _load() -> BuildInfo:
         return _build(None, cuda_skip)
     try:
         return _build(cuda_home, None)
+    except _FailedBefore as e:
+        why = str(e)
+        print(f"residtap: {why}; building the CPU op alone", file=sys.stderr, flush=True)
+        return _build(None, why)
     except Exception as e:  # noqa: BLE001 — recorded: the CPU op must not be lost with it
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         # the compiler's own first complaint, rather than torch's "Error building extension" line or
@@ -155,6 +195,7 @@ def _load() -> BuildInfo:
         first = next((line for line in lines if not line.startswith("[") and "Error building" not in line
                       and ("error" in line.lower() or "fatal" in line.lower())), lines[0] if lines else "")
         why = f"the CUDA build failed ({type(e).__name__}: {first}; see {_tried_dir})"
+        _record_failure(cuda_home, why)
         print(f"residtap: {why}; building the CPU op alone", file=sys.stderr, flush=True)
         return _build(None, why)
 
@@ -199,6 +240,11 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
     build_dir = root / _tag(sources, with_cuda, archs, (*cflags, *ldflags, *cuda_flags))
     _tried_dir = str(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
+    if with_cuda:
+        earlier = _failed_before(build_dir, cuda_home)
+        if earlier is not None:
+            raise _FailedBefore(f"{earlier}; not tried again with the same toolkit: delete "
+                                f"{build_dir / FAILED_MARKER} to retry")
 
     if not (build_dir / f"{_NAME}.so").exists():
         what = f"C++ and CUDA (sm {', '.join(archs)})" if with_cuda else "C++ (CPU only)"
@@ -226,6 +272,11 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
+    if with_cuda:
+        try:
+            (build_dir / FAILED_MARKER).unlink(missing_ok=True)  # built with another toolkit since
+        except OSError:
+            pass
     return BuildInfo(True, with_cuda, archs, str(build_dir), None, cuda_skip)
 
 
