@@ -386,7 +386,8 @@ def test_verify_detects_the_convention(models, name, wrapper):
         assert rep.convention.startswith("last entry is final_norm(raw output)")
     elif last_is == "raw":
         assert not rep.has_final_norm and last.normed_exact is None
-        assert rep.convention == "all entries are raw block outputs (the model has no final norm)"
+        assert rep.convention == ("no entry is normalized (the model has no final norm): entry 0 is the "
+                                  "embeddings (block 0's input), the others raw block outputs")
         assert "no final norm" in text
     else:  # project_out after the (optional) final norm changes the width: re-applied, exact
         assert last.projected_exact and last.projected_maxabs == 0.0 and last.raw_maxabs is None
@@ -465,7 +466,8 @@ def test_tie_last_hidden_states_false_is_reported_not_failed(models, name):
     assert rep.ok and rep.has_final_norm
     assert rep.rows[-1].matches == ("raw" if honoured else "normed")
     if honoured:
-        assert rep.convention == "all entries are raw block outputs (config.tie_last_hidden_states=False)"
+        assert rep.convention == ("no entry is normalized (config.tie_last_hidden_states=False): entry 0 is "
+                                  "the embeddings (block 0's input), the others raw block outputs")
 
 
 def test_a_projection_residtap_does_not_know_is_not_explained(models, monkeypatch):

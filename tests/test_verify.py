@@ -53,6 +53,12 @@ def test_cli_verify_table_and_json(extension, capsys):
     assert cli.main(["verify", "--batch", "1", "--seq", "8"]) == 0
     out = capsys.readouterr().out
     assert "gpt2-small (random init), 12 blocks" in out and out.rstrip().endswith("OK")
+    rows = [line.split(None, 5) for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    # hidden_states[0] is block 0's input, not any block's output
+    assert [r[-1] for r in rows] == ["embeddings (block 0's input)"] + ["raw block output"] * 11 \
+        + ["final_norm(raw)"]
+    assert ("convention: last entry is final_norm(raw output); entry 0 is the embeddings (block 0's input), "
+            "the others raw block outputs") in out
     assert out.count("exact") >= 13
     assert cli.main(["verify", "--batch", "1", "--seq", "4", "--dtype", "bfloat16", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -82,7 +88,7 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
     (["--device", "meta"], r"--device: expected a device that computes, .*got 'meta'"),
     pytest.param(["--device", "mps"], r"--device: 'mps' is not available here",
                  marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
-    (["--seed", str(2**64)], r"seed: expected an int in \[-2\*\*63, 2\*\*64\) .*got 18446744073709551616"),
+    (["--seed", str(2**64)], r"--seed: expected an int in \[-2\*\*63, 2\*\*64\) .*got 18446744073709551616"),
     (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
 ])
 def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):
@@ -212,3 +218,66 @@ def test_nans_that_came_through_unchanged_are_exact_and_a_nan_against_a_number_i
     c[1] = -0.0
     h[1] = 0.0
     assert [t.item() for t in _compare(c, h, nan)] == [0.0, 1.0]  # as torch.equal counts it
+
+
+def test_cli_verify_checks_the_seed_for_a_loaded_model_too(extension, tmp_path, capsys):
+    tiny_gpt2(2, 64, 2, torch.float32).save_pretrained(tmp_path / "tiny")
+    assert cli.main(["verify", "--model", str(tmp_path / "tiny"), "--seed", str(2**64)]) == 2
+    assert "residtap verify: error: --seed: expected an int in" in capsys.readouterr().err
+
+
+def test_cli_verify_a_checkpoint_of_no_kind_it_loads(tmp_path, capsys):
+    """A complete local encoder-decoder checkpoint: not "could not be loaded offline", which would send the
+    user looking for files they have."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                        num_heads=2)).save_pretrained(tmp_path / "t5")
+    assert cli.main(["verify", "--model", str(tmp_path / "t5")]) == 2
+    err = capsys.readouterr().err
+    assert "is a 't5' model, which transformers has as neither a causal LM nor an image-text" in err
+    assert "offline" not in err
+
+
+def test_verify_refuses_a_model_that_needs_more_than_token_ids(extension, capsys):
+    """BLIP-2's forward requires pixel_values: verify can make up token ids but not images. Before, the
+    ids went in positionally as pixel_values and a TypeError blamed input_ids (exit 1, "not exact")."""
+    from transformers import GPT2LMHeadModel
+
+    class NeedsPixels(GPT2LMHeadModel):
+        def forward(self, pixel_values, input_ids=None, **kwargs):
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    model = NeedsPixels(tiny_gpt2(1, 64, 2, torch.float32).config).eval()
+    with pytest.raises(ValueError, match=r"^model: NeedsPixels.forward requires pixel_values besides "
+                                         r"input_ids; verify runs on token ids alone"):
+        residtap.verify(model, ids_for(model, 1, 4))
+
+
+def test_verify_a_forward_that_runs_fewer_blocks_than_it_has(extension):
+    """Llama runs layers[:config.num_hidden_layers]: lowering it is HF's early exit. verify says so, and
+    verifies the blocks that ran when given them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128, vocab_size=96,
+                                         max_position_embeddings=64)).eval()
+    model.config.num_hidden_layers = 2
+    ids = ids_for(model, 2, 6)
+    with pytest.raises(ValueError, match=r"^model: its forward ran 2 of its 3 blocks \(config.num_hidden_layers"):
+        residtap.verify(model, ids)
+    rep = residtap.verify(model, ids, blocks=model.model.layers[:2])
+    assert rep.ok and rep.n_layers == 2 and [r.matches for r in rep.rows] == ["raw", "raw", "normed"]
+
+
+def test_cli_exit_status_3_for_the_unexpected(extension, monkeypatch, capsys):
+    """1 means "not exact" and 2 a bad argument or model; a bug is neither."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sys.modules["residtap.verify"], "verify", boom)
+    assert cli.main(["verify", "--batch", "1", "--seq", "4"]) == cli.EXIT_UNEXPECTED == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    assert err.rstrip().endswith("residtap verify: unexpected error (above); exit status 3")

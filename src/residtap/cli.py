@@ -6,21 +6,27 @@ import argparse
 import json
 import platform
 import sys
+import traceback
 
 import torch
 
 from .arch import UnsupportedStreamError, max_positions
 from .backend import BackendUnavailableError
+from .capture import CaptureError
+
+EXIT_UNEXPECTED = 3  # 0 done (verify: exact), 1 verify: not exact, 2 bad arguments or model
 from .selection import resolve_device, resolve_dtype
 
 
 def _load_model(name: str | None, dtype, device: str, seed: int):
-    from .models import load_pretrained, random_gpt2
+    from .models import UnsupportedModelTypeError, load_pretrained, random_gpt2
 
     if name is None:
         return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
     try:
         model = load_pretrained(name, dtype=dtype)
+    except UnsupportedModelTypeError:
+        raise
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"--model {name!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
@@ -40,9 +46,10 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .models import random_input_ids
+    from .models import check_seed, random_input_ids
     from .verify import to_json, verify
 
+    check_seed(args.seed, "--seed")
     dtype = resolve_dtype(args.dtype, "--dtype") or torch.float32
     model, label = _load_model(args.model, dtype, resolve_device(args.device, "--device"), args.seed)
     max_pos = max_positions(model)
@@ -150,9 +157,15 @@ def main(argv=None) -> int:
         return args.func(args)
     # bad arguments (a backend this machine lacks among them), a model residtap cannot tap: one
     # clear line
-    except (ValueError, UnsupportedStreamError, BackendUnavailableError) as e:
+    except (ValueError, UnsupportedStreamError, BackendUnavailableError, CaptureError) as e:
         print(f"residtap {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 — anything else is unexpected: its traceback, and a status of its
+        # own, so that verify's 1 ("not exact") always means what it says
+        traceback.print_exc()
+        print(f"residtap {args.command}: unexpected error (above); exit status {EXIT_UNEXPECTED}",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

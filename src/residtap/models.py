@@ -21,6 +21,13 @@ GPT2_SIZES = {
 }
 
 
+def check_seed(seed, name: str) -> None:
+    """A ValueError naming ``name`` unless ``seed`` is what torch.manual_seed takes."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"{name}: expected an int in [-2**63, 2**64) (what torch.manual_seed takes), "
+                         f"got {seed!r}")
+
+
 def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32, device="cpu",
                 lm_head: bool = True, **overrides):
     """A GPT-2-architecture model with seeded random weights, in eval mode.
@@ -31,9 +38,7 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
 
     if size not in GPT2_SIZES:
         raise ValueError(f"size: expected one of {sorted(GPT2_SIZES)}, got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [-2**63, 2**64) (what torch.manual_seed takes), "
-                         f"got {seed!r}")
+    check_seed(seed, "seed")
     known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map)
     unknown = sorted(set(overrides) - known)
     if unknown:  # GPT2Config keeps any key, so a typo would silently build the default size
@@ -50,15 +55,27 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
     return model.to(dtype).eval()
 
 
+class UnsupportedModelTypeError(ValueError):
+    """A checkpoint that loads, but as no kind of model residtap's loader knows."""
+
+
 def load_pretrained(spec: str, **kwargs):
     """A local model directory or cached name, offline: ``AutoModelForCausalLM``, or for an image-text
     model (LLaVA, Qwen2.5-VL...) which has none, ``AutoModelForImageTextToText``."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
-    auto = (transformers.AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-            else transformers.AutoModelForImageTextToText)
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto = transformers.AutoModelForCausalLM
+    elif config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        auto = transformers.AutoModelForImageTextToText
+    else:
+        raise UnsupportedModelTypeError(
+            f"{spec!r} is a {config.model_type!r} model, which transformers has as neither a causal LM "
+            "nor an image-text-to-text model; residtap loads decoder-only language models (for others, "
+            "load the model yourself and pass blocks= / final_norm=)")
     return auto.from_pretrained(spec, config=config, local_files_only=True, **kwargs)
 
 
@@ -74,6 +91,7 @@ def random_input_ids(model, batch: int, seq: int, *, seed: int = 0, device=None)
     if text is not config:
         skip = sorted({v for k, v in vars(config).items() if k.endswith(("_token_id", "_token_index"))
                        and k not in _TEXT_SPECIALS and isinstance(v, int) and 0 <= v < text.vocab_size})
+    check_seed(seed, "seed")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, text.vocab_size - len(skip), (batch, seq), generator=g)
     for token in skip:  # ascending: each id at or past a skipped token moves one further up

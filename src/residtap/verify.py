@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .arch import text_config
+from .arch import forward_signature, text_config
 from .capture import Capture
 from .selection import NOT_GIVEN
 
@@ -59,6 +59,8 @@ def to_json(d: dict) -> str:
     return json.dumps(strict(d), indent=2, allow_nan=False)
 
 
+# hidden_states[0] is block 0's input, which no block output (Gemma's scaled embeddings included)
+_FIRST_AND_OTHERS = "entry 0 is the embeddings (block 0's input), the others raw block outputs"
 _WHAT = {"raw": "raw block output", "normed": "final_norm(raw)", "both": "raw (= normed)",
          "projected": "project_out(final_norm(raw))", "neither": "NEITHER"}
 
@@ -97,11 +99,11 @@ class VerifyReport:
                   if shifted else "")
         if last == "normed":
             return (f"{others}is final_norm(raw output of the last block)" if shifted
-                    else "last entry is final_norm(raw output); all others are raw block outputs")
+                    else f"last entry is final_norm(raw output); {_FIRST_AND_OTHERS}")
         if last == "projected":
             what = f"{self._projection_name()}, width {self.last_width} (d_model {self.d_model})"
             return (f"{others}is {what}" if shifted
-                    else f"last entry is {what}; all others are raw block outputs")
+                    else f"last entry is {what}; {_FIRST_AND_OTHERS}")
         if last in ("raw", "both"):
             if not self.has_final_norm:
                 why = "the model has no final norm"
@@ -110,7 +112,7 @@ class VerifyReport:
             else:
                 why = "no final norm applied to hidden_states"
             return (f"{others}repeats the last block's raw output ({why})" if shifted
-                    else f"all entries are raw block outputs ({why})")
+                    else f"no entry is normalized ({why}): {_FIRST_AND_OTHERS}")
         if self.last_width != self.d_model:
             if self.has_projection:
                 return (f"unexplained: hidden_states[-1] (width {self.last_width}, d_model "
@@ -144,9 +146,12 @@ class VerifyReport:
         def yes(x):
             return "-" if x is None else ("exact" if x else "DIFF")
 
-        def what(matches):
-            return "project_out(raw)" if matches == "projected" and not self.has_final_norm \
-                else _WHAT[matches]
+        def what(r):
+            if r.matches == "projected" and not self.has_final_norm:
+                return "project_out(raw)"
+            if r.matches == "raw" and r.resid_index == 0:
+                return "embeddings (block 0's input)"
+            return _WHAT[r.matches]
 
         head = (f"residtap verify: {self.model}, {self.n_layers} blocks, {self.dtype} on {self.device}\n"
                 f"{'layer':>5}  {'max|hook-hs|':>12}  {'hook==hs':>8}  {'max|norm(hook)-hs|':>18}  "
@@ -154,7 +159,7 @@ class VerifyReport:
         lines = [head]
         for r in self.rows:
             lines.append(f"{r.layer:>5}  {num(r.raw_maxabs):>12}  {yes(r.raw_exact):>8}  "
-                         f"{num(r.normed_maxabs):>18}  {yes(r.normed_exact):>8}  {what(r.matches)}")
+                         f"{num(r.normed_maxabs):>18}  {yes(r.normed_exact):>8}  {what(r)}")
         lines.append(f"convention: {self.convention}")
         if self.first_resid == 1:
             lines.append("note: hidden_states has no embeddings entry, so row i is compared with the "
@@ -232,15 +237,38 @@ def _run(model, layout, input_ids, attention_mask, backend, dtype):
     kwargs = {"output_hidden_states": True, "return_dict": True}  # whatever config.return_dict says
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+    args = _text_only_call(model, input_ids, kwargs)
     with torch.no_grad(), cap:
-        out = model(input_ids, **kwargs)
+        out = model(*args, **kwargs)
     hs = getattr(out, "hidden_states", None)
     if hs is None:
         raise ValueError(f"model: {type(model).__name__} returned no hidden_states with "
                          "output_hidden_states=True")
+    if cap._state == "running":  # the forward returned without running every block
+        raise ValueError(f"model: its forward ran {len(cap._done) - 1} of its {layout.n_layers} blocks "
+                         "(config.num_hidden_layers lowered for an early exit?); pass blocks= the blocks "
+                         "it runs")
     # Per layer, each on the device it ran on (a model dispatched over several devices has no
     # stacked cap.resid); a copy to where hidden_states[i] is, which is exact.
     return hs, cap.per_layer("resid"), cap.per_layer("normed") if has_norm else None
+
+
+def _text_only_call(model, input_ids, kwargs) -> tuple:
+    """The positional arguments for a call with token ids alone (``input_ids`` goes by keyword where
+    the forward names it, as HF's all do); a ValueError where the forward requires inputs verify
+    cannot make up (BLIP-2's pixel_values)."""
+    sig = forward_signature(model)
+    if sig is None or "input_ids" not in sig.parameters:
+        return (input_ids,)
+    kwargs["input_ids"] = input_ids
+    missing = [name for name, p in sig.parameters.items()
+               if p.default is p.empty and name not in kwargs
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise ValueError(f"model: {type(model).__name__}.forward requires {', '.join(missing)} besides "
+                         "input_ids; verify runs on token ids alone (capture it with residtap.Capture and "
+                         "your own inputs)")
+    return ()
 
 
 def _report(model, layout, hs, resid, normed, dtype, first_resid: int) -> VerifyReport:
