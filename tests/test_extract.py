@@ -602,6 +602,113 @@ def test_a_full_disk_reported_by_safetensors_is_a_clear_error(tmp_path, monkeypa
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("made_dir", [True, False])
+def test_a_first_run_failing_after_its_first_rename_leaves_nothing_in_the_way(tmp_path, monkeypatch, made_dir):
+    """The directory sync after shard 0's rename fails (a full disk): the shard is in place but never
+    recorded. The error says a rerun resumes, so the rerun must not find "not empty" there; before, the
+    run took its manifest back and left the shard."""
+    path, _ = ids_file(tmp_path, 8 * 12)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", writers=1, publishers=1, progress=False)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "ref", **kw)
+    out = tmp_path / "out"
+    if not made_dir:
+        out.mkdir()
+    real = store.fsync_dir
+
+    def full_after_rename(directory):
+        if os.path.exists(os.path.join(directory, store.shard_name(0))):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(directory)
+
+    monkeypatch.setattr(store, "fsync_dir", full_after_rename)
+    with pytest.raises(store.StoreError, match=r"publishing shard 0 .*no space left on device.*resumes"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert not out.exists() if made_dir else os.listdir(out) == []
+    monkeypatch.setattr(store, "fsync_dir", real)
+    assert residtap.extract(tiny_gpt2(), path, out, **kw).complete
+    assert_same_dirs(tmp_path / "ref", out)
+
+
+def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
+    """Two runs into one directory used to delete each other's temporaries and share the manifest's
+    temporary name. While a run holds the directory's lock, another is refused before touching it."""
+    path, _ = ids_file(tmp_path, 8 * 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = store.lock_directory(str(out))  # as a run in another process holds it
+    assert held is not None
+    try:
+        with pytest.raises(store.StoreError, match=r"^out: another extraction is writing to .* now \(it holds "
+                                                   r"the lock on .*\.residtap\.lock'\)"):
+            residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False)
+        assert os.listdir(out) == [store.LOCK]
+    finally:
+        os.close(held)
+    assert residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False).complete
+
+
+def test_an_unreadable_shard_is_a_clear_error(tmp_path, monkeypatch):
+    """A bad sector (EIO) under a finished shard: the resume's check and residtap.open say which shard
+    could not be read, as a StoreError (the CLI's one line), not a bare OSError."""
+    path, _ = ids_file(tmp_path, 8 * 12)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, **kw)
+    m = json.loads((out / "manifest.json").read_text())
+    bad = str(out / store.shard_name(2))
+    real_hash, real_open = store.sha256_file, builtins.open
+
+    def eio_hash(p, *args, **kwargs):
+        if str(p) == bad:
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real_hash(p, *args, **kwargs)
+
+    def eio_open(p, *args, **kwargs):
+        if str(p) == bad:
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(store, "sha256_file", eio_hash)
+    with pytest.raises(store.StoreError, match=r"reading shard 2 '.*shard-000002.safetensors' failed: "
+                                               r"Input/output error"):
+        residtap.open(out, verify=True)
+    store.write_json_atomic(str(out / "manifest.json"),
+                            {k: v for k, v in m.items() if k not in ("n_shards", "totals")} | {"complete": False})
+    with pytest.raises(store.StoreError, match=r"reading shard 2 .*Input/output error"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    monkeypatch.setattr(builtins, "open", eio_open)
+    with pytest.raises(store.StoreError, match=r"reading the shard '.*shard-000002.safetensors' failed: "
+                                               r"Input/output error"):
+        residtap.open(out, allow_partial=True)
+
+
+def test_a_part_manifest_keeps_every_shard_done_when_the_run_started(tmp_path):
+    """A resume with another process count gives shards new owners. Each rank's part used to list only
+    the shards it owns now, so until their new owner wrote its part, finished shards were in no manifest
+    on disk, and a kill then cost their recomputation."""
+    from residtap.extract import _Manifest
+
+    done = {i: {"index": i, "file": store.shard_name(i)} for i in (0, 1, 2, 3, 5)}
+    part = _Manifest(str(tmp_path), {"format": "x"}, dict(done), rank=1, world=3)
+    part.add({"index": 4, "file": store.shard_name(4)})
+    written = json.loads((tmp_path / store.part_name(1)).read_text())
+    assert [r["index"] for r in written["shards"]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_numpy_integers_are_taken_where_ints_are(tmp_path):
+    """positions passed validation as numpy ints and then failed writing the manifest (a TypeError
+    from json, after the directory was made); counts took no numpy int at all; bool is no int."""
+    path, _ = ids_file(tmp_path, 8 * 6)
+    res = residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=np.int64(8),
+                           positions=[np.int64(1), np.int64(3)], max_tokens=np.int64(32),
+                           batch_size=np.int32(2), progress=False)
+    assert res.complete and res.manifest["settings"]["positions"] == [1, 3]
+    assert res.manifest["totals"]["n_rows"] == 4 * 2
+    with pytest.raises(ValueError, match=r"^seq_len: expected a positive int or None, got True$"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "bool", seq_len=True, progress=False)
+    assert not (tmp_path / "bool").exists()
+
+
 def test_mismatched_settings_or_model_are_refused(tmp_path, capsys):
     path, _ = ids_file(tmp_path, 8 * 6)
     kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
@@ -905,8 +1012,11 @@ def test_torchrun_killed_then_rerun_resumes_byte_identical(tmp_path, reference_r
     proc.wait()
     before = done()
     assert min(before) >= 10 and sum(before) < 200
+    finished = len(store.merged_records([json.loads(p.read_text()) for p in parts]))
+    (out / "manifest.rank2.json.tmp").write_text("{")  # a part of a 3-process run, killed mid-write
     rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({finished} already done)" in rerun.stdout
     assert_same_dirs(ref, out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
 
@@ -916,6 +1026,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, reference_run):
     path, ref = reference_run
     two = subprocess.run(_torchrun(path, tmp_path / "two"), env=_env(), capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
+    n = json.loads((ref / "manifest.json").read_text())["n_shards"]  # both processes' shards, not rank 0's
+    assert f"this run wrote {n} shards (0 already done)" in two.stdout and "over 2 processes" in two.stdout
     assert_same_dirs(ref, tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(ref))  # rank parts merged away
 

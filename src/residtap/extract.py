@@ -38,6 +38,8 @@ import datetime
 import hashlib
 import json
 import math
+import numbers
+import operator
 import os
 import queue
 import re
@@ -55,7 +57,7 @@ from . import store as _store
 from .arch import bare_model, max_positions, module_device
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import LAST, KeepMask, resolve_device, resolve_dtype, resolve_positions
+from .selection import LAST, KeepMask, positive_int, resolve_device, resolve_dtype, resolve_positions
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -63,8 +65,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 
 def parse_size(value, name: str) -> int:
     """An int (bytes) or a string like "512MiB", "1GiB", "2.5GB" → bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        n = int(value)
     elif isinstance(value, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)) \
             and m.group(2).lower() in _SIZE_UNITS:
         n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
@@ -109,13 +111,9 @@ class ExtractOptions:
     verify_existing: bool = True
 
     def __post_init__(self):
-        for name, may_be_none in (("batch_size", False), ("writers", False), ("publishers", True)):
-            v = getattr(self, name)
-            if v is None and may_be_none:
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                expected = "a positive int or None" if may_be_none else "a positive int"
-                raise ValueError(f"{name}: expected {expected}, got {v!r}")
+        for name, none_ok in (("batch_size", False), ("writers", False), ("publishers", True),
+                              ("seq_len", True), ("max_tokens", True)):
+            object.__setattr__(self, name, positive_int(getattr(self, name), name, none_ok=none_ok))
         if self.packing not in _inputs.PACKINGS:
             raise ValueError(f"packing: expected one of {_inputs.PACKINGS}, got {self.packing!r}")
 
@@ -137,6 +135,9 @@ class ExtractResult:
     manifest: dict
     writers: int = 0  # writer threads this call ran (fewer than asked where host_memory is short)
     publishers: int = 0  # publisher threads (hash, rename, record) this call ran
+    # shards_written, shards_skipped, n_tokens, n_rows, bytes_written summed over every process of
+    # the run (torchrun), and seconds the longest; this process's own where it ran alone
+    all_processes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -150,7 +151,7 @@ def _positions_rule(p):
     if isinstance(p, slice):
         return f"{'' if p.start is None else p.start}:{'' if p.stop is None else p.stop}:" \
                f"{'' if p.step is None else p.step}"
-    return p if isinstance(p, (int, str)) else list(p)
+    return p if isinstance(p, (int, str)) else [operator.index(x) for x in p]  # numpy ints, 0-d tensors
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -288,9 +289,11 @@ class _Manifest:
     def __init__(self, out: str, header: dict, records: dict[int, dict], rank: int, world: int):
         self.out, self.header, self.records = out, header, records
         self.rank, self.world = rank, world
-        # This rank's part lists every shard it owns that is done, from whichever manifest recorded
-        # it: a resumed run rewrites its part, and must not drop the shards an earlier run finished.
-        self.mine: dict[int, dict] = {i: r for i, r in records.items() if i % world == rank}
+        # This rank's part lists every shard that was done when the run started, from whichever
+        # manifest recorded it, and those it finishes: a resumed run rewrites its part, and must not
+        # drop the shards an earlier run finished, whichever rank now owns them (the owner under a
+        # new process count may not write its part before a kill). merged_records removes repeats.
+        self.mine: dict[int, dict] = dict(records)
         self._lock = threading.Lock()
 
     def path(self) -> str:
@@ -400,7 +403,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
                          "slice, a list of ints or 'last' (each sequence's last real token)")
     max_pos = max_positions(model)
-    source = _inputs.open_source(data, seq_len=seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
+    source = _inputs.open_source(data, seq_len=opts.seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
                                  tokenizer=tokenizer, text_field=text_field, split=split,
                                  default_seq_len=min(1024, int(max_pos or 1024)))
     seq_len = source.seq_len
@@ -476,7 +479,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     made_dir = not os.path.exists(out)
     fresh = world == 1 and (made_dir or not _store.manifest_paths(out))
     group = _init_group(world)
+    lock = None
     try:
+        if rank == 0:  # one run at a time in a directory (its other ranks are this run)
+            _make_dir(out)
+            lock = _store.lock_directory(out)
         records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
         if complete:
             m = _store.read_json(os.path.join(out, _store.MANIFEST))
@@ -493,8 +500,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             if fresh and not manifest.records:
                 _abandon(out, made_dir)
             raise
-        final = _finish(out, header, manifest, run, rank, world, group)
+        final, everyone = _finish(out, header, manifest, run, rank, world, group)
     finally:
+        if lock is not None:
+            os.close(lock)
+            _tidy_if_nothing_there(out, made_dir)
         if group is not None:
             import torch.distributed as dist
 
@@ -503,7 +513,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                          n_shards=final.get("n_shards", run.n_blocks), shards_written=run.written,
                          shards_skipped=run.skipped, n_tokens=run.n_tokens, n_rows=run.n_rows,
                          bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
-                         manifest=final, writers=run.n_writers, publishers=run.n_publishers)
+                         manifest=final, writers=run.n_writers, publishers=run.n_publishers,
+                         all_processes=everyone)
 
 
 def _learned_positions(base: nn.Module, max_pos: int) -> bool:
@@ -563,14 +574,11 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     Rank 0 creates the directory and the initial manifest before any other rank looks at it.
     """
     if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise _store.os_error(e, "creating the output directory", out) from e
+        _make_dir(out)
         existing = _store.manifest_paths(out)
         if not existing:
             foreign = [f for f in os.listdir(out)
-                       if not (f.startswith(".shard-") or f == "manifest.json.tmp")]
+                       if not (f.startswith(".shard-") or f in ("manifest.json.tmp", _store.LOCK))]
             if foreign:
                 raise _store.StoreError(f"out: {out!r} is not empty ({len(foreign)} entries, e.g. "
                                         f"{sorted(foreign)[:3]}) and holds no residtap manifest; refusing to "
@@ -609,12 +617,37 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     return records, False
 
 
+def _make_dir(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _store.os_error(e, "creating the output directory", out) from e
+
+
 def _abandon(out: str, made_dir: bool) -> None:
-    """Undo what a failed first run wrote before any shard: its manifest and temporaries, and the
-    directory if it made it. Best effort: the run's own error is what the caller raises."""
+    """Undo what a failed first run wrote before any shard was recorded: its manifest, temporaries and
+    any shard renamed into place whose record was never written (the directory held nothing else when
+    the run began), and the directory if it made it. Best effort: the run's own error is what the
+    caller raises."""
     try:
         _store.remove_stale_temporaries(out, lambda index: True)
+        for f in os.listdir(out):
+            if _store.SHARD_FILE.fullmatch(f):
+                os.remove(os.path.join(out, f))
         os.remove(os.path.join(out, _store.MANIFEST))
+        if made_dir and not os.listdir(out):
+            os.rmdir(out)
+    except OSError:
+        pass
+
+
+def _tidy_if_nothing_there(out: str, made_dir: bool) -> None:
+    """After a run that leaves no manifest (it failed before writing one, or took it back): its lock
+    file, and the directory if the run made it and it is empty."""
+    try:
+        if _store.manifest_paths(out):
+            return
+        os.remove(os.path.join(out, _store.LOCK))
         if made_dir and not os.listdir(out):
             os.rmdir(out)
     except OSError:
@@ -672,10 +705,22 @@ def _check_compatible(out: str, header: dict) -> None:
                       file=sys.stderr)
 
 
-def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> dict:
+def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> tuple[dict, dict]:
     """Mark the extraction complete: one process writes manifest.json; with several, each writes its
-    part and rank 0 merges them once all are done."""
+    part and rank 0 merges them once all are done. Returns the final manifest and what the run did,
+    summed over its processes."""
     n = run.n_blocks
+    counts = {"shards_written": run.written, "shards_skipped": run.skipped, "n_tokens": run.n_tokens,
+              "n_rows": run.n_rows, "bytes_written": run.bytes}
+    everyone = {**counts, "seconds": run.seconds}
+    if group is not None:
+        import torch.distributed as dist
+
+        summed = torch.tensor(list(counts.values()), dtype=torch.int64)
+        longest = torch.tensor([run.seconds], dtype=torch.float64)
+        dist.all_reduce(summed, group=group)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+        everyone = {**dict(zip(counts, summed.tolist())), "seconds": float(longest)}
     if world > 1:
         with manifest._lock:
             manifest._write(complete=False, done=True, n_shards=n)
@@ -695,10 +740,13 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
         for p in paths:
             if os.path.basename(p) != _store.MANIFEST:
                 os.remove(p)
+        for f in os.listdir(out):  # a part being rewritten when a run with more processes was killed
+            if f.startswith("manifest.rank") and f.endswith(".json.tmp"):
+                os.remove(os.path.join(out, f))
     _barrier(group)
     if rank != 0:
         final = _store.read_json(os.path.join(out, _store.MANIFEST))
-    return final
+    return final, everyone
 
 
 class _CudaQueues:
@@ -934,7 +982,7 @@ class _Run:
                         break
                     if isinstance(item, _inputs.Skipped):
                         self.n_blocks = item.index + 1
-                        self.skipped += item.index in self.manifest.records
+                        self.skipped += self.finished_here(item.index)
                         if item.digest is not None:
                             self._check_finished(item)
                         continue
@@ -1124,10 +1172,14 @@ def cmd_extract(args) -> int:
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
+        run = res.all_processes or {"shards_written": res.shards_written, "shards_skipped": res.shards_skipped,
+                                    "n_tokens": res.n_tokens, "seconds": res.seconds}
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        rate = run["n_tokens"] / run["seconds"] if run["seconds"] > 0 else 0.0
         print(f"residtap extract: {res.out}: {'complete' if res.complete else 'incomplete'}, "
               f"{res.n_shards} shards, {t.get('n_rows', '?')} rows ({t.get('bytes', 0) / 1e9:.3f} GB); this "
-              f"run wrote {res.shards_written} shards ({res.shards_skipped} already done) in "
-              f"{res.seconds:.1f} s, {res.tokens_per_s:,.0f} tok/s")
+              f"run wrote {run['shards_written']} shards ({run['shards_skipped']} already done) in "
+              f"{run['seconds']:.1f} s, {rate:,.0f} tok/s{f' over {world} processes' if world > 1 else ''}")
     return 0
 
 

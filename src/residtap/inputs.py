@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .selection import positive_int
+
 PACKINGS = ("pack", "pad")
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -457,10 +459,8 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
     ``seq_len`` None: a 2-D array's width, else ``default_seq_len``."""
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
-    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"seq_len: expected a positive int or None, got {seq_len!r}")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-        raise ValueError(f"max_tokens: expected a positive int or None, got {max_tokens!r}")
+    seq_len = positive_int(seq_len, "seq_len", none_ok=True)
+    max_tokens = positive_int(max_tokens, "max_tokens", none_ok=True)
     width_from_data = (hasattr(data, "shape") and len(data.shape) == 2) or (  # maybe: a .npy decides
         isinstance(data, (str, os.PathLike)) and os.fspath(data).lower().endswith(".npy"))
     if seq_len is None and not width_from_data:

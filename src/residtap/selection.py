@@ -28,6 +28,16 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def positive_int(value, name: str, *, none_ok: bool = False) -> int | None:
+    """``value`` as an int >= 1 (numpy and other integral types too, never bool), or None where
+    ``none_ok``; else a ValueError naming ``name``."""
+    if value is None and none_ok:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if none_ok else ''}, got {value!r}")
+    return int(value)
+
+
 def _integer_array(x) -> bool:
     """An integer (not bool) torch tensor or numpy array/scalar."""
     if isinstance(x, torch.Tensor):

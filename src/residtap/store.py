@@ -35,8 +35,15 @@ import shutil
 import struct
 from typing import Iterator, NamedTuple, Sequence
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked against each other
+    fcntl = None
+
 import numpy as np
 import torch
+
+from .selection import positive_int
 
 FORMAT = "residtap.activations"
 FORMAT_VERSION = 1
@@ -64,6 +71,38 @@ class ShardCorruptError(StoreError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
+
+
+SHARD_FILE = re.compile(r"shard-\d{6,}\.safetensors")  # shard_name's names
+
+
+# In an extraction directory: the file a run holds an exclusive flock on while it writes there (rank 0
+# of a multi-process run), so that a second run into the same directory is refused, not interleaved.
+LOCK = ".residtap.lock"
+
+
+def lock_directory(directory: str) -> int | None:
+    """Take ``directory``'s run lock; returns the descriptor to keep open (closing it releases the lock),
+    or None where the file system cannot lock (or is read-only, so no run can write there either). A
+    StoreError where another process holds it. The file is left in place: removing it would let a run
+    that opened it before the removal and one that creates it anew both hold "the" lock."""
+    if fcntl is None:
+        return None
+    path = os.path.join(directory, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"out: another extraction is writing to {directory!r} now (it holds the lock on "
+                         f"{path!r}); wait for it to finish, or choose another directory") from None
+    except OSError:  # no flock here (some network file systems)
+        os.close(fd)
+        return None
+    return fd
 
 
 def part_name(rank: int) -> str:
@@ -319,17 +358,27 @@ def record_mismatch(directory: str, record: dict, check_sha256: bool = True) -> 
         size = os.path.getsize(path)
     except FileNotFoundError:
         return "missing"
+    except OSError as e:
+        raise os_error(e, f"reading shard {record['index']}", path) from e
     if size != record["bytes"]:
         return f"{size} bytes, expected {record['bytes']}"
-    if check_sha256 and sha256_file(path) != record["sha256"]:
+    if check_sha256 and _sha256_of_shard(path, record["index"]) != record["sha256"]:
         return "sha256 differs"
     return None
+
+
+def _sha256_of_shard(path: str, index) -> str:
+    """sha256_file, with a read error (a bad sector: EIO) said as one StoreError naming the shard."""
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise os_error(e, f"reading shard {index}", path) from e
 
 
 def _describes(directory: str, record: dict) -> bool:
     try:
         return record_mismatch(directory, record) is None
-    except OSError:
+    except StoreError:
         return False
 
 
@@ -340,17 +389,21 @@ def read_header(path: str) -> tuple[dict, int]:
     Format (safetensors spec): 8-byte little-endian header length N, N bytes of JSON mapping each
     name to {dtype, shape, data_offsets: [begin, end]} relative to the data start, then the data.
     """
-    with builtins.open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ShardCorruptError(f"shard {path!r} is truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise ShardCorruptError(f"shard {path!r} has an implausible header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ShardCorruptError(f"shard {path!r} has a damaged safetensors header ({e})") from e
+    try:
+        with builtins.open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ShardCorruptError(f"shard {path!r} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 << 20:
+                raise ShardCorruptError(f"shard {path!r} has an implausible header length {n}")
+            text = f.read(n)
+    except OSError as e:
+        raise os_error(e, "reading the shard", path) from e
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardCorruptError(f"shard {path!r} has a damaged safetensors header ({e})") from e
     return header, 8 + n
 
 
@@ -515,7 +568,7 @@ class Activations:
     def verify(self) -> None:
         """Hash every shard and compare with the manifest; ShardCorruptError names the first that differs."""
         for s in self._shards:
-            got = sha256_file(s.path)
+            got = _sha256_of_shard(s.path, s.record["index"])
             if got != s.record["sha256"]:
                 raise ShardCorruptError(
                     f"shard {s.record['index']} ({s.path!r}) fails its checksum: sha256 {got}, the manifest "
@@ -594,10 +647,8 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         if not layers:
             raise ValueError("layers: expected a residual index or a non-empty list of them, got []")
         self.arrays = [acts.layer(lid, output) for lid in layers]
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        if not isinstance(buffer_shards, int) or buffer_shards < 1:
-            raise ValueError(f"buffer_shards: expected a positive int, got {buffer_shards!r}")
+        batch_size = positive_int(batch_size, "batch_size", none_ok=True)
+        buffer_shards = positive_int(buffer_shards, "buffer_shards")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_shards, self.drop_last = buffer_shards, drop_last
         # Shared memory: DataLoader's workers (persistent ones included) read what set_epoch wrote.
