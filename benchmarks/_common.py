@@ -40,7 +40,9 @@ __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "w
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
     """An ArgumentParser with the flags every benchmark shares (add your own after)."""
-    p = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    # the docstring's first paragraph (its first line may end mid-sentence)
+    first = (description or "").strip().split("\n\n")[0]
+    p = argparse.ArgumentParser(description=" ".join(first.split()) or None)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, a few seconds, runs on CPU too (what CI runs)")
     p.add_argument("--device", default=None,

@@ -602,6 +602,45 @@ def test_a_full_disk_reported_by_safetensors_is_a_clear_error(tmp_path, monkeypa
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
 
 
+def test_a_memory_mapped_npy_gives_no_warning(tmp_path):
+    """Every .npy run printed torch's "The given NumPy array is not writable" warning: the ids come
+    from a read-only memory map."""
+    import warnings
+
+    path = tmp_path / "ids64.npy"  # int64, what the model takes: no conversion copies them
+    np.save(path, np.random.default_rng(0).integers(0, 97, size=8 * 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, progress=False).complete
+
+
+def test_a_model_type_residtap_lacks_takes_blocks_and_final_norm(tmp_path, capsys):
+    """extract took no blocks= / final_norm=, so a model outside residtap's table could not be extracted
+    at all, though the error said to pass them. Paths are relative to the model as given (here the LM,
+    while the captures hook its bare model); the manifest records them."""
+    model = copy.deepcopy(tiny_gpt2())  # (tiny_gpt2 is shared: cached)
+    model.config.model_type = "my-arch"  # unknown to residtap, the same modules otherwise
+    path, ids = ids_file(tmp_path, 8 * 4)
+    with pytest.raises(ValueError, match=r"does not know the model type 'my-arch'.*--blocks model.layers"):
+        residtap.extract(model, path, tmp_path / "none", seq_len=8, progress=False)
+    sel = dict(blocks="transformer.h", final_norm="transformer.ln_f")
+    res = residtap.extract(model, path, tmp_path / "out", seq_len=8, batch_size=4, layers=[0, 2],
+                           outputs=("resid", "normed"), progress=False, **sel)
+    assert {k: res.manifest["settings"][k] for k in sel} == sel
+    acts = residtap.open(tmp_path / "out")
+    cap = captured(model, ids.reshape(4, 8), layers=[0, 2], outputs=("resid", "normed"),
+                   blocks=model.transformer.h, final_norm=model.transformer.ln_f)
+    for i, lid in enumerate((0, 2)):
+        assert torch.equal(acts.layer(lid)[:], cap.resid[i].reshape(-1, 64))
+        assert torch.equal(acts.layer(lid, "normed")[:], cap.normed[i].reshape(-1, 64))
+    none = residtap.extract(model, path, tmp_path / "no_norm", seq_len=8, blocks=model.transformer.h,
+                            final_norm=None, progress=False)
+    assert none.manifest["settings"]["blocks"] == "transformer.h" and none.manifest["settings"]["final_norm"] is None
+    with pytest.raises(residtap.ManifestMismatchError, match="final_norm"):  # another norm: other settings
+        residtap.extract(model, path, tmp_path / "no_norm", seq_len=8, progress=False,
+                         blocks="transformer.h", final_norm="transformer.ln_f")
+
+
 @pytest.mark.parametrize("made_dir", [True, False])
 def test_a_first_run_failing_after_its_first_rename_leaves_nothing_in_the_way(tmp_path, monkeypatch, made_dir):
     """The directory sync after shard 0's rename fails (a full disk): the shard is in place but never

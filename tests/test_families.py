@@ -652,12 +652,21 @@ def test_explicit_blocks_and_final_norm(extension, returns, given):
     assert torch.equal(cap.normed[-1], out)  # nn.RMSNorm re-applied through the module: exact
 
 
-def test_explicit_final_norm_none_overrides_the_table(models):
+def test_explicit_final_norm_none_overrides_the_table(extension, models):
     model = models("llama", "causal-lm")
     with pytest.raises(ValueError, match=r"outputs: 'normed' needs a final norm"):
         residtap.capture(model, final_norm=None, outputs=("normed",))
     cap = residtap.capture(model, final_norm=None, outputs=("resid", "stats"))
     assert cap.layout.final_norm is None and cap.layout.eps == EPS  # the config's rms_norm_eps
+    # the reference by the same rules: None is no final norm (it used to mean "the table's")
+    with pytest.raises(ValueError, match=r"outputs: 'normed' needs a final norm"):
+        run_reference(model, torch.zeros(1, 2, dtype=torch.long), final_norm=None, outputs=("normed",))
+    ids = random_input_ids(model, 2, 5)
+    with torch.no_grad(), cap:
+        model(ids)
+    with torch.no_grad():
+        ref = run_reference(model, ids, final_norm=None, outputs=("resid", "stats"))
+    assert_same_outputs(cap, ref, ("resid", "stats"))
 
 
 def test_a_renamed_table_path_says_where_it_came_from(models, monkeypatch):

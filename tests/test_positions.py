@@ -272,6 +272,8 @@ def test_numpy_arrays_and_0d_tensors_select_as_their_values():
         with residtap.capture(model, positions=same) as b:
             model(ids)
         assert torch.equal(a.resid, b.resid), spec
+        # the reference reads positions by the same rules (it refused numpy and 0-d tensors)
+        assert torch.equal(run_reference(model, ids, positions=spec).outputs["resid"], a.resid), spec
     for layer_id in (np.int64(1), torch.tensor(1), np.int32(-2)):
         assert torch.equal(b.layer("resid", layer_id), b.resid[1])
     for bad in (torch.tensor(1.0), torch.tensor(True)):

@@ -77,7 +77,12 @@ def test_cli_verify_exit_code_1_when_not_ok(extension, monkeypatch, capsys):
 
 def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
     assert cli.main(["verify", "--model", str(tmp_path / "nothing-here")]) == 2  # not 1: "not exact"
-    assert "--model" in capsys.readouterr().err
+    # a mistyped path is said as such, not as an invalid hub name
+    assert capsys.readouterr().err == (f"residtap verify: error: --model '{tmp_path / 'nothing-here'}': no "
+                                       "such directory (a local model is a directory holding config.json and "
+                                       "the weights)\n")
+    assert cli.main(["verify", "--model", "no-such-org/no-such-model"]) == 2  # a hub name: not in the cache
+    assert "--model 'no-such-org/no-such-model' could not be loaded offline" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [
@@ -281,3 +286,18 @@ def test_cli_exit_status_3_for_the_unexpected(extension, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: boom" in err
     assert err.rstrip().endswith("residtap verify: unexpected error (above); exit status 3")
+
+
+def test_cli_verify_a_model_type_residtap_lacks_with_blocks_and_final_norm(extension, tmp_path, capsys):
+    """The error for a model outside residtap's table said to pass blocks= / final_norm=, which the
+    command line had no way to."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, is_decoder=True)).save_pretrained(tmp_path / "bert")
+    args = ["verify", "--model", str(tmp_path / "bert"), "--batch", "1", "--seq", "6"]
+    assert cli.main(args) == 2
+    assert "--blocks model.layers --final-norm model.norm, or --final-norm none" in capsys.readouterr().err
+    assert cli.main(args + ["--blocks", "bert.encoder.layer", "--final-norm", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "2 blocks" in out and "no entry is normalized (the model has no final norm)" in out

@@ -246,10 +246,13 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
             raise _FailedBefore(f"{earlier}; not tried again with the same toolkit: delete "
                                 f"{build_dir / FAILED_MARKER} to retry")
 
-    if not (build_dir / f"{_NAME}.so").exists():
-        what = f"C++ and CUDA (sm {', '.join(archs)})" if with_cuda else "C++ (CPU only)"
-        print(f"residtap: compiling the {what} extension for torch {torch.__version__} into "
-              f"{build_dir} (first use only; about 1-3 minutes)...", file=sys.stderr, flush=True)
+    # torch names a rebuild in the same process residtap_C_v1.so (the CPU op after a failed CUDA build)
+    if not any(build_dir.glob(f"{_NAME}*.so")):
+        what = (f"C++ and CUDA (sm {', '.join(archs)}) extension" if with_cuda
+                else "C++ extension (CPU only)")
+        took = "about 3-4 minutes on 2 cores" if with_cuda else "under a minute"
+        print(f"residtap: compiling the {what} for torch {torch.__version__} into {build_dir} (first use "
+              f"only; {took})...", file=sys.stderr, flush=True)
     # cpp_extension reads the architectures from TORCH_CUDA_ARCH_LIST: set for this build only,
     # the process's own value (for its other JIT builds) put back after.
     saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")

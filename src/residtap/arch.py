@@ -294,7 +294,8 @@ def _supported() -> str:
 def _how_to_pass() -> str:
     return ("pass blocks= (the decoder blocks: a dotted path relative to the model such as "
             "'model.layers', the nn.ModuleList, or a list of modules) and final_norm= (a path such as "
-            "'model.norm', the module, or None if the model has none); or register the family once "
+            "'model.norm', the module, or None if the model has none) (on the command line: --blocks "
+            "model.layers --final-norm model.norm, or --final-norm none); or register the family once "
             "with residtap.FAMILIES['<model_type>'] = residtap.Family(blocks='layers', "
             "final_norm='norm'), paths relative to model.base_model")
 

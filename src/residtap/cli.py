@@ -19,20 +19,39 @@ from .selection import resolve_device, resolve_dtype
 
 
 def _load_model(name: str | None, dtype, device: str, seed: int):
-    from .models import UnsupportedModelTypeError, load_pretrained, random_gpt2
+    from .models import ModelLoadError, load_pretrained, random_gpt2
 
     if name is None:
         return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
     try:
         model = load_pretrained(name, dtype=dtype)
-    except UnsupportedModelTypeError:
-        raise
+    except ModelLoadError as e:  # its own finding, said as it is
+        raise ValueError(f"--model {e}") from e
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"--model {name!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
                          "config.json and weights, or a name already in the HF cache; omit --model for "
                          "the built-in random GPT-2-small.") from e
     return model.to(device).eval(), name
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """--blocks / --final-norm: for a model whose type residtap's FAMILIES table lacks."""
+    p.add_argument("--blocks", default=None,
+                   help="the decoder blocks' module path in the model, e.g. model.layers (default: residtap's "
+                        "table for the model type)")
+    p.add_argument("--final-norm", default=None,
+                   help="the final norm's module path, e.g. model.norm, or none (default: the table's)")
+
+
+def layout_kwargs(args) -> dict:
+    """blocks= / final_norm= for the Python call: only those given (--final-norm none: no final norm)."""
+    kw = {}
+    if args.blocks is not None:
+        kw["blocks"] = args.blocks
+    if args.final_norm is not None:
+        kw["final_norm"] = None if args.final_norm.lower() == "none" else args.final_norm
+    return kw
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +75,7 @@ def cmd_verify(args) -> int:
     if max_pos is not None and args.seq > max_pos:
         raise ValueError(f"--seq: expected at most {max_pos} (the model's positions), got {args.seq}")
     ids = random_input_ids(model, args.batch, args.seq, seed=args.seed)
-    report = verify(model, ids, backend=args.backend)
+    report = verify(model, ids, backend=args.backend, **layout_kwargs(args))
     if args.json:
         print(to_json({**report.to_dict(), "model": label}))
     else:
@@ -134,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_layout_args(v)
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("env", help="versions, the compiled extension, and which backend runs where")

@@ -54,10 +54,10 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import bare_model, max_positions, module_device
+from .arch import bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import LAST, KeepMask, positive_int, resolve_device, resolve_dtype, resolve_positions
+from .selection import LAST, NOT_GIVEN, KeepMask, positive_int, resolve_device, resolve_dtype, resolve_positions
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -193,11 +193,13 @@ def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map
         return model, f"{spec} (random init, seed {seed})", None
     from transformers import AutoTokenizer
 
-    from .models import load_pretrained
+    from .models import ModelLoadError, load_pretrained
 
     kw = {"device_map": device_map} if device_map else {}
     try:
         model = load_pretrained(spec, dtype=dtype or "auto", **kw)
+    except ModelLoadError as e:
+        raise ValueError(f"model {e}") from e
     except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
         raise ValueError(f"model: {spec!r} could not be loaded offline ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
@@ -326,7 +328,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             device=None, model_dtype=None, seed: int = 0, device_map=None, backend: str | None = None,
             overlap: bool = False, model_name: str | None = None, progress: bool | None = None,
             verify_existing: bool = True, rank: int | None = None,
-            world_size: int | None = None) -> ExtractResult:
+            world_size: int | None = None, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> ExtractResult:
     """Run ``model`` over ``data`` and write the captured activations to ``out`` (shards + manifest).
 
     ``model``: an nn.Module (HF causal LM or bare model), ``"random:gpt2-small[,n_layer=2,...]"``,
@@ -347,7 +349,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     model dispatched over several devices (``device_map``) is captured on each layer's device and
     copied out from there; its inputs go to the device its embeddings compute on. ``device_map``
     (``"auto"``, ``"balanced"``, a dict, ...) loads a model given by name that way (accelerate);
-    ``device`` then does not apply. ``overlap``: as in :func:`residtap.capture` (CUDA: each
+    ``device`` then does not apply. ``blocks``/``final_norm``: as in :func:`residtap.capture`, paths
+    relative to ``model`` as given or loaded (for a model type residtap's table lacks; recorded in the
+    manifest's settings where given). ``overlap``: as in :func:`residtap.capture` (CUDA: each
     layer's capture on a side stream beside the next blocks); it changes no stored byte, so a run
     may resume with either. ``writers``: threads writing shards, each with one host buffer of
     ``shard_size`` (fewer where ``host_memory`` is short). ``publishers``: threads that hash, rename
@@ -396,8 +400,15 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
 
     # Captures hook the bare model, which is what runs (no LM head: its logits are not needed).
     base = bare_model(model)
+    # blocks= / final_norm= as Capture takes them, paths relative to the model as given; the captures
+    # of the bare model get the modules they name
+    given = {k: v for k, v in (("blocks", blocks), ("final_norm", final_norm)) if v is not NOT_GIVEN}
+    explicit = {}
+    if given:
+        layout = resolve_layout(model, **given)
+        explicit = {"blocks": list(layout.blocks), "final_norm": layout.final_norm}
     probe = Capture(base, layers, positions, dtype, outputs, backend=backend,  # validates the selection
-                    overlap=overlap)
+                    overlap=overlap, **explicit)
     cfg = probe.config
     if isinstance(cfg.positions, KeepMask):
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
@@ -457,7 +468,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                 "outputs": list(cfg.outputs), "dtype": str(cap_dtype)[6:],
                 "positions": _positions_rule(cfg.positions), "seq_len": seq_len, "packing": opts.packing,
                 "batch_size": opts.batch_size, "seqs_per_shard": seqs_per_shard,
-                "max_tokens": opts.max_tokens, "data": source.describe()}
+                "max_tokens": opts.max_tokens, "data": source.describe(),
+                # only where given: the settings of runs that name neither stay as they were
+                **{k: _module_names(model, v) for k, v in given.items()}}
     import transformers
     import safetensors
 
@@ -492,7 +505,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
         header = _with_history(out, header)
         manifest = _Manifest(out, header, records, rank, world)
-        run = _Run(base, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
+        run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, in_device)
         try:
             run.go()
@@ -515,6 +528,18 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                          bytes_written=run.bytes, seconds=run.seconds, waits=dict(run.waits.t),
                          manifest=final, writers=run.n_writers, publishers=run.n_publishers,
                          all_processes=everyone)
+
+
+def _module_names(model: nn.Module, given):
+    """blocks= / final_norm= for the manifest: a path as given, None, or the modules' names in ``model``."""
+    if given is None or isinstance(given, str):
+        return given
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(given, nn.Module) and not isinstance(given, (nn.ModuleList, nn.Sequential)):
+        return names.get(id(given), type(given).__name__)
+    if id(given) in names:
+        return names[id(given)]
+    return [names.get(id(m), type(m).__name__) for m in given]
 
 
 def _learned_positions(base: nn.Module, max_pos: int) -> bool:
@@ -810,9 +835,9 @@ def _queues_for(device: torch.device) -> _CudaQueues | None:
 class _Run:
     """One process's pass over its shards: forwards, copies, writer threads, progress."""
 
-    def __init__(self, base, cfg, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
+    def __init__(self, base, layout, cfg, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
                  n_buffers, manifest: _Manifest, rank, world, progress, device):
-        self.base, self.cfg, self.source, self.opts = base, cfg, source, opts
+        self.base, self.layout, self.cfg, self.source, self.opts = base, layout, cfg, source, opts
         self.specs, self.pos, self.n_pos, self.seqs_per_shard = specs, pos, n_pos, seqs_per_shard
         self.n_buffers, self.manifest, self.rank, self.world = n_buffers, manifest, rank, world
         self.n_writers = n_buffers - 1  # each writes from one buffer while one more fills
@@ -964,7 +989,8 @@ class _Run:
         for t in threads + publishers:
             t.start()
         caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
-                        self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap)
+                        self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap,
+                        blocks=list(self.layout.blocks), final_norm=self.layout.final_norm)
                 for _ in range(2)]
         base = self.base
         # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
@@ -1051,7 +1077,9 @@ class _Run:
                              f"vocabulary [0, {self.vocab})")
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        # a batch of ids is small: a read-only one (a memory-mapped .npy) is copied, which torch
+        # otherwise warns about
+        t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
         if self.cuda:  # pinned, so the upload is asynchronous
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
@@ -1153,6 +1181,8 @@ def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def cmd_extract(args) -> int:
+    from .cli import layout_kwargs
+
     layers = _parse_layers(args.layers)
     try:
         positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
@@ -1166,7 +1196,7 @@ def cmd_extract(args) -> int:
                       device_map=_parse_device_map(args.device_map),
                       backend=args.backend, overlap=args.overlap,
                       progress=False if args.no_progress else None,
-                      verify_existing=not args.no_verify_existing)
+                      verify_existing=not args.no_verify_existing, **layout_kwargs(args))
     except _store.StoreError as e:
         print(f"residtap extract: error: {e}", file=sys.stderr)
         return 1
@@ -1230,6 +1260,9 @@ def register_cli(sub) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--no-verify-existing", action="store_true",
                    help="on resume, check existing shards' sizes only, not their sha256")
+    from .cli import add_layout_args
+
+    add_layout_args(e)
     e.set_defaults(func=cmd_extract)
 
 

@@ -8,6 +8,7 @@ weights.
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
@@ -55,8 +56,17 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
     return model.to(dtype).eval()
 
 
-class UnsupportedModelTypeError(ValueError):
+class ModelLoadError(ValueError):
+    """load_pretrained's own finding about ``spec``, said as it is (not as "could not be loaded")."""
+
+
+class UnsupportedModelTypeError(ModelLoadError):
     """A checkpoint that loads, but as no kind of model residtap's loader knows."""
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    """A local path, not a hub name ("gpt2", "org/name"): starts like one, or has more than one '/'."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
 
 
 def load_pretrained(spec: str, **kwargs):
@@ -66,6 +76,9 @@ def load_pretrained(spec: str, **kwargs):
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    if _looks_like_a_path(spec) and not os.path.isdir(os.path.expanduser(spec)):
+        raise ModelLoadError(f"{spec!r}: no such directory (a local model is a directory holding config.json "
+                             "and the weights)")
     config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         auto = transformers.AutoModelForCausalLM

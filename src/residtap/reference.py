@@ -29,6 +29,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+NOT_GIVEN = object()  # distinguishes "not passed" from an explicit None (blocks=, final_norm=)
+
 OUTPUTS = ("resid", "delta", "normed", "stats")
 STAT_NAMES = ("mean", "rstd", "l2", "maxabs")
 
@@ -176,11 +178,12 @@ def _clone_as_placed(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs=("resid",),
-                  blocks=None, final_norm=None, **kwargs) -> ReferenceResult:
+                  blocks=NOT_GIVEN, final_norm=NOT_GIVEN, **kwargs) -> ReferenceResult:
     """Run ``model(*args, **kwargs)`` with plain forward hooks that ``.clone()`` each block's input
     and output, then compute every requested output with torch ops as the contract says.
 
-    Selections follow :class:`residtap.Capture` exactly (same argument rules). ``positions="last"``
+    Selections follow :class:`residtap.Capture` exactly (same argument rules: ``final_norm=None`` is
+    no final norm, ``blocks``/``final_norm`` not given are the family's). ``positions="last"``
     takes each row's last nonzero column of the ``attention_mask`` the model is called with (0 for a
     row with none; the last position for every row without a mask); a bool tensor ``[batch, seq]``
     keeps its True tokens by boolean indexing: outputs ``[layers, n_kept, ...]``, row-major.
@@ -195,13 +198,21 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     ``model_output`` is what the model returned, graph and all in grad mode.
     """
     from .arch import UnsupportedStreamError, module_device, resolve_layout
-    from .selection import NOT_GIVEN, resolve_dtype, resolve_layers, resolve_positions
+    from .selection import (LAST, KeepMask, resolve_dtype, resolve_layers, resolve_outputs,
+                            resolve_position_spec, resolve_positions)
 
     dtype = resolve_dtype(dtype)
 
-    layout = resolve_layout(model, blocks=NOT_GIVEN if blocks is None else blocks,
-                            final_norm=NOT_GIVEN if final_norm is None else final_norm)
+    layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
     layer_ids = resolve_layers(layers, layout.n_layers)
+    outputs = resolve_outputs(outputs)
+    if "normed" in outputs and layout.final_norm is None:
+        raise ValueError(f"outputs: 'normed' needs a final norm, but {layout.family} has none "
+                         "(pass final_norm= to name one)")
+    spec = resolve_position_spec(positions)  # as Capture reads it: numpy, 0-d tensors, checks
+    # a bool mask: kept by boolean indexing with the mask itself (Capture gathers by KeepMask's index)
+    keep = torch.as_tensor(positions) if isinstance(spec, KeepMask) else None
+    positions = spec
     saved = {}  # residual index -> (output, input); one seen twice: a block ran twice (a loop)
 
     def ran_twice(block):
@@ -235,7 +246,6 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         for h in handles:
             h.remove()
 
-    keep = positions if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool else None
     norm = layout.final_norm
     norm_device = module_device(norm) if norm is not None else None
 
@@ -252,7 +262,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         out, inp = saved[lid]
         if keep is not None:
             sel = None
-        elif isinstance(positions, str) and positions == "last":
+        elif isinstance(positions, str) and positions == LAST:
             sel = _last_real(model, args, kwargs, out.shape[:2]).to(out.device)
         else:
             sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)

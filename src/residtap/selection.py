@@ -12,9 +12,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .reference import OUTPUTS
+from .reference import NOT_GIVEN, OUTPUTS  # noqa: F401  (NOT_GIVEN: its home for callers)
 
-NOT_GIVEN = object()  # distinguishes "not passed" from an explicit None
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
