@@ -46,7 +46,15 @@ def test_all_layers_all_outputs(extension, dtype, config, batch, seq):
                                        torch.tensor([3, -7])], ids=str)
 def test_layer_and_position_selection(extension, layers, positions):
     model = tiny_gpt2(2, 66, 3, torch.float32)
-    cap = check(model, ids_for(model, 2, 7), layers=layers, positions=positions)
+    ids = ids_for(model, 2, 7)
+    cap = check(model, ids, layers=layers, positions=positions)
+    # the positions as Python indexes them, apart from residtap's own resolution (which the reference
+    # shares: a slice's step dropped there would pass the comparison with it)
+    index = (list(range(7)) if positions is None else list(range(7))[positions] if isinstance(positions, slice)
+             else torch.tensor(positions).reshape(-1).tolist())
+    with residtap.capture(model, layers=layers) as every:
+        model(ids)
+    assert torch.equal(cap.resid, every.resid[:, :, index])
     if layers == [1, -3]:
         assert cap.layer_ids == [0, 1]  # negatives count from the end, ids come back ascending
     assert cap.resid.shape[0] == len(cap.layer_ids)
@@ -56,6 +64,19 @@ def test_repeated_layer_after_negative_resolution_is_an_error():
     model = tiny_gpt2(2, 66, 3, torch.float32)
     with pytest.raises(ValueError, match="layers: expected distinct"):
         residtap.capture(model, layers=[1, -2])
+
+
+@pytest.mark.parametrize("name,want", [
+    ("float32", torch.float32), ("fp32", torch.float32), ("float", torch.float32),
+    ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+    ("float16", torch.float16), ("fp16", torch.float16), ("half", torch.float16)])
+def test_every_dtype_name(extension, name, want):
+    """Each name the dtype arguments take, to the dtype it names (the table written out again here)."""
+    assert set(residtap.selection.DTYPES) == {"float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16",
+                                              "half"}
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    cap = check(model, ids_for(model, 1, 3), dtype=name)
+    assert cap.resid.dtype == want
 
 
 @pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
@@ -91,6 +112,14 @@ def test_reuse_across_shapes_keeps_buffers_per_shape(extension):
         ptrs.append(cap.resid.data_ptr())
     assert ptrs[0] == ptrs[1] and ptrs[2] == ptrs[3]  # same shape: the same buffer, reused
     assert cap.resid.shape == (3, 2, 2, 66)
+    # every position: a new length alone (same batch) is a new shape too
+    every = residtap.Capture(model, outputs=OUTPUTS)
+    for seq in (5, 7, 5):
+        ids = ids_for(model, 2, seq, seed=seq)
+        with every:
+            model(ids)
+        assert every.resid.shape == (3, 2, seq, 66)
+        assert_same_outputs(every, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
 
 
 def test_views_are_overwritten_by_the_next_forward_and_clone_keeps_a_copy(extension):
@@ -385,6 +414,13 @@ def test_hooks_on_a_layernorm_final_norm_run_as_in_the_model(extension, backend)
             model(ids)
         assert torch.equal(hooked, cap.normed)
         assert_same_outputs(c, plain, OUTPUTS)
+        # and the other way: a hook added between two forwards of a new capture, same shape, is seen
+        d = residtap.Capture(model, outputs=OUTPUTS, backend=backend)
+        with d:
+            model(ids)
+            h = model.transformer.ln_f.register_forward_hook(lambda _m, _a, out: out * 2 + 1)
+            model(ids)
+        assert torch.equal(d.normed, hooked)
     finally:
         h.remove()
 

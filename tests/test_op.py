@@ -70,6 +70,68 @@ def test_op_casts_layouts_and_variants(extension, model_dtype, cap_dtype, varian
         assert torch.equal(got[name], getattr(want["stats"], name)), name
 
 
+def _batch_minor(x: torch.Tensor) -> torch.Tensor:
+    """The same values with strides (d, batch * d, 1): each row's elements adjacent, rows not d apart."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("layout", ["out_batch_minor", "inp_batch_minor", "both_batch_minor",
+                                    "inp_transposed"])
+@pytest.mark.parametrize("index_kind", [None, "2d"])
+def test_op_reads_out_and_inp_by_their_own_strides(extension, layout, index_kind):
+    """The CPU op addresses rows through each tensor's own strides: an out whose rows are not d apart
+    (a batch-minor hidden state), and an inp laid out unlike out, must give what contiguous ones do.
+    ("noncontig" above gives out and inp the same strides, which hid a mix-up of the two.)"""
+    out, inp, w, b = make_inputs(3, 5, 66, torch.bfloat16, seed=11)
+    index = index_for(index_kind, 3, 5)
+    o = _batch_minor(out) if layout in ("out_batch_minor", "both_batch_minor") else out
+    i = {"inp_batch_minor": _batch_minor(inp), "both_batch_minor": _batch_minor(inp),
+         "inp_transposed": inp.transpose(1, 2).contiguous().transpose(1, 2)}.get(layout, inp)
+    assert torch.equal(o, out) and torch.equal(i, inp)
+    assert o.stride() != out.stride() or i.stride() != inp.stride()
+    got = run_op(o, i, index, w, b, 1e-5, torch.float32)
+    want = reference.block_outputs(out, inp, sel=index, dtype=torch.float32, eps=1e-5,
+                                   final_norm=reference.layer_norm_fn(w, b, 1e-5), outputs=reference.OUTPUTS)
+    for name in ("resid", "delta", "normed"):
+        assert torch.equal(got[name], want[name]), name
+    for name in ("mean", "rstd", "maxabs"):
+        assert torch.equal(got[name], getattr(want["stats"], name)), name
+
+
+@pytest.mark.parametrize("model_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cap_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_inp", [True, False], ids=["inp", "embeddings"])
+def test_op_each_output_requested_alone(extension, model_dtype, cap_dtype, with_inp):
+    """Which conversions a row needs depends on what is asked: each output alone (a bfloat16 block's
+    delta cast to float32 with no inp, the embeddings', used to read a float row never made: a crash)."""
+    out, inp, w, b = make_inputs(2, 5, 66, model_dtype, seed=5)
+    inp = inp if with_inp else None
+    norm = dict(norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=1e-5)
+    want = reference.block_outputs(out, inp, dtype=cap_dtype, final_norm=reference.layer_norm_fn(w, b, 1e-5),
+                                   eps=1e-5, outputs=reference.OUTPUTS)
+    for name in ("resid", "delta", "normed"):
+        buf = torch.full((2, 5, 66), float("nan"), dtype=cap_dtype)
+        ops.capture_block(out, inp, None, **norm, **{name: buf})
+        assert torch.equal(buf, want[name]), name
+    for name in ("mean", "rstd", "maxabs", "l2"):
+        buf = torch.full((2, 5), float("nan"))
+        ops.capture_block(out, inp, None, **norm, **{name: buf})
+        if name == "l2":
+            assert_l2_close(buf, torch.linalg.vector_norm(out.double(), dim=-1))
+        else:
+            assert torch.equal(buf, getattr(want["stats"], name)), name
+
+
+def test_reference_l2_is_the_float64_norm_rounded(extension):
+    """The contract's l2 is the float64 norm rounded to float32: the reference's own, not only the op's,
+    where a float32 sum of squares would overflow (1e20 squared) or lose the small values."""
+    out = torch.cat([torch.full((1, 1, 64), 1e20), torch.full((1, 1, 64), 1e-30),
+                     random_bits((1, 6, 64), torch.float32, 3)], 1)
+    want = torch.linalg.vector_norm(out.double(), dim=-1)
+    assert_l2_close(reference.token_stats(out, 1e-5).l2, want)
+    assert torch.isfinite(reference.token_stats(out, 1e-5).l2[0, 0])
+
+
 def test_op_writes_only_requested_outputs(extension):
     out, inp, w, b = make_inputs(2, 4, 64, torch.float32)
     resid = torch.zeros(2, 4, 64)

@@ -120,6 +120,30 @@ def test_last_with_a_cache_uses_the_current_columns(extension, models):
     assert cap.positions.tolist() == [[0], [1]]
 
 
+def test_last_of_a_row_with_no_real_token_is_position_0(extension):
+    """An all-padding row has no last real token: position 0, in the capture and the reference alike."""
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 6)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1] = 0
+    with residtap.capture(model, positions="last", outputs=OUTPUTS) as cap:
+        model(ids, attention_mask=mask)
+    assert cap.positions.tolist() == [[5], [0]]
+    ref = run_reference(model, ids, attention_mask=mask, positions="last", outputs=OUTPUTS)
+    assert_same_outputs(cap, ref, OUTPUTS)
+
+
+def test_positions_must_lie_inside_the_sequence():
+    """-seq_len .. seq_len - 1, as Python indexes: seq_len itself is one past the end."""
+    from residtap.selection import resolve_positions
+
+    for ok in ([6], [-7], [0, 6, -1]):
+        resolve_positions(ok, 7)
+    for bad in ([7], [-8], 7):
+        with pytest.raises(ValueError, match="positions"):
+            resolve_positions(bad, 7)
+
+
 def test_last_token_index_any_layout():
     mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [True, True, True, True], [0, 0, 1, 1]])
     assert last_token_index(mask, 4).tolist() == [[2], [0], [3], [3]]  # a row with no real token: 0

@@ -301,3 +301,15 @@ def test_cli_verify_a_model_type_residtap_lacks_with_blocks_and_final_norm(exten
     assert cli.main(args + ["--blocks", "bert.encoder.layer", "--final-norm", "none"]) == 0
     out = capsys.readouterr().out
     assert "2 blocks" in out and "no entry is normalized (the model has no final norm)" in out
+
+
+def test_report_where_the_final_norm_changes_nothing(extension):
+    """An identity final norm: every entry is the raw residual and its norm at once ("both"), which
+    the report says as such rather than as raw alone."""
+    import copy
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2, torch.float32))
+    model.transformer.ln_f = nn.Identity()
+    rep = residtap.verify(model, ids_for(model, 2, 6))
+    assert rep.ok and [r.matches for r in rep.rows] == ["both"] * 3
+    assert str(rep).count("raw (= normed)") == 3
