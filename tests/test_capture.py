@@ -51,7 +51,7 @@ def test_layer_and_position_selection(extension, layers, positions):
     # the positions as Python indexes them, apart from residtap's own resolution (which the reference
     # shares: a slice's step dropped there would pass the comparison with it)
     index = (list(range(7)) if positions is None else list(range(7))[positions] if isinstance(positions, slice)
-             else torch.tensor(positions).reshape(-1).tolist())
+             else torch.as_tensor(positions).reshape(-1).tolist())
     with residtap.capture(model, layers=layers) as every:
         model(ids)
     assert torch.equal(cap.resid, every.resid[:, :, index])
