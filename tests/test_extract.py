@@ -108,6 +108,8 @@ def test_shards_equal_capture(tmp_path, dtype, device):
     assert m["totals"]["n_rows"] == 21 * len(pos) and m["totals"]["n_tokens"] == 21 * 16
     for r in m["shards"]:
         assert store.sha256_file(tmp_path / "out" / r["file"]) == r["sha256"]
+        assert r["source_first"] == [0, 16 * r["seq_start"]]
+        assert r["source_last"] == [0, 16 * (r["seq_stop"] - 1)]
     s = m["settings"]
     assert s["positions"] == "2:14:3" and s["layer_ids"] == [0, 2] and s["dtype"] == (
         "bfloat16" if dtype else "float32")
@@ -161,6 +163,34 @@ def test_text_padded_and_packed(tmp_path, device):
     assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0].cpu())
 
 
+def test_pad_last_stores_each_last_real_token_and_records_the_shards_sources(tmp_path):
+    """packing="pad", positions="last": the position column is each sequence's last real token (right
+    padding: its mask's sum - 1), the row stored is the capture's at that token, and each shard's record
+    names the sources of its first and last sequences."""
+    model = tiny_gpt2()
+    docs = documents()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in d)}) + "\n" for d in docs))
+    residtap.extract(model, str(jsonl), tmp_path / "out", tokenizer=tokenizer_dir(tmp_path), seq_len=8,
+                     batch_size=3, packing="pad", positions="last", shard_size="2KiB", progress=False)
+    acts = residtap.open(tmp_path / "out")
+    mask = acts.sequences("attention_mask").bool()
+    n_real = mask.sum(1)
+    assert (n_real < 8).any() and (n_real == 8).any()  # padded sequences and full ones
+    last = torch.tensor([int(torch.nonzero(m).max()) for m in mask], dtype=torch.int32)
+    assert acts.n_rows == len(mask)
+    assert torch.equal(acts.column("position").to_tensor(), last)
+    assert acts.column("seq_index").to_tensor().tolist() == list(range(len(mask)))
+    ids = acts.sequences("input_ids")
+    cap = captured(model, ids[:3].long(), mask[:3], layers=[1], positions="last")
+    assert torch.equal(acts.layer(1)[0:3], cap.resid[0, :, 0])
+    src = acts.sequences("source").tolist()
+    records = acts.manifest["shards"]
+    assert len(records) > 2 and all(r["n_seqs"] > 1 for r in records)
+    for r in records:
+        assert r["source_first"] == src[r["seq_start"]] and r["source_last"] == src[r["seq_stop"] - 1], r
+
+
 def sequences_of(src):
     """(input_ids, attention_mask or None, source) of every sequence of an inputs source, as lists."""
     blocks = list(src.blocks(1000, lambda i: True))
@@ -196,6 +226,31 @@ def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
                            progress=False)
     stored = residtap.open(res.out).sequences("input_ids").tolist()
     assert stored == [[4, 5, 2, 2], [6, 7, 2, 2], [8, 9, 2, 2]]
+
+
+def test_a_documents_own_eos_is_not_doubled_and_jsonl_documents_are_records(tmp_path):
+    """Packing appends the EOS only to a document that does not already end with it; a JSONL document
+    is numbered by its record (blank lines are not records, unlike a .txt file's lines)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))
+    txt = tmp_path / "eos.txt"
+    txt.write_text("w0 w1 [EOS]\nw2 w3\n")
+    ids, mask, src = sequences_of(inputs.open_source(str(txt), seq_len=3, packing="pack", max_tokens=None,
+                                                     tokenizer=tok))
+    assert ids == [[3, 4, 2], [5, 6, 2]] and mask is None and src == [[0, 0], [1, 0]]
+    jsonl = tmp_path / "gaps.jsonl"
+    jsonl.write_text(json.dumps({"text": "w0 w1"}) + "\n\n" + json.dumps({"text": "w2"}) + "\n   \n"
+                     + json.dumps({"text": "w3 w4 w5"}) + "\n")
+    ids, mask, src = sequences_of(inputs.open_source(str(jsonl), seq_len=2, packing="pad", max_tokens=None,
+                                                     tokenizer=tok))
+    assert ids == [[3, 4], [5, 1], [6, 7], [8, 1]] and src == [[0, 0], [1, 0], [2, 0], [2, 2]]
+    _, _, src = sequences_of(inputs.open_source(str(jsonl), seq_len=3, packing="pack", max_tokens=None,
+                                                tokenizer=tok))
+    assert src == [[0, 0], [1, 0], [2, 1]]  # w0 w1 [EOS] | w2 [EOS] w3 | w4 w5 [EOS]
+    res = residtap.extract(tiny_gpt2(), str(jsonl), tmp_path / "out", tokenizer=tokenizer_dir(tmp_path),
+                           seq_len=2, packing="pad", progress=False)
+    assert residtap.open(res.out).sequences("source")[:, 0].tolist() == [0, 1, 2, 2]
 
 
 @pytest.mark.parametrize("name,content,match", [
@@ -915,6 +970,17 @@ def test_bad_arguments(tmp_path, capsys):
     path, _ = ids_file(tmp_path, 100, vocab=200)
     with pytest.raises(ValueError, match=r"token id \d+ in sequence \d+ is outside .*\[0, 97\)"):
         residtap.extract(model, path, tmp_path / "a", seq_len=8, progress=False)
+    edge = tmp_path / "edge.npy"  # the bound itself: id 97 is outside [0, 97), id 96 is the last one in
+    arr = np.zeros((2, 8), dtype=np.int64)
+    arr[1, 3] = 97
+    np.save(edge, arr)
+    with pytest.raises(ValueError, match=r"token id 97 in sequence 1 is outside the model's vocabulary "
+                                         r"\[0, 97\)"):
+        residtap.extract(model, str(edge), tmp_path / "a97", progress=False)
+    assert not (tmp_path / "a97").exists()
+    arr[1, 3] = 96
+    np.save(edge, arr)
+    assert residtap.extract(model, str(edge), tmp_path / "a96", progress=False).complete
     ok, _ = ids_file(tmp_path, 64)
     with pytest.raises(ValueError, match="packing"):
         residtap.extract(model, ok, tmp_path / "b", seq_len=8, packing="pad")
@@ -1187,6 +1253,84 @@ def test_data_changed_under_a_finished_shard_is_refused_on_resume(tmp_path, monk
     res = residtap.extract(tiny_gpt2(), path, out, **kw)
     assert res.shards_skipped == 3 and res.complete
     assert_same_dirs(tmp_path / "ref", out)
+
+
+def _interrupted(src, out, keep):
+    """A copy of the complete extraction ``src`` as a run killed after its first ``keep`` shards leaves it."""
+    shutil.copytree(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["shards"][keep:]:
+        os.remove(out / r["file"])
+    m.update(complete=False, shards=m["shards"][:keep])
+    for key in ("n_shards", "totals"):
+        m.pop(key, None)
+    store.write_json_atomic(str(out / "manifest.json"), m)
+    return {f: (out / f).read_bytes() for f in shard_files(out)}
+
+
+def test_the_input_digest_covers_the_attention_mask():
+    ids, src = np.array([[3, 1, 1]]), np.array([[0, 0]])
+    a = inputs.Block(0, 0, ids, np.array([[1, 0, 0]], bool), src)
+    b = inputs.Block(0, 0, ids, np.array([[1, 1, 0]], bool), src)
+    assert a.digest() != b.digest() != inputs.Block(0, 0, ids, None, src).digest()
+    assert a.digest() == inputs.Block(0, 0, ids.copy(), a.attention_mask.copy(), src.copy()).digest()
+
+
+def test_a_text_input_resumes_byte_identical_and_refuses_changed_documents(tmp_path, monkeypatch):
+    """A resume over a streamed input (JSONL: its finished shards' sequences are read past, not seeked
+    over, and their digests checked) after a full disk ends as the uninterrupted run. A document of a
+    finished shard changed, or only its padding (same ids and sources: the mask alone differs), where the
+    file fingerprint cannot see it, is refused naming the shard, and nothing finished is touched."""
+    monkeypatch.setattr(inputs, "_file_fingerprint", lambda path: {})  # blind to any change
+    model = tiny_gpt2()
+    texts = [" ".join(f"w{t}" for t in d) for d in documents(12)]
+    jsonl = tmp_path / "docs.jsonl"
+
+    def write(texts):
+        jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    write(texts)
+    kw = dict(tokenizer=tokenizer_dir(tmp_path), seq_len=8, batch_size=2, packing="pad", shard_size="5KiB",
+              layers=[2], progress=False)
+    residtap.extract(model, str(jsonl), tmp_path / "ref", **kw)
+    real, calls = store._save_file, []
+
+    def full_disk(tensors, p, metadata):
+        calls.append(p)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, p, metadata)
+
+    monkeypatch.setattr(store, "_save_file", full_disk)
+    with pytest.raises(store.StoreError, match="no space left on device"):
+        residtap.extract(model, str(jsonl), tmp_path / "out", writers=1, **kw)
+    monkeypatch.setattr(store, "_save_file", real)
+    assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]) == 3
+    res = residtap.extract(model, str(jsonl), tmp_path / "out", **kw)
+    assert res.shards_skipped == 3 and res.shards_written == res.n_shards - 3 > 0
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+
+    ref = residtap.open(tmp_path / "ref")
+    records, mask = ref.manifest["shards"], ref.sequences("attention_mask")
+    finished = _interrupted(tmp_path / "ref", tmp_path / "part", keep=3)
+    doc = records[1]["source_first"][0]
+    words = texts[doc].split()
+    words[0] = "w0" if words[0] != "w0" else "w1"
+    write([" ".join(words) if i == doc else t for i, t in enumerate(texts)])
+    with pytest.raises(residtap.ManifestMismatchError, match=r"data: the token sequences of shard 1 differ"):
+        residtap.extract(model, str(jsonl), tmp_path / "part", **kw)
+    # a [PAD] (id 1, the padding's id) at the end of a short last piece: only the mask changes
+    shard, k = next((i, k) for i, r in enumerate(records[:3]) for k in range(r["seq_start"], r["seq_stop"])
+                    if mask[k].sum() < 8)
+    doc = ref.sequences("source")[k, 0].item()
+    write([t + " [PAD]" if i == doc else t for i, t in enumerate(texts)])
+    with pytest.raises(residtap.ManifestMismatchError,
+                       match=rf"data: the token sequences of shard {shard} differ"):
+        residtap.extract(model, str(jsonl), tmp_path / "part", **kw)
+    assert {f: (tmp_path / "part" / f).read_bytes() for f in shard_files(tmp_path / "part")} == finished
+    write(texts)
+    assert residtap.extract(model, str(jsonl), tmp_path / "part", **kw).shards_skipped == 3
+    assert_same_dirs(tmp_path / "ref", tmp_path / "part")
 
 
 def test_a_shard_buffer_is_one_host_allocation():
