@@ -132,9 +132,63 @@ def test_a_failed_cuda_build_is_not_retried_with_the_same_toolkit(fresh, monkeyp
     assert f"not tried again with the same toolkit: delete {marker} to retry" in again.cuda_skipped_because
     assert "expected a ';'" in capsys.readouterr().err
 
+    monkeypatch.setenv("NVCC_CCBIN", "/opt/other/g++")  # another host compiler: worth a retry
+    built.clear()
+    fresh._load()
+    assert built == ["cuda", "cpu"] and marker.exists()
+    built.clear()
+    fresh._load()
+    assert built == ["cpu"]
+
     (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n# another toolkit\n")
     cuda_works[0] = True
     built.clear()
     fixed = fresh._load()
     assert built == ["cuda"] and fixed.with_cuda and fixed.cuda_skipped_because is None
     assert not marker.exists()
+
+
+def test_a_cuda_compile_that_was_killed_is_not_recorded(fresh, monkeypatch, tmp_path):
+    """A compiler killed (out of memory on a shared machine) or starved of disk says nothing about the
+    sources: the next process tries again."""
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    from torch.utils import cpp_extension
+
+    def load(**kwargs):
+        if any(s.endswith(".cu") for s in kwargs["sources"]):
+            raise RuntimeError("Error building extension 'residtap_C': [2/5] nvcc -c k.cu\n"
+                               "nvcc error   : 'cicc' died due to signal 9 (Kill signal)")
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (toolkit, None))
+    monkeypatch.setattr(fresh, "_sources", lambda with_cuda: [Path("ops.cpp"), *([Path("k.cu")] * with_cuda)])
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path / "builds"))
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
+    info = fresh._load()
+    assert "died due to signal 9" in info.cuda_skipped_because
+    assert not list((tmp_path / "builds").glob(f"*/{fresh.FAILED_MARKER}"))
+
+
+def test_the_cpu_op_alone_has_a_name_of_its_own_and_says_when_it_compiles(monkeypatch, tmp_path, capsys):
+    """After a failed CUDA build in a process, torch versions a rebuild under the same name
+    (residtap_C_v1.so): the next process then compiled residtap_C.so anew without a word. The CPU op
+    alone is residtap_C_cpu, and the message appears exactly when its file is not there yet."""
+    names = []
+
+    def load(**kwargs):
+        names.append(kwargs["name"])
+        (Path(kwargs["build_directory"]) / f"{kwargs['name']}.so").write_bytes(b"")
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path))
+    first = _build._build(None, None)
+    assert "compiling the C++ extension (CPU only)" in capsys.readouterr().err
+    (Path(first.build_dir) / "residtap_C_v1.so").write_bytes(b"")  # what another process's fallback left
+    _build._build(None, None)
+    assert names == ["residtap_C_cpu"] * 2 and capsys.readouterr().err == ""

@@ -741,6 +741,50 @@ def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
     assert residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False).complete
 
 
+def test_only_one_run_holds_the_lock_when_its_holder_removes_the_file(tmp_path, monkeypatch):
+    """A run that leaves nothing behind removes the lock file before letting go. A run that had opened
+    the file just before (B) then locked a file no longer in the directory, while a third run (C) made a
+    new one: both held "the" lock. A lock counts only while the file at the path is the one locked."""
+    import fcntl
+    import types
+
+    from residtap.extract import _tidy_if_nothing_there
+
+    out = tmp_path / "out"
+    out.mkdir()
+    a = store.lock_directory(str(out))
+
+    def b_flock(fd, op):  # B has opened the file; A finishes (removes it, lets go) before B locks
+        monkeypatch.setattr(store, "fcntl", fcntl)
+        _tidy_if_nothing_there(str(out), made_dir=False)
+        os.close(a)
+        return fcntl.flock(fd, op)
+
+    # store's own view of fcntl (torch's build lock uses the real one)
+    monkeypatch.setattr(store, "fcntl", types.SimpleNamespace(flock=b_flock, LOCK_EX=fcntl.LOCK_EX,
+                                                              LOCK_NB=fcntl.LOCK_NB))
+    b = store.lock_directory(str(out))
+    assert b is not None and os.listdir(out) == [store.LOCK]
+    with pytest.raises(store.StoreError, match="another extraction is writing"):
+        store.lock_directory(str(out))  # C
+    os.close(b)
+
+
+def test_without_flock_a_failed_first_run_still_leaves_no_directory(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    import fcntl
+    import types
+
+    monkeypatch.setattr(store, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX,
+                                                              LOCK_NB=fcntl.LOCK_NB))
+    bad, _ = ids_file(tmp_path, 100, vocab=200)
+    with pytest.raises(ValueError, match="outside"):
+        residtap.extract(tiny_gpt2(), bad, tmp_path / "out", seq_len=8, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unreadable_shard_is_a_clear_error(tmp_path, monkeypatch):
     """A bad sector (EIO) under a finished shard: the resume's check and residtap.open say which shard
     could not be read, as a StoreError (the CLI's one line), not a bare OSError."""
@@ -798,6 +842,13 @@ def test_numpy_integers_are_taken_where_ints_are(tmp_path):
                            batch_size=np.int32(2), progress=False)
     assert res.complete and res.manifest["settings"]["positions"] == [1, 3]
     assert res.manifest["totals"]["n_rows"] == 4 * 2
+    scalar = residtap.extract(tiny_gpt2(), path, tmp_path / "scalar", seq_len=8, positions=np.int64(3),
+                              rank=np.int64(0), world_size=np.int64(1), progress=False)
+    assert scalar.complete and scalar.manifest["settings"]["positions"] == 3
+    again = residtap.extract(tiny_gpt2(), path, tmp_path / "scalar", seq_len=8, positions=3, progress=False)
+    assert again.complete and again.all_processes == {"shards_written": 0, "shards_skipped": again.n_shards,
+                                                      "n_tokens": 0, "n_rows": 0, "bytes_written": 0,
+                                                      "seconds": 0.0}
     with pytest.raises(ValueError, match=r"^seq_len: expected a positive int or None, got True$"):
         residtap.extract(tiny_gpt2(), path, tmp_path / "bool", seq_len=True, progress=False)
     assert not (tmp_path / "bool").exists()

@@ -313,3 +313,15 @@ def test_report_where_the_final_norm_changes_nothing(extension):
     rep = residtap.verify(model, ids_for(model, 2, 6))
     assert rep.ok and [r.matches for r in rep.rows] == ["both"] * 3
     assert str(rep).count("raw (= normed)") == 3
+
+
+def test_verify_a_forward_taking_input_ids_positional_only(extension):
+    """forward(self, input_ids, /, ...): the ids go by position, as a keyword would be refused."""
+    from transformers import GPT2LMHeadModel
+
+    class PositionalOnly(GPT2LMHeadModel):
+        def forward(self, input_ids, /, **kwargs):
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    model = PositionalOnly(tiny_gpt2(1, 64, 2, torch.float32).config).eval()
+    assert residtap.verify(model, ids_for(model, 1, 4)).ok

@@ -148,18 +148,35 @@ class _FailedBefore(RuntimeError):
     """The CUDA build failed in an earlier process, with the same sources, flags and toolkit."""
 
 
+# What else decides whether the same sources compile: the host compiler nvcc is told to use, flags
+# slipped in through the environment, and the headers (the toolkit's, the pip-installed CUDA ones).
+_BUILD_ENV = ("CC", "CXX", "CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")
+# A compile that was killed or starved says nothing about the sources: never recorded.
+_TRANSIENT = ("signal", "killed", "no space left", "out of memory", "cannot allocate memory", "resource "
+              "temporarily unavailable", "timed out", "timeout")
+
+
 def _toolkit_identity(cuda_home: Path) -> str:
-    nvcc = cuda_home / "bin" / "nvcc"
-    try:
-        st = nvcc.stat()
-    except OSError:
-        return str(nvcc)
-    return f"{nvcc.resolve()} size={st.st_size} mtime_ns={st.st_mtime_ns}"
+    """One line: nvcc and the toolkit's headers (path, size, mtime), the compiler environment, and the
+    pip CUDA header directories; a change to any of them makes a recorded failure worth retrying."""
+    def stamp(p: Path) -> str:
+        try:
+            st = p.stat()
+        except OSError:
+            return f"{p}:missing"
+        return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+    host = shutil.which(os.environ.get("CXX") or "c++")  # the host compiler on PATH
+    parts = [stamp(cuda_home / "bin" / "nvcc"), stamp(cuda_home / "include"), stamp(Path(host or "c++")),
+             *(stamp(Path(d)) for d in _pip_cuda_includes()),
+             *(f"{k}={os.environ.get(k, '')}" for k in _BUILD_ENV)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _record_failure(cuda_home: Path, why: str) -> None:
-    """Best effort: a build directory that cannot be written to just means the next process tries again."""
-    if _tried_dir is None:
+def _record_failure(cuda_home: Path, why: str, log: str) -> None:
+    """Best effort: a build directory that cannot be written to just means the next process tries again.
+    A compile killed or starved (a signal, memory, disk, a timeout: anywhere in ``log``) is not recorded."""
+    if _tried_dir is None or any(word in log.lower() for word in _TRANSIENT):
         return
     try:
         (Path(_tried_dir) / FAILED_MARKER).write_text(f"{_toolkit_identity(cuda_home)}\n{why}\n")
@@ -195,7 +212,7 @@ def _load() -> BuildInfo:
         first = next((line for line in lines if not line.startswith("[") and "Error building" not in line
                       and ("error" in line.lower() or "fatal" in line.lower())), lines[0] if lines else "")
         why = f"the CUDA build failed ({type(e).__name__}: {first}; see {_tried_dir})"
-        _record_failure(cuda_home, why)
+        _record_failure(cuda_home, why, str(e))
         print(f"residtap: {why}; building the CPU op alone", file=sys.stderr, flush=True)
         return _build(None, why)
 
@@ -246,8 +263,10 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
             raise _FailedBefore(f"{earlier}; not tried again with the same toolkit: delete "
                                 f"{build_dir / FAILED_MARKER} to retry")
 
-    # torch names a rebuild in the same process residtap_C_v1.so (the CPU op after a failed CUDA build)
-    if not any(build_dir.glob(f"{_NAME}*.so")):
+    # The CPU op alone has a name of its own: after a failed CUDA build in this process, torch would
+    # otherwise version it (residtap_C_v1.so), and the next process would compile residtap_C.so anew.
+    name = _NAME if with_cuda else f"{_NAME}_cpu"
+    if not (build_dir / f"{name}.so").exists():
         what = (f"C++ and CUDA (sm {', '.join(archs)}) extension" if with_cuda
                 else "C++ extension (CPU only)")
         took = "about 3-4 minutes on 2 cores" if with_cuda else "under a minute"
@@ -260,7 +279,7 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     try:
         cpp_extension.load(
-            name=_NAME,
+            name=name,
             sources=[str(s) for s in sources],
             extra_include_paths=extra_include,
             extra_cflags=cflags,

@@ -151,7 +151,11 @@ def _positions_rule(p):
     if isinstance(p, slice):
         return f"{'' if p.start is None else p.start}:{'' if p.stop is None else p.stop}:" \
                f"{'' if p.step is None else p.step}"
-    return p if isinstance(p, (int, str)) else [operator.index(x) for x in p]  # numpy ints, 0-d tensors
+    if isinstance(p, str):
+        return p
+    if isinstance(p, numbers.Integral):
+        return int(p)
+    return [operator.index(x) for x in p]  # numpy ints, 0-d tensors
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -500,9 +504,12 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
         if complete:
             m = _store.read_json(os.path.join(out, _store.MANIFEST))
+            nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
+                       "bytes_written": 0}  # the run as a whole found every shard done
             return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
-                                 shards_written=0, shards_skipped=len(records), n_tokens=0, n_rows=0,
-                                 bytes_written=0, seconds=0.0, waits=_Waits().t, manifest=m)
+                                 n_tokens=0, n_rows=0, seconds=0.0, waits=_Waits().t, manifest=m,
+                                 shards_written=0, shards_skipped=len(records), bytes_written=0,
+                                 all_processes={**nothing, "seconds": 0.0})
         header = _with_history(out, header)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
@@ -516,8 +523,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         final, everyone = _finish(out, header, manifest, run, rank, world, group)
     finally:
         if lock is not None:
+            _tidy_if_nothing_there(out, made_dir)  # before the lock is let go (see lock_directory)
             os.close(lock)
-            _tidy_if_nothing_there(out, made_dir)
         if group is not None:
             import torch.distributed as dist
 
@@ -559,8 +566,11 @@ def _dist_env(rank, world_size):
         raise ValueError("rank, world_size: pass both or neither (torchrun sets RANK and WORLD_SIZE)")
     if rank is None:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank, world_size: expected 0 <= rank < world_size, got {rank}, {world_size}")
+    if not (isinstance(world_size, numbers.Integral) and isinstance(rank, numbers.Integral)
+            and not isinstance(rank, bool) and not isinstance(world_size, bool) and 0 <= rank < world_size):
+        raise ValueError(f"rank, world_size: expected ints with 0 <= rank < world_size, got {rank!r}, "
+                         f"{world_size!r}")
+    rank, world_size = int(rank), int(world_size)
     return rank, world_size, int(os.environ.get("LOCAL_RANK", rank))
 
 

@@ -84,25 +84,37 @@ LOCK = ".residtap.lock"
 def lock_directory(directory: str) -> int | None:
     """Take ``directory``'s run lock; returns the descriptor to keep open (closing it releases the lock),
     or None where the file system cannot lock (or is read-only, so no run can write there either). A
-    StoreError where another process holds it. The file is left in place: removing it would let a run
-    that opened it before the removal and one that creates it anew both hold "the" lock."""
+    StoreError where another process holds it.
+
+    The holder may remove the file before letting go (a run that leaves nothing there): a run that
+    opened the file before the removal then holds a lock on a file no longer in the directory, so a
+    lock counts only while the file at the path is the one locked; otherwise it is taken again."""
     if fcntl is None:
         return None
     path = os.path.join(directory, LOCK)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"out: another extraction is writing to {directory!r} now (it holds the lock on "
-                         f"{path!r}); wait for it to finish, or choose another directory") from None
-    except OSError:  # no flock here (some network file systems)
-        os.close(fd)
-        return None
-    return fd
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"out: another extraction is writing to {directory!r} now (it holds the lock "
+                             f"on {path!r}); wait for it to finish, or choose another directory") from None
+        except OSError:  # no flock here (some network file systems): no lock file left behind either
+            os.close(fd)
+            _remove_quietly(path)
+            return None
+        try:
+            now, held = os.stat(path), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)  # the file was removed (or replaced) while we waited: take the one there now
+    raise StoreError(f"out: could not take the lock on {path!r}: it keeps being replaced")
 
 
 def part_name(rank: int) -> str:

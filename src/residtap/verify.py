@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 
@@ -260,15 +261,19 @@ def _text_only_call(model, input_ids, kwargs) -> tuple:
     sig = forward_signature(model)
     if sig is None or "input_ids" not in sig.parameters:
         return (input_ids,)
-    kwargs["input_ids"] = input_ids
+    args = ()
+    if sig.parameters["input_ids"].kind is inspect.Parameter.POSITIONAL_ONLY:
+        args = (input_ids,)  # forward(self, input_ids, /, ...)
+    else:
+        kwargs["input_ids"] = input_ids
     missing = [name for name, p in sig.parameters.items()
-               if p.default is p.empty and name not in kwargs
+               if p.default is p.empty and name not in kwargs and name != "input_ids"
                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if missing:
         raise ValueError(f"model: {type(model).__name__}.forward requires {', '.join(missing)} besides "
                          "input_ids; verify runs on token ids alone (capture it with residtap.Capture and "
                          "your own inputs)")
-    return ()
+    return args
 
 
 def _report(model, layout, hs, resid, normed, dtype, first_resid: int) -> VerifyReport:
