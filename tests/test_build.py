@@ -192,3 +192,22 @@ def test_the_cpu_op_alone_has_a_name_of_its_own_and_says_when_it_compiles(monkey
     (Path(first.build_dir) / "residtap_C_v1.so").write_bytes(b"")  # what another process's fallback left
     _build._build(None, None)
     assert names == ["residtap_C_cpu"] * 2 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_only_cpu_and_cuda_have_a_compiled_kernel(extension, device):
+    """Elsewhere "auto" is the reference, with the reason, and "compiled" is unavailable."""
+    why = f"no compiled kernel for device type '{device}'"
+    assert _build.load_extension().loaded
+    from residtap import backend
+
+    assert backend.decide("auto", torch.device(device)) == ("reference", why)
+    assert backend.decide("compiled", torch.device(device)) == ("unavailable", why)
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build: CUDA is never planned")
+def test_residtap_no_cuda_0_means_not_set(monkeypatch):
+    monkeypatch.setenv("RESIDTAP_NO_CUDA", "0")
+    assert _build._cuda_plan()[1] != "RESIDTAP_NO_CUDA is set"
+    monkeypatch.setenv("RESIDTAP_NO_CUDA", "1")
+    assert _build._cuda_plan() == (None, "RESIDTAP_NO_CUDA is set")

@@ -475,3 +475,14 @@ def test_a_wrapper_of_a_wrapper_is_followed_to_the_hf_model(extension):
     with residtap.capture(model) as direct:
         model(ids)
     assert torch.equal(cap.resid, direct.resid)
+
+
+def test_layer_takes_every_negative_index(extension):
+    """cap.layer counts negatives from the end, down to -(n_layers + 1), which is residual index 0."""
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    with residtap.capture(model) as cap:
+        model(ids_for(model, 1, 4))
+    for k in range(3):
+        assert torch.equal(cap.layer("resid", k - 3), cap.layer("resid", k))
+    with pytest.raises(residtap.CaptureError, match="layer"):
+        cap.layer("resid", -4)

@@ -325,3 +325,33 @@ def test_verify_a_forward_taking_input_ids_positional_only(extension):
 
     model = PositionalOnly(tiny_gpt2(1, 64, 2, torch.float32).config).eval()
     assert residtap.verify(model, ids_for(model, 1, 4)).ok
+
+
+def test_cli_final_norm_none_in_any_case():
+    import argparse
+
+    for text in ("none", "None", "NONE"):
+        assert cli.layout_kwargs(argparse.Namespace(blocks=None, final_norm=text)) == {"final_norm": None}
+    assert cli.layout_kwargs(argparse.Namespace(blocks="h", final_norm="ln_f")) == {"blocks": "h",
+                                                                                   "final_norm": "ln_f"}
+    assert cli.layout_kwargs(argparse.Namespace(blocks=None, final_norm=None)) == {}
+
+
+def test_cli_a_capture_error_is_a_one_line_exit_2(extension, monkeypatch, capsys):
+    def refuses(*args, **kwargs):
+        raise residtap.CaptureError("cap.resid: the last forward reached 3 of 4 selected layers")
+
+    monkeypatch.setattr(sys.modules["residtap.verify"], "verify", refuses)
+    assert cli.main(["verify", "--batch", "1", "--seq", "4"]) == 2
+    assert capsys.readouterr().err == ("residtap verify: error: cap.resid: the last forward reached 3 of 4 "
+                                       "selected layers\n")
+
+
+def test_cli_verify_takes_seq_up_to_the_models_positions(extension, tmp_path, capsys):
+    from residtap.models import random_gpt2
+
+    random_gpt2(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=8).save_pretrained(tmp_path / "m")
+    args = ["verify", "--model", str(tmp_path / "m"), "--batch", "1"]
+    assert cli.main(args + ["--seq", "8"]) == 0
+    assert cli.main(args + ["--seq", "9"]) == 2
+    assert "--seq: expected at most 8 (the model's positions), got 9" in capsys.readouterr().err
