@@ -106,6 +106,10 @@ def test_shards_equal_capture(tmp_path, dtype, device):
     assert torch.equal(acts.sequences("source")[:, 1], torch.arange(21) * 16)
     m = acts.manifest
     assert m["totals"]["n_rows"] == 21 * len(pos) and m["totals"]["n_tokens"] == 21 * 16
+    # what this call reports it wrote is what the manifest (and the directory) holds
+    assert res.n_rows == m["totals"]["n_rows"] and res.n_tokens == m["totals"]["n_tokens"]
+    assert res.bytes_written == m["totals"]["bytes"] == sum(
+        os.path.getsize(tmp_path / "out" / r["file"]) for r in m["shards"]) > 0
     for r in m["shards"]:
         assert store.sha256_file(tmp_path / "out" / r["file"]) == r["sha256"]
         assert r["source_first"] == [0, 16 * r["seq_start"]]
@@ -506,6 +510,12 @@ def test_reader_array_and_shuffled_rows(tmp_path):
         assert torch.equal(a[sl], full[torch.as_tensor(np.arange(240)[sl].copy(), dtype=torch.long)]), sl
     with pytest.raises(IndexError):
         a[240]
+    # -n is the first row, as Python and torch index; -n - 1 is out of range
+    assert torch.equal(a[[-240]], full[:1]) and torch.equal(a[torch.tensor([-240, -1])], full[[0, 239]])
+    assert torch.equal(a[-240], full[0])
+    for bad in ([-241], np.array([0, -241]), torch.tensor([-241])):
+        with pytest.raises(IndexError):
+            a[bad]
     ds = acts.dataset(1, batch_size=32, seed=3, buffer_shards=2)
     batches = list(ds)
     assert len(batches) == len(ds) == 8 and all(b.shape == (32, 64) for b in batches[:-1])
@@ -514,6 +524,10 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     assert not torch.equal(rows, full)
     assert torch.equal(rows[torch.argsort(rows[:, 0])], full[torch.argsort(full[:, 0])])
     assert torch.equal(torch.cat(list(acts.dataset(1, batch_size=32, seed=3, buffer_shards=2))), rows)
+    # seeds and epochs do not alias: seed 0's second epoch is not seed 1's first
+    seed0 = acts.dataset(1, batch_size=32, seed=0)
+    seed0.set_epoch(1)
+    assert not torch.equal(torch.cat(list(seed0)), torch.cat(list(acts.dataset(1, batch_size=32, seed=1))))
     two = next(iter(acts.dataset([1, 2], shuffle=False)))
     assert torch.equal(two, torch.stack([full[0], acts.layer(2)[0]]))
     loader = torch.utils.data.DataLoader(acts.dataset(2, batch_size=50), batch_size=None, num_workers=0)
@@ -527,6 +541,17 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     assert res.n_tokens == 56 and torch.equal(residtap.open(tmp_path / "few").layer(1).to_tensor(), full[:56])
     with pytest.raises(ValueError, match="layer_id"):
         acts.layer(0)
+    # the memory-mapped shard tensors are copy-on-write: writing through them never changes a file
+    shard0 = a.shards[0]
+    shard0[0].zero_()
+    acts.layer(2).part(1).fill_(7.0)
+    assert shard0[0].eq(0).all() and not full[0].eq(0).all()
+    del a, acts, shard0
+    import gc
+
+    gc.collect()
+    again = residtap.open(tmp_path / "out", verify=True)
+    assert torch.equal(again.layer(1).to_tensor(), full)
 
 
 def test_shuffled_rows_with_dataloader_workers(tmp_path):
@@ -893,6 +918,11 @@ def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
     residtap.open(out)  # sizes match: only the checksum can tell
     with pytest.raises(residtap.ShardCorruptError, match="shard 1 .*checksum"):
         residtap.open(out, verify=True)
+    # rerunning over the complete extraction checks it: the corrupted shard is an error, not "complete"
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(residtap.ShardCorruptError, match="shard 1 .*checksum"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert (out / "manifest.json").read_bytes() == manifest and victim.read_bytes() == bytes(bad)
     # an unfinished extraction resumes only over intact shards
     m = json.loads((out / "manifest.json").read_text())
     m["complete"] = False
@@ -906,6 +936,11 @@ def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
     victim.write_bytes(other.read_bytes())
     assert victim.stat().st_size == len(good)
     with pytest.raises(residtap.ShardCorruptError, match="shard 1 .* is shard 2 .*by its own header"):
+        residtap.open(out, allow_partial=True)
+    huge = bytearray(good)  # a garbage header length (the size still matches)
+    huge[:8] = (1 << 62).to_bytes(8, "little")
+    victim.write_bytes(bytes(huge))
+    with pytest.raises(residtap.ShardCorruptError, match="implausible header length 4611686018427387904"):
         residtap.open(out, allow_partial=True)
     victim.unlink()  # the remedy the message gives: delete it and run again
     res = residtap.extract(tiny_gpt2(), path, out, **kw)
@@ -939,6 +974,19 @@ def test_a_deleted_shard_of_a_complete_extraction_is_recomputed(tmp_path, capsys
     assert res.shards_written == 1 and m["complete"] and m["n_shards"] == len(before)
     assert m["environment"] == {"device": "cpu", "backend": "compiled"}
     assert [r["environment"] for r in m["resumed_with"]] == [{"device": "cpu", "backend": "reference"}]
+    # resumed with the same other backend again: it is listed once, not once per resume
+    victim.unlink()
+    res = residtap.extract(tiny_gpt2(), path, out, backend="reference", **kw)
+    m = residtap.open(out, verify=True).manifest
+    assert res.shards_written == 1 and m["complete"]
+    assert [r["environment"] for r in m["resumed_with"]] == [{"device": "cpu", "backend": "reference"}]
+    # a rank part a killed merge left beside the complete manifest is removed by a rerun
+    part = {k: v for k, v in m.items() if k not in ("n_shards", "totals")} | {"complete": False, "done": True}
+    store.write_json_atomic(str(out / store.part_name(1)), part)
+    res = residtap.extract(tiny_gpt2(), path, out, backend="reference", **kw)
+    assert res.complete and res.shards_written == 0
+    assert not (out / store.part_name(1)).exists()
+    assert sorted(f for f in os.listdir(out) if f.startswith("manifest")) == ["manifest.json"]
 
 
 def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp_path):
@@ -977,6 +1025,14 @@ def test_a_failed_start_leaves_no_manifest_in_the_way_and_seq_len_is_checked(tmp
                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=97,
                                              max_position_embeddings=4)).eval()
     assert residtap.extract(llama, ok, tmp_path / "rotary", seq_len=8, progress=False).complete
+    # OPT's learned table has max_position_embeddings + 2 rows (an offset of 2): still a limit of 8
+    opt = T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                       num_attention_heads=4, max_position_embeddings=8,
+                                       word_embed_proj_dim=32)).eval()
+    with pytest.raises(ValueError, match=r"seq_len: expected at most 8 \(the model's .*\), got 16"):
+        residtap.extract(opt, ok, tmp_path / "opt", seq_len=16, progress=False)
+    assert not (tmp_path / "opt").exists()
+    assert residtap.extract(opt, ok, tmp_path / "opt", seq_len=8, progress=False).complete
 
 
 def test_unwritable_output(tmp_path, monkeypatch, capsys):
@@ -1394,6 +1450,10 @@ def test_a_shard_buffer_is_one_host_allocation():
     rows = 48 * 1024  # what shard_size="1GiB" gives for 13 layers, batch 8 x 1024 tokens
     assert _host_shard_bytes(specs, 13, rows, pinned=True) == 1 << 30
     assert _host_shard_bytes(specs, 13, rows, pinned=False) == 13 * rows * 768 * 2
+    # a buffer of exactly a power of two is not rounded up to the next one
+    assert _host_shard_bytes({"resid": ((1024,), torch.float32)}, 1, 262144, pinned=True) == 1 << 30
+    assert _host_shard_bytes({"resid": ((1024,), torch.float32)}, 1, 262144, pinned=False) == 1 << 30
+    assert _host_shard_bytes({"resid": ((1024,), torch.float32)}, 1, 262145, pinned=True) == 1 << 31
     specs = {"resid": ((68,), torch.bfloat16), "normed": ((68,), torch.float16), "l2": ((), torch.float32)}
     host = _HostShard(specs, 3, 7, pin=False)
     base, end = host.memory.data_ptr(), 0
@@ -1419,3 +1479,170 @@ def test_cuda_shard_buffer_views_are_pinned_and_take_asynchronous_copies():
         dst.copy_(src[layer], non_blocking=True)
     torch.cuda.synchronize()
     assert all(torch.equal(dst, src[k].cpu()) for k, dst in enumerate(host.out["resid"]))
+
+
+# ------------------------------------------------------------------------------ store and size units
+def test_manifest_and_shard_temporaries_are_fsynced_before_their_rename(tmp_path, monkeypatch):
+    """Crash safety (store's docstring): written, fsynced, then renamed. Without the fsync of the
+    temporary a power loss after the rename can leave an empty or partial manifest or shard."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store.os, "replace", replace)
+    d = os.path.realpath(tmp_path)
+    for write, final in ((lambda: store.write_json_atomic(os.path.join(d, "manifest.json"), {"a": 1}),
+                          os.path.join(d, "manifest.json")),
+                         (lambda: store.write_shard(d, 0, {"x": torch.arange(3.0)}, {"shard": 0}),
+                          os.path.join(d, store.shard_name(0)))):
+        events.clear()
+        write()
+        renames = [e for e in events if e[0] == "replace" and e[2] == final]
+        assert len(renames) == 1, events
+        tmp = renames[0][1]
+        assert tmp != final and ("fsync", tmp) in events, events
+        assert events.index(("fsync", tmp)) < events.index(renames[0]), events
+        assert events[-1] == ("fsync", d)  # and the rename itself made durable
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
+
+
+def test_stale_temporaries_are_removed_only_for_the_shards_this_rank_owns(tmp_path):
+    """Under torchrun another rank may be writing its shard's temporary while this one cleans up."""
+    for i in (0, 1):  # the current naming: a directory per shard
+        (tmp_path / f".{store.shard_name(i)}.tmp").mkdir()
+        (tmp_path / f".{store.shard_name(i)}.tmp" / store.shard_name(i)).write_bytes(b"partial")
+    for i in (2, 3):  # bare temporary files, as earlier builds wrote
+        (tmp_path / f".{store.shard_name(i)}.tmp").write_bytes(b"partial")
+    (tmp_path / ".shard-x.safetensors.tmp").write_bytes(b"not a shard's")
+    store.remove_stale_temporaries(str(tmp_path), lambda i: i % 2 == 1)  # rank 1 of 2
+    assert sorted(os.listdir(tmp_path)) == [f".{store.shard_name(0)}.tmp", f".{store.shard_name(2)}.tmp",
+                                            ".shard-x.safetensors.tmp"]
+    assert (tmp_path / f".{store.shard_name(0)}.tmp" / store.shard_name(0)).read_bytes() == b"partial"
+    store.remove_stale_temporaries(str(tmp_path), lambda i: True)
+    assert os.listdir(tmp_path) == [".shard-x.safetensors.tmp"]
+
+
+def test_a_full_disk_or_quota_says_that_a_rerun_resumes():
+    for code, why in ((errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded")):
+        msg = str(store.os_error(OSError(code, os.strerror(code)), "writing shard 3 to", "/x"))
+        assert why in msg and "resumes" in msg and f"errno {code}" in msg, msg
+    msg = str(store.os_error(OSError(errno.EIO, "Input/output error"), "reading shard 3", "/x"))
+    assert "resumes" not in msg and "Input/output error" in msg
+
+
+def test_parse_size():
+    from residtap.extract import parse_size
+
+    table = {"1B": 1, "1b": 1, "7": 7, "1kB": 1000, "1kb": 1000, "1MB": 10**6, "1GB": 10**9,
+             "1TB": 10**12, "1KiB": 1024, "1MiB": 2**20, "1GiB": 2**30, "1TiB": 2**40,
+             "2.5GB": 2_500_000_000, "512MB": 512 * 10**6, "512MiB": 512 * 2**20, " 3 KiB ": 3072,
+             4096: 4096, np.int64(5): 5}
+    for value, want in table.items():
+        got = parse_size(value, "shard_size")
+        assert got == want and type(got) is int, (value, got)
+    for value in ("0", "0.4", "0B", "0.0004kB", 0, -1):
+        with pytest.raises(ValueError, match=r"^shard_size: expected a positive size"):
+            parse_size(value, "shard_size")
+    for value in ("lots", "1 XB", "-1", "", True, 1.5, None):
+        with pytest.raises(ValueError, match=r"^host_memory: expected a byte count"):
+            parse_size(value, "host_memory")
+
+
+def test_another_format_version_and_unfinished_rank_parts(tmp_path):
+    """A manifest of another format_version is refused, not read as this one. An unfinished
+    multi-process run (rank parts, each rank's shards) read with allow_partial gives its rows in
+    extraction order, whatever order the parts list them in."""
+    path, _ = ids_file(tmp_path, 8 * 30)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, seq_len=8, batch_size=2, shard_size="5KiB", layers=[1],
+                     progress=False)
+    full = residtap.open(out)
+    rows, seq_index = full.layer(1).to_tensor(), full.column("seq_index").to_tensor()
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["shards"]) >= 4
+    for version in (2, None):
+        store.write_json_atomic(str(out / "manifest.json"), {**m, "format_version": version})
+        with pytest.raises(store.StoreError, match=f"format_version {version}"):
+            residtap.open(out)
+    head = {k: v for k, v in m.items() if k not in ("n_shards", "totals", "shards")} | {"complete": False}
+    store.write_json_atomic(str(out / "manifest.json"), head | {"shards": []})
+    for r in (0, 1):
+        store.write_json_atomic(str(out / store.part_name(r)),
+                                head | {"shards": [s for s in m["shards"] if s["index"] % 2 == r]})
+    for keep_main in (True, False):
+        if not keep_main:
+            (out / "manifest.json").unlink()
+        acts = residtap.open(out, allow_partial=True)
+        assert [r["index"] for r in acts.records] == list(range(len(m["shards"])))
+        si = acts.column("seq_index").to_tensor()
+        assert bool((si[1:] >= si[:-1]).all()) and torch.equal(si, seq_index)
+        assert torch.equal(acts.layer(1).to_tensor(), rows)
+
+
+def test_an_input_shorter_than_one_sequence_is_an_error(tmp_path):
+    path, _ = ids_file(tmp_path, 5)
+    with pytest.raises(ValueError, match="no complete sequence of 8 tokens"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, progress=False)
+    assert not (tmp_path / "out").exists()  # not an extraction "complete" with no shard
+
+
+def test_padded_rows_compacted_by_a_writer_count_in_host_memory(tmp_path):
+    """packing="pad" with positions other than "last": each writer compacts the real-token rows into a
+    copy of the shard buffer, which host_memory must pay for too (4KiB shards here: 8KiB each)."""
+    docs = tmp_path / "d.txt"
+    docs.write_text("\n".join(["w1 w2 w3"] * 40) + "\n")
+    kw = dict(seq_len=8, batch_size=2, packing="pad", tokenizer=tokenizer_dir(tmp_path), shard_size="4KiB",
+              layers=[1], progress=False)
+    with pytest.raises(ValueError, match="host_memory: a shard of 2 sequences takes 8192 bytes"):
+        residtap.extract(tiny_gpt2(), str(docs), tmp_path / "tight", host_memory="12KiB", **kw)
+    assert residtap.extract(tiny_gpt2(), str(docs), tmp_path / "two", host_memory="16KiB", **kw).writers == 1
+    assert residtap.extract(tiny_gpt2(), str(docs), tmp_path / "three", host_memory="24KiB",
+                            **kw).writers == 2
+
+
+def _reopen_last_shard(out):
+    """Make a complete extraction an unfinished one whose last shard is still to be written."""
+    m = json.loads((out / "manifest.json").read_text())
+    os.remove(out / m["shards"][-1]["file"])
+    store.write_json_atomic(str(out / "manifest.json"),
+                            {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
+                            | {"complete": False, "shards": m["shards"][:-1]})
+    return sorted(r["index"] for r in m["shards"][:-1])
+
+
+def test_a_resume_hashes_the_finished_shards_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    """verify_existing=False (--no-verify-existing) checks finished shards by size only; by default a
+    resume hashes every one of them."""
+    hashed = []
+    real = store._sha256_of_shard
+    monkeypatch.setattr(store, "_sha256_of_shard", lambda p, i: hashed.append(int(i)) or real(p, i))
+    path, _ = ids_file(tmp_path, 8 * 30, vocab=90)  # within tiny_gpt2's and RANDOM's vocabularies
+    out = tmp_path / "out"
+    kw = dict(seq_len=8, batch_size=2, shard_size="5KiB", layers=[1], progress=False)
+    residtap.extract(tiny_gpt2(), path, out, **kw)
+    for verify in (False, True):
+        finished = _reopen_last_shard(out)
+        assert len(finished) > 2
+        hashed.clear()
+        res = residtap.extract(tiny_gpt2(), path, out, verify_existing=verify, **kw)
+        assert res.complete and res.shards_written == 1
+        assert sorted(hashed) == (finished if verify else []), (verify, hashed)
+    cli = tmp_path / "cli"
+    args = ["extract", "--model", RANDOM, "--data", path, "--out", str(cli), "--no-progress", "--seq-len", "8",
+            "--batch-size", "2", "--shard-size", "5KiB", "--layers", "1"]
+    assert cli_main(args) == 0
+    for flag in (["--no-verify-existing"], []):
+        finished = _reopen_last_shard(cli)
+        hashed.clear()
+        assert cli_main(args + flag) == 0
+        assert sorted(hashed) == ([] if flag else finished), (flag, hashed)
+    residtap.open(cli, verify=True)
+    capsys.readouterr()
