@@ -57,7 +57,8 @@ from . import store as _store
 from .arch import bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import LAST, NOT_GIVEN, KeepMask, positive_int, resolve_device, resolve_dtype, resolve_positions
+from .selection import (LAST, NOT_GIVEN, KeepMask, positive_int, resolve_device, resolve_dtype,
+                        resolve_positions)
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -418,7 +419,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         raise ValueError("positions: a bool mask fixes one batch's shape; extract takes None, an int, a "
                          "slice, a list of ints or 'last' (each sequence's last real token)")
     max_pos = max_positions(model)
-    source = _inputs.open_source(data, seq_len=opts.seq_len, packing=opts.packing, max_tokens=opts.max_tokens,
+    source = _inputs.open_source(data, seq_len=opts.seq_len, packing=opts.packing,
+                                 max_tokens=opts.max_tokens,
                                  tokenizer=tokenizer, text_field=text_field, split=split,
                                  default_seq_len=min(1024, int(max_pos or 1024)))
     seq_len = source.seq_len
