@@ -265,6 +265,7 @@ struct Config {
   bool vec = false;  // generic kernel: whole 4-element vectors
   bool nans = false;  // plant NaNs with a sign and payload in out: resid/delta must keep their bits
   bool staged = false;  // the fast kernel's staged variant (rows through shared memory)
+  bool constant = false;  // every element 2.5 and negative weights: x == mean, so torch's normed is -0
 };
 
 // NaN bit patterns a trip through float would not give back (c10 makes every bfloat16 NaN 0x7fc0).
@@ -317,6 +318,10 @@ static std::string check(const Config& c, std::mt19937& rng) {
   std::vector<InT> w(d + 8), b(d + 8);
   for (auto& v : w) v = static_cast<InT>(1.f + 0.5f * dist(rng) / 3.f - c.centre / 6.f);
   for (auto& v : b) v = static_cast<InT>(0.1f * dist(rng));
+  if (c.constant) {
+    std::fill(out.begin(), out.end(), static_cast<InT>(2.5f));
+    for (auto& v : w) v = static_cast<InT>(-std::fabs(static_cast<float>(v)) - 0.25f);
+  }
   // position index
   std::vector<int64_t> index;
   int n_pos = c.seq;
@@ -482,6 +487,31 @@ int main() {
         report("f16->float generic", c, check<F16, float>(c, rng));
       }
     }
+  }
+  // Generic widths that are not whole vectors: the scalar tail of the row pass (resid, delta, l2,
+  // maxabs). The host never asks the kernels for normed, mean or rstd at such widths: torch takes its
+  // other LayerNorm path there, and capture_cuda.cpp calls torch's own for them.
+  for (int d : {5, 70, 8197}) {
+    for (int index_kind = 0; index_kind < 3; ++index_kind) {
+      for (bool with_inp : {false, true}) {
+        ++variant;
+        Config c{2, 6, d, index_kind, with_inp, true, true, false, false, 1, variant % 2 + 1, true, 30.f,
+                 false};
+        report("float->float generic tail", c, check<float, float>(c, rng));
+        report("bf16->bf16 generic tail", c, check<BF16, BF16>(c, rng));
+        report("f16->float generic tail", c, check<F16, float>(c, rng));
+      }
+    }
+  }
+  // Rows equal to their mean with negative weights and no bias: torch's normed is -0 there, which a
+  // +0 default bias would turn into +0. Both kernels.
+  for (int d : {64, 68}) {
+    ++variant;
+    Config c{2, 5, d, 0, true, true, false, true, true, 0, 1, d % 8 != 0, 0.f, false};
+    c.constant = true;
+    report("float->float constant", c, check<float, float>(c, rng));
+    report("bf16->float constant", c, check<BF16, float>(c, rng));
+    if (d % 8 == 0) report("bf16->bf16 constant", c, check<BF16, BF16>(c, rng));
   }
   // NaNs with a payload, in both kernels, each dtype kept and widened.
   for (int d : {64, 768, 68, 8196}) {
