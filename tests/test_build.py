@@ -96,13 +96,28 @@ def test_env_reports_the_backend_residtap_backend_asks_for(extension, monkeypatc
     assert rep["backend_requested"] == (value if value == "reference" else want)
 
 
+def _stub_toolkit(fresh, monkeypatch, tmp_path, load) -> Path:
+    """A toolkit directory with an nvcc, ``load`` as the compiler (CUDA sources: ``k.cu``), builds under
+    ``tmp_path/builds``; returns the toolkit."""
+    from torch.utils import cpp_extension
+
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
+    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (toolkit, None))
+    monkeypatch.setattr(fresh, "_sources", lambda with_cuda: [Path("ops.cpp"), *([Path("k.cu")] * with_cuda)])
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path / "builds"))
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
+    return toolkit
+
+
 def test_a_failed_cuda_build_is_not_retried_with_the_same_toolkit(fresh, monkeypatch, tmp_path, capsys):
     """Every process (every torchrun rank) would otherwise fail the same compile again before falling
     back to the CPU op. The failure is recorded in the CUDA build directory and trusted until the
     toolkit changes; a later success removes the record."""
-    toolkit = tmp_path / "toolkit"
-    (toolkit / "bin").mkdir(parents=True)
-    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
     built, cuda_works = [], [False]
 
     def load(**kwargs):
@@ -111,16 +126,7 @@ def test_a_failed_cuda_build_is_not_retried_with_the_same_toolkit(fresh, monkeyp
         if cuda and not cuda_works[0]:
             raise RuntimeError("Error building extension 'residtap_C'\nx.cu(3): error: expected a ';'")
 
-    from torch.utils import cpp_extension
-
-    monkeypatch.setattr(cpp_extension, "load", load)
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
-    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (toolkit, None))
-    monkeypatch.setattr(fresh, "_sources", lambda with_cuda: [Path("ops.cpp"), *([Path("k.cu")] * with_cuda)])
-    monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path / "builds"))
-    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
-
+    toolkit = _stub_toolkit(fresh, monkeypatch, tmp_path, load)
     first = fresh._load()
     assert built == ["cuda", "cpu"] and not first.with_cuda
     marker = next((tmp_path / "builds").glob(f"*/{fresh.FAILED_MARKER}"))
@@ -151,23 +157,12 @@ def test_a_failed_cuda_build_is_not_retried_with_the_same_toolkit(fresh, monkeyp
 def test_a_cuda_compile_that_was_killed_is_not_recorded(fresh, monkeypatch, tmp_path):
     """A compiler killed (out of memory on a shared machine) or starved of disk says nothing about the
     sources: the next process tries again."""
-    toolkit = tmp_path / "toolkit"
-    (toolkit / "bin").mkdir(parents=True)
-    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
-    from torch.utils import cpp_extension
-
     def load(**kwargs):
         if any(s.endswith(".cu") for s in kwargs["sources"]):
             raise RuntimeError("Error building extension 'residtap_C': [2/5] nvcc -c k.cu\n"
                                "nvcc error   : 'cicc' died due to signal 9 (Kill signal)")
 
-    monkeypatch.setattr(cpp_extension, "load", load)
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)
-    monkeypatch.setattr(fresh, "_cuda_plan", lambda: (toolkit, None))
-    monkeypatch.setattr(fresh, "_sources", lambda with_cuda: [Path("ops.cpp"), *([Path("k.cu")] * with_cuda)])
-    monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    monkeypatch.setenv("RESIDTAP_BUILD_DIR", str(tmp_path / "builds"))
-    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", "9.0")
+    _stub_toolkit(fresh, monkeypatch, tmp_path, load)
     info = fresh._load()
     assert "died due to signal 9" in info.cuda_skipped_because
     assert not list((tmp_path / "builds").glob(f"*/{fresh.FAILED_MARKER}"))

@@ -766,12 +766,20 @@ def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
     assert residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False).complete
 
 
+def _store_flock(monkeypatch, flock) -> None:
+    """``flock`` as store's own fcntl.flock (torch's build lock keeps the real one)."""
+    import fcntl
+    import types
+
+    monkeypatch.setattr(store, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX,
+                                                              LOCK_NB=fcntl.LOCK_NB))
+
+
 def test_only_one_run_holds_the_lock_when_its_holder_removes_the_file(tmp_path, monkeypatch):
     """A run that leaves nothing behind removes the lock file before letting go. A run that had opened
     the file just before (B) then locked a file no longer in the directory, while a third run (C) made a
     new one: both held "the" lock. A lock counts only while the file at the path is the one locked."""
     import fcntl
-    import types
 
     from residtap.extract import _tidy_if_nothing_there
 
@@ -785,9 +793,7 @@ def test_only_one_run_holds_the_lock_when_its_holder_removes_the_file(tmp_path, 
         os.close(a)
         return fcntl.flock(fd, op)
 
-    # store's own view of fcntl (torch's build lock uses the real one)
-    monkeypatch.setattr(store, "fcntl", types.SimpleNamespace(flock=b_flock, LOCK_EX=fcntl.LOCK_EX,
-                                                              LOCK_NB=fcntl.LOCK_NB))
+    _store_flock(monkeypatch, b_flock)
     b = store.lock_directory(str(out))
     assert b is not None and os.listdir(out) == [store.LOCK]
     with pytest.raises(store.StoreError, match="another extraction is writing"):
@@ -799,11 +805,7 @@ def test_without_flock_a_failed_first_run_still_leaves_no_directory(tmp_path, mo
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    import fcntl
-    import types
-
-    monkeypatch.setattr(store, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX,
-                                                              LOCK_NB=fcntl.LOCK_NB))
+    _store_flock(monkeypatch, no_locks)
     bad, _ = ids_file(tmp_path, 100, vocab=200)
     with pytest.raises(ValueError, match="outside"):
         residtap.extract(tiny_gpt2(), bad, tmp_path / "out", seq_len=8, progress=False)

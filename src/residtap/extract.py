@@ -507,10 +507,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
         if complete:
             m = _store.read_json(os.path.join(out, _store.MANIFEST))
             nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
-                       "bytes_written": 0}  # the run as a whole found every shard done
+                       "bytes_written": 0}  # this process, and the run as a whole: every shard done
             return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
-                                 n_tokens=0, n_rows=0, seconds=0.0, waits=_Waits().t, manifest=m,
-                                 shards_written=0, shards_skipped=len(records), bytes_written=0,
+                                 seconds=0.0, waits=_Waits().t, manifest=m, **nothing,
                                  all_processes={**nothing, "seconds": 0.0})
         header = _with_history(out, header)
         manifest = _Manifest(out, header, records, rank, world)
@@ -608,10 +607,10 @@ def _barrier(group) -> None:
 def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
     """Create or check ``out``; return (complete records, whether the extraction is already complete).
 
-    Rank 0 creates the directory and the initial manifest before any other rank looks at it.
+    Rank 0 (which has made the directory and taken its lock) writes the initial manifest before any
+    other rank looks at it.
     """
     if rank == 0:
-        _make_dir(out)
         existing = _store.manifest_paths(out)
         if not existing:
             foreign = [f for f in os.listdir(out)
