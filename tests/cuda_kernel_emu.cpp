@@ -5,9 +5,13 @@
 // where a thread must wait) running the kernel function as written: threadIdx and blockIdx are set
 // for the running fiber, __shared__ variables are function statics (one block runs at a time),
 // __syncthreads() is a barrier of the block, and warp shuffles meet at a barrier of the warp (lock
-// step). Loads and stores are plain memory accesses; the round-to-nearest intrinsics are
-// IEEE float operations (-ffp-contract=off); c10::BFloat16 / c10::Half convert on the host exactly
-// as on the device (round to nearest even).
+// step). Which thread goes on after a barrier is the schedule's choice (round robin, or a strict
+// priority that lets some threads run ahead of the others up to the next block barrier), varied
+// over the configurations, so that a barrier missing between a shared read and the next write
+// shows; a barrier that can never open (one some threads skip) is reported as a deadlock. Loads
+// and stores are plain memory accesses; the round-to-nearest intrinsics are IEEE float operations
+// (-ffp-contract=off); c10::BFloat16 / c10::Half convert on the host exactly as on the device
+// (round to nearest even).
 //
 // Checked, per configuration (model dtype × capture dtype × width × rows × position index × norm
 // parameters × with/without the block input), against values computed here independently:
@@ -17,11 +21,14 @@
 //   l2                 within 2 ulp of a float64 sum (the contract's tolerance)
 //   mean, rstd, normed bit for bit against a direct transcription of torch's CUDA LayerNorm order
 //                      (as in cuda_order_sim.cpp; rsqrtf is 1/sqrtf on both sides here)
-// and every output row written (buffers start as NaN). This covers the kernels' indexing (teams,
-// units, the row gather and strides, partial and empty virtual threads), both kernels' control flow
-// and the order of their arithmetic. Not covered: the GPU's own arithmetic, memory model and
-// speed, and the host-side choice of kernel (capture_cuda.cpp), which tests/test_cuda.py covers
-// on a GPU.
+// and every output row written (buffers start as NaN). The expected mean and rstd use a Welford
+// update and merge written out again from GPU.md (torch_ln_order.h), not the kernels' own. inp is
+// laid out like out in some configurations and sequence-major in others. This covers the kernels'
+// indexing (teams, units, the row gather and out's and inp's own strides, partial and empty virtual
+// threads), both kernels' control flow and barriers, and the order of their arithmetic. Not
+// covered: the GPU's own arithmetic, memory model and speed, warp shuffles' masks, and the
+// host-side choice of kernel (capture_cuda.cpp, rows_impl.cuh), which tests/test_cuda.py covers on
+// a GPU.
 //
 // Output: "configs N failures M"; exit status 1 if M > 0.
 #include <cuda_runtime.h>  // vector types (uint2, uint4), cudaStream_t; host-compilable
@@ -32,6 +39,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <random>
 #include <string>
@@ -70,11 +78,14 @@ struct AsyncCopy {
   void* dst;
   const void* src;
 };
+struct Barrier;
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   unsigned tid = 0;
   bool done = false;
+  const Barrier* waits_on = nullptr;  // the barrier this fiber waits at, and its generation then
+  unsigned wait_generation = 0;
   std::vector<AsyncCopy> open;                  // cp.async issued since the last commit
   std::vector<std::vector<AsyncCopy>> groups;   // committed, not yet waited for (oldest first)
 };
@@ -82,6 +93,19 @@ static ucontext_t g_sched;
 static Fiber* g_fiber = nullptr;
 
 static void yield_to_scheduler() { swapcontext(&g_fiber->ctx, &g_sched); }
+
+// How the scheduler picks the next fiber (see launch):
+//   kRoundRobin  each unfinished fiber in turn, 0 to 127; the last to arrive at a barrier goes on
+//                without yielding (fiber 0 is always first after a barrier: a reader in thread 0
+//                reads before any other thread can run ahead);
+//   kPriority    always the first runnable fiber of a priority order (a permutation of 0..127),
+//                and every arrival yields, the last one too: the highest-priority threads run as
+//                far as they can (through warp-level exchanges, up to the next block barrier)
+//                before the others move at all. With thread 0 last in the order, a shared value
+//                that thread 0 reads after a barrier and others rewrite before the next one is
+//                overwritten before thread 0 reads it (a missing barrier shows).
+enum class Schedule { kRoundRobin, kPriority };
+static Schedule g_schedule = Schedule::kRoundRobin;
 
 struct Barrier {
   int members, arrived = 0;
@@ -92,12 +116,20 @@ struct Barrier {
     if (++arrived == members) {
       arrived = 0;
       ++generation;
-      return;
+      if (g_schedule == Schedule::kRoundRobin) return;
+      yield_to_scheduler();  // runnable: the scheduler decides who goes on first
+    } else {
+      g_fiber->waits_on = this;
+      g_fiber->wait_generation = gen;
+      yield_to_scheduler();  // resumed only once the barrier has opened
+      g_fiber->waits_on = nullptr;
     }
-    while (generation == gen) yield_to_scheduler();
     threadIdx.x = g_fiber->tid;  // another fiber ran meanwhile
   }
 };
+static bool runnable(const Fiber& f) {
+  return !f.done && (f.waits_on == nullptr || f.waits_on->generation != f.wait_generation);
+}
 
 struct WarpEx {
   uint64_t slot[32];
@@ -186,6 +218,8 @@ static void fiber_main() {
   swapcontext(&g_fiber->ctx, &g_sched);  // never resumed
 }
 
+static std::vector<int> g_priority;  // kPriority's order of the 128 threads, highest first
+
 static void launch(int grid, const std::function<void()>& kernel, size_t stage_bytes = 0) {
   g_stage_bytes = stage_bytes;
   g_launch_error.clear();
@@ -203,6 +237,7 @@ static void launch(int grid, const std::function<void()>& kernel, size_t stage_b
       Fiber& f = fibers[t];
       f.tid = t;
       f.done = false;
+      f.waits_on = nullptr;
       f.open.clear();
       f.groups.clear();
       if (f.stack.empty()) f.stack.resize(256 * 1024);
@@ -212,14 +247,36 @@ static void launch(int grid, const std::function<void()>& kernel, size_t stage_b
       f.ctx.uc_link = nullptr;
       makecontext(&f.ctx, fiber_main, 0);
     }
-    for (int live = kBlock; live > 0;) {
-      live = 0;
-      for (Fiber& f : fibers) {
-        if (f.done) continue;
-        g_fiber = &f;
-        threadIdx.x = f.tid;
-        swapcontext(&g_sched, &f.ctx);
-        live += f.done ? 0 : 1;
+    auto resume = [&](Fiber& f) {
+      g_fiber = &f;
+      threadIdx.x = f.tid;
+      swapcontext(&g_sched, &f.ctx);
+    };
+    for (;;) {  // until every fiber has ended, or none can go on (a deadlock: a barrier never opens)
+      bool ran = false, live = false;
+      if (g_schedule == Schedule::kRoundRobin) {
+        for (Fiber& f : fibers) {
+          if (runnable(f)) {
+            resume(f);
+            ran = true;
+          }
+          live = live || !f.done;
+        }
+      } else {
+        for (int t : g_priority) {
+          live = live || !fibers[t].done;
+          if (runnable(fibers[t])) {
+            resume(fibers[t]);
+            ran = live = true;
+            break;
+          }
+        }
+      }
+      if (!live) break;
+      if (!ran) {
+        g_launch_error = "block " + std::to_string(b) + ": deadlock, threads wait at a barrier that "
+                         "cannot open (a __syncthreads or shuffle some threads of the block or warp skip)";
+        return;
       }
     }
     for (const Fiber& f : fibers) {  // copies still in flight at exit were fetched for nothing
@@ -266,6 +323,10 @@ struct Config {
   bool nans = false;  // plant NaNs with a sign and payload in out: resid/delta must keep their bits
   bool staged = false;  // the fast kernel's staged variant (rows through shared memory)
   bool constant = false;  // every element 2.5 and negative weights: x == mean, so torch's normed is -0
+  // inp in a layout of its own: [seq, batch, d + 8] (sequence-major, rows 8 elements apart), where
+  // out is [batch, seq + seq_pad, d]; the kernels must take inp's offsets from inp's strides
+  bool inp_other = false;
+  int schedule = 0;  // 0: round robin; 1: priority, thread 127 first and 0 last; 2: priority, shuffled
 };
 
 // NaN bit patterns a trip through float would not give back (c10 makes every bfloat16 NaN 0x7fc0).
@@ -310,8 +371,10 @@ static void run_dispatch(const Config& c, const Params& p) {
 template <typename InT, typename OutT>
 static std::string check(const Config& c, std::mt19937& rng) {
   const int d = c.d, sstride = d, bstride = (c.seq + c.seq_pad) * d;
+  const int64_t inp_sb = c.inp_other ? d + 8 : bstride, inp_ss = c.inp_other ? int64_t{c.batch} * (d + 8) : sstride;
   std::normal_distribution<float> dist(c.centre, 3.f);
-  std::vector<InT> out(static_cast<size_t>(c.batch) * bstride + 8), inp(out.size());
+  std::vector<InT> out(static_cast<size_t>(c.batch) * bstride + 8);
+  std::vector<InT> inp(c.inp_other ? static_cast<size_t>(c.seq * inp_ss + 8) : out.size());
   for (auto& v : out) v = static_cast<InT>(dist(rng));
   for (auto& v : inp) v = static_cast<InT>(dist(rng));
   if (c.nans) plant_nans(out);
@@ -354,14 +417,20 @@ static std::string check(const Config& c, std::mt19937& rng) {
   p.rows = rows;
   p.n_pos = n_pos;
   p.seq = c.seq;
-  p.out_sb = p.inp_sb = bstride;
-  p.out_ss = p.inp_ss = sstride;
+  p.out_sb = bstride;
+  p.out_ss = sstride;
+  p.inp_sb = inp_sb;
+  p.inp_ss = inp_ss;
   p.d = d;
   p.index_2d = c.index_kind == 2;
   p.eps = 1e-5f;
   p.welford = c.with_normed || c.with_stats;
   p.bias_only = p.bias != nullptr && p.weight == nullptr;
   p.vec = c.vec;
+  g_schedule = c.schedule == 0 ? Schedule::kRoundRobin : Schedule::kPriority;
+  g_priority.resize(kBlock);
+  for (int t = 0; t < kBlock; ++t) g_priority[t] = kBlock - 1 - t;
+  if (c.schedule == 2) std::shuffle(g_priority.begin(), g_priority.end(), rng);
   g_async_copies = 0;
   run_dispatch<InT, OutT>(c, p);
   if (!g_launch_error.empty()) return g_launch_error;
@@ -372,7 +441,7 @@ static std::string check(const Config& c, std::mt19937& rng) {
     const int64_t bb = r / n_pos, pos = r % n_pos;
     const int64_t s = c.index_kind == 0 ? pos : index[c.index_kind == 1 ? pos : r];
     const InT* x = out.data() + bb * bstride + s * sstride;
-    const InT* xi = inp.data() + bb * bstride + s * sstride;
+    const InT* xi = inp.data() + bb * inp_sb + s * inp_ss;
     double sum = 0.0;
     float mx = 0.f;
     bool row_nan = false;
@@ -441,9 +510,9 @@ int main() {
     if (err.empty()) return;
     ++failures;
     std::printf("FAIL %s d=%d batch=%d seq=%d index=%d inp=%d w=%d b=%d normed=%d stats=%d pad=%d "
-                "grid=%d generic=%d vec=%d staged=%d: %s\n", types, c.d, c.batch, c.seq, c.index_kind,
-                c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid,
-                c.generic, c.vec, c.staged, err.c_str());
+                "grid=%d generic=%d vec=%d staged=%d inp_other=%d schedule=%d: %s\n", types, c.d, c.batch, c.seq,
+                c.index_kind, c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid,
+                c.generic, c.vec, c.staged, c.inp_other, c.schedule, err.c_str());
   };
   // Fast-kernel widths for every K (1: 8-512, 2: 768, 1000, 4: 1600, 8: 3072, 16: 4104, 8192) and
   // for both unit sizes, tiny widths (mostly empty virtual threads), each with and without staging
@@ -451,6 +520,11 @@ int main() {
   // and refilled); generic-kernel widths (16-bit % 8 != 0; above 8192).
   const int fast_widths[] = {8, 64, 72, 200, 768, 1000, 1600, 3072, 4104, 8192};
   int variant = 0;
+  // Every configuration also gets a schedule and an inp layout, varied with the others.
+  auto vary = [&](Config& c) {
+    c.schedule = (variant / 2) % 3;
+    c.inp_other = (variant / 5) % 2 == 1;
+  };
   for (bool staged : {false, true})
   for (int d : fast_widths) {
     for (int index_kind = 0; index_kind < 3; ++index_kind) {
@@ -463,6 +537,7 @@ int main() {
                  variant % 6 != 3,  // normed
                  variant % 7 != 4,  // stats
                  rows_case ? 2 : 0, variant % 2 + 1, false, variant % 2 ? 30.f : 0.f};
+        vary(c);
         c.staged = staged;
         if (index_kind != 0 && c.seq == 1) c.seq = 4;
         report("float->float", c, check<float, float>(c, rng));
@@ -482,6 +557,7 @@ int main() {
         ++variant;
         Config c{2, 6, d, index_kind, variant % 2 == 0, variant % 4 != 1, variant % 3 != 0, true,
                  true, 1, variant % 2 + 1, true, 30.f, vec};
+        vary(c);
         report("float->float generic", c, check<float, float>(c, rng));
         report("bf16->bf16 generic", c, check<BF16, BF16>(c, rng));
         report("f16->float generic", c, check<F16, float>(c, rng));
@@ -497,6 +573,7 @@ int main() {
         ++variant;
         Config c{2, 6, d, index_kind, with_inp, true, true, false, false, 1, variant % 2 + 1, true, 30.f,
                  false};
+        vary(c);
         report("float->float generic tail", c, check<float, float>(c, rng));
         report("bf16->bf16 generic tail", c, check<BF16, BF16>(c, rng));
         report("f16->float generic tail", c, check<F16, float>(c, rng));
@@ -508,6 +585,7 @@ int main() {
   for (int d : {64, 68}) {
     ++variant;
     Config c{2, 5, d, 0, true, true, false, true, true, 0, 1, d % 8 != 0, 0.f, false};
+    vary(c);
     c.constant = true;
     report("float->float constant", c, check<float, float>(c, rng));
     report("bf16->float constant", c, check<BF16, float>(c, rng));
@@ -519,11 +597,31 @@ int main() {
       ++variant;
       Config c{2, 9, d, variant % 3, with_inp, true, true, true, true, 1, 2, d % 8 != 0 || d > 8192,
                0.f, false, true};
+      vary(c);
       c.staged = !c.generic && with_inp;  // the fast kernel: staged with inp, plain without
       report("float->float nan", c, check<float, float>(c, rng));
       report("bf16->bf16 nan", c, check<BF16, BF16>(c, rng));
       report("f16->f16 nan", c, check<F16, F16>(c, rng));
       report("bf16->float nan", c, check<BF16, float>(c, rng));
+    }
+  }
+  // Shared results read after a barrier and rewritten for the next row (group): l2 and maxabs of a
+  // team wider than a warp (fast kernel, wide rows) and of the generic kernel's block. Without the
+  // moments (no normed, no stats) no barrier of the merge tree comes between the read and the next
+  // write, so only the kernels' own barrier keeps them apart; the priority schedules let the other
+  // threads reach that write first. One block, several rows or groups.
+  for (int d : {1600, 3072, 8192, 68, 12288}) {
+    for (int schedule : {1, 2}) {
+      ++variant;
+      Config c{2, 7, d, 0, true, true, true, false, false, 1, 1, d % 8 != 0 || d > 8192, 30.f, false};
+      c.schedule = schedule;
+      c.inp_other = schedule == 2;
+      report("float->float barriers", c, check<float, float>(c, rng));
+      if (d % 8 == 0) report("bf16->bf16 barriers", c, check<BF16, BF16>(c, rng));
+      if (!c.generic) {
+        c.staged = true;
+        report("float->float barriers staged", c, check<float, float>(c, rng));
+      }
     }
   }
   std::printf("configs %d failures %d\n", configs, failures);

@@ -11,7 +11,8 @@
 // std::threads whose warp shuffles and block barriers meet in lock step. The mean and rstd that
 // every thread of a team ends up with must equal, bit for bit, a plain transcription of torch's
 // order (GPU.md): virtual thread t reads vectors t, t+128, ...; shuffle-down merges 16, 8, 4, 2, 1
-// in each warp; then ((w0 + w2) + (w1 + w3)).
+// in each warp; then ((w0 + w2) + (w1 + w3)). The transcription (torch_ln_order.h) has its own
+// Welford update and merge, so the kernel's primitives are checked too, not assumed.
 //
 // What this cannot check: the GPU's own arithmetic (rsqrtf is emulated by 1/sqrtf on both sides),
 // memory access, or speed. tests/test_cuda.py does that on a GPU.

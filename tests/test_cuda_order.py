@@ -5,9 +5,10 @@
   compares every row's mean and rstd, bit for bit, with a direct transcription of torch's order.
 - tests/cuda_kernel_emu.cpp compiles the kernels themselves (csrc/cuda/rows_kernels.cuh) for the
   CPU with CUDA's built-ins emulated (threads as fibers in lock step, shared memory, barriers,
-  shuffles) and checks every output of both kernels over dtypes, widths, gathers and options,
-  the fast one also staged (asynchronous copies into shared memory, deferred to the thread's wait
-  so that reading a stage too early shows).
+  shuffles) and checks every output of both kernels over dtypes, widths, gathers, layouts and
+  options, the fast one also staged (asynchronous copies into shared memory, deferred to the
+  thread's wait so that reading a stage too early shows), under schedules that let threads run
+  ahead of each other between barriers.
 
 Each file says what it can and cannot establish; tests/test_cuda.py runs the real thing on a GPU.
 """
@@ -84,7 +85,7 @@ def test_kernels_emulated_on_the_host(tmp_path):
     configs, failures, out = compile_and_run(tmp_path, "cuda_kernel_emu.cpp", "-I", torch_include,
                                              "-I", str(cuda_home / "include"))
     assert failures == 0, out
-    assert configs >= 250, out
+    assert configs >= 800, out
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
