@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import residtap
-from helpers import DTYPES, ids_for, tiny_gpt2
+from helpers import DTYPES, hook_counts, ids_for, tiny_gpt2
 from residtap import backend, cli
 
 
@@ -355,3 +355,113 @@ def test_cli_verify_takes_seq_up_to_the_models_positions(extension, tmp_path, ca
     assert cli.main(args + ["--seq", "8"]) == 0
     assert cli.main(args + ["--seq", "9"]) == 2
     assert "--seq: expected at most 8 (the model's positions), got 9" in capsys.readouterr().err
+
+
+def _embeds_only(base, record=None):
+    """A copy of ``base`` (a GPT-2, with or without its LM head) whose forward takes ``inputs_embeds`` and no
+    ``input_ids``, as a user's wrapper may; what it is given goes into ``record``."""
+    class EmbedsOnly(type(base)):
+        def forward(self, inputs_embeds, attention_mask=None, **kwargs):
+            if record is not None:
+                record.append(inputs_embeds)
+            return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    model = EmbedsOnly(base.config).to(base.dtype).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_verify_a_forward_taking_inputs_embeds_alone(extension, dtype):
+    """A forward without input_ids gets the model's own input embeddings of the ids. Before, the ids went in
+    positionally as inputs_embeds: integers where vectors belong, a RuntimeError from deep in the model. The
+    report is the input_ids path's, row for row, because HF's forward computes exactly these embeddings."""
+    base = tiny_gpt2(2, 64, 2, dtype)
+    seen = []
+    model = _embeds_only(base, seen)
+    ids = ids_for(model, 2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    rep = residtap.verify(model, ids, attention_mask=mask)
+    assert len(seen) == 1 and torch.equal(seen[0], base.transformer.wte(ids))
+    assert rep.ok and [r.matches for r in rep.rows] == ["raw", "raw", "normed"]
+    ref = residtap.verify(base, ids, attention_mask=mask)
+    assert rep.rows == ref.rows and rep.convention == ref.convention
+    with torch.no_grad():
+        by_ids = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        by_embeds = base(inputs_embeds=seen[0], attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(by_ids) == len(by_embeds) == 3 and all(map(torch.equal, by_ids, by_embeds))
+
+
+def test_cli_verify_a_forward_taking_inputs_embeds_alone(extension, monkeypatch, capsys):
+    """Before, on a bare model at --seq equal to its width (where the ids broadcast against the position
+    embeddings), the forward ran on the ids as vectors and `residtap verify` said FAILED, exit 1: a finding
+    about residtap's own wrong input, not the model."""
+    model = _embeds_only(tiny_gpt2(2, 64, 2, torch.float32, lm_head=False))
+    monkeypatch.setattr(cli, "_load_model", lambda *args: (model, "embeds-only"))
+    assert cli.main(["verify", "--batch", "1", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "embeds-only, 2 blocks" in out and out.rstrip().endswith("OK")
+
+
+class _Wrapped(nn.Module):
+    """A wrapper that is no PreTrainedModel: its forward takes inputs_embeds, and it has no
+    get_input_embeddings to make them with."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+
+    def forward(self, inputs_embeds, attention_mask=None, **kwargs):
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _no_vectors(base):
+    """A forward taking inputs_embeds alone, whose get_input_embeddings maps ids to themselves."""
+    model = _embeds_only(base)
+    model.get_input_embeddings = lambda: nn.Identity()
+    return model
+
+
+def _needs_more(base):
+    from transformers import GPT2LMHeadModel
+
+    class NeedsPixels(GPT2LMHeadModel):
+        def forward(self, inputs_embeds, pixel_values, **kwargs):
+            return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+
+    return NeedsPixels(base.config).eval()
+
+
+@pytest.mark.parametrize("make,layout,error", [
+    (_Wrapped, ["--blocks", "lm.transformer.h", "--final-norm", "lm.transformer.ln_f"],
+     "model: _Wrapped.forward takes inputs_embeds and no input_ids, and _Wrapped has no input embeddings "
+     "(get_input_embeddings()) to make them from token ids; verify runs on token ids alone (capture it with "
+     "residtap.Capture and your own inputs)"),
+    (_no_vectors, [],
+     "model: EmbedsOnly.forward takes inputs_embeds and no input_ids, and its input embeddings (Identity) made "
+     "torch.int64 of shape [1, 4] of token ids of shape [1, 4], not a floating-point vector per token; verify "
+     "runs on token ids alone (capture it with residtap.Capture and your own inputs)"),
+    (_needs_more, [],
+     "model: NeedsPixels.forward requires pixel_values besides inputs_embeds; verify runs on token ids alone "
+     "(capture it with residtap.Capture and your own inputs)"),
+], ids=["no-embeddings", "no-vectors", "needs-more"])
+def test_verify_refuses_inputs_embeds_it_cannot_make_in_one_line(extension, monkeypatch, capsys, make, layout,
+                                                                  error):
+    """Where verify cannot make the inputs_embeds a forward takes in place of input_ids, it says what it
+    expected and what it found (exit 2), before any forward and with no hook left. Before, the ids went in as
+    the embeddings: a RuntimeError from inside the model, exit 3."""
+    from residtap.models import random_gpt2
+
+    # A fresh model, not tiny_gpt2's shared one, which other tests' forwards left HF's own hooks on.
+    model = make(random_gpt2(n_layer=1, n_embd=64, n_head=2, vocab_size=97, n_positions=64))
+    kw = {"blocks": layout[1], "final_norm": layout[3]} if layout else {}
+    with pytest.raises(ValueError) as info:
+        residtap.verify(model, ids_for(model, 1, 4), **kw)
+    assert str(info.value) == error
+    # No forward ran (HF adds output-capturing hooks of its own on the first) and no hook of residtap's is left.
+    assert hook_counts(model) == 0
+    monkeypatch.setattr(cli, "_load_model", lambda *args: (model, "wrapped"))
+    assert cli.main(["verify", "--batch", "1", "--seq", "4", *layout]) == 2
+    assert capsys.readouterr().err == f"residtap verify: error: {error}\n"
+    assert hook_counts(model) == 0

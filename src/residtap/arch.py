@@ -387,10 +387,10 @@ def bare_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def forward_signature(model: nn.Module) -> inspect.Signature | None:
-    """The signature a call of ``model`` binds to: through wrappers whose own forward takes
-    ``*args, **kwargs`` (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) to
-    the module they wrap. None where it cannot be read."""
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a call of ``model`` runs: through wrappers whose own forward takes ``*args,
+    **kwargs`` (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) to the
+    module they wrap."""
     m = model
     for _ in range(8):  # wrappers of wrappers, boundedly
         inner = getattr(m, "_orig_mod", None)
@@ -399,8 +399,14 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         if not isinstance(inner, nn.Module):
             break
         m = inner
+    return m
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature a call of ``model`` binds to: that of the module it wraps (``unwrapped``).
+    None where it cannot be read."""
     try:
-        return inspect.signature(m.forward)
+        return inspect.signature(unwrapped(model).forward)
     except (TypeError, ValueError):
         return None
 

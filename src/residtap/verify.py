@@ -22,8 +22,9 @@ import json
 import math
 
 import torch
+from torch import nn
 
-from .arch import forward_signature, text_config
+from .arch import forward_signature, text_config, unwrapped
 from .capture import Capture
 from .selection import NOT_GIVEN
 
@@ -255,25 +256,55 @@ def _run(model, layout, input_ids, attention_mask, backend, dtype):
 
 
 def _text_only_call(model, input_ids, kwargs) -> tuple:
-    """The positional arguments for a call with token ids alone (``input_ids`` goes by keyword where
-    the forward names it, as HF's all do); a ValueError where the forward requires inputs verify
-    cannot make up (BLIP-2's pixel_values)."""
+    """The positional arguments for a call with token ids alone. ``input_ids`` goes by keyword where
+    the forward names it, as HF's all do. A forward that takes ``inputs_embeds`` and no ``input_ids``
+    gets the model's own input embeddings of the ids, which is what HF's forwards compute from
+    ``input_ids`` first (never the ids themselves, integers where vectors belong). Any other forward
+    gets the ids as its first argument. A ValueError where the forward requires inputs verify cannot
+    make up (BLIP-2's pixel_values), or takes embeddings the model has no input embeddings to make."""
     sig = forward_signature(model)
-    if sig is None or "input_ids" not in sig.parameters:
+    if sig is None or not {"input_ids", "inputs_embeds"} & set(sig.parameters):
         return (input_ids,)
-    args = ()
-    if sig.parameters["input_ids"].kind is inspect.Parameter.POSITIONAL_ONLY:
-        args = (input_ids,)  # forward(self, input_ids, /, ...)
-    else:
-        kwargs["input_ids"] = input_ids
-    missing = [name for name, p in sig.parameters.items()
-               if p.default is p.empty and name not in kwargs and name != "input_ids"
-               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    name = "input_ids" if "input_ids" in sig.parameters else "inputs_embeds"
+    missing = [p for p, param in sig.parameters.items()
+               if param.default is param.empty and p not in kwargs and p != name
+               and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)]
     if missing:
         raise ValueError(f"model: {type(model).__name__}.forward requires {', '.join(missing)} besides "
-                         "input_ids; verify runs on token ids alone (capture it with residtap.Capture and "
+                         f"{name}; verify runs on token ids alone (capture it with residtap.Capture and "
                          "your own inputs)")
-    return args
+    value = input_ids if name == "input_ids" else _input_embeddings(model, input_ids)
+    if sig.parameters[name].kind is inspect.Parameter.POSITIONAL_ONLY:
+        return (value,)  # forward(self, input_ids, /, ...)
+    kwargs[name] = value
+    return ()
+
+
+def _input_embeddings(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``model.get_input_embeddings()(input_ids)``, for a forward that takes ``inputs_embeds`` alone.
+    A ValueError, before any forward or hook, where the model has no such module, or one that does not
+    map ``[batch, seq]`` ids to ``[batch, seq, width]`` floating-point vectors (a vision model's patch
+    embedding): nothing else says which vectors the forward expects."""
+    name = type(model).__name__
+    what = f"model: {name}.forward takes inputs_embeds and no input_ids, and"
+    alone = "verify runs on token ids alone (capture it with residtap.Capture and your own inputs)"
+    inner = unwrapped(model)
+    try:
+        embed = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    except NotImplementedError:  # HF's default, where it finds no embedding module
+        embed = None
+    if not isinstance(embed, nn.Module):
+        raise ValueError(f"{what} {name} has no input embeddings (get_input_embeddings()) to make them from "
+                         f"token ids; {alone}")
+    with torch.no_grad():
+        embeds = embed(input_ids)
+    if not (isinstance(embeds, torch.Tensor) and embeds.is_floating_point()
+            and embeds.dim() == input_ids.dim() + 1 and embeds.shape[:-1] == input_ids.shape):
+        got = (f"{embeds.dtype} of shape {list(embeds.shape)}" if isinstance(embeds, torch.Tensor)
+               else type(embeds).__name__)
+        raise ValueError(f"{what} its input embeddings ({type(embed).__name__}) made {got} of token ids of "
+                         f"shape {list(input_ids.shape)}, not a floating-point vector per token; {alone}")
+    return embeds
 
 
 def _report(model, layout, hs, resid, normed, dtype, first_resid: int) -> VerifyReport:
