@@ -25,10 +25,11 @@
 // update and merge written out again from GPU.md (torch_ln_order.h), not the kernels' own. inp is
 // laid out like out in some configurations and sequence-major in others. This covers the kernels'
 // indexing (teams, units, the row gather and out's and inp's own strides, partial and empty virtual
-// threads), both kernels' control flow and barriers, and the order of their arithmetic. Not
-// covered: the GPU's own arithmetic, memory model and speed, warp shuffles' masks, and the
-// host-side choice of kernel (capture_cuda.cpp, rows_impl.cuh), which tests/test_cuda.py covers on
-// a GPU.
+// threads), both kernels' control flow and barriers, and the order of their arithmetic; and the
+// launcher's choices (rows_choice.cuh: which kernel is legal for which pointers and strides, K, the
+// grid) against a table. Not covered: the GPU's own arithmetic, memory model and speed, warp
+// shuffles' masks, the launches themselves (rows_impl.cuh) and the host side (capture_cuda.cpp),
+// which tests/test_cuda.py covers on a GPU.
 //
 // Output: "configs N failures M"; exit status 1 if M > 0.
 #include <cuda_runtime.h>  // vector types (uint2, uint4), cudaStream_t; host-compilable
@@ -203,6 +204,7 @@ static uint4* stage_memory() { return reinterpret_cast<uint4*>(g_stage.data()); 
 
 #define RESIDTAP_KERNEL_EMU 1
 #include "rows_kernels.cuh"
+#include "rows_choice.cuh"
 #include "torch_ln_order.h"
 
 using namespace residtap::cuda_impl;
@@ -358,14 +360,22 @@ static void run_kernel(const Config& c, const Params& p) {
   }
 }
 
+// The launcher's K (rows_choice.cuh, as launch_rows uses it). A configuration of the fast kernel
+// must be one the launcher may give it, and the generic kernel's whole vectors too (configurations
+// may run the generic kernel where the launcher would pick the fast one: the kernel must be right
+// there as well).
 template <typename InT, typename OutT>
-static void run_dispatch(const Config& c, const Params& p) {
-  const int k = (c.d / 4 + 127) / 128;  // the launcher's choice (rows_impl.cuh, launch_rows)
-  if (k <= 1) return run_kernel<InT, OutT, 1>(c, p);
-  if (k <= 2) return run_kernel<InT, OutT, 2>(c, p);
-  if (k <= 4) return run_kernel<InT, OutT, 4>(c, p);
-  if (k <= 8) return run_kernel<InT, OutT, 8>(c, p);
-  return run_kernel<InT, OutT, 16>(c, p);
+static std::string run_dispatch(const Config& c, const Params& p) {
+  if (!c.generic && !fast_kernel_fits<InT, OutT>(p)) return "a fast-kernel configuration it does not fit";
+  if (c.generic && c.vec && !generic_vec_fits<InT, OutT>(p)) return "vec where the launcher would not";
+  switch (fast_k(c.d)) {
+    case 1: run_kernel<InT, OutT, 1>(c, p); break;
+    case 2: run_kernel<InT, OutT, 2>(c, p); break;
+    case 4: run_kernel<InT, OutT, 4>(c, p); break;
+    case 8: run_kernel<InT, OutT, 8>(c, p); break;
+    default: run_kernel<InT, OutT, 16>(c, p); break;
+  }
+  return "";
 }
 
 template <typename InT, typename OutT>
@@ -432,7 +442,7 @@ static std::string check(const Config& c, std::mt19937& rng) {
   for (int t = 0; t < kBlock; ++t) g_priority[t] = kBlock - 1 - t;
   if (c.schedule == 2) std::shuffle(g_priority.begin(), g_priority.end(), rng);
   g_async_copies = 0;
-  run_dispatch<InT, OutT>(c, p);
+  if (std::string err = run_dispatch<InT, OutT>(c, p); !err.empty()) return err;
   if (!g_launch_error.empty()) return g_launch_error;
   if (c.staged && rows > 0 && g_async_copies == 0) return "staged run copied nothing";
 
@@ -502,9 +512,147 @@ static std::string check(const Config& c, std::mt19937& rng) {
   return "";
 }
 
+// The launcher's choices (rows_choice.cuh) against a table written out by hand: the fast kernel
+// wherever its 16-byte units are legal, the generic kernel's 4-element vectors wherever theirs are,
+// K and the grid. A wrong "yes" is a misaligned access on the GPU; a wrong "no", the slow kernel.
+struct Choice {
+  const char* what;
+  bool fast, vec;  // expected: fast_kernel_fits, generic_vec_fits
+};
+template <typename InT, typename OutT>
+static int check_choice(const Choice& want, const Params& p) {
+  const bool fast = fast_kernel_fits<InT, OutT>(p), vec = generic_vec_fits<InT, OutT>(p);
+  if (fast == want.fast && vec == want.vec) return 0;
+  std::printf("FAIL choice %s: fast %d vec %d, expected %d %d\n", want.what, fast, vec, want.fast, want.vec);
+  return 1;
+}
+
+static int check_choices(int& configs) {
+  alignas(64) static unsigned char mem[1 << 16];
+  // Every pointer 16-byte aligned, rows d apart (sequences of 3), whatever the dtypes.
+  auto base = [&](int d) {
+    Params p{};
+    p.out = mem;
+    p.inp = mem + 16384;
+    p.weight = mem + 32768;
+    p.bias = mem + 36864;
+    p.resid = mem + 40960;
+    p.delta = mem + 49152;
+    p.normed = mem + 57344;
+    p.d = d;
+    p.out_sb = p.inp_sb = 3 * d;
+    p.out_ss = p.inp_ss = d;
+    return p;
+  };
+  int failures = 0;
+  auto f32 = [&](const Choice& want, const Params& p) {
+    ++configs;
+    failures += check_choice<float, float>(want, p);
+  };
+  auto b16 = [&](const Choice& want, const Params& p) {
+    ++configs;
+    failures += check_choice<BF16, BF16>(want, p);
+  };
+  auto b16f = [&](const Choice& want, const Params& p) {
+    ++configs;
+    failures += check_choice<BF16, float>(want, p);
+  };
+  Params p = base(64);
+  f32({"float d=64 aligned", true, true}, p);
+  f32({"float d=8192 (widest fast)", true, true}, base(8192));
+  f32({"float d=8196 (past the fast kernel)", false, true}, base(8196));
+  f32({"float d=66 (not whole 4-vectors)", false, false}, base(66));
+  f32({"float d=0", false, false}, base(0));
+  b16({"bf16 d=64", true, true}, base(64));
+  b16({"bf16 d=68 (not whole 16-byte units)", false, true}, base(68));
+  b16({"bf16 d=70", false, false}, base(70));
+  p = base(64);
+  p.out = mem + 4;  // one float off
+  f32({"out one element off", false, false}, p);
+  p = base(64);
+  p.out = mem + 8;  // two floats off: 8-byte aligned, not 16
+  f32({"out two elements off", false, false}, p);
+  p = base(64);
+  p.out = mem + 8;  // four bf16 off: a 4-vector (8 bytes) is aligned, a 16-byte unit is not
+  b16({"bf16 out four elements off", false, true}, p);
+  p = base(64);
+  p.inp = mem + 16384 + 4;
+  f32({"inp one element off", false, false}, p);
+  p = base(64);
+  p.inp = nullptr;  // no inp: its (unaligned) strides do not matter
+  p.inp_sb = p.inp_ss = 1;
+  f32({"no inp", true, true}, p);
+  p = base(64);
+  p.out_ss = 66;  // rows two floats apart from 16-byte units
+  f32({"out seq stride 66", false, false}, p);
+  p = base(64);
+  p.out_sb = 3 * 64 + 2;
+  f32({"out batch stride +2", false, false}, p);
+  p = base(64);
+  p.inp_ss = 66;
+  f32({"inp seq stride 66", false, false}, p);
+  p = base(64);
+  p.inp_sb = 1;
+  f32({"inp batch stride 1", false, false}, p);
+  p = base(64);
+  p.out_ss = 68;  // whole 4-vectors of bf16, not whole 16-byte units
+  b16({"bf16 out seq stride 68", false, true}, p);
+  p = base(64);
+  p.resid = mem + 40960 + 4;
+  f32({"resid one element off", false, false}, p);
+  p = base(64);
+  p.delta = mem + 49152 + 8;
+  f32({"delta two elements off", false, false}, p);
+  p = base(64);
+  p.normed = mem + 57344 + 4;
+  f32({"normed one element off", false, false}, p);
+  p = base(64);
+  p.resid = mem + 40960 + 16;  // bf16 -> float: 8 floats are 32 bytes, aligned to 16
+  b16f({"bf16->float resid 16 bytes off", true, true}, p);
+  p = base(64);
+  p.resid = mem + 40960 + 8;  // two floats: neither 8 nor 4 float outputs are 16-byte aligned
+  b16f({"bf16->float resid 8 bytes off", false, false}, p);
+  p = base(64);
+  p.resid = mem + 40960 + 8;  // four bf16: a 4-vector (8 bytes) is aligned, a 16-byte unit is not
+  b16({"bf16 resid 8 bytes off", false, true}, p);
+  p = base(64);
+  p.weight = mem + 32768 + 4;  // normed requested: the weight is read in units too
+  f32({"weight one element off", false, false}, p);
+  p = base(64);
+  p.bias = mem + 36864 + 8;
+  f32({"bias two elements off", false, false}, p);
+  p = base(64);
+  p.normed = nullptr;  // no normed: the fast kernel never reads the weights (the generic one may)
+  p.weight = mem + 32768 + 4;
+  f32({"weight off without normed", true, false}, p);
+  // K: the smallest of 1, 2, 4, 8, 16 with K * 128 4-vectors >= d / 4
+  const int widths[] = {8, 512, 520, 1024, 1032, 2048, 2056, 4096, 4104, 8192};
+  const int ks[] = {1, 1, 2, 2, 4, 4, 8, 8, 16, 16};
+  for (int i = 0; i < 10; ++i) {
+    ++configs;
+    if (fast_k(widths[i]) != ks[i]) {
+      std::printf("FAIL choice K at d=%d: %d, expected %d\n", widths[i], fast_k(widths[i]), ks[i]);
+      ++failures;
+    }
+  }
+  const int64_t grids[][3] = {{0, 0, 1}, {5, 0, 5}, {5, 3, 3}, {3, 5, 3}, {int64_t{1} << 40, 0, 2147483647},
+                              {int64_t{1} << 40, 1000, 1000}};
+  for (const auto& g : grids) {
+    ++configs;
+    if (grid_for(g[0], g[1]) != g[2]) {
+      std::printf("FAIL choice grid_for(%lld, %lld) = %lld, expected %lld\n", static_cast<long long>(g[0]),
+                  static_cast<long long>(g[1]), static_cast<long long>(grid_for(g[0], g[1])),
+                  static_cast<long long>(g[2]));
+      ++failures;
+    }
+  }
+  return failures;
+}
+
 int main() {
   std::mt19937 rng(7);
   int configs = 0, failures = 0;
+  failures += check_choices(configs);
   auto report = [&](const char* types, const Config& c, const std::string& err) {
     ++configs;
     if (err.empty()) return;

@@ -145,7 +145,8 @@ static int check_block(int d, std::mt19937& rng, float centre) {
   return compare(result, d, [&](int tid) { return rows[tid / kT].data(); }, what);
 }
 
-// The launcher's choice of K for a width (rows_impl.cuh, launch_rows).
+// The launcher's choice of K for a width (rows_choice.cuh, fast_k; checked there by
+// cuda_kernel_emu.cpp). Restated: this program compiles without CUDA's headers.
 template <int kElemBytes>
 static int check_width(int d, std::mt19937& rng, float centre) {
   const int k = (d / 4 + 127) / 128;

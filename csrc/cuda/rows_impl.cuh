@@ -8,21 +8,16 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <utility>
 
+#include "rows_choice.cuh"
 #include "rows_kernels.cuh"
 
 namespace residtap {
 namespace cuda_impl {
 namespace {
-
-int64_t grid_for(int64_t blocks, int64_t max_grid) {
-  if (max_grid > 0) blocks = std::min(blocks, max_grid);
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, std::numeric_limits<int32_t>::max()));
-}
 
 // How many blocks of `kernel` with `smem` bytes of dynamic shared memory fit on the current GPU
 // at once (0: none, the memory does not fit). Found once per kernel, device and size: the
@@ -78,53 +73,18 @@ void launch_fast(const Params& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether rows can be accessed as whole vectors of `unit` elements (at most 16 bytes): out and inp
-// (start and strides), the row outputs and, if `weights`, the norm's weight and bias aligned to a
-// vector of their type.
-template <typename InT, typename OutT>
-bool vectors_fit(const Params& p, int64_t unit, bool weights) {
-  const size_t in_align = std::min<size_t>(16, sizeof(InT) * unit);
-  const size_t out_align = std::min<size_t>(16, sizeof(OutT) * unit);
-  auto rows_ok = [&](const void* ptr, int64_t sb, int64_t ss) {
-    return ptr == nullptr || (aligned(ptr, in_align) && sb % unit == 0 && ss % unit == 0);
-  };
-  if (!rows_ok(p.out, p.out_sb, p.out_ss) || !rows_ok(p.inp, p.inp_sb, p.inp_ss)) return false;
-  for (const void* o : {static_cast<const void*>(p.resid), static_cast<const void*>(p.delta),
-                        static_cast<const void*>(p.normed)}) {
-    if (o != nullptr && !aligned(o, out_align)) return false;
-  }
-  for (const void* w : {p.weight, p.bias}) {
-    if (weights && w != nullptr && !aligned(w, in_align)) return false;
-  }
-  return true;
-}
-
-// Whether the fast kernel's 16-byte accesses are legal for this call.
-template <typename InT, typename OutT>
-bool fast_kernel_fits(const Params& p) {
-  const int64_t unit = sizeof(InT) == 2 ? 8 : 4;  // elements per 16-byte unit
-  if (p.d <= 0 || p.d % unit != 0 || p.d > kMaxFastWidth) return false;
-  return vectors_fit<InT, OutT>(p, unit, p.normed != nullptr);
-}
-
-// Whether the generic kernel may load and store whole 4-element vectors (8 or 16 bytes).
-template <typename InT, typename OutT>
-bool generic_vec_fits(const Params& p) {
-  return p.d > 0 && p.d % 4 == 0 && vectors_fit<InT, OutT>(p, 4, true);
-}
-
 }  // namespace
 
 template <typename InT, typename OutT>
 void launch_rows(const Params& p, cudaStream_t stream) {
   if (fast_kernel_fits<InT, OutT>(p)) {
-    const int nvec = p.d / 4;
-    const int k = (nvec + 127) / 128;  // vectors per virtual thread
-    if (k <= 1) return launch_fast<InT, OutT, 1>(p, stream);
-    if (k <= 2) return launch_fast<InT, OutT, 2>(p, stream);
-    if (k <= 4) return launch_fast<InT, OutT, 4>(p, stream);
-    if (k <= 8) return launch_fast<InT, OutT, 8>(p, stream);
-    return launch_fast<InT, OutT, 16>(p, stream);
+    switch (fast_k(p.d)) {
+      case 1: return launch_fast<InT, OutT, 1>(p, stream);
+      case 2: return launch_fast<InT, OutT, 2>(p, stream);
+      case 4: return launch_fast<InT, OutT, 4>(p, stream);
+      case 8: return launch_fast<InT, OutT, 8>(p, stream);
+      default: return launch_fast<InT, OutT, 16>(p, stream);
+    }
   }
   Params q = p;
   q.vec = generic_vec_fits<InT, OutT>(p) ? 1 : 0;
