@@ -25,11 +25,12 @@
 // update and merge written out again from GPU.md (torch_ln_order.h), not the kernels' own. inp is
 // laid out like out in some configurations and sequence-major in others. This covers the kernels'
 // indexing (teams, units, the row gather and out's and inp's own strides, partial and empty virtual
-// threads), both kernels' control flow and barriers, and the order of their arithmetic; and the
-// launcher's choices (rows_choice.cuh: which kernel is legal for which pointers and strides, K, the
-// grid) against a table. Not covered: the GPU's own arithmetic, memory model and speed, warp
-// shuffles' masks, the launches themselves (rows_impl.cuh) and the host side (capture_cuda.cpp),
-// which tests/test_cuda.py covers on a GPU.
+// threads), both kernels' control flow, barriers and warp shuffles (every lane takes part, and
+// the mask says so), and the order of their arithmetic; and the launcher's choices
+// (rows_choice.cuh: which kernel is legal for which pointers and strides, K, the grid) against a
+// table. Not covered: the GPU's own arithmetic, memory model and speed, 64-bit indexing past 2^31
+// elements, the launches themselves (rows_impl.cuh) and the host side (capture_cuda.cpp), which
+// tests/test_cuda.py covers on a GPU.
 //
 // Output: "configs N failures M"; exit status 1 if M > 0.
 #include <cuda_runtime.h>  // vector types (uint2, uint4), cudaStream_t; host-compilable
@@ -161,10 +162,22 @@ static T warp_exchange(T v, int src_of(int lane, int arg), int arg) {
 }
 static int down_src(int lane, int d) { return lane + d; }  // past lane 31: own value
 static int xor_src(int lane, int m) { return lane ^ m; }
+// Every lane of a warp takes part in every exchange (a lane that does not deadlocks the warp's
+// barrier), so the mask must name them all: on the GPU a lane missing from it is not waited for.
+static std::string g_launch_error;  // what the last launch did wrong ("" if nothing)
+static void check_mask(unsigned mask) {
+  if (mask != 0xffffffffu) g_launch_error = "a warp shuffle whose mask leaves lanes out";
+}
 template <typename T>
-static T __shfl_down_sync(unsigned, T v, int d) { return warp_exchange(v, down_src, d); }
+static T __shfl_down_sync(unsigned mask, T v, int d) {
+  check_mask(mask);
+  return warp_exchange(v, down_src, d);
+}
 template <typename T>
-static T __shfl_xor_sync(unsigned, T v, int m) { return warp_exchange(v, xor_src, m); }
+static T __shfl_xor_sync(unsigned mask, T v, int m) {
+  check_mask(mask);
+  return warp_exchange(v, xor_src, m);
+}
 
 // cp.async, deferred: a copy lands in shared memory only when its thread waits for its group, so a
 // stage read before its wait (or refilled while still needed) gives wrong outputs here. The stage
@@ -175,7 +188,6 @@ static size_t g_stage_bytes = 0;
 constexpr size_t kStageGuard = 256;
 constexpr unsigned char kPoison = 0x5a;
 static int g_async_copies = 0;  // copies performed (a staged run that performed none is a failure)
-static std::string g_launch_error;  // what the last launch did wrong with its stages ("" if nothing)
 
 static void async_copy16(void* dst, const void* src) {
   const auto* d = static_cast<unsigned char*>(dst);
