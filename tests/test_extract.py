@@ -860,6 +860,133 @@ def test_a_part_manifest_keeps_every_shard_done_when_the_run_started(tmp_path):
     assert [r["index"] for r in written["shards"]] == [0, 1, 2, 3, 4, 5]
 
 
+def _unfinished(out, shards=()):
+    """A multi-process run's manifest.json as rank 0 starts it: settings, no shard."""
+    header = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "settings": {"seq_len": 8}}
+    store.write_json_atomic(str(out / "manifest.json"), {**header, "complete": False, "shards": list(shards)})
+    return header
+
+
+def test_rank_0_takes_a_multi_process_run_back_only_where_no_rank_recorded_a_shard(tmp_path, monkeypatch):
+    """Rank 0, failing before its first shard, decides for the whole run from the parts on disk, under
+    the record lock: a run with a shard recorded anywhere keeps everything a resume needs; one without
+    leaves nothing a rerun refuses (its manifest, a part's temporary, a shard renamed but not recorded),
+    only another rank's temporary, which that rank may be writing; the lock not had in time keeps it all."""
+    ex = sys.modules["residtap.extract"]  # the module: residtap.extract is the function
+
+    out = tmp_path / "out"
+    out.mkdir()
+    header = _unfinished(out)
+    (out / store.shard_name(1)).write_bytes(b"recorded")
+    store.write_json_atomic(str(out / store.part_name(1)), {**header, "complete": False, "shards": [
+        {"index": 1, "file": store.shard_name(1)}]})
+    (out / store.shard_name(0)).write_bytes(b"not recorded")
+    kept = sorted(os.listdir(out))
+    ex._take_back(str(out), made_dir=True, world=2)
+    assert sorted(os.listdir(out)) == kept
+
+    os.remove(out / store.part_name(1))
+    os.remove(out / store.shard_name(1))
+    for i in (0, 1):
+        (out / f".{store.shard_name(i)}.tmp").mkdir()
+    (out / "manifest.rank1.json.tmp").write_text("{")  # a first record's part, its writer killed
+    monkeypatch.setattr(ex, "_TAKE_BACK_WAIT", 0.2)
+    held = store.lock_records(str(out))  # another rank publishing its first shard
+    assert held is not None
+    try:
+        t0 = time.monotonic()
+        ex._take_back(str(out), made_dir=True, world=2)
+        assert time.monotonic() - t0 >= 0.2
+        assert "manifest.json" in os.listdir(out)
+    finally:
+        os.close(held)
+    ex._take_back(str(out), made_dir=True, world=2)
+    assert os.listdir(out) == [f".{store.shard_name(1)}.tmp"]
+
+
+def test_another_rank_records_its_first_shard_only_while_the_run_is_not_taken_back(tmp_path, monkeypatch):
+    """A rank other than 0 publishes and records its first shard under the record lock, only while
+    manifest.json holds its run's settings; refused, it removes what it wrote and says why. After its
+    first record rank 0 sees its part, and it takes the lock no more."""
+    from residtap.extract import _Manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    header = _unfinished(out)
+    taken = []
+    real = store.lock_records
+    monkeypatch.setattr(store, "lock_records", lambda d, *a, **k: taken.append(d) or real(d, *a, **k))
+
+    def pending(i):
+        work = out / f".{store.shard_name(i)}.tmp"
+        work.mkdir(exist_ok=True)
+        (work / store.shard_name(i)).write_bytes(b"written")
+        return store.PendingShard(i, str(work), str(work / store.shard_name(i)), str(out / store.shard_name(i)))
+
+    def publish(part, i):
+        written = pending(i)
+        with part.recording(written):
+            part.add({"index": i, **store.publish_shard(written)})
+
+    os.remove(out / "manifest.json")  # rank 0 took the run back
+    part = _Manifest(str(out), header, {}, rank=1, world=2)
+    with pytest.raises(store.StoreError, match=r"^out: '.*out' no longer holds this run's manifest: rank 0 failed "
+                                               r"before any shard was recorded and took it back \(rank 0's error "
+                                               r"says why\); rank 1 stops without recording shard 1$"):
+        publish(part, 1)
+    assert os.listdir(out) == [] and taken == [str(out)]
+    _unfinished(out)
+    other = {**header, "settings": {"seq_len": 16}}  # a rerun's, started once rank 0 let the directory go
+    with pytest.raises(store.StoreError, match="no longer holds this run's manifest"):
+        publish(_Manifest(str(out), other, {}, rank=1, world=2), 1)
+    assert os.listdir(out) == ["manifest.json"]
+    publish(part, 1)
+    publish(part, 3)
+    assert taken == [str(out)] * 3
+    assert [r["index"] for r in json.loads((out / store.part_name(1)).read_text())["shards"]] == [1, 3]
+    rank0 = _Manifest(str(out), header, {}, rank=0, world=2)
+    os.remove(out / "manifest.json")
+    publish(rank0, 2)  # rank 0 decides itself, once its own threads have stopped
+    assert taken == [str(out)] * 3
+
+
+def test_a_rank_writing_into_a_directory_rank_0_took_back_says_so(tmp_path, monkeypatch):
+    """Rank 0 removes a directory it made when it takes the run back and nothing is left there: another
+    rank's next shard then fails to be written, and the error says why (not just "no such file")."""
+    import queue
+    import types
+
+    ex = sys.modules["residtap.extract"]
+    out = tmp_path / "out"
+    out.mkdir()
+    header = _unfinished(out)
+
+    def gone(directory, index, tensors, metadata):
+        raise store.os_error(FileNotFoundError(errno.ENOENT, "No such file or directory"),
+                             f"writing shard {index} to", directory)
+
+    monkeypatch.setattr(store, "write_shard_file", gone)
+    block = types.SimpleNamespace(index=3, seq_start=24, n_seqs=8, n_tokens=64, digest=lambda: "0" * 64,
+                                  source=np.zeros((8, 2), dtype=np.int64))
+    errors = []
+    for taken in (False, True):
+        if taken:
+            os.remove(out / "manifest.json")
+        jobs, pool, published = queue.Queue(), queue.Queue(), queue.Queue()
+        jobs.put(types.SimpleNamespace(block=block, events=[]))
+        jobs.put(None)
+        run = types.SimpleNamespace(errors=[], cuda=False, waits=ex._Waits(), cfg=types.SimpleNamespace(layer_ids=[1]),
+                                    manifest=ex._Manifest(str(out), header, {}, rank=1, world=2),
+                                    _shard_tensors=lambda host: ({}, 64))
+        ex._Run._writer(run, jobs, pool, published)
+        assert pool.qsize() == 1 and published.empty() and len(run.errors) == 1
+        errors.append(str(run.errors[0]))
+    assert errors[0].startswith("writing shard 3 to") and "No such file or directory" in errors[0]
+    assert errors[1] == (f"out: {str(out)!r} no longer holds this run's manifest: rank 0 failed before any shard "
+                         "was recorded and took it back (rank 0's error says why); rank 1 stops without recording "
+                         "shard 3")
+
+
 def test_numpy_integers_are_taken_where_ints_are(tmp_path):
     """positions passed validation as numpy ints and then failed writing the manifest (a TypeError
     from json, after the directory was made); counts took no numpy int at all; bool is no int."""
@@ -1272,6 +1399,132 @@ def test_a_shard_recomputed_by_torchrun_wins_over_the_stale_record_of_a_single_p
     assert_same_dirs(ref, out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
     residtap.open(out, verify=True)
+
+
+def _ranks(path, out, n=2, before="", timeout=180):
+    """The CLI's extraction as ranks 0..n-1 of one gloo group, each process left to its own end (under
+    torchrun the first to fail ends the others); ``before``: Python each runs first, with RANK set.
+    Returns (returncode, stdout, stderr) per rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = before + "\nimport sys\nfrom residtap.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *_cli(path, out)[3:]], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(n)]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            results.append((p.returncode, stdout, stderr))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _failing_writes(fails: str, until: str) -> str:
+    """Python for _ranks' ``before``: the shard writes for which ``fails`` (of ``i``, the index, and
+    ``rank``) is true fail as a full disk does, each once ``until`` is (or after 30 s)."""
+    return f"fails = lambda i: {fails}\nuntil = lambda: {until}\n" + _FAIL_WRITES
+
+
+_FAIL_WRITES = """
+import errno, json, os, sys, time
+from residtap import store
+rank, out, real = int(os.environ["RANK"]), sys.argv[sys.argv.index("--out") + 1], store.write_shard_file
+def listed(i):  # the shard rank 1's part lists
+    try:
+        return any(r["index"] == i for r in json.load(open(os.path.join(out, store.part_name(1))))["shards"])
+    except (OSError, ValueError):
+        return False
+def write(directory, index, tensors, metadata):
+    if not fails(index):
+        return real(directory, index, tensors, metadata)
+    deadline = time.monotonic() + 30
+    while not until() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    raise store.os_error(OSError(errno.ENOSPC, "No space left on device"), f"writing shard {index} to",
+                         directory)
+store.write_shard_file = write
+"""
+
+
+@pytest.mark.slow
+def test_ranks_failing_before_any_shard_take_their_run_back(tmp_path, reference_run):
+    """Both ranks of a first run fail before any shard (ids outside the vocabulary): rank 0 takes the
+    run back as one process does, so the corrected command is not refused as another extraction (the
+    run's data differs) and equals a single-process run. Before, the manifest stayed. Rank 1 is slow to
+    read the directory: rank 0 takes the run back only once it has (else rank 1 finds no directory)."""
+    path, ref = reference_run
+    bad, _ = ids_file(tmp_path, 8 * 40, vocab=200)
+    out = tmp_path / "out"
+    slow = ("import os, sys, time\nimport residtap\nex = sys.modules['residtap.extract']\nread = ex._with_history\n"
+            "ex._with_history = lambda *a: (os.environ['RANK'] == '1' and time.sleep(3)) or read(*a)\n")
+    for rc, _, err in _ranks(bad, out, before=slow):
+        assert rc == 2 and re.search(r"data: token id \d+ in sequence \d+ is outside the model's vocabulary",
+                                     err), err[-3000:]
+    assert not out.exists()
+    for rc, _, err in _ranks(path, out):
+        assert rc == 0, err[-3000:]
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+@pytest.mark.slow
+def test_a_run_another_rank_recorded_a_shard_of_is_kept_and_resumes(tmp_path, reference_run):
+    """Rank 1 records shard 1, then both ranks fail, rank 0 before any shard of its own: the run is
+    not taken back (its manifest, rank 1's part and shard stay) and the same command resumes it."""
+    path, ref = reference_run
+    out = tmp_path / "out"
+    before = _failing_writes("rank == 0 or i != 1", "listed(1)")
+    for rc, _, err in _ranks(path, out, before=before):
+        assert rc == 1 and "no space left on device" in err, err[-3000:]
+    assert sorted(os.listdir(out)) == [".residtap.lock", "manifest.json", store.part_name(1), store.shard_name(1)]
+    kept = os.stat(out / store.shard_name(1)).st_ino
+    results = _ranks(path, out)
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    assert "(1 already done)" in results[0][1]
+    assert os.stat(out / store.shard_name(1)).st_ino == kept
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+@pytest.mark.slow
+def test_a_rank_does_not_record_its_first_shard_once_rank_0_took_the_run_back(tmp_path, reference_run):
+    """Rank 0 fails before any shard and takes the run back while rank 1's first shard is written but
+    not yet published: rank 1 then neither publishes nor records it, nor any other it wrote (that would
+    leave a part and a shard without a manifest), removes them and says why; the directory is left empty."""
+    path, _ = reference_run
+    out = tmp_path / "out"
+    # rank 0's write fails once rank 1's shard 1 is being written (the directory is not empty then)
+    before = _failing_writes("rank == 0", "os.path.isdir(os.path.join(out, '.shard-000001.safetensors.tmp'))")
+    before += """
+def written(directory, index, tensors, metadata):  # rank 1: once written, wait for rank 0's take-back
+    pending = real(directory, index, tensors, metadata)
+    deadline = time.monotonic() + 30
+    while os.path.exists(os.path.join(out, store.MANIFEST)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("rank 0 kept its manifest")
+        time.sleep(0.01)
+    return pending
+if rank == 1:
+    store.write_shard_file = written
+"""
+    (rc0, _, err0), (rc1, _, err1) = _ranks(path, out, before=before)
+    assert rc0 == 1 and "no space left on device" in err0, err0[-3000:]
+    assert rc1 == 1 and re.search(r"no longer holds this run's manifest: rank 0 failed before any shard was "
+                                  r"recorded and took it back .*; rank 1 stops without recording shard "
+                                  r"\d*[13579]$", err1, re.M), err1[-3000:]  # one of its own, 1 or one after
+    assert os.listdir(out) == []
 
 
 @pytest.mark.parametrize("mappable", [True, False], ids=["mmap", "read"])

@@ -302,6 +302,50 @@ class _Manifest:
         # new process count may not write its part before a kill). merged_records removes repeats.
         self.mine: dict[int, dict] = dict(records)
         self._lock = threading.Lock()
+        self._first = threading.Lock()  # this rank's publishers, one at a time until its first record
+        self._recorded = False  # whether this rank's part lists a shard this run recorded
+
+    @contextlib.contextmanager
+    def recording(self, pending: _store.PendingShard):
+        """Around publishing a shard and recording it. A rank other than 0 of a multi-process run does
+        both for its first shard under the run's record lock, and only while manifest.json still holds
+        this run's settings: rank 0, failing before any shard of a run that started the directory was
+        recorded, takes the run back under that lock (_take_back), and a shard published or recorded
+        after that would be a part or a shard file without a manifest, which a rerun refuses. Once this
+        rank's part lists a shard, rank 0 finds it there and keeps everything; no lock is needed. Where
+        the lock cannot be had it checks all the same: rank 0 takes nothing back without it."""
+        if self.world == 1 or self.rank == 0 or self._recorded:
+            yield
+            return
+        with self._first:
+            fd = None if self._recorded else _store.lock_records(self.out)
+            try:
+                if (refused := self.taken_back(pending.index)) is not None:
+                    _store.discard_shard(pending)
+                    raise refused
+                yield
+                self._recorded = True
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def taken_back(self, index: int) -> _store.StoreError | None:
+        """The error of a rank other than 0 that finds its run taken back before it recorded a shard
+        (about to record shard ``index``, or failing to write it because the directory has gone)."""
+        if self.world == 1 or self.rank == 0 or self._recorded or self._still_this_run():
+            return None
+        return _store.StoreError(f"out: {self.out!r} no longer holds this run's manifest: rank 0 failed before "
+                                 f"any shard was recorded and took it back (rank 0's error says why); rank "
+                                 f"{self.rank} stops without recording shard {index}")
+
+    def _still_this_run(self) -> bool:
+        """Whether manifest.json is there with this run's settings (not taken back, nor since replaced
+        by another run's, which a rerun started once rank 0 had let the directory go would write)."""
+        try:
+            m = _store.read_json(os.path.join(self.out, _store.MANIFEST))
+        except _store.StoreError:
+            return False
+        return not _store.settings_difference(m.get("settings", {}), self.header["settings"])
 
     def path(self) -> str:
         return os.path.join(self.out, _store.MANIFEST if self.world == 1 else _store.part_name(self.rank))
@@ -494,9 +538,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
 
     out = os.fspath(out)
     # A run that fails before its first shard in a directory it started takes its manifest back
-    # (else the corrected command would find "another extraction" there).
+    # (else the corrected command would find "another extraction" there): rank 0 decides, for every
+    # process of the run (_take_back).
     made_dir = not os.path.exists(out)
-    fresh = world == 1 and (made_dir or not _store.manifest_paths(out))
+    fresh = rank == 0 and (made_dir or not _store.manifest_paths(out))
     group = _init_group(world)
     lock = None
     try:
@@ -512,6 +557,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                  seconds=0.0, waits=_Waits().t, manifest=m, **nothing,
                                  all_processes={**nothing, "seconds": 0.0})
         header = _with_history(out, header)
+        # Every process has read the directory before any goes on: rank 0, failing, may take the run
+        # back (_take_back), and another still reading it then would fail on a missing file, unclearly.
+        _barrier(group)
         manifest = _Manifest(out, header, records, rank, world)
         run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                    manifest, rank, world, progress, in_device)
@@ -519,7 +567,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             run.go()
         except BaseException:
             if fresh and not manifest.records:
-                _abandon(out, made_dir)
+                _take_back(out, made_dir, world)
             raise
         final, everyone = _finish(out, header, manifest, run, rank, world, group)
     finally:
@@ -660,15 +708,56 @@ def _make_dir(out: str) -> None:
         raise _store.os_error(e, "creating the output directory", out) from e
 
 
-def _abandon(out: str, made_dir: bool) -> None:
-    """Undo what a failed first run wrote before any shard was recorded: its manifest, temporaries and
-    any shard renamed into place whose record was never written (the directory held nothing else when
-    the run began), and the directory if it made it. Best effort: the run's own error is what the
-    caller raises."""
+# How long rank 0, failing, waits for the record lock: another rank holds it while it publishes and
+# records its first shard (one shard's hashing and renaming), never while waiting for anything else.
+_TAKE_BACK_WAIT = 60.0
+
+
+def _take_back(out: str, made_dir: bool, world: int) -> None:
+    """Rank 0 failed before it recorded any shard of a run that started ``out`` (or found it without a
+    manifest): take the run back (_abandon) where no process of it has recorded a shard, so that the
+    corrected command finds nothing in the way; else keep everything a resume needs.
+
+    One process: its threads have stopped, so what it recorded is all there is. Several: the others
+    go on until they fail or torchrun ends them, and cannot be asked (a collective now could wait on a
+    dead process). So rank 0 decides from their parts on disk, under the run's record lock, and takes
+    the run back by removing manifest.json: another rank publishes and records its first shard only
+    under that lock and only while manifest.json is there (_Manifest.recording), so either rank 0 sees
+    its part or it never publishes, and no part or shard without a manifest can appear afterwards.
+
+    What is left as it was: where the lock cannot be had (no flock on the directory, as on some network
+    file systems, or another rank holding it past _TAKE_BACK_WAIT), the run keeps its manifest, which
+    a rerun with other settings refuses, saying to delete the directory. The same where only another
+    rank fails: torchrun then ends rank 0 with SIGTERM, which runs no cleanup, and the failing rank
+    cannot take the run back itself (only rank 0 knows whether the run started the directory, and rank
+    0 records its shards without the lock, its decision coming after its own). Temporaries another
+    rank writes after the take-back stay if torchrun ends it before it removes them (hidden files,
+    which a rerun ignores and removes; they keep a directory the run made from being removed)."""
+    if world == 1:
+        _abandon(out, made_dir)
+        return
+    fd = _store.lock_records(out, timeout=_TAKE_BACK_WAIT)
+    if fd is None:
+        return
     try:
-        _store.remove_stale_temporaries(out, lambda index: True)
+        if not any(_store.read_json(p).get("shards") for p in _store.manifest_paths(out)):
+            _abandon(out, made_dir, owns=lambda index: index % world == 0)
+    except _store.StoreError:  # a manifest it cannot read: keep everything; the run's error is raised
+        pass
+    finally:
+        os.close(fd)
+
+
+def _abandon(out: str, made_dir: bool, owns=lambda index: True) -> None:
+    """Undo what a failed first run wrote before any shard was recorded: its manifest (and rank parts,
+    listing nothing), the temporaries of the shards ``owns`` says are this process's (another rank's
+    may be being written) and any shard renamed into place whose record was never written (the
+    directory held nothing else when the run began), and the directory if it made it. Best effort: the
+    run's own error is what the caller raises."""
+    try:
+        _store.remove_stale_temporaries(out, owns)
         for f in os.listdir(out):
-            if _store.SHARD_FILE.fullmatch(f):
+            if _store.SHARD_FILE.fullmatch(f) or f.startswith("manifest.rank"):  # parts and their temporaries
                 os.remove(os.path.join(out, f))
         os.remove(os.path.join(out, _store.MANIFEST))
         if made_dir and not os.listdir(out):
@@ -909,7 +998,9 @@ class _Run:
                 with self.waits.on("write"):
                     written = (_store.write_shard_file(self.manifest.out, b.index, tensors, meta), fields)
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
-                self.errors.append(e)
+                # (writing into a directory rank 0 took back and removed: say that, not "no such file")
+                refused = self.manifest.taken_back(host.block.index) if isinstance(e, _store.StoreError) else None
+                self.errors.append(e if refused is None else refused)
             finally:
                 host.block, host.events = None, []
                 pool.put(host)  # free for the next forward's copies before waiting for a publisher
@@ -922,7 +1013,7 @@ class _Run:
         while (item := published.get()) is not None:
             pending, fields = item
             try:  # even after a failure elsewhere: a shard written whole is good, a resume keeps it
-                with self.waits.on("hash"):
+                with self.waits.on("hash"), self.manifest.recording(pending):
                     rec = _store.publish_shard(pending)  # removes its temporaries whatever happens
                     self.manifest.add({"index": pending.index, **rec, **fields})
                 with self._stats_lock:

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import struct
+import time
 from typing import Iterator, NamedTuple, Sequence
 
 try:
@@ -115,6 +116,34 @@ def lock_directory(directory: str) -> int | None:
             pass
         os.close(fd)  # the file was removed (or replaced) while we waited: take the one there now
     raise StoreError(f"out: could not take the lock on {path!r}: it keeps being replaced")
+
+
+def lock_records(directory: str, timeout: float | None = None) -> int | None:
+    """Take the lock the processes of one multi-process run share while they decide whether a shard
+    may still be recorded (extract: a rank's first record, and rank 0 taking back a run that failed
+    before any): an flock on ``directory`` itself, so that no file of its own is left behind (the run
+    lock above is another file's, held by rank 0 all along). Returns the descriptor to close, or None
+    where the directory is gone, the file system cannot lock, or ``timeout`` seconds passed first
+    (None: wait for it)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        except OSError:  # no flock here (some network file systems, or on a directory)
+            break
+    os.close(fd)
+    return None
 
 
 def part_name(rank: int) -> str:
@@ -266,6 +295,11 @@ def publish_shard(pending: PendingShard) -> dict:
     finally:
         _remove_tree_quietly(pending.work)  # empty after the rename; on any error, what was written
     return {"file": os.path.basename(pending.final), "bytes": size, "sha256": digest}
+
+
+def discard_shard(pending: PendingShard) -> None:
+    """Remove what :func:`write_shard_file` wrote of a shard that is not to be published."""
+    _remove_tree_quietly(pending.work)
 
 
 def write_shard(directory: str, index: int, tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
