@@ -28,9 +28,9 @@
 // threads), both kernels' control flow, barriers and warp shuffles (every lane takes part, and
 // the mask says so), and the order of their arithmetic; and the launcher's choices
 // (rows_choice.cuh: which kernel is legal for which pointers and strides, K, the grid) against a
-// table. Not covered: the GPU's own arithmetic, memory model and speed, 64-bit indexing past 2^31
-// elements, the launches themselves (rows_impl.cuh) and the host side (capture_cuda.cpp), which
-// tests/test_cuda.py covers on a GPU.
+// table; rows whose offsets are past 2^32 elements (64-bit indexing). Not covered: the GPU's own
+// arithmetic, memory model and speed, the launches themselves (rows_impl.cuh) and the host side
+// (capture_cuda.cpp), which tests/test_cuda.py covers on a GPU.
 //
 // Output: "configs N failures M"; exit status 1 if M > 0.
 #include <cuda_runtime.h>  // vector types (uint2, uint4), cudaStream_t; host-compilable
@@ -234,14 +234,16 @@ static void fiber_main() {
 
 static std::vector<int> g_priority;  // kPriority's order of the 128 threads, highest first
 
-static void launch(int grid, const std::function<void()>& kernel, size_t stage_bytes = 0) {
+// Blocks `first` to `first + grid - 1` of a grid of `first + grid` blocks (first > 0: the blocks
+// before are not run, for rows far into a launch whose earlier ones the emulation does not hold).
+static void launch(int grid, const std::function<void()>& kernel, size_t stage_bytes = 0, unsigned first = 0) {
   g_stage_bytes = stage_bytes;
   g_launch_error.clear();
   g_stage.assign(stage_bytes + kStageGuard, kPoison);
-  gridDim.x = grid;
+  gridDim.x = first + grid;
   blockDim.x = kBlock;
   g_kernel = &kernel;
-  for (int b = 0; b < grid; ++b) {
+  for (unsigned b = first; b < first + grid; ++b) {
     BlockEmu block;
     g_block = &block;
     std::fill(g_stage.begin(), g_stage.begin() + static_cast<std::ptrdiff_t>(stage_bytes), kPoison);
@@ -341,6 +343,11 @@ struct Config {
   // out is [batch, seq + seq_pad, d]; the kernels must take inp's offsets from inp's strides
   bool inp_other = false;
   int schedule = 0;  // 0: round robin; 1: priority, thread 127 first and 0 last; 2: priority, shuffled
+  // Rows this far into the launch (a multiple of 128 and of the positions per sequence): the rows
+  // held here are rows far.. of the kernel's, their offsets in every tensor past 2^32 elements, so
+  // that an offset computed in 32 bits shows. The pointers given to the kernel are the buffers'
+  // minus those offsets (never dereferenced there).
+  int64_t far = 0;
 };
 
 // NaN bit patterns a trip through float would not give back (c10 makes every bfloat16 NaN 0x7fc0).
@@ -363,12 +370,16 @@ static void plant_nans(std::vector<T>& v) {
 
 template <typename InT, typename OutT, int K>
 static void run_kernel(const Config& c, const Params& p) {
+  // Far rows: one block per row (group) from the first row held, none before it.
+  const int64_t per_block = c.generic ? 1 : FastLayout<sizeof(InT), K>::kTeams;
+  const unsigned first = static_cast<unsigned>(c.far / per_block);
+  const int grid = c.far ? static_cast<int>((p.rows - c.far + per_block - 1) / per_block) : c.grid;
   if (c.generic) {
-    launch(c.grid, [&] { generic_rows_kernel<InT, OutT>(p); });
+    launch(grid, [&] { generic_rows_kernel<InT, OutT>(p); }, 0, first);
   } else if (c.staged) {
-    launch(c.grid, [&] { fast_rows_kernel<InT, OutT, K, true>(p); }, staged_smem_bytes<InT, K>(p));
+    launch(grid, [&] { fast_rows_kernel<InT, OutT, K, true>(p); }, staged_smem_bytes<InT, K>(p), first);
   } else {
-    launch(c.grid, [&] { fast_rows_kernel<InT, OutT, K>(p); });
+    launch(grid, [&] { fast_rows_kernel<InT, OutT, K>(p); }, 0, first);
   }
 }
 
@@ -449,6 +460,22 @@ static std::string check(const Config& c, std::mt19937& rng) {
   p.welford = c.with_normed || c.with_stats;
   p.bias_only = p.bias != nullptr && p.weight == nullptr;
   p.vec = c.vec;
+  if (c.far) {  // the buffers hold rows far.. (see Config::far)
+    if (c.far % n_pos != 0 || c.far % 128 != 0 || c.inp_other) return "a far configuration out of its bounds";
+    const int64_t b0 = c.far / n_pos;
+    auto back = [](auto* ptr, int64_t elems) {  // ptr - elems, as an address (never dereferenced)
+      using T = std::remove_pointer_t<decltype(ptr)>;
+      return ptr == nullptr ? ptr : reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(ptr) - elems * sizeof(T));
+    };
+    p.out = back(out.data(), b0 * bstride);
+    p.inp = c.with_inp ? back(inp.data(), b0 * inp_sb) : nullptr;
+    if (c.index_kind == 2) p.index = back(index.data(), c.far);
+    p.resid = back(resid.data(), c.far * d);
+    p.delta = back(delta.data(), c.far * d);
+    p.normed = back(static_cast<OutT*>(p.normed), c.far * d);
+    for (float** stat : {&p.mean, &p.rstd, &p.l2, &p.maxabs}) *stat = back(*stat, c.far);
+    p.rows = c.far + rows;
+  }
   g_schedule = c.schedule == 0 ? Schedule::kRoundRobin : Schedule::kPriority;
   g_priority.resize(kBlock);
   for (int t = 0; t < kBlock; ++t) g_priority[t] = kBlock - 1 - t;
@@ -670,9 +697,10 @@ int main() {
     if (err.empty()) return;
     ++failures;
     std::printf("FAIL %s d=%d batch=%d seq=%d index=%d inp=%d w=%d b=%d normed=%d stats=%d pad=%d "
-                "grid=%d generic=%d vec=%d staged=%d inp_other=%d schedule=%d: %s\n", types, c.d, c.batch, c.seq,
-                c.index_kind, c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad, c.grid,
-                c.generic, c.vec, c.staged, c.inp_other, c.schedule, err.c_str());
+                "grid=%d generic=%d vec=%d staged=%d inp_other=%d schedule=%d far=%lld: %s\n", types, c.d, c.batch,
+                c.seq, c.index_kind, c.with_inp, c.with_w, c.with_b, c.with_normed, c.with_stats, c.seq_pad,
+                c.grid, c.generic, c.vec, c.staged, c.inp_other, c.schedule, static_cast<long long>(c.far),
+                err.c_str());
   };
   // Fast-kernel widths for every K (1: 8-512, 2: 768, 1000, 4: 1600, 8: 3072, 16: 4104, 8192) and
   // for both unit sizes, tiny widths (mostly empty virtual threads), each with and without staging
@@ -781,6 +809,27 @@ int main() {
       if (!c.generic) {
         c.staged = true;
         report("float->float barriers staged", c, check<float, float>(c, rng));
+      }
+    }
+  }
+  // Rows past 2^32 elements into every tensor (their offsets, rows * d and batch * batch stride,
+  // overflow 32 bits), both kernels, each gather, staged too; 15 * 2^23 rows are a multiple of 128
+  // and of every positions count here (4, 5 and 3).
+  for (int d : {64, 768, 68, 5}) {
+    for (int index_kind = 0; index_kind < 3; ++index_kind) {
+      ++variant;
+      const bool generic = d % 8 != 0;
+      Config c{2, 4, d, index_kind, true, true, true, !generic || d % 4 == 0, !generic || d % 4 == 0, 1, 1,
+               generic, 30.f, false};
+      c.far = int64_t{15} << 23;
+      c.schedule = variant % 3;
+      c.vec = generic && d % 4 == 0 && index_kind != 1;
+      report("float->float far", c, check<float, float>(c, rng));
+      if (d % 8 == 0) report("bf16->bf16 far", c, check<BF16, BF16>(c, rng));
+      report("f16->float far", c, check<F16, float>(c, rng));
+      if (!generic) {
+        c.staged = true;
+        report("float->float far staged", c, check<float, float>(c, rng));
       }
     }
   }

@@ -36,6 +36,9 @@ def compile_and_run(tmp_path, source: str, *flags: str) -> tuple[int, int, str]:
                     "-Wno-attributes", "-I", str(CUDA_SRC), "-I", str(ROOT / "tests"), *flags,
                     str(ROOT / "tests" / source), "-o", str(exe)], check=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    # 0: all passed; 1: failures, listed; anything else (a crash: an emulated access far out of its
+    # buffers, as an offset narrowed to 32 bits makes) is a failure too
+    assert run.returncode in (0, 1), f"{source} ended with status {run.returncode}:\n{run.stdout[-3000:]}{run.stderr}"
     last = run.stdout.strip().splitlines()[-1].split()
     return int(last[1]), int(last[3]), run.stdout + run.stderr
 
@@ -85,7 +88,7 @@ def test_kernels_emulated_on_the_host(tmp_path):
     configs, failures, out = compile_and_run(tmp_path, "cuda_kernel_emu.cpp", "-I", torch_include,
                                              "-I", str(cuda_home / "include"))
     assert failures == 0, out
-    assert configs >= 800, out
+    assert configs >= 880, out
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
