@@ -97,9 +97,10 @@ static Fiber* g_fiber = nullptr;
 static void yield_to_scheduler() { swapcontext(&g_fiber->ctx, &g_sched); }
 
 // How the scheduler picks the next fiber (see launch):
-//   kRoundRobin  each unfinished fiber in turn, 0 to 127; the last to arrive at a barrier goes on
-//                without yielding (fiber 0 is always first after a barrier: a reader in thread 0
-//                reads before any other thread can run ahead);
+//   kRoundRobin  each runnable fiber in turn, 0 to 127; the last to arrive at a barrier goes on
+//                without yielding, up to its next wait, and the others then resume in order from 0
+//                (so thread 0 reads what a barrier guards before any but the last arriver runs
+//                ahead: a missing barrier after such a read goes unseen here);
 //   kPriority    always the first runnable fiber of a priority order (a permutation of 0..127),
 //                and every arrival yields, the last one too: the highest-priority threads run as
 //                far as they can (through warp-level exchanges, up to the next block barrier)
@@ -661,7 +662,8 @@ static int check_choices(int& configs) {
   p.bias = mem + 36864 + 8;
   f32({"bias two elements off", false, false}, p);
   p = base(64);
-  p.normed = nullptr;  // no normed: the fast kernel never reads the weights (the generic one may)
+  p.normed = nullptr;  // no normed: no kernel reads the weights, but only the fast kernel's check
+                       // leaves them out (the generic one's is stricter: its slower path at worst)
   p.weight = mem + 32768 + 4;
   f32({"weight off without normed", true, false}, p);
   // K: the smallest of 1, 2, 4, 8, 16 with K * 128 4-vectors >= d / 4
