@@ -429,11 +429,11 @@ def test_publishers_run_as_many_as_asked_and_change_no_byte(tmp_path, monkeypatc
     used, first = set(), threading.Barrier(publishers, timeout=30)
     publish = store.publish_shard
 
-    def slow_publish(pending):
+    def slow_publish(pending, *args):
         used.add(threading.current_thread().name)
         if pending.index < publishers:
             first.wait()  # the first shards wait until every publisher holds one: all of them run
-        return publish(pending)
+        return publish(pending, *args)
 
     monkeypatch.setattr(ex._store, "publish_shard", slow_publish)
     res = residtap.extract(model, path, tmp_path / "wide", writers=2, publishers=publishers, **kw)
@@ -948,6 +948,47 @@ def test_another_rank_records_its_first_shard_only_while_the_run_is_not_taken_ba
     os.remove(out / "manifest.json")
     publish(rank0, 2)  # rank 0 decides itself, once its own threads have stopped
     assert taken == [str(out)] * 3
+
+
+def test_a_ranks_first_shard_is_hashed_before_it_takes_the_record_lock(tmp_path, monkeypatch):
+    """The record lock is held for a rank's first publish and record only, not its hashing (a second per
+    GiB): otherwise every rank's first record would queue behind the others' hashing."""
+    import contextlib
+    import queue
+    import types
+
+    ex = sys.modules["residtap.extract"]
+    out = tmp_path / "out"
+    out.mkdir()
+    header = _unfinished(out)
+    held, hashed_while = [False], []
+    recording = ex._Manifest.recording
+
+    @contextlib.contextmanager
+    def watched(self, pending):
+        with recording(self, pending):
+            held[0] = True
+            try:
+                yield
+            finally:
+                held[0] = False
+
+    real_hash = store.sha256_file
+    monkeypatch.setattr(ex._Manifest, "recording", watched)
+    monkeypatch.setattr(store, "sha256_file", lambda *a, **k: hashed_while.append(held[0]) or real_hash(*a, **k))
+    work = out / f".{store.shard_name(1)}.tmp"
+    work.mkdir()
+    (work / store.shard_name(1)).write_bytes(b"written")
+    pending = store.PendingShard(1, str(work), str(work / store.shard_name(1)), str(out / store.shard_name(1)))
+    published = queue.Queue()
+    published.put((pending, {"n_rows": 4}))
+    published.put(None)
+    run = types.SimpleNamespace(errors=[], waits=ex._Waits(), _stats_lock=threading.Lock(), written=0, n_rows=0,
+                                bytes=0, manifest=ex._Manifest(str(out), header, {}, rank=1, world=2))
+    ex._Run._publisher(run, published, None)
+    assert run.errors == [] and hashed_while == [False] and run.written == 1
+    part = json.loads((out / store.part_name(1)).read_text())
+    assert [(r["index"], r["sha256"]) for r in part["shards"]] == [(1, hashlib.sha256(b"written").hexdigest())]
 
 
 def test_a_rank_writing_into_a_directory_rank_0_took_back_says_so(tmp_path, monkeypatch):

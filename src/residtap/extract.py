@@ -307,13 +307,14 @@ class _Manifest:
 
     @contextlib.contextmanager
     def recording(self, pending: _store.PendingShard):
-        """Around publishing a shard and recording it. A rank other than 0 of a multi-process run does
-        both for its first shard under the run's record lock, and only while manifest.json still holds
-        this run's settings: rank 0, failing before any shard of a run that started the directory was
-        recorded, takes the run back under that lock (_take_back), and a shard published or recorded
-        after that would be a part or a shard file without a manifest, which a rerun refuses. Once this
-        rank's part lists a shard, rank 0 finds it there and keeps everything; no lock is needed. Where
-        the lock cannot be had it checks all the same: rank 0 takes nothing back without it."""
+        """Around publishing a shard (its rename: it is hashed before) and recording it. A rank other than
+        0 of a multi-process run does both for its first shard under the run's record lock, and only
+        while manifest.json still holds this run's settings: rank 0, failing before any shard of a run
+        that started the directory was recorded, takes the run back under that lock (_take_back), and a
+        shard published or recorded after that would be a part or a shard file without a manifest, which
+        a rerun refuses. Once this rank's part lists a shard, rank 0 finds it there and keeps everything;
+        no lock is needed. Where the lock cannot be had it checks all the same: rank 0 takes nothing back
+        without it."""
         if self.world == 1 or self.rank == 0 or self._recorded:
             yield
             return
@@ -709,7 +710,8 @@ def _make_dir(out: str) -> None:
 
 
 # How long rank 0, failing, waits for the record lock: another rank holds it while it publishes and
-# records its first shard (one shard's hashing and renaming), never while waiting for anything else.
+# records its first shard (a rename and two fsyncs: it hashes the shard first), never while waiting for
+# anything else.
 _TAKE_BACK_WAIT = 60.0
 
 
@@ -1013,9 +1015,11 @@ class _Run:
         while (item := published.get()) is not None:
             pending, fields = item
             try:  # even after a failure elsewhere: a shard written whole is good, a resume keeps it
-                with self.waits.on("hash"), self.manifest.recording(pending):
-                    rec = _store.publish_shard(pending)  # removes its temporaries whatever happens
-                    self.manifest.add({"index": pending.index, **rec, **fields})
+                with self.waits.on("hash"):
+                    hashed = _store.hash_shard(pending)  # before the record lock (recording): one rank's
+                    with self.manifest.recording(pending):  # first record waits on no other's hashing
+                        rec = _store.publish_shard(pending, hashed)  # removes its temporaries whatever happens
+                        self.manifest.add({"index": pending.index, **rec, **fields})
                 with self._stats_lock:
                     self.written += 1
                     self.n_rows += fields["n_rows"]

@@ -281,13 +281,24 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
     return PendingShard(index, work, tmp, os.path.join(directory, name))
 
 
-def publish_shard(pending: PendingShard) -> dict:
-    """The second half of :func:`write_shard`: hash the written file (read back from the page cache:
-    the record vouches for the bytes in the file), rename it to its final name and make the rename
-    durable; returns the shard's manifest record fields (file, bytes, sha256)."""
+def hash_shard(pending: PendingShard) -> dict:
+    """The written file's size and sha256 (read back from the page cache: the record vouches for the
+    bytes in the file), for :func:`publish_shard`; on an error, what was written is removed."""
     try:
-        digest = sha256_file(pending.tmp)
-        size = os.path.getsize(pending.tmp)
+        return {"bytes": os.path.getsize(pending.tmp), "sha256": sha256_file(pending.tmp)}
+    except OSError as e:
+        _remove_tree_quietly(pending.work)
+        raise os_error(e, f"publishing shard {pending.index} as", pending.final) from e
+
+
+def publish_shard(pending: PendingShard, hashed: dict | None = None) -> dict:
+    """The second half of :func:`write_shard`: hash the written file (unless ``hashed``, what
+    :func:`hash_shard` gave, says already), rename it to its final name and make the rename durable;
+    returns the shard's manifest record fields (file, bytes, sha256)."""
+    try:
+        if hashed is None:
+            hashed = hash_shard(pending)
+        size, digest = hashed["bytes"], hashed["sha256"]
         os.replace(pending.tmp, pending.final)
         fsync_dir(os.path.dirname(pending.final))
     except OSError as e:
