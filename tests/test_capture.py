@@ -486,3 +486,58 @@ def test_layer_takes_every_negative_index(extension):
         assert torch.equal(cap.layer("resid", k - 3), cap.layer("resid", k))
     with pytest.raises(residtap.CaptureError, match="layer"):
         cap.layer("resid", -4)
+
+
+def test_hooks_added_inside_with_that_change_the_stream_are_seen_as_the_next_block_sees_them(extension):
+    """A steering hook registered after the capture was entered (on a block's output, and a pre-hook
+    on the first block's input) changes what the later blocks and the reference see: the capture must
+    read the stream after it too, not before it, or resid and delta disagree. (hidden_states is not
+    compared: transformers records it from hooks of its own, installed once, whose place among the
+    user's hooks depends on which call installed them.)"""
+    model = tiny_gpt2(3, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 5)
+    blocks = model.transformer.h
+
+    def steer_output(_module, _args, output):
+        return (output[0] + 0.5, *output[1:]) if isinstance(output, tuple) else output + 0.5
+
+    def steer_input(_module, args):
+        return (args[0] * 2.0, *args[1:])
+
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        handles = [blocks[1].register_forward_hook(steer_output), blocks[0].register_forward_pre_hook(steer_input)]
+        try:
+            model(ids)
+            ref = run_reference(model, ids, outputs=OUTPUTS)  # its hooks come after the steering ones
+        finally:
+            for h in handles:
+                h.remove()
+    assert_same_outputs(cap, ref, OUTPUTS)
+    for i in range(1, 4):
+        assert torch.equal(cap.delta[i], cap.resid[i] - cap.resid[i - 1])
+
+
+@pytest.mark.parametrize("registered", ["before", "inside"])
+def test_a_hook_that_stops_the_forward_after_a_block_leaves_that_block_captured(extension, registered):
+    """Stopping the forward after the last layer one needs (a hook that raises once block 1 has
+    returned) is common: the layers up to it are complete, whether the stop hook was registered
+    before the capture was entered or inside the with (where the capture's hooks are moved last)."""
+    class Stop(Exception):
+        pass
+
+    def stop(_module, _args, _output):
+        raise Stop
+
+    model = tiny_gpt2(3, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 5)
+    block = model.transformer.h[1]
+    handle = block.register_forward_hook(stop) if registered == "before" else None
+    try:
+        with residtap.capture(model, layers=[0, 1, 2], outputs=OUTPUTS) as cap:
+            if handle is None:
+                handle = block.register_forward_hook(stop)
+            with pytest.raises(Stop):
+                model(ids)
+    finally:
+        handle.remove()
+    assert_same_outputs(cap, run_reference(model, ids, layers=[0, 1, 2], outputs=OUTPUTS), OUTPUTS)

@@ -335,3 +335,28 @@ def test_a_family_path_with_no_blocks_names_the_path():
     with pytest.raises(ValueError, match=r"blocks: expected a non-empty sequence of modules, got no modules "
                                          r"at the path 'h' \(residtap's FAMILIES entry for 'gpt2'"):
         residtap.capture(model)
+
+
+def test_a_model_compiled_before_the_capture_names_torch_compile_and_the_remedy():
+    """torch.compile does not guard on hooks added after it compiled (torch._dynamo's
+    skip_nnmodule_hook_guards), so a model compiled before the capture was entered runs its blocks
+    without the capture's hooks: the error must say so and how to recover, which then works."""
+    import torch._dynamo
+
+    # A model of its own (not the shared cached one, which other tests may have hooked or compiled).
+    model = residtap.models.random_gpt2(n_layer=2, n_embd=64, n_head=2, vocab_size=97, n_positions=64)
+    compiled = torch.compile(model, backend="eager")
+    ids = ids_for(model, 2, 4)
+    torch._dynamo.reset()
+    try:
+        compiled(ids)  # compiled without hooks
+        with residtap.capture(compiled) as cap:
+            compiled(ids)
+            with pytest.raises(residtap.CaptureError, match=r"reached 0 of 3 selected layers, and the call of "
+                               r"OptimizedModule has ended(.|\n)*torch._dynamo.reset\(\) inside the with"):
+                cap.resid
+            torch._dynamo.reset()
+            compiled(ids)
+        assert torch.equal(cap.resid, residtap.reference.run_reference(model, ids).outputs["resid"])
+    finally:
+        torch._dynamo.reset()

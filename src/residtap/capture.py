@@ -160,6 +160,7 @@ class Capture:
         self._begun_in = None
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
         self._handles: list = []
+        self._block_handles: list = []  # the hooks on the blocks, kept after other hooks (see _hooks_last)
         self._plans: dict[int, PositionPlan] = {}
         # Buffers, allocated per shape in _begin. Every layer on one device: one stacked buffer per
         # name [n_layers, rows, n_pos, ...] and per-layer views into it; else per-layer buffers only.
@@ -203,10 +204,17 @@ class Capture:
             self._model_depth = 0
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
             self._handles.append(self.model.register_forward_hook(self._on_model_exit, always_call=True))
-            self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
+            # Each handle goes into both lists as it is made, so that a failure part-way removes it.
+            handles = [blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True)]
+            self._handles.append(handles[0])
             for i, blk in enumerate(blocks):
                 if i + 1 in self._slot:
-                    self._handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True))
+                    # always_call: a hook before ours that raises once the block has returned (one that
+                    # stops the forward at this layer) must not keep this layer from being captured.
+                    handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
+                                                             always_call=True))
+                    self._handles.append(handles[-1])
+            self._block_handles = handles
         except BaseException:
             self._remove_hooks()
             raise
@@ -222,6 +230,7 @@ class Capture:
     def _on_model_enter(self, _module, _args):
         if self._model_depth == 0:
             self._calls += 1
+            self._hooks_last()
             # A forward has started: until its first block runs, the buffers hold the previous
             # one's, which must not be read as this one's if it raises first (in the embeddings).
             self._state = "running"
@@ -250,7 +259,23 @@ class Capture:
         with self._fails_on_overlap_error():
             self._side.join(check=check)
 
+    def _hooks_last(self) -> None:
+        """Move this capture's hooks on the blocks behind every other hook there, before the blocks
+        run. A hook registered after the capture was entered (a steering or ablation hook added
+        inside ``with``) runs before ours then, so the capture reads each block's output and the
+        first block's input as the next block, ``hidden_states`` and the reference (whose hooks
+        are registered when it is called) see them; else a hook that changed a block's output
+        would be missing from ``resid`` yet present in the next layer's ``delta``. Torch keeps a
+        module's hooks in an OrderedDict and calls them in its order (``prepend=True`` moves a
+        hook the other way). Host-side only; a forward of the blocks without the model (no model
+        call) keeps the order they had."""
+        for handle in self._block_handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks and hasattr(hooks, "move_to_end"):
+                hooks.move_to_end(handle.id)
+
     def _remove_hooks(self) -> None:
+        self._block_handles = []
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
@@ -274,6 +299,8 @@ class Capture:
 
     def _block_hook(self, i: int):
         def hook(_module, args, kwargs, output):
+            if output is None:  # the block itself raised: torch calls an always_call hook without output
+                return
             self._write(i + 1, self.layout.hidden_from_output(output),
                         self.layout.hidden_from_args(args, kwargs))
         return hook
@@ -681,8 +708,19 @@ class Capture:
         if self._state == "failed":
             raise CaptureError(f"cap.{attr}: the last forward raised, so the buffers are incomplete")
         if self._state == "running":
-            raise CaptureError(f"cap.{attr}: the last forward reached {len(self._done)} of "
-                               f"{len(self.config.layer_ids)} selected layers")
+            reached = f"the last forward reached {len(self._done)} of {len(self.config.layer_ids)} selected layers"
+            if self._model_depth == 0 and self._calls:
+                # The model's call has ended short of the selected layers. Where it returned, its blocks
+                # ran without this capture's hooks: torch.compile'd code does not guard on hooks added
+                # after it was compiled, and runs on without them (the likeliest cause; say the remedy).
+                raise CaptureError(
+                    f"cap.{attr}: {reached}, and the call of {type(self.model).__name__} has ended. If it "
+                    "raised, its exception says why. If it returned, the blocks ran without the capture's "
+                    "hooks: a model compiled (torch.compile, model.compile()) before the capture was "
+                    "entered keeps running code compiled without them, since torch does not guard on "
+                    "hooks added later. Enter the capture before the first compiled call, or call "
+                    "torch._dynamo.reset() inside the with before the forward")
+            raise CaptureError(f"cap.{attr}: {reached}")
 
     def _check_requested(self, output: str, attr: str) -> None:
         if output not in self.config.outputs:
