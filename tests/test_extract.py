@@ -588,6 +588,28 @@ def test_shuffled_rows_with_dataloader_workers(tmp_path):
     assert torch.equal(torch.cat(load(fresh)), second)
 
 
+def test_a_dataset_pickles_without_the_rows_it_has_read(tmp_path):
+    """DataLoader workers started by spawn or forkserver (macOS's default, Linux's from Python 3.14, and
+    what a parent that has initialized CUDA must use) get the dataset pickled: that must not carry a copy
+    of every shard the parent has read (a memory map pickles as its whole file), and the copy must read
+    the same rows."""
+    import pickle
+
+    path, _ = ids_file(tmp_path, 8 * 30)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1, 2], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    ds = acts.dataset([1, 2], batch_size=32, seed=3)
+    unread = len(pickle.dumps(ds))
+    full = acts.layer(1).to_tensor()
+    epoch = list(ds)  # the parent reads every shard, as an evaluation pass or a look at the data would
+    assert len(pickle.dumps(ds)) == unread
+    assert len(pickle.dumps(acts.layer(1))) < full.numel() * full.element_size()
+    again = pickle.loads(pickle.dumps(ds))
+    assert all(torch.equal(a, b) for a, b in zip(epoch, again, strict=True))
+    assert torch.equal(pickle.loads(pickle.dumps(acts.layer(1))).to_tensor(), full)
+
+
 # ------------------------------------------------------------------------------------------ reliability
 @pytest.mark.parametrize("device", DEVICES)
 def test_disk_full_then_resume_is_byte_identical(tmp_path, monkeypatch, device):
@@ -1240,6 +1262,34 @@ def test_cli_selection_parsing():
             _parse_layers(bad)
     with pytest.raises(ValueError, match="shard_size"):
         parse_size("-1GiB", "shard_size")
+
+
+@pytest.mark.parametrize("content", [None, "not json", "[1, 2]"])
+def test_an_unreadable_device_map_file_is_a_bad_argument(tmp_path, capsys, content):
+    """Exit status 2 and one "error:" line naming --device-map, as for every other bad argument (not 1,
+    a failed run's status), and nothing made."""
+    path, _ = ids_file(tmp_path, 64)
+    device_map = tmp_path / "map.json"
+    if content is not None:
+        device_map.write_text(content)
+    code = cli_main(["extract", "--model", "random:gpt2-small,n_layer=1,n_embd=32,n_head=2", "--data", path,
+                     "--out", str(tmp_path / "out"), "--seq-len", "8", "--device-map", str(device_map)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("residtap extract: error: --device-map:"), (code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    """--out naming an existing file: one "error:" line and exit status 1, as for an unwritable directory
+    (not an unexpected error's traceback), and the file left as it was."""
+    path, _ = ids_file(tmp_path, 64)
+    taken = tmp_path / "taken"
+    taken.write_text("someone's notes\n")
+    code = cli_main(["extract", "--model", "random:gpt2-small,n_layer=1,n_embd=32,n_head=2", "--data", path,
+                     "--out", str(taken), "--seq-len", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "residtap extract: error: out:" in err and "is not a directory" in err, (code, err)
+    assert taken.read_text() == "someone's notes\n"
 
 
 def test_bad_arguments(tmp_path, capsys):

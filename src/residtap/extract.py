@@ -542,6 +542,11 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     # (else the corrected command would find "another extraction" there): rank 0 decides, for every
     # process of the run (_take_back).
     made_dir = not os.path.exists(out)
+    if not made_dir and not os.path.isdir(out):
+        # Said here, as the other unusable directories are: listing it below would fail with a bare
+        # NotADirectoryError, reported as an unexpected error with its traceback.
+        raise _store.StoreError(f"out: {out!r} exists and is not a directory; choose a new or empty "
+                                "directory for the extraction")
     fresh = rank == 0 and (made_dir or not _store.manifest_paths(out))
     group = _init_group(world)
     lock = None
@@ -1263,17 +1268,21 @@ def _parse_layers(text: str):
 
 
 def _parse_device_map(text: str | None):
-    """--device-map: a strategy name for transformers, or a JSON file mapping modules to devices."""
+    """--device-map: a strategy name for transformers, or a JSON file mapping modules to devices.
+
+    A file that cannot be read is a bad argument like any other: a ValueError, which the command line
+    reports as one "error:" line with exit status 2 (a SystemExit here would exit 1, the status of a
+    failed run)."""
     if text is None or not text.endswith(".json"):
         return text
     try:
         with open(text) as f:
             mapping = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--device-map: expected auto, balanced, sequential or a JSON file of "
-                         f"{{module: device}}, could not read {text!r}: {e}")
+        raise ValueError(f"--device-map: expected auto, balanced, sequential or a JSON file of "
+                         f"{{module: device}}, could not read {text!r}: {e}") from None
     if not isinstance(mapping, dict):
-        raise SystemExit(f"--device-map: {text!r} must hold a JSON object {{module: device}}, got "
+        raise ValueError(f"--device-map: {text!r} must hold a JSON object {{module: device}}, got "
                          f"{type(mapping).__name__}")
     return mapping
 

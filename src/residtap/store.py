@@ -472,6 +472,12 @@ class _Shard:
         self.header, self.data_start = read_header(path)
         self._map = None
 
+    def __getstate__(self) -> dict:
+        # Pickled (a DataLoader worker started by spawn or forkserver, the default on macOS and, from
+        # Python 3.14, on Linux), an open memory map would travel as a copy of the whole file: every shard
+        # the parent had read, in every worker. The path and header are enough; the worker maps it again.
+        return {**self.__dict__, "_map": None}
+
     def names(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
 
@@ -504,6 +510,11 @@ class LayerArray:
         first = shards[0].header[name]
         self.dtype = _DTYPES[first["dtype"]]
         self.shape = (int(self._offsets[-1]), *first["shape"][1:])
+
+    def __getstate__(self) -> dict:
+        # The per-shard tensors are views of the shards' memory maps: pickled, they would be copies of
+        # the data (see _Shard.__getstate__), so they are left out and made again where unpickled.
+        return {**self.__dict__, "_parts": [None] * len(self._parts)}
 
     def part(self, k: int) -> torch.Tensor:
         if self._parts[k] is None:
