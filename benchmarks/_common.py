@@ -22,7 +22,9 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -34,8 +36,9 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "write_rows",
-           "print_table", "device_slug", "l2_problem", "finish", "parse_list", "sync"]
+__all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "sample_times",
+           "interleaved_times", "write_rows", "print_table", "device_slug", "l2_problem", "finish",
+           "parse_list", "sync"]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -92,7 +95,7 @@ def environment(device: str = "cpu") -> dict:
         hw = torch.cuda.get_device_name(idx)
         cap = ".".join(map(str, torch.cuda.get_device_capability(idx)))
     else:
-        hw, cap = platform.processor() or platform.machine(), None
+        hw, cap = _cpu_model(), None
     return {
         "device": dev.type,
         "hardware": hw,
@@ -104,6 +107,18 @@ def environment(device: str = "cpu") -> dict:
         # float32 matmuls may run as TF32 ("high"/"medium"), which changes float32 forward times
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else platform's word for it ("x86_64" says little)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def row(device: str | torch.device = "cpu", **fields) -> dict:
@@ -121,7 +136,14 @@ HOLD_CYCLES_PER_CALL = 200_000
 
 def median_time(fn: Callable[[], object], *, device: str | torch.device = "cpu", iters: int = 10,
                 warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in seconds over ``iters`` calls after ``warmup`` calls.
+    """Median wall time of ``fn()`` in seconds over ``iters`` calls after ``warmup`` calls
+    (:func:`sample_times`)."""
+    return statistics.median(sample_times(fn, device=device, iters=iters, warmup=warmup))
+
+
+def sample_times(fn: Callable[[], object], *, device: str | torch.device = "cpu", iters: int = 10,
+                 warmup: int = 3) -> list[float]:
+    """The time of each of ``iters`` calls of ``fn()`` in seconds, after ``warmup`` calls.
 
     On CUDA each call is bracketed by CUDA events on the current stream (GPU time of the work
     ``fn`` enqueues, no host sync between calls except reading the events at the end), with the
@@ -143,16 +165,38 @@ def median_time(fn: Callable[[], object], *, device: str | torch.device = "cpu",
             fn()
             end.record()
         if events and events[-1][0].query():  # the GPU reached the last call before it was enqueued
-            print(f"median_time: the host fell behind the GPU ({iters} calls); short calls may be timed "
+            print(f"sample_times: the host fell behind the GPU ({iters} calls); short calls may be timed "
                   "as their launch cost", file=sys.stderr)
         torch.cuda.synchronize(dev)
-        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+        return [s.elapsed_time(e) / 1e3 for s, e in events]
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def interleaved_times(fns: dict, *, device: str | torch.device = "cpu", iters: int = 10, warmup: int = 3,
+                      rounds: int = 5, seed: int = 0) -> dict[str, list[list[float]]]:
+    """Per method, its per-call times (:func:`sample_times`) in each of ``rounds`` rounds; ``iters``
+    calls in all, split over the rounds. Every method first gets its ``warmup`` calls (first use:
+    allocation, kernel selection); each round then runs every method once, in a fresh random order
+    (seeded), after 2 more untimed calls of it. Timing one method's calls all before the next's
+    would leave a drift of clocks or temperature between them (and a fixed neighbour before each);
+    interleaved, such drift lands on every method alike."""
+    rounds = max(1, min(rounds, iters))
+    per_round = [iters // rounds + (r < iters % rounds) for r in range(rounds)]
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    order = random.Random(seed)
+    names = list(fns)
+    out: dict[str, list[list[float]]] = {n: [] for n in names}
+    for n_calls in per_round:
+        for name in order.sample(names, len(names)):
+            out[name].append(sample_times(fns[name], device=device, iters=n_calls, warmup=min(2, warmup)))
+    return out
 
 
 def device_slug(rows: Sequence[dict]) -> str:
@@ -164,12 +208,17 @@ def device_slug(rows: Sequence[dict]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "unknown"
 
 
-def write_rows(rows: Sequence[dict], name: str, out_dir: str | Path | None = None) -> Path:
-    """Write ``rows`` as a JSON list to ``<out_dir>/<name>-<device slug>.json``; returns the path."""
+def write_rows(rows: Sequence[dict], name: str, out_dir: str | Path | None = None,
+               slug: str | None = None) -> Path:
+    """Write ``rows`` as a JSON list to ``<out_dir>/<name>-<slug or device slug>.json``; returns the
+    path. Atomic (a temporary file renamed over it): a benchmark killed at its time limit while
+    writing leaves the previous complete file, never a truncated one."""
     out = Path(out_dir) if out_dir else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{device_slug(rows)}.json"
-    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    path = out / f"{name}-{slug or device_slug(rows)}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -34,8 +34,9 @@ use_cache=False, every residual index 0..n_layers:
   tlens_plain    that bridge's forward without a cache: the denominator for tlens's own overhead
                  (tlens / tlens_plain), since its ratio to the bare forward counts the LM head too
 
-Each is timed as host wall time with the device synchronized before and after. The methods run
-round-robin (the order rotated each round) so that clock or thermal drift hits all of them alike;
+Each is timed as host wall time with the device synchronized before and after. Each round runs
+every method once, in a fresh random order (seeded), so that clock or thermal drift hits all of them
+alike and no method always follows the same one;
 ``ratio`` is the median over rounds of method time / forward time of the same round (target for
 capture: <= 1.01). Before timing, ``--check`` (on by default) runs each capture method and the
 reference once and requires torch.equal for every output (l2: within 2 ulp, the contract's

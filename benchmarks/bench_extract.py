@@ -60,8 +60,10 @@ against the store's ways of writing a shard, from the same number of writer thre
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
+import re
 import shutil
 import statistics
 import sys
@@ -180,8 +182,9 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
     return seconds
 
 
-def host_only(args, writers: int, publishers: int) -> list:
-    """The --host-only rows: raw write vs store.write_shard vs write_shard_file + publish_shard."""
+def host_only(args, writers: int, publishers: int, suspect: list) -> list:
+    """The --host-only rows: raw write vs store.write_shard vs write_shard_file + publish_shard
+    (a way faster than the raw write is appended to ``suspect``)."""
     shard = (parse_size(args.shard_size, "--shard-size") if args.shard_size
              else (8 << 20 if args.smoke else 128 << 20))
     shards = args.batches or (4 if args.smoke else 8)
@@ -196,16 +199,27 @@ def host_only(args, writers: int, publishers: int) -> list:
             r[f"skipped_{tag}"] = f"{d} has too little free space"
             continue
         ways = {"serial": 0, "split": writers, "wide": publishers}
-        times = {"raw": [], **{way: [] for way in ways}}
-        for _ in range(2):  # round-robin, twice; the faster of each (page cache, writeback noise)
-            times["raw"].append(raw_write(d, shard * shards, shard, writers))
-            for way, n in ways.items():
-                times[way].append(store_write(d, shards, tensors, writers, n))
+        runs = {"raw": lambda: raw_write(d, shard * shards, shard, writers),
+                **{way: functools.partial(store_write, d, shards, tensors, writers, n)
+                   for way, n in ways.items()}}
+        times = {k: [] for k in runs}
+        # twice, the second time in the reverse order (so that the raw write, the ceiling, does not
+        # always run first, after nothing), each after an os.sync(); the faster of each
+        for order in (list(runs), list(runs)[::-1]):
+            for k in order:
+                os.sync()
+                times[k].append(runs[k]())
         raw_s = min(times["raw"])
         r[f"raw_{tag}_s"] = raw_s
         for way in ways:
             r[f"{way}_{tag}_s"] = min(times[way])
-            r[f"bw_frac_{way}_{tag}"] = raw_s / min(times[way])
+            r[f"bw_frac_{way}_{tag}"] = frac = raw_s / min(times[way])
+            if frac > 1.02:
+                suspect.append(f"{tag} {way}: faster than the raw write of its bytes (bw_frac {frac:.2f}): "
+                               "the raw write is not a ceiling in this run")
+    # the CPU's numbers; on a GPU machine, which one (the file name says so too: see main)
+    if torch.cuda.is_available():
+        r["gpu_host"] = torch.cuda.get_device_name()
     return [row("cpu", bench="extract_host", **r)]
 
 
@@ -254,12 +268,17 @@ def main() -> int:
         p.error(f"--targets: expected a comma list of ram, disk, got {args.targets!r}")
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
-        rows = host_only(args, writers, args.publishers or default_publishers(writers))
+        suspect = []
+        rows = host_only(args, writers, args.publishers or default_publishers(writers), suspect)
         print_table(rows, ["shard_bytes", "shards", "writers", "publishers"]
                     + [f"{k}_{t}_s" for t in ("ram", "disk") for k in
                        ("raw", "serial", "split", "wide")]
                     + [f"bw_frac_{k}_{t}" for t in ("ram", "disk") for k in ("serial", "split", "wide")])
-        print(f"wrote {write_rows(rows, 'bench_extract_host', args.out)}")
+        for s in suspect:
+            print(f"SUSPECT: {s}")
+        gpu = rows[0].get("gpu_host")
+        slug = f"{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-host" if gpu else None
+        print(f"wrote {write_rows(rows, 'bench_extract_host', args.out, slug=slug)}")
         return 0
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in (args.models.split(",") if args.models
@@ -336,6 +355,8 @@ def main() -> int:
                     run_extract(model, ids[:half], d, batch, writers, args.publishers, shard, host_memory,
                                 device, layers).seconds for _ in range(repeats))
                 r[f"x_forward_marginal_{tag}"] = (ext_s - half_s) / (fwd_s - fwd_half_s)
+            # so far: a run stopped at its time limit keeps the targets and models already measured
+            write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
         del model
         if device.type == "cuda":

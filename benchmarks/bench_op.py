@@ -17,8 +17,11 @@ preallocated buffers, measured in the same run:
 each output written once (resid, delta, normed in the model dtype; 4 float32 stats per row).
 Every method is charged those same bytes, so ``TB/s`` (``GB/s`` on CPU) compares like with like,
 and ``frac_of_copy`` = copy time / method time is the fraction of the copy ceiling reached (the
-issue's target for the fused op: >= 0.90). ``x_torch`` = torch_ops time / method time. The copy
-is timed before and after the others; the faster of the two is the ceiling.
+issue's target for the fused op: >= 0.90). ``x_torch`` = torch_ops time / method time. The
+methods are interleaved: every method is warmed up, then each of --rounds rounds (default 5) times
+every method, in a fresh random order, for iters / rounds calls; ``median_s`` is the median of a
+method's calls over all rounds, and ``frac_of_copy_range`` the lowest and highest of its per-round
+fractions (each round's median against that round's copy), the spread drift would show.
 
 Before timing, ``--check`` (on by default) runs the op once next to the torch ops and requires
 torch.equal for resid, delta, normed, mean, rstd and maxabs, and l2 within 2 ulp of a float64
@@ -33,12 +36,13 @@ exits 1 at the end.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from _common import (base_parser, finish, l2_problem, median_time, parse_list, resolve_device, row,
+from _common import (base_parser, finish, interleaved_times, l2_problem, parse_list, resolve_device, row,
                      write_rows)
 
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
@@ -146,7 +150,11 @@ def main() -> int:
     p.add_argument("--dtypes", default=None, help=f"comma list of {','.join(DTYPES)} (default both)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare the op with torch once per shape before timing (default on)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds over which the iterations are split (default 5)")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds: expected a positive int, got {args.rounds}")
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     shapes = parse_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else SHAPES)
     dtypes = parse_list(args.dtypes, DTYPES, "--dtypes")
@@ -183,23 +191,31 @@ def main() -> int:
             src = torch.empty((common["bytes"] + 1) // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
 
-            def timed(fn):
-                with torch.no_grad():
-                    return median_time(fn, device=device, iters=iters, warmup=warmup)
+            def staged(fn):
+                def run():
+                    with staged_rows(True):
+                        fn()
+                return run
 
-            t_copy = timed(lambda: dst.copy_(src))
-            t_op = timed(lambda: run_fused(op, x, bufs))
-            times = {"fused_op": t_op}
+            fns = {"copy": lambda: dst.copy_(src), "fused_op": lambda: run_fused(op, x, bufs)}
             if cuda and not staged_problem:
-                with staged_rows(True):
-                    times["fused_op_staged"] = timed(lambda: run_fused(op, x, bufs))
-            t_torch = times["torch_ops"] = timed(lambda: run_torch(x))
-            t_copy = times["copy"] = min(t_copy, timed(lambda: dst.copy_(src)))
-            for method, t in times.items():
+                fns["fused_op_staged"] = staged(lambda: run_fused(op, x, bufs))
+            fns["torch_ops"] = lambda: run_torch(x)
+            with torch.no_grad():
+                samples = interleaved_times(fns, device=device, iters=iters, warmup=warmup,
+                                            rounds=args.rounds)
+            times = {m: statistics.median(t for r in rs for t in r) for m, rs in samples.items()}
+            t_copy, t_torch = times["copy"], times["torch_ops"]
+            round_copy = [statistics.median(r) for r in samples["copy"]]
+            for method in (m for m in ("fused_op", "fused_op_staged", "torch_ops", "copy") if m in times):
+                t = times[method]
                 rate = common["bytes"] / t
+                fracs = [c / statistics.median(r) for c, r in zip(round_copy, samples[method])]
                 extra = {"check": "passed" if args.check else "skipped"} if method.startswith("fused") else {}
                 rows.append(row(device, method=method, median_s=t, bytes_per_s=rate, **{unit: rate / scale},
-                                frac_of_copy=t_copy / t, x_torch=t_torch / t, **extra, **common))
+                                frac_of_copy=t_copy / t, frac_of_copy_range=[min(fracs), max(fracs)],
+                                x_torch=t_torch / t, iters=iters, warmup=warmup, rounds=len(samples[method]),
+                                **extra, **common))
             del x, bufs, src, dst
             if cuda:
                 torch.cuda.empty_cache()

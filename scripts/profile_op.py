@@ -8,6 +8,9 @@ is asked for, so the subsets tell the phases apart: ``resid`` alone is a copy th
 ``normed`` adds the second phase, and ``all`` is what bench_op times. A subset far below its own
 ceiling is where the kernel loses time. Prints a table and writes ``profile_op-<gpu>.json`` to --out.
 
+Each subset and its copy are interleaved: 5 rounds, each timing both in a random order for
+--iters / 5 calls; the medians are over all the calls.
+
 ``all`` is timed again with the launch capped at 1-8 blocks per SM (``grid_cap``; 0 is no cap): the
 blocks then loop over several groups of rows each, like a persistent kernel, which tells whether
 launching one block per group of rows costs time. ``resid+delta``, ``normed`` and ``all`` are also
@@ -37,7 +40,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from _common import median_time, parse_list, print_table, row, write_rows  # noqa: E402
+import statistics  # noqa: E402
+
+from _common import interleaved_times, parse_list, print_table, row, write_rows  # noqa: E402
 from bench_op import DTYPES, EPS, SHAPES, STATS, make_inputs  # noqa: E402  (the same inputs as bench_op)
 
 from residtap import ops  # noqa: E402
@@ -104,8 +109,11 @@ def main() -> int:
     runs += [("all", SUBSETS["all"], k * sms, False) for k in GRID_WAVES]
     runs += [(subset, SUBSETS[subset], 0, True) for subset in ("resid+delta", "normed", "all")]
 
-    def timed(fn):
-        return median_time(fn, device=dev, iters=args.iters, warmup=10)
+    def op_call(x, bufs, grid, staged):
+        def run():
+            with ops.grid_cap(grid), ops.staged_rows(staged):
+                call(x, bufs)
+        return run
 
     with torch.no_grad():
         for n, d in (SHAPES if dev == "cuda" else [(64, 768), (32, 1600)]):
@@ -126,10 +134,12 @@ def main() -> int:
                     nbytes = subset_bytes(n, d, DTYPES[dname], names)
                     src = torch.empty((nbytes + 1) // 2, dtype=torch.uint8, device=dev)
                     dst = torch.empty_like(src)
-                    t_copy = timed(lambda: dst.copy_(src))
-                    with ops.grid_cap(grid), ops.staged_rows(staged):
-                        t_op = timed(lambda: call(x, bufs))
-                    t_copy = min(t_copy, timed(lambda: dst.copy_(src)))
+                    # copy and op interleaved (rounds in a random order), not the op between two copies
+                    samples = interleaved_times({"copy": lambda: dst.copy_(src),
+                                                 "op": op_call(x, bufs, grid, staged)},
+                                                device=dev, iters=args.iters, warmup=10, rounds=5)
+                    t_copy, t_op = (statistics.median(t for r in samples[k] for t in r)
+                                    for k in ("copy", "op"))
                     rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
                                     grid_cap=grid, staged=int(staged), bytes=nbytes, op_s=t_op, copy_s=t_copy,
                                     frac_of_copy=t_copy / t_op, TBps=nbytes / t_op / 1e12))
@@ -137,6 +147,8 @@ def main() -> int:
                 del x
                 if dev == "cuda":
                     torch.cuda.empty_cache()
+                if args.mode == "time":  # so far: a run stopped at its time limit keeps these
+                    write_rows(rows, "profile_op", args.out)
     if args.mode == "time":
         print_table(rows, ["shape", "dtype", "subset", "grid_cap", "staged", "bytes", "op_s", "copy_s", "TBps",
                            "frac_of_copy"])

@@ -1,0 +1,110 @@
+"""The benchmarks' shared timing and result plumbing (benchmarks/_common.py) and bench_extract's
+host-only ordering: what CI's --smoke runs cannot show (the order of the timed calls, the CUDA
+branch of the timer with CUDA's events emulated, a file never left half-written)."""
+
+import json
+import os
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common  # noqa: E402
+
+
+def test_interleaved_times_orders_and_counts():
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("copy", "op", "torch")}
+    out = _common.interleaved_times(fns, iters=10, warmup=3, rounds=4, seed=1)
+    assert [len(r) for r in out["op"]] == [3, 3, 2, 2]  # 10 calls split over 4 rounds
+    assert all(sum(map(len, rs)) == 10 for rs in out.values())
+    # warm-up first (3 each), then per round 2 untimed + the round's timed calls of one method at a time
+    assert calls[:9] == ["copy"] * 3 + ["op"] * 3 + ["torch"] * 3
+    rest = calls[9:]
+    firsts, i = [], 0
+    for n_calls in [3, 3, 2, 2]:
+        order = []
+        for _ in range(3):
+            order.append(rest[i])
+            assert rest[i:i + 2 + n_calls] == [rest[i]] * (2 + n_calls)
+            i += 2 + n_calls
+        assert sorted(order) == ["copy", "op", "torch"]
+        firsts.append(order[0])
+    assert i == len(rest)
+    assert len(set(firsts)) > 1, "the same method first every round: not interleaved"
+
+
+def test_sample_times_cuda_branch(monkeypatch):
+    """The CUDA branch, with events that read the host clock: seconds per call, the GPU held first."""
+    slept = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def query(self):
+            return False
+
+        def elapsed_time(self, end):  # milliseconds, as CUDA's
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    ts = _common.sample_times(lambda: time.sleep(0.002), device="cuda", iters=4, warmup=1)
+    assert slept == [_common.HOLD_CYCLES_PER_CALL * 4]
+    assert len(ts) == 4 and all(0.0015 < t < 0.5 for t in ts)  # seconds, not milliseconds
+
+
+def test_write_rows_atomic_and_slug(tmp_path, monkeypatch):
+    rows = [_common.row("cpu", bench="x", median_s=1.0)]
+    path = _common.write_rows(rows, "bench_x", tmp_path)
+    assert path.name == "bench_x-cpu.json" and json.loads(path.read_text())[0]["median_s"] == 1.0
+    assert _common.write_rows(rows, "bench_x", tmp_path, slug="gpu-host").name == "bench_x-gpu-host.json"
+
+    def killed(self, text):  # the process dies while writing
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _common.write_rows(rows * 2, "bench_x", tmp_path)
+    monkeypatch.undo()
+    assert len(json.loads(path.read_text())) == 1  # the earlier complete file, not a truncated one
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        ["bench_x-cpu.json", "bench_x-gpu-host.json"]
+
+
+def test_cpu_rows_name_the_cpu():
+    assert _common.environment("cpu")["hardware"]
+
+
+def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
+    import bench_extract
+
+    log = []
+    monkeypatch.setattr(bench_extract.os, "sync", lambda: log.append("sync"))
+    monkeypatch.setattr(bench_extract, "raw_write", lambda *a: log.append("raw") or 1.0)
+
+    def store_write(directory, shards, tensors, threads, publishers):
+        log.append(f"store{publishers}")
+        return 0.5 if publishers == 3 else 2.0  # "wide" beats the raw write: suspect
+
+    monkeypatch.setattr(bench_extract, "store_write", store_write)
+    args = types.SimpleNamespace(shard_size="1MiB", smoke=True, batches=2, ram_dir=str(tmp_path),
+                                 disk_dir=str(tmp_path))
+    suspect = []
+    rows = bench_extract.host_only(args, 2, 3, suspect)
+    one_target = log[:len(log) // 2]
+    runs = [x for x in one_target if x != "sync"]
+    assert runs == ["raw", "store0", "store2", "store3", "store3", "store2", "store0", "raw"]
+    assert one_target == [x for r in runs for x in ("sync", r)]  # an os.sync() before each
+    assert rows[0]["bw_frac_wide_ram"] == 2.0 and any("wide" in s for s in suspect)
