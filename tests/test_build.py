@@ -206,3 +206,29 @@ def test_residtap_no_cuda_0_means_not_set(monkeypatch):
     assert _build._cuda_plan()[1] != "RESIDTAP_NO_CUDA is set"
     monkeypatch.setenv("RESIDTAP_NO_CUDA", "1")
     assert _build._cuda_plan() == (None, "RESIDTAP_NO_CUDA is set")
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is not a CUDA build: CUDA is never planned")
+@pytest.mark.parametrize("value", [";", " , ", "90", "sm_90", "9.0;nine"])
+def test_a_malformed_residtap_cuda_archs_is_the_reason_cuda_is_left_out(monkeypatch, tmp_path, value):
+    """An empty list reached torch as an empty TORCH_CUDA_ARCH_LIST, whose GPU detection fails with an
+    IndexError on a machine without a GPU; "90" failed in torch with "Unknown CUDA arch (90)", never
+    naming the variable, and was recorded as a failed CUDA build. Now the plan says which variable,
+    what it expects and what it got, and nothing is compiled or recorded for it."""
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.delenv("RESIDTAP_NO_CUDA", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", value)
+    home, why = _build._cuda_plan()
+    assert home is None
+    assert why.startswith(f"RESIDTAP_CUDA_ARCHS: expected compute capabilities such as '9.0' or '8.0;9.0'")
+    assert why.endswith(f"got {value!r}")
+
+
+@pytest.mark.parametrize("value,want", [("9.0", ("9.0",)), ("8.0, 9.0a", ("8.0", "9.0a")),
+                                        ("8.6;9.0+PTX", ("8.6", "9.0+PTX")), ("10.0f", ("10.0f",))])
+def test_residtap_cuda_archs_takes_semicolons_or_commas(monkeypatch, value, want):
+    monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", value)
+    assert _build._cuda_archs() == want

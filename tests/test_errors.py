@@ -360,3 +360,28 @@ def test_a_model_compiled_before_the_capture_names_torch_compile_and_the_remedy(
         assert torch.equal(cap.resid, residtap.reference.run_reference(model, ids).outputs["resid"])
     finally:
         torch._dynamo.reset()
+
+
+def test_a_model_in_a_dtype_the_compiled_op_lacks_runs_on_the_reference_under_auto(extension, monkeypatch):
+    """The compiled op takes float32, bfloat16 and float16 hidden states. A float64 model under "auto"
+    got the op's own argument error from inside the forward (naming an 'out' the caller never passed);
+    the reference computes it exactly, so "auto" falls back to it with the reason, and "compiled" is
+    unavailable for that dtype, saying which."""
+    import copy
+
+    from helpers import assert_same_outputs
+    from residtap.reference import OUTPUTS, run_reference
+
+    monkeypatch.setattr(backend, "_warned", set())
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2, torch.float32)).double()  # (the helper's model is shared)
+    ids = ids_for(model, 2, 5)
+    with pytest.warns(RuntimeWarning, match=r"reference because the compiled op takes float32, bfloat16 or "
+                                            r"float16 hidden states, not torch\.float64"):
+        with residtap.capture(model, outputs=OUTPUTS) as cap, torch.no_grad():
+            model(ids)
+    assert cap.backend == "reference"
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+    assert backend.decide("auto", torch.device("cpu"), torch.float32) == ("compiled", "available")
+    with pytest.raises(backend.BackendUnavailableError, match=r"requested but the compiled op takes .*float64"):
+        with residtap.capture(model, backend="compiled"), torch.no_grad():
+            model(ids)

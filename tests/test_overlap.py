@@ -262,3 +262,16 @@ def test_a_side_stream_capture_that_raises_after_queuing_work_is_still_waited_fo
     assert side.kernels, "no op call was seen"
     assert set(side.kernels) <= side.waited, (side.kernels, side.waited)
     assert side.pending == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(grid_cap=-1), r"grid_cap: expected an int >= 0 \(0: no cap\), got -1"),
+    (dict(grid_cap=2.5), r"grid_cap: expected an int >= 0 \(0: no cap\), got 2.5"),
+    (dict(window=True), r"window: expected an int >= 1, got True"),
+    (dict(window=1.5), r"window: expected an int >= 1, got 1.5"),
+])
+def test_bad_side_stream_settings_are_refused_when_made(kwargs, match):
+    """A bad grid_cap was accepted here and refused at the first launch, inside the forward, as
+    'blocks' (ops.grid_cap's argument), with that launch already queued; window=1.5 or True ran."""
+    with pytest.raises(ValueError, match=match):
+        SideStreams(**kwargs)

@@ -107,7 +107,7 @@ def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, ma
 
 def test_cli_verify_compiled_backend_unavailable_exits_2_in_one_line(monkeypatch, capsys):
     """Asking for a backend this machine lacks is a bad argument (2), not a failed check (1)."""
-    monkeypatch.setattr(backend, "compiled_unavailable_reason", lambda device: "no compiler here")
+    monkeypatch.setattr(backend, "compiled_unavailable_reason", lambda device, dtype=None: "no compiler here")
     assert cli.main(["verify", "--batch", "1", "--seq", "4", "--backend", "compiled"]) == 2
     err = capsys.readouterr().err
     assert err == "residtap verify: error: backend='compiled' was requested but no compiler here\n"

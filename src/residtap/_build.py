@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -89,6 +90,10 @@ def _cuda_plan() -> tuple[Path | None, str | None]:
         return None, f"torch {torch.__version__} is not a CUDA build"
     if not list(CSRC.glob("cuda/*.cu")):
         return None, "no CUDA sources in this checkout"
+    try:
+        _cuda_archs()
+    except ValueError as e:  # a bad setting is the reason, not a CUDA build that failed (and is recorded)
+        return None, str(e)
     home = _find_nvcc()
     if home is None and os.environ.get("CUDA_HOME"):
         return None, f"CUDA_HOME={os.environ['CUDA_HOME']} has no bin/nvcc"
@@ -97,10 +102,22 @@ def _cuda_plan() -> tuple[Path | None, str | None]:
     return home, None
 
 
+# One compute capability as torch's TORCH_CUDA_ARCH_LIST takes it: "9.0", "9.0a", "10.0f", "8.6+PTX".
+_ARCH = re.compile(r"\d+\.\d+[af]?(\+PTX)?")
+
+
 def _cuda_archs() -> tuple[str, ...]:
+    """The architectures to build for; a ValueError naming RESIDTAP_CUDA_ARCHS when it is set to
+    something else. (Passed on as is, an empty list made torch detect the GPUs, which fails with an
+    IndexError where there are none, and "90" failed as "Unknown CUDA arch (90)", recorded as a
+    failed CUDA build, without naming the variable.)"""
     env = os.environ.get("RESIDTAP_CUDA_ARCHS")
     if env:
-        return tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip())
+        archs = tuple(a.strip() for a in env.replace(",", ";").split(";") if a.strip())
+        if not archs or not all(_ARCH.fullmatch(a) for a in archs):
+            raise ValueError("RESIDTAP_CUDA_ARCHS: expected compute capabilities such as '9.0' or '8.0;9.0' "
+                             f"(major.minor, optionally with a, f or +PTX; separated by ';' or ','), got {env!r}")
+        return archs
     if torch.cuda.is_available():
         caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         return tuple(sorted(f"{ma}.{mi}" for ma, mi in caps))

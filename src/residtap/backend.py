@@ -28,10 +28,15 @@ class Choice(NamedTuple):
 
 
 _warned: set[str] = set()
+# The hidden-state dtypes the compiled op takes (csrc/capture_common.h). The reference takes any
+# floating dtype, so a model in another one (float64) is the reference's under "auto", not the op's
+# argument error from inside the forward.
+COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def compiled_unavailable_reason(device: torch.device) -> str | None:
-    """None when the compiled op can run on ``device``, else why not."""
+def compiled_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when the compiled op can run on ``device`` for hidden states of ``dtype`` (None: any
+    dtype it takes), else why not."""
     from ._build import load_extension
 
     info = load_extension()
@@ -41,6 +46,8 @@ def compiled_unavailable_reason(device: torch.device) -> str | None:
         return f"the extension was built without CUDA ({info.cuda_skipped_because})"
     if device.type not in ("cpu", "cuda"):
         return f"no compiled kernel for device type {device.type!r}"
+    if dtype is not None and dtype not in COMPILED_DTYPES:
+        return f"the compiled op takes float32, bfloat16 or float16 hidden states, not {dtype}"
     return None
 
 
@@ -57,21 +64,23 @@ def requested_backend(backend: str | None) -> str:
     return env
 
 
-def decide(requested: str | None, device: torch.device) -> tuple[str, str]:
-    """What :func:`choose` does for ``requested`` on ``device``, without doing it: ("compiled",
-    "requested" | "available"), ("reference", "requested"), ("reference", why the compiled op cannot
-    run) under "auto", or ("unavailable", why) where "compiled" was asked for and cannot run."""
+def decide(requested: str | None, device: torch.device,
+           dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """What :func:`choose` does for ``requested`` on ``device`` (for hidden states of ``dtype``, when
+    given), without doing it: ("compiled", "requested" | "available"), ("reference", "requested"),
+    ("reference", why the compiled op cannot run) under "auto", or ("unavailable", why) where
+    "compiled" was asked for and cannot run."""
     requested = requested_backend(requested)
     if requested == "reference":
         return "reference", "requested"
-    reason = compiled_unavailable_reason(torch.device(device))
+    reason = compiled_unavailable_reason(torch.device(device), dtype)
     if reason is None:
         return "compiled", "requested" if requested == "compiled" else "available"
     return ("unavailable" if requested == "compiled" else "reference"), reason
 
 
-def choose(requested: str | None, device: torch.device) -> Choice:
-    name, why = decide(requested, device)
+def choose(requested: str | None, device: torch.device, dtype: torch.dtype | None = None) -> Choice:
+    name, why = decide(requested, device, dtype)
     from . import ops, reference
 
     if name == "compiled":

@@ -427,9 +427,10 @@ class Capture:
         if getattr(text_config(self.model), "residual_in_fp32", False) is True and param.dtype != torch.float32:
             dtypes.append(torch.float32)
         for device in cuda:
-            if _backend.choose(self.config.backend, device).name != "compiled":
-                continue
             for dtype in dtypes:
+                # Per dtype: a model in one the op lacks runs on the reference, which needs no probe.
+                if _backend.choose(self.config.backend, device, dtype).name != "compiled":
+                    continue
                 (weight, bias), fused_normed = self._fused_norm_on(device, dtype)
                 if fused_normed:
                     _backend.norm_parity(device, dtype, d_model, weight, bias, eps, normed=True)
@@ -469,7 +470,7 @@ class Capture:
         """Inside the forward, without syncing: the backend for ``device`` and how the op gets
         normed / mean+rstd there. A combination the set-up probe did not cover (or one whose probe
         failed) gets torch's own norm from the op ("torch_layer_norm")."""
-        choice = _backend.choose(self.config.backend, device)
+        choice = _backend.choose(self.config.backend, device, dtype)
         params, fused_normed = self._fused_norm_on(device, dtype)
         compiled = choice.name == "compiled"
 

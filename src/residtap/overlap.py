@@ -62,8 +62,11 @@ class SideStreams:
     before the main stream waits for the oldest one (which bounds how many tensors are held)."""
 
     def __init__(self, window: int = 2, grid_cap: int = 0):
-        if window < 1:
+        # Checked here, not at the first launch: that is inside a forward, with the launch queued.
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"window: expected an int >= 1, got {window!r}")
+        if not isinstance(grid_cap, int) or isinstance(grid_cap, bool) or grid_cap < 0:
+            raise ValueError(f"grid_cap: expected an int >= 0 (0: no cap), got {grid_cap!r}")
         self.window = window
         # Experimental (bench_capture --overlap-grid-caps measures it): at most this many thread
         # blocks per side-stream launch of the compiled op (0: no cap), so that a capture takes a
