@@ -588,6 +588,51 @@ def test_shuffled_rows_with_dataloader_workers(tmp_path):
     assert torch.equal(torch.cat(load(fresh)), second)
 
 
+def test_shuffled_rows_split_among_data_parallel_ranks(tmp_path):
+    """rank / world_size: every rank yields as many rows and batches (DDP's collectives need that),
+    the ranks' rows are disjoint, and together they are the epoch's rows but the fewer than world_size
+    left at the end of its order; with workers as without; each argument checked."""
+    path, _ = ids_file(tmp_path, 8 * 30)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    full = acts.layer(1).to_tensor()
+    assert len(full) == 240
+    world, share = 7, 240 // 7  # 34 rows a rank, 2 left out of each epoch
+
+    def within(rows, of):  # whether ``rows`` is a sub-multiset of ``of`` (rows may repeat: same context)
+        from collections import Counter
+
+        have, pool = Counter(map(tuple, rows.tolist())), Counter(map(tuple, of.tolist()))
+        return all(pool[r] >= n for r, n in have.items())
+
+    def rows_of(ds, workers):
+        got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+        assert len(got) == len(ds)
+        return got
+
+    # in order (no shuffle), rank r's rows are rows [34 r, 34 r + 34) of the extraction
+    for r in range(world):
+        ds = acts.dataset(1, batch_size=8, shuffle=False, rank=r, world_size=world)
+        assert torch.equal(torch.cat(rows_of(ds, 0)), full[r * share:(r + 1) * share])
+    for workers in (0, 2):
+        for batch_size, drop_last in ((8, False), (8, True), (None, False)):
+            per_rank = [rows_of(acts.dataset(1, batch_size=batch_size, seed=5, drop_last=drop_last, rank=r,
+                                             world_size=world), workers) for r in range(world)]
+            assert len({len(b) for b in per_rank}) == 1, (workers, batch_size, drop_last)  # as many batches
+            union = torch.cat([torch.stack(b) if batch_size is None else torch.cat(b) for b in per_rank])
+            assert len(union) == (world * (share // 8 * 8) if drop_last else world * share)
+            assert within(union, full)  # no row twice (but where the extraction has it twice)
+    for kw, msg in [({"rank": 1}, r"rank, world_size: expected both or neither, got rank=1 and world_size=None"),
+                    ({"world_size": 2}, r"expected both or neither, got rank=None and world_size=2"),
+                    ({"rank": 2, "world_size": 2}, r"rank: expected an int in \[0, world_size = 2\), got 2"),
+                    ({"rank": -1, "world_size": 2}, r"rank: expected an int in \[0, world_size = 2\), got -1"),
+                    ({"rank": True, "world_size": 2}, r"rank: expected an int .*got True"),
+                    ({"rank": 0, "world_size": 0}, r"world_size: expected a positive int, got 0")]:
+        with pytest.raises(ValueError, match=msg):
+            acts.dataset(1, **kw)
+
+
 def test_a_dataset_pickles_without_the_rows_it_has_read(tmp_path):
     """DataLoader workers started by spawn or forkserver (macOS's default, Linux's from Python 3.14, and
     what a parent that has initialized CUDA must use) get the dataset pickled: that must not carry a copy

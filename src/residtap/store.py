@@ -681,10 +681,12 @@ class Activations:
 
     def dataset(self, layers, output: str = "resid", *, batch_size: int | None = None,
                 shuffle: bool = True, seed: int = 0, buffer_shards: int = 4,
-                drop_last: bool = False) -> "ShuffledRows":
+                drop_last: bool = False, rank: int | None = None,
+                world_size: int | None = None) -> "ShuffledRows":
         """A torch IterableDataset of rows for SAE training — see :class:`ShuffledRows`."""
         return ShuffledRows(self, layers, output, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                            buffer_shards=buffer_shards, drop_last=drop_last)
+                            buffer_shards=buffer_shards, drop_last=drop_last, rank=rank,
+                            world_size=world_size)
 
     def __repr__(self) -> str:
         return (f"Activations({self.path!r}, layers={self.layer_ids}, outputs={self.outputs}, "
@@ -705,11 +707,27 @@ class ShuffledRows(torch.utils.data.IterableDataset):
     ``batch_size`` rows, with or without workers. (Which rows share a window then depends on the
     number of workers.) ``set_epoch`` reaches persistent workers too: the epoch is kept in shared
     memory.
+
+    Data parallel (DistributedDataParallel): ``rank`` and ``world_size`` (e.g. torch.distributed's)
+    give each process its own share of every epoch, the same seed on all: the epoch's order is cut
+    into ``world_size`` equal runs of ``len(rows) // world_size`` rows, one per rank (then among its
+    workers as above), so that every rank yields as many rows and batches, which DDP's collectives
+    need. The fewer than ``world_size`` rows left at the end of an epoch's order are left out of it;
+    the order changes with the epoch, so they are other rows the next time.
     """
 
     def __init__(self, acts: Activations, layers, output="resid", *, batch_size=None, shuffle=True,
-                 seed=0, buffer_shards=4, drop_last=False):
+                 seed=0, buffer_shards=4, drop_last=False, rank=None, world_size=None):
         super().__init__()
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r} and "
+                             f"world_size={world_size!r}")
+        self.world_size = positive_int(1 if world_size is None else world_size, "world_size")
+        rank = 0 if rank is None else rank
+        if not (isinstance(rank, (int, np.integer)) and not isinstance(rank, bool)
+                and 0 <= rank < self.world_size):
+            raise ValueError(f"rank: expected an int in [0, world_size = {self.world_size}), got {rank!r}")
+        self.rank = int(rank)
         self.single = isinstance(layers, (int, np.integer))
         layers = [int(layers)] if self.single else list(layers)
         if not layers:
@@ -734,7 +752,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         self._epoch[0] = epoch
 
     def __len__(self) -> int:
-        n = len(self.arrays[0])
+        n = len(self.arrays[0]) // self.world_size  # this rank's rows
         if self.batch_size is None:
             return n
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -750,18 +768,22 @@ class ShuffledRows(torch.utils.data.IterableDataset):
 
     def _my_rows(self, order: list) -> list:
         """(shard, first row, end row) pieces, in ``order``, of this worker's run of the epoch's rows:
-        all of them without workers; with W workers, worker w's share of the batches, cut where a
-        batch ends (a shard may be split between two workers)."""
+        this rank's run (all of them in one process); with W workers, worker w's share of its
+        batches, cut where a batch ends (a shard may be split between two workers or ranks)."""
         lengths = [int(n) for n in np.diff(self.arrays[0]._offsets)]
         info = torch.utils.data.get_worker_info()
-        if info is None:
+        if info is None and self.world_size == 1:
             return [(k, 0, lengths[k]) for k in order]
-        n, bs = len(self.arrays[0]), self.batch_size or 1
-        n_batches, workers = math.ceil(n / bs), info.num_workers
-        per, extra = divmod(n_batches, workers)
-        first_batch = info.id * per + min(info.id, extra)
-        lo = first_batch * bs
-        hi = min(n, (first_batch + per + (info.id < extra)) * bs)
+        n = len(self.arrays[0]) // self.world_size
+        start = self.rank * n  # this rank's run: rows [start, start + n) of the epoch's order
+        lo, hi = start, start + n
+        if info is not None:
+            bs = self.batch_size or 1
+            n_batches, workers = math.ceil(n / bs), info.num_workers
+            per, extra = divmod(n_batches, workers)
+            first_batch = info.id * per + min(info.id, extra)
+            lo = start + first_batch * bs
+            hi = start + min(n, (first_batch + per + (info.id < extra)) * bs)
         pieces, at = [], 0  # at: the epoch's row where shard k starts
         for k in order:
             a, b = max(lo, at), min(hi, at + lengths[k])
