@@ -37,7 +37,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "sample_times",
-           "interleaved_times", "write_rows", "print_table", "device_slug", "l2_problem", "finish",
+           "interleaved_times", "medians", "write_rows", "print_table", "slug", "device_slug", "l2_problem", "finish",
            "parse_list", "sync"]
 
 
@@ -199,13 +199,22 @@ def interleaved_times(fns: dict, *, device: str | torch.device = "cpu", iters: i
     return out
 
 
+def slug(name) -> str:
+    """'nvidia-h200' from 'NVIDIA H200', for file names."""
+    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "unknown"
+
+
+def medians(samples: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Per method, the median over all its calls of :func:`interleaved_times`' samples."""
+    return {name: statistics.median(t for r in rounds for t in r) for name, rounds in samples.items()}
+
+
 def device_slug(rows: Sequence[dict]) -> str:
     """'nvidia-h200', 'cpu', ... from the first row's hardware, for file names."""
     if not rows:
         return "empty"
     r = rows[0]
-    name = r.get("hardware") if r.get("device") == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "unknown"
+    return slug(r.get("hardware") if r.get("device") == "cuda" else "cpu")
 
 
 def write_rows(rows: Sequence[dict], name: str, out_dir: str | Path | None = None,

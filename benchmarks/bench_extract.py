@@ -63,7 +63,6 @@ from __future__ import annotations
 import functools
 import os
 import queue
-import re
 import shutil
 import statistics
 import sys
@@ -74,7 +73,7 @@ import time
 import numpy as np
 import torch
 
-from _common import base_parser, print_table, resolve_device, row, sync, write_rows
+from _common import base_parser, print_table, resolve_device, row, slug, sync, write_rows
 
 import residtap
 from residtap.extract import default_publishers, parse_size
@@ -277,8 +276,7 @@ def main() -> int:
         for s in suspect:
             print(f"SUSPECT: {s}")
         gpu = rows[0].get("gpu_host")
-        slug = f"{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-host" if gpu else None
-        print(f"wrote {write_rows(rows, 'bench_extract_host', args.out, slug=slug)}")
+        print(f"wrote {write_rows(rows, 'bench_extract_host', args.out, slug=f'{slug(gpu)}-host' if gpu else None)}")
         return 0
     device = resolve_device(args.device if not args.smoke else (args.device or "cpu"))
     configs = SMOKE if args.smoke else {k: CONFIGS[k] for k in (args.models.split(",") if args.models

@@ -42,8 +42,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from _common import (base_parser, finish, interleaved_times, l2_problem, parse_list, resolve_device, row,
-                     write_rows)
+from _common import (base_parser, finish, interleaved_times, l2_problem, medians, parse_list, resolve_device,
+                     row, write_rows)
 
 SHAPES = [(16384, 768), (8192, 1600), (8192, 4096), (32768, 4096)]
 SMOKE_SHAPES = [(256, 64), (128, 200)]
@@ -204,7 +204,7 @@ def main() -> int:
             with torch.no_grad():
                 samples = interleaved_times(fns, device=device, iters=iters, warmup=warmup,
                                             rounds=args.rounds)
-            times = {m: statistics.median(t for r in rs for t in r) for m, rs in samples.items()}
+            times = medians(samples)
             t_copy, t_torch = times["copy"], times["torch_ops"]
             round_copy = [statistics.median(r) for r in samples["copy"]]
             for method in (m for m in ("fused_op", "fused_op_staged", "torch_ops", "copy") if m in times):

@@ -40,9 +40,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-import statistics  # noqa: E402
-
-from _common import interleaved_times, parse_list, print_table, row, write_rows  # noqa: E402
+from _common import interleaved_times, medians, parse_list, print_table, row, write_rows  # noqa: E402
 from bench_op import DTYPES, EPS, SHAPES, STATS, make_inputs  # noqa: E402  (the same inputs as bench_op)
 
 from residtap import ops  # noqa: E402
@@ -138,8 +136,7 @@ def main() -> int:
                     samples = interleaved_times({"copy": lambda: dst.copy_(src),
                                                  "op": op_call(x, bufs, grid, staged)},
                                                 device=dev, iters=args.iters, warmup=10, rounds=5)
-                    t_copy, t_op = (statistics.median(t for r in samples[k] for t in r)
-                                    for k in ("copy", "op"))
+                    t_copy, t_op = (medians(samples)[k] for k in ("copy", "op"))
                     rows.append(row(dev, bench="profile_op", shape=[n, d], dtype=dname, subset=subset,
                                     grid_cap=grid, staged=int(staged), bytes=nbytes, op_s=t_op, copy_s=t_copy,
                                     frac_of_copy=t_copy / t_op, TBps=nbytes / t_op / 1e12))

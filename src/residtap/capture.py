@@ -204,17 +204,15 @@ class Capture:
             self._model_depth = 0
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
             self._handles.append(self.model.register_forward_hook(self._on_model_exit, always_call=True))
-            # Each handle goes into both lists as it is made, so that a failure part-way removes it.
-            handles = [blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True)]
-            self._handles.append(handles[0])
+            first = len(self._handles)  # the hooks on the blocks from here on (see _hooks_last)
+            self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
             for i, blk in enumerate(blocks):
                 if i + 1 in self._slot:
                     # always_call: a hook before ours that raises once the block has returned (one that
                     # stops the forward at this layer) must not keep this layer from being captured.
-                    handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
-                                                             always_call=True))
-                    self._handles.append(handles[-1])
-            self._block_handles = handles
+                    self._handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
+                                                                   always_call=True))
+            self._block_handles = self._handles[first:]
         except BaseException:
             self._remove_hooks()
             raise

@@ -13,25 +13,18 @@ import torch
 from .arch import UnsupportedStreamError, max_positions
 from .backend import BackendUnavailableError
 from .capture import CaptureError
+from .selection import resolve_device, resolve_dtype
 
 EXIT_UNEXPECTED = 3  # 0 done (verify: exact), 1 verify: not exact, 2 bad arguments or model
-from .selection import resolve_device, resolve_dtype
 
 
 def _load_model(name: str | None, dtype, device: str, seed: int):
-    from .models import ModelLoadError, load_pretrained, random_gpt2
+    from .models import load_pretrained_as, random_gpt2
 
     if name is None:
         return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
-    try:
-        model = load_pretrained(name, dtype=dtype)
-    except ModelLoadError as e:  # its own finding, said as it is
-        raise ValueError(f"--model {e}") from e
-    except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
-        raise ValueError(f"--model {name!r} could not be loaded offline ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
-                         "config.json and weights, or a name already in the HF cache; omit --model for "
-                         "the built-in random GPT-2-small.") from e
+    model = load_pretrained_as(name, "--model", "; omit --model for the built-in random GPT-2-small.",
+                               dtype=dtype)
     return model.to(device).eval(), name
 
 

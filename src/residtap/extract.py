@@ -38,7 +38,6 @@ import datetime
 import hashlib
 import json
 import math
-import numbers
 import operator
 import os
 import queue
@@ -57,7 +56,7 @@ from . import store as _store
 from .arch import bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import (LAST, NOT_GIVEN, KeepMask, positive_int, resolve_device, resolve_dtype,
+from .selection import (LAST, NOT_GIVEN, KeepMask, is_int, positive_int, resolve_device, resolve_dtype,
                         resolve_positions)
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -66,7 +65,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 
 def parse_size(value, name: str) -> int:
     """An int (bytes) or a string like "512MiB", "1GiB", "2.5GB" → bytes."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if is_int(value):
         n = int(value)
     elif isinstance(value, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)) \
             and m.group(2).lower() in _SIZE_UNITS:
@@ -154,7 +153,7 @@ def _positions_rule(p):
                f"{'' if p.step is None else p.step}"
     if isinstance(p, str):
         return p
-    if isinstance(p, numbers.Integral):
+    if is_int(p):
         return int(p)
     return [operator.index(x) for x in p]  # numpy ints, 0-d tensors
 
@@ -198,18 +197,10 @@ def load_model(spec: str, *, dtype=None, device="cpu", seed: int = 0, device_map
         return model, f"{spec} (random init, seed {seed})", None
     from transformers import AutoTokenizer
 
-    from .models import ModelLoadError, load_pretrained
+    from .models import load_pretrained_as
 
     kw = {"device_map": device_map} if device_map else {}
-    try:
-        model = load_pretrained(spec, dtype=dtype or "auto", **kw)
-    except ModelLoadError as e:
-        raise ValueError(f"model {e}") from e
-    except Exception as e:  # offline machine, unknown name, corrupt files: say which and why
-        raise ValueError(f"model: {spec!r} could not be loaded offline ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
-                         "config.json and weights, a name already in the HF cache, or "
-                         "random:gpt2-small") from e
+    model = load_pretrained_as(spec, "model:", ", or random:gpt2-small", dtype=dtype or "auto", **kw)
     if not device_map:
         model = model.to(device)
     try:
@@ -621,8 +612,7 @@ def _dist_env(rank, world_size):
         raise ValueError("rank, world_size: pass both or neither (torchrun sets RANK and WORLD_SIZE)")
     if rank is None:
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not (isinstance(world_size, numbers.Integral) and isinstance(rank, numbers.Integral)
-            and not isinstance(rank, bool) and not isinstance(world_size, bool) and 0 <= rank < world_size):
+    if not (is_int(world_size) and is_int(rank) and 0 <= rank < world_size):
         raise ValueError(f"rank, world_size: expected ints with 0 <= rank < world_size, got {rank!r}, "
                          f"{world_size!r}")
     rank, world_size = int(rank), int(world_size)
@@ -764,7 +754,7 @@ def _abandon(out: str, made_dir: bool, owns=lambda index: True) -> None:
     try:
         _store.remove_stale_temporaries(out, owns)
         for f in os.listdir(out):
-            if _store.SHARD_FILE.fullmatch(f) or f.startswith("manifest.rank"):  # parts and their temporaries
+            if _store.SHARD_FILE.fullmatch(f) or f.startswith(_store.PART_PREFIX):  # parts, their temporaries
                 os.remove(os.path.join(out, f))
         os.remove(os.path.join(out, _store.MANIFEST))
         if made_dir and not os.listdir(out):
@@ -873,7 +863,7 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
             if os.path.basename(p) != _store.MANIFEST:
                 os.remove(p)
         for f in os.listdir(out):  # a part being rewritten when a run with more processes was killed
-            if f.startswith("manifest.rank") and f.endswith(".json.tmp"):
+            if f.startswith(_store.PART_PREFIX) and f.endswith(".json.tmp"):
                 os.remove(os.path.join(out, f))
     _barrier(group)
     if rank != 0:
@@ -1317,8 +1307,7 @@ def cmd_extract(args) -> int:
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
-        run = res.all_processes or {"shards_written": res.shards_written, "shards_skipped": res.shards_skipped,
-                                    "n_tokens": res.n_tokens, "seconds": res.seconds}
+        run = res.all_processes  # (this process's own counts where it ran alone)
         world = int(os.environ.get("WORLD_SIZE", 1))
         rate = run["n_tokens"] / run["seconds"] if run["seconds"] > 0 else 0.0
         print(f"residtap extract: {res.out}: {'complete' if res.complete else 'incomplete'}, "

@@ -7,12 +7,12 @@ weights.
 
 from __future__ import annotations
 
-import numbers
 import os
 
 import torch
 
 from .arch import text_config
+from .selection import is_int
 
 # GPT-2 sizes by name; n_layer / n_embd / n_head as in the released checkpoints.
 GPT2_SIZES = {
@@ -24,7 +24,7 @@ GPT2_SIZES = {
 
 def check_seed(seed, name: str) -> None:
     """A ValueError naming ``name`` unless ``seed`` is what torch.manual_seed takes."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+    if not is_int(seed) or not -2**63 <= seed < 2**64:
         raise ValueError(f"{name}: expected an int in [-2**63, 2**64) (what torch.manual_seed takes), "
                          f"got {seed!r}")
 
@@ -93,6 +93,20 @@ def load_pretrained(spec: str, **kwargs):
 
 
 _TEXT_SPECIALS = {"bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def load_pretrained_as(spec: str, arg: str, alternative: str, **kwargs):
+    """:func:`load_pretrained` for the argument ``arg`` ("--model", "model:"): any failure is a
+    ValueError naming it. A ModelLoadError is said as it is; anything else (an offline machine, an
+    unknown name, corrupt files) as what it was, with the way out, then ``alternative``."""
+    try:
+        return load_pretrained(spec, **kwargs)
+    except ModelLoadError as e:
+        raise ValueError(f"{arg} {e}") from e
+    except Exception as e:
+        raise ValueError(f"{arg} {spec!r} could not be loaded offline ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Pass a local directory with "
+                         f"config.json and weights, or a name already in the HF cache{alternative}") from e
 
 
 def random_input_ids(model, batch: int, seq: int, *, seed: int = 0, device=None) -> torch.Tensor:

@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import ops
+from .selection import is_int
 
 
 class OverlapError(RuntimeError):
@@ -63,15 +64,15 @@ class SideStreams:
 
     def __init__(self, window: int = 2, grid_cap: int = 0):
         # Checked here, not at the first launch: that is inside a forward, with the launch queued.
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(f"window: expected an int >= 1, got {window!r}")
-        if not isinstance(grid_cap, int) or isinstance(grid_cap, bool) or grid_cap < 0:
+        if not is_int(grid_cap) or grid_cap < 0:
             raise ValueError(f"grid_cap: expected an int >= 0 (0: no cap), got {grid_cap!r}")
-        self.window = window
+        self.window = int(window)
         # Experimental (bench_capture --overlap-grid-caps measures it): at most this many thread
         # blocks per side-stream launch of the compiled op (0: no cap), so that a capture takes a
         # few SMs beside the next block's kernels instead of the whole GPU. Same bytes either way.
-        self.grid_cap = grid_cap
+        self.grid_cap = int(grid_cap)
         self._streams: dict[torch.device, object] = {}
         self._events: dict[torch.device, list] = {}  # free events per device
         self._pending: collections.deque[_Pending] = collections.deque()

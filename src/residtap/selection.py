@@ -23,7 +23,8 @@ DTYPES = {
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An integer of any integral type (numpy's too), never bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -32,7 +33,7 @@ def positive_int(value, name: str, *, none_ok: bool = False) -> int | None:
     ``none_ok``; else a ValueError naming ``name``."""
     if value is None and none_ok:
         return None
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int{' or None' if none_ok else ''}, got {value!r}")
     return int(value)
 
@@ -109,9 +110,9 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
                              f"tensor or array will do), got a {layers.ndim}-d {layers.dtype} "
                              f"{type(layers).__name__}")
         layers = layers.tolist()
-    if _is_int(layers):
+    if is_int(layers):
         layers = [layers]
-    if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_int, layers)):
+    if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(is_int, layers)):
         raise ValueError(f"layers: expected None, an int or a sequence of ints, got {layers!r}")
     if not layers:
         raise ValueError("layers: expected at least one residual index, got an empty sequence")
@@ -249,7 +250,7 @@ def resolve_position_spec(positions):
     if positions is None:
         return positions
     resolve_positions(positions, 2**62)  # type checks now; range checks per sequence length
-    return positions if _is_int(positions) else tuple(positions)
+    return positions if is_int(positions) else tuple(positions)
 
 
 def resolve_positions(positions, seq_len: int) -> PositionPlan:
@@ -264,7 +265,7 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
         if rng.step == 1:
             return PositionPlan(seq_len, span=slice(rng.start, rng.stop))
         return PositionPlan(seq_len, index=list(rng))
-    if _is_int(positions):
+    if is_int(positions):
         positions = [positions]
     elif isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
@@ -272,7 +273,7 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
                              f"of shape {tuple(positions.shape)}")
         positions = positions.tolist()
     if not isinstance(positions, Sequence) or isinstance(positions, str) \
-            or not all(map(_is_int, positions)):
+            or not all(map(is_int, positions)):
         raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
     if not positions:
         raise ValueError("positions: expected at least one position, got an empty sequence")

@@ -44,7 +44,7 @@ except ImportError:  # not POSIX: runs are not locked against each other
 import numpy as np
 import torch
 
-from .selection import positive_int
+from .selection import is_int, positive_int
 
 FORMAT = "residtap.activations"
 FORMAT_VERSION = 1
@@ -146,8 +146,11 @@ def lock_records(directory: str, timeout: float | None = None) -> int | None:
     return None
 
 
+PART_PREFIX = "manifest.rank"  # part_name's names (and their temporaries, + ".tmp") start so
+
+
 def part_name(rank: int) -> str:
-    return f"manifest.rank{rank}.json"
+    return f"{PART_PREFIX}{rank}.json"
 
 
 def tensor_name(output: str, layer_id: int) -> str:
@@ -371,7 +374,7 @@ def read_json(path: str) -> dict:
 def manifest_paths(directory: str) -> list[str]:
     """manifest.json first (if present), then the rank parts of an unfinished multi-process run."""
     paths = [os.path.join(directory, MANIFEST)] if os.path.exists(os.path.join(directory, MANIFEST)) else []
-    parts = sorted(f for f in os.listdir(directory) if f.startswith("manifest.rank") and f.endswith(".json"))
+    parts = sorted(f for f in os.listdir(directory) if f.startswith(PART_PREFIX) and f.endswith(".json"))
     return paths + [os.path.join(directory, f) for f in parts]
 
 
@@ -724,8 +727,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
                              f"world_size={world_size!r}")
         self.world_size = positive_int(1 if world_size is None else world_size, "world_size")
         rank = 0 if rank is None else rank
-        if not (isinstance(rank, (int, np.integer)) and not isinstance(rank, bool)
-                and 0 <= rank < self.world_size):
+        if not (is_int(rank) and 0 <= rank < self.world_size):
             raise ValueError(f"rank: expected an int in [0, world_size = {self.world_size}), got {rank!r}")
         self.rank = int(rank)
         self.single = isinstance(layers, (int, np.integer))
