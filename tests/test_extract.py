@@ -1294,6 +1294,22 @@ def test_unwritable_output(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "ro") == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_shards_get_the_mode_new_files_get_like_the_manifest(tmp_path, umask):
+    """safetensors writes a shard as 0600 (its temporary file's mode): the shard takes the umask's
+    mode instead, the manifest's, so that a shared extraction's readers can read its shards."""
+    path, _ = ids_file(tmp_path, 8 * 4)
+    old = os.umask(umask)
+    try:
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="3KiB",
+                         progress=False)
+    finally:
+        os.umask(old)
+    modes = {f: (tmp_path / "out" / f).stat().st_mode & 0o777 for f in shard_files(tmp_path / "out")}
+    assert len(modes) > 1 and set(modes.values()) == {0o666 & ~umask}, modes
+    assert (tmp_path / "out" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_cli_selection_parsing():
     from residtap.extract import _parse_ints, _parse_layers, parse_size
 

@@ -32,6 +32,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import time
 from typing import Iterator, NamedTuple, Sequence
@@ -271,6 +272,13 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
         # One metadata key: safetensors keeps metadata in a hash map whose order varies between
         # processes, and the bytes of a shard must not.
         _save_file(tensors, tmp, {"residtap": json.dumps(metadata, sort_keys=True)})
+        # safetensors writes through a temporary file of mode 0600 and renames it: give the shard
+        # the mode any new file gets here (0666 less the umask, as os.mkdir gave ``work`` 0777 less
+        # it), so that whoever may read the manifest may read the shards too.
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(work).st_mode) & 0o666)
+        except OSError:  # a file system without modes (some network mounts): the shard stays as written
+            pass
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
