@@ -488,6 +488,20 @@ def test_layer_takes_every_negative_index(extension):
         cap.layer("resid", -4)
 
 
+@pytest.mark.parametrize("layer_id", [3, 12, -4])
+def test_a_residual_index_the_model_lacks_is_named_as_such(extension, layer_id):
+    """An index no layers= could capture gets the range that exists, not the advice to capture it."""
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    with residtap.capture(model, layers=[0, 2]) as cap:
+        model(ids_for(model, 1, 4))
+    with pytest.raises(residtap.CaptureError) as err:
+        cap.layer("resid", layer_id)
+    assert str(err.value) == (f"cap.layer('resid', {layer_id}): expected a residual index in [-3, 2] (the "
+                              f"model has 2 blocks, so residual indices 0..2), got {layer_id}")
+    with pytest.raises(residtap.CaptureError, match=r"index 1 was not captured .* pass layers=\[\.\.\., 1\]"):
+        cap.layer("resid", 1)  # one that exists but was not selected: the advice stays
+
+
 def test_hooks_added_inside_with_that_change_the_stream_are_seen_as_the_next_block_sees_them(extension):
     """A steering hook registered after the capture was entered (on a block's output, and a pre-hook
     on the first block's input) changes what the later blocks and the reference see: the capture must

@@ -766,6 +766,9 @@ class Capture:
         n = self.layout.n_layers + 1
         k = self._slot.get(layer_id + n if -n <= layer_id < 0 else layer_id)
         attr = f"layer({output!r}, {layer_id})"
+        if not -n <= layer_id < n:  # no layers= could capture it: say what exists, not "pass layers="
+            raise CaptureError(f"cap.{attr}: expected a residual index in [{-n}, {n - 1}] (the model has "
+                               f"{n - 1} blocks, so residual indices 0..{n - 1}), got {layer_id}")
         if k is None:
             raise CaptureError(f"cap.{attr}: residual index {layer_id} was not captured (layer_ids="
                                f"{self.layer_ids}); pass layers=[..., {layer_id}]")
