@@ -516,14 +516,14 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     for bad in ([-241], np.array([0, -241]), torch.tensor([-241])):
         with pytest.raises(IndexError):
             a[bad]
-    ds = acts.dataset(1, batch_size=32, seed=3, buffer_shards=2)
+    ds = acts.dataset(1, batch_size=32, seed=3, buffer_size="2KiB")
     batches = list(ds)
     assert len(batches) == len(ds) == 8 and all(b.shape == (32, 64) for b in batches[:-1])
     rows = torch.cat(batches)
     # every row exactly once, in a different order; the same order again for the same seed
     assert not torch.equal(rows, full)
     assert torch.equal(rows[torch.argsort(rows[:, 0])], full[torch.argsort(full[:, 0])])
-    assert torch.equal(torch.cat(list(acts.dataset(1, batch_size=32, seed=3, buffer_shards=2))), rows)
+    assert torch.equal(torch.cat(list(acts.dataset(1, batch_size=32, seed=3, buffer_size="2KiB"))), rows)
     # seeds and epochs do not alias: seed 0's second epoch is not seed 1's first
     seed0 = acts.dataset(1, batch_size=32, seed=0)
     seed0.set_epoch(1)
@@ -568,7 +568,7 @@ def test_shuffled_rows_with_dataloader_workers(tmp_path):
         return list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, **kw))
 
     for batch_size, drop_last in ((32, False), (32, True), (48, False), (7, True), (None, False)):
-        ds = acts.dataset(1, batch_size=batch_size, seed=3, buffer_shards=2, drop_last=drop_last)
+        ds = acts.dataset(1, batch_size=batch_size, seed=3, buffer_size="2KiB", drop_last=drop_last)
         got = load(ds)
         assert len(got) == len(ds), (batch_size, drop_last)
         rows = torch.stack(got) if batch_size is None else torch.cat(got)
@@ -586,6 +586,42 @@ def test_shuffled_rows_with_dataloader_workers(tmp_path):
     fresh = acts.dataset(1, batch_size=32, seed=3)
     fresh.set_epoch(1)
     assert torch.equal(torch.cat(load(fresh)), second)
+
+
+def test_shuffled_rows_windows_are_buffer_size_bytes_of_the_rows_asked_for(tmp_path, monkeypatch):
+    """Rows mix within windows of buffer_size bytes of the rows read (not of whole shards, whose other
+    layers are not read): each window is that many rows, cut across shards, the last shorter; batches
+    run on across windows; the default mixes rows from the whole of this small extraction."""
+    path, _ = ids_file(tmp_path, 8 * 30)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1, 2], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    full = acts.layer(1).to_tensor()  # [240, 64] float32: 256 bytes a row; 16 rows a shard
+    assert acts.n_shards > 10
+    # a row's index (a few rows repeat: sequences that begin with the same tokens; so do their layers)
+    row_of = {tuple(r.tolist()): i for i, r in enumerate(full)}
+    sizes = []
+    window = store.ShuffledRows._window
+    monkeypatch.setattr(store.ShuffledRows, "_window", lambda self, p: sizes.append(sum(
+        b - a for _, a, b in p)) or window(self, p))
+    for layers, buffer_size, rows in ((1, 2560, 10), ([1, 2], 2560, 5), (1, "1GiB", 240), (1, 100, 1)):
+        for batch_size in (None, 7, 32):
+            sizes.clear()
+            batches = list(acts.dataset(layers, batch_size=batch_size, seed=4, buffer_size=buffer_size))
+            assert sizes == [rows] * (240 // rows) + ([240 % rows] if 240 % rows else []), (layers, rows)
+            if batch_size:
+                assert [len(b) for b in batches] == [batch_size] * (240 // batch_size) + [240 % batch_size]
+            got = torch.stack(batches) if batch_size is None else torch.cat(batches)
+            one = got if isinstance(layers, int) else got[:, 0]
+            assert torch.equal(one[torch.argsort(one[:, 0])], full[torch.argsort(full[:, 0])])
+            if not isinstance(layers, int):  # a row's layers stay together
+                at = [row_of[tuple(r.tolist())] for r in one]
+                assert torch.equal(got[:, 1], acts.layer(2).to_tensor()[at])
+    # the first batch of the default window comes from far more than the 4 shards one window once held
+    first = next(iter(acts.dataset(1, batch_size=32, seed=4)))
+    assert len({row_of[tuple(r.tolist())] // 8 for r in first}) > 12  # sequences of 8 rows
+    with pytest.raises(ValueError, match=r"buffer_size: expected a byte count .* got '1 row'"):
+        acts.dataset(1, buffer_size="1 row")
 
 
 def test_shuffled_rows_split_among_data_parallel_ranks(tmp_path):

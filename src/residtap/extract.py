@@ -41,7 +41,6 @@ import math
 import operator
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -56,27 +55,8 @@ from . import store as _store
 from .arch import bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
 from .reference import OUTPUTS, STAT_NAMES
-from .selection import (LAST, NOT_GIVEN, KeepMask, is_int, positive_int, resolve_device, resolve_dtype,
-                        resolve_positions)
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(value, name: str) -> int:
-    """An int (bytes) or a string like "512MiB", "1GiB", "2.5GB" → bytes."""
-    if is_int(value):
-        n = int(value)
-    elif isinstance(value, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)) \
-            and m.group(2).lower() in _SIZE_UNITS:
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    else:
-        raise ValueError(f"{name}: expected a byte count such as 1073741824, '512MiB' or '1GiB', "
-                         f"got {value!r}")
-    if n < 1:
-        raise ValueError(f"{name}: expected a positive size, got {value!r}")
-    return n
-
+from .selection import (LAST, NOT_GIVEN, KeepMask, is_int, parse_size, positive_int, resolve_device,
+                        resolve_dtype, resolve_positions)
 
 # ------------------------------------------------------------------------------------------ settings
 def default_publishers(writers: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -36,6 +37,25 @@ def positive_int(value, name: str, *, none_ok: bool = False) -> int | None:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int{' or None' if none_ok else ''}, got {value!r}")
     return int(value)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value, name: str) -> int:
+    """An int (bytes) or a string like "512MiB", "1GiB", "2.5GB" → bytes."""
+    if is_int(value):
+        n = int(value)
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)) \
+            and m.group(2).lower() in _SIZE_UNITS:
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"{name}: expected a byte count such as 1073741824, '512MiB' or '1GiB', "
+                         f"got {value!r}")
+    if n < 1:
+        raise ValueError(f"{name}: expected a positive size, got {value!r}")
+    return n
 
 
 def _integer_array(x) -> bool:

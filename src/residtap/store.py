@@ -45,7 +45,7 @@ except ImportError:  # not POSIX: runs are not locked against each other
 import numpy as np
 import torch
 
-from .selection import is_int, positive_int
+from .selection import is_int, parse_size, positive_int
 
 FORMAT = "residtap.activations"
 FORMAT_VERSION = 1
@@ -691,12 +691,12 @@ class Activations:
         return self._array(name).to_tensor()
 
     def dataset(self, layers, output: str = "resid", *, batch_size: int | None = None,
-                shuffle: bool = True, seed: int = 0, buffer_shards: int = 4,
+                shuffle: bool = True, seed: int = 0, buffer_size: int | str = "1GiB",
                 drop_last: bool = False, rank: int | None = None,
                 world_size: int | None = None) -> "ShuffledRows":
         """A torch IterableDataset of rows for SAE training — see :class:`ShuffledRows`."""
         return ShuffledRows(self, layers, output, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                            buffer_shards=buffer_shards, drop_last=drop_last, rank=rank,
+                            buffer_size=buffer_size, drop_last=drop_last, rank=rank,
                             world_size=world_size)
 
     def __repr__(self) -> str:
@@ -707,10 +707,15 @@ class Activations:
 class ShuffledRows(torch.utils.data.IterableDataset):
     """Rows in random order, reading a few shards at a time (sequential reads, bounded memory).
 
-    Each epoch: shuffle the shard order, then for each window of ``buffer_shards`` shards load their rows,
-    shuffle them together, and yield them — one row ``[d_model]`` (``[len(layers), d_model]`` for a
-    list of layers) at a time, or ``[batch_size, ...]`` batches (faster; use DataLoader(batch_size=None)).
-    ``set_epoch(e)`` changes the order; the same seed and epoch give the same order.
+    Each epoch: shuffle the shard order, cut the rows in that order into windows of ``buffer_size``
+    bytes (of the rows asked for: the other layers and outputs in a shard are not read), then for each
+    window load its rows, shuffle them together, and yield them — one row ``[d_model]``
+    (``[len(layers), d_model]`` for a list of layers) at a time, or ``[batch_size, ...]`` batches
+    (faster; use DataLoader(batch_size=None)). A window is the one place rows mix, and its rows come
+    from ``buffer_size / (row bytes × seq_len)`` consecutive sequences or so: 1 GiB (the default) of
+    width-4096 bfloat16 rows is 128 sequences of 1024 tokens. Each process (each DataLoader worker)
+    holds one window and the batch it is filling. ``set_epoch(e)`` changes the order; the same seed
+    and epoch give the same order.
 
     With DataLoader workers, the epoch's shard order is cut into one run of rows per worker, at
     batch boundaries, so that each worker reads only its own rows and only the last yields a short
@@ -728,7 +733,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, acts: Activations, layers, output="resid", *, batch_size=None, shuffle=True,
-                 seed=0, buffer_shards=4, drop_last=False, rank=None, world_size=None):
+                 seed=0, buffer_size="1GiB", drop_last=False, rank=None, world_size=None):
         super().__init__()
         if (rank is None) != (world_size is None):
             raise ValueError(f"rank, world_size: expected both or neither, got rank={rank!r} and "
@@ -744,9 +749,10 @@ class ShuffledRows(torch.utils.data.IterableDataset):
             raise ValueError("layers: expected a residual index or a non-empty list of them, got []")
         self.arrays = [acts.layer(lid, output) for lid in layers]
         batch_size = positive_int(batch_size, "batch_size", none_ok=True)
-        buffer_shards = positive_int(buffer_shards, "buffer_shards")
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.buffer_shards, self.drop_last = buffer_shards, drop_last
+        self.buffer_size = parse_size(buffer_size, "buffer_size")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        row_bytes = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in self.arrays)
+        self._window_rows = max(1, self.buffer_size // row_bytes)
         # Shared memory: DataLoader's workers (persistent ones included) read what set_epoch wrote.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -768,13 +774,32 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _window(self, pieces) -> torch.Tensor:
-        """The rows of ``pieces`` ((shard, first row, end row) each), concatenated."""
-        def rows(k, a, b):
-            if self.single:
-                return self.arrays[0].part(k)[a:b]
-            return torch.stack([arr.part(k)[a:b] for arr in self.arrays], 1)
+        """The rows of ``pieces`` ((shard, first row, end row) each), copied into one tensor (for a list
+        of layers, ``[rows, len(layers), ...]``) and nothing else allocated."""
+        first = self.arrays[0]
+        shape = (sum(b - a for _, a, b in pieces), *(() if self.single else (len(self.arrays),)),
+                 *first.shape[1:])
+        out, at = torch.empty(shape, dtype=first.dtype), 0
+        for k, a, b in pieces:
+            for j, arr in enumerate(self.arrays):
+                (out if self.single else out[:, j])[at:at + b - a] = arr.part(k)[a:b]
+            at += b - a
+        return out
 
-        return torch.cat([rows(*p) for p in pieces])
+    def _windows(self, pieces) -> Iterator[list]:
+        """``pieces`` cut into runs of ``_window_rows`` rows (the last may be shorter), a piece split
+        where a window ends."""
+        window, room = [], self._window_rows
+        for k, a, b in pieces:
+            while a < b:
+                take = min(room, b - a)
+                window.append((k, a, a + take))
+                a, room = a + take, room - take
+                if not room:
+                    yield window
+                    window, room = [], self._window_rows
+        if window:
+            yield window
 
     def _my_rows(self, order: list) -> list:
         """(shard, first row, end row) pieces, in ``order``, of this worker's run of the epoch's rows:
@@ -807,22 +832,29 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         n_shards = len(self.arrays[0]._shards)
         order = torch.randperm(n_shards, generator=g).tolist() if self.shuffle else list(range(n_shards))
         pieces = self._my_rows(order)
-        carry = None
-        for w in range(0, len(pieces), self.buffer_shards):
-            rows = self._window(pieces[w:w + self.buffer_shards])
-            if self.shuffle:
-                rows = rows[torch.randperm(len(rows), generator=g)]
-            else:
-                rows = rows.clone()  # a copy: never hand out views of the file mapping
-            if self.batch_size is None:
-                yield from rows
+        bs, carry = self.batch_size, None
+        for window in self._windows(pieces):
+            rows = self._window(window)  # a copy: never hand out views of the file mapping
+            n = len(rows)
+            take = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+            if bs is None:
+                yield from rows[take]  # (views of one copy, as a batch's rows are)
                 continue
+            # Batches gathered from the window one at a time, so that it is held once, not twice; the
+            # rows a window leaves over start the next window's first batch.
+            at = 0
             if carry is not None:
-                rows = torch.cat([carry, rows])
-            full = len(rows) // self.batch_size * self.batch_size
-            if full:  # (split of an empty tensor would yield one empty batch)
-                yield from rows[:full].split(self.batch_size)
-            carry = rows[full:] if full < len(rows) else None
+                at = min(n, bs - len(carry))
+                carry = torch.cat([carry, rows[take[:at]]])
+                if len(carry) < bs:
+                    continue
+                yield carry
+                carry = None
+            while n - at >= bs:
+                yield rows[take[at:at + bs]]
+                at += bs
+            if at < n:
+                carry = rows[take[at:]]
         if carry is not None and not self.drop_last:
             yield carry
 
