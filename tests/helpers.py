@@ -196,18 +196,22 @@ def random_bits(shape, dtype, seed):
 def assert_copies_keep_nan_bits(capture_block, device):
     """resid and the no-input delta are copies of ``out`` in the model dtype (Tensor.to(dtype) is
     the identity there), so every bit of a NaN survives, in every dtype and in the wide kernel
-    paths (d 64) as in the scalar ones (d 7). Cast to float32, the NaN is kept as a NaN."""
+    paths (d 64) as in the scalar ones (d 7), at every position or gathered (the same positions
+    for every row, or per row). Cast to float32, the NaN is kept as a NaN."""
+    per_row = torch.tensor([[2, 0, 2], [1, 1, 0]], device=device)
     for dtype, patterns in NAN_BITS.items():
         for d in (7, 64):
             out = make_inputs(2, 3, d, dtype)[0].to(device)
-            flat = out.view(_INT[dtype]).view(-1)
-            for k, bits in enumerate(patterns):
-                flat[5 * k + 1] = bits
+            bits = out.view(_INT[dtype])
+            for k, pattern in enumerate(patterns):
+                bits.view(-1)[5 * k + 1] = pattern
             assert out.isnan().sum() == len(patterns)
-            resid, delta = torch.empty_like(out), torch.empty_like(out)
-            capture_block(out, None, None, resid=resid, delta=delta)
-            for name, got in (("resid", resid), ("delta", delta)):
-                assert torch.equal(got.view(_INT[dtype]), out.view(_INT[dtype])), (dtype, d, name)
+            for index, want in ((None, bits), (per_row[0], bits[:, per_row[0]]),
+                                (per_row, torch.stack([bits[b, per_row[b]] for b in range(2)]))):
+                resid, delta = (torch.empty(want.shape, dtype=dtype, device=device) for _ in range(2))
+                capture_block(out, None, index, resid=resid, delta=delta)
+                for name, got in (("resid", resid), ("delta", delta)):
+                    assert torch.equal(got.view(_INT[dtype]), want), (dtype, d, name, index)
             wide = torch.empty(out.shape, dtype=torch.float32, device=device)
             capture_block(out, None, None, resid=wide)
             assert torch.equal(wide.isnan(), out.isnan()), (dtype, d)

@@ -222,10 +222,11 @@ def test_backend_fallback_warns_once_and_explicit_compiled_raises(monkeypatch, m
             model(ids)
 
 
-def assert_stream_change_refused(model, block: int, change, match: str, ids, **capture_kwargs) -> None:
+def assert_stream_change_refused(model, block: int, change, match: str, ids, reference=False,
+                                 **capture_kwargs) -> None:
     """A forward hook on ``block`` (registered first, so the capture's hook sees its result) applies
     ``change`` to the hidden state: the capture raises UnsupportedStreamError matching ``match``,
-    and keeps nothing of that forward."""
+    and keeps nothing of that forward; with ``reference``, run_reference raises it too."""
     def hook(_mod, _args, out):
         return change(out) if isinstance(out, torch.Tensor) else (change(out[0]), *out[1:])
 
@@ -235,6 +236,9 @@ def assert_stream_change_refused(model, block: int, change, match: str, ids, **c
         with pytest.raises(residtap.UnsupportedStreamError, match=match):
             with cap:
                 model(ids)
+        if reference:
+            with pytest.raises(residtap.UnsupportedStreamError, match=match):
+                residtap.reference.run_reference(model, ids, **capture_kwargs)
     finally:
         h.remove()
     with pytest.raises(residtap.CaptureError, match="the last forward raised"):
@@ -308,7 +312,7 @@ def test_a_block_that_changes_the_stream_shape_is_refused_by_name(model, change,
                                  rf"block 0 of gpt2 returned a hidden state of shape "
                                  rf"{re.escape(str(shape))}, but the stream entered the first block as "
                                  r"\(2, 5, 64\)",
-                                 ids_for(model, 2, 5), positions=positions)
+                                 ids_for(model, 2, 5), reference=True, positions=positions)
 
 
 def test_a_forward_that_raises_before_the_first_block_leaves_no_stale_buffers(model):

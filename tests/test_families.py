@@ -502,6 +502,8 @@ def test_a_model_with_parallel_streams_is_refused_by_name(monkeypatch, tmp_path,
     with pytest.raises(residtap.UnsupportedStreamError, match=shape):
         with residtap.capture(model, outputs=("resid", "normed")):
             model(IDS, attention_mask=PADDED)
+    with pytest.raises(residtap.UnsupportedStreamError, match=shape):  # the reference too
+        run_reference(model, IDS, attention_mask=PADDED, outputs=("resid", "normed"))
     assert hook_counts(model) == hooks
     model.save_pretrained(tmp_path / "gemma3n")
     capsys.readouterr()  # save_pretrained's progress bar

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -173,6 +175,49 @@ def test_cpu_row_loops_on_random_bit_patterns(extension, model_dtype):
             assert_l2_close(stats["l2"], torch.linalg.vector_norm(out.double(), dim=-1))
 
 
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` [batch, seq, d] in another memory layout (``expanded``: batch row 0 for every row)."""
+    if layout == "padded":  # rows further apart than d
+        return torch.nn.functional.pad(x, (0, 3))[..., :x.shape[-1]]
+    if layout == "offset":  # a storage offset of one element
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+        return buf[1:].view(x.shape).copy_(x)
+    if layout == "seq_major":
+        return _batch_minor(x)
+    return x[:1].expand(x.shape) if layout == "expanded" else x
+
+
+def test_op_matches_reference_on_seeded_random_cases(extension):
+    """A small seeded fuzz over what the cases above fix one at a time: layouts (padded rows, storage
+    offsets, stride 0), empty and repeated selections, eps from 0 to inf, rows of one value and the
+    dtype's largest, with inf and NaN (whose payload a cast or a subtraction need not keep)."""
+    for seed in range(40):
+        r = random.Random(seed)
+        dtype, cap_dtype = r.choice(DTYPES), r.choice(DTYPES)
+        batch, seq, d = r.randint(0, 3), r.randint(1, 9), r.choice([1, 5, 64, 67, 129])
+        out, inp, w, b = make_inputs(batch, seq, d, dtype, seed=seed, centre=r.choice([0.0, 30.0]))
+        if batch and r.random() < 0.5:
+            out[r.randrange(batch), r.randrange(seq)] = r.choice([2.5, 0.0, torch.finfo(dtype).max])
+            out.view(-1)[r.randrange(out.numel())] = r.choice([float("inf"), float("nan"), -0.0])
+        out, inp = (_laid_out(x, r.choice(["contig", "padded", "offset", "seq_major", "expanded"]))
+                    for x in (out, inp))
+        index = r.choice([None, torch.randint(0, seq, (r.randint(0, 2 * seq),)),
+                          torch.randint(0, seq, (batch, r.randint(0, 3)))])
+        w, b = r.choice([w, None]), r.choice([b, None])
+        eps = r.choice([1e-5, 0.0, 1.0, 1e30, float("inf")])
+        got = nan_buffers(out, index, cap_dtype)
+        ops.capture_block(out, inp, index, norm_weight=w, norm_bias=b, norm_kind="layer_norm", eps=eps,
+                          **got)
+        want = reference.block_outputs(out, inp, sel=index, dtype=cap_dtype, eps=eps,
+                                       final_norm=reference.layer_norm_fn(w, b, eps),
+                                       outputs=reference.OUTPUTS)
+        for name in ("resid", "delta", "normed"):
+            assert_equal_but_nan_bits(got[name], want[name], f"seed {seed}: {name}")
+        for name in ("mean", "rstd", "maxabs"):
+            assert_equal_but_nan_bits(got[name], getattr(want["stats"], name), f"seed {seed}: {name}")
+        assert_l2_close(got["l2"], reference.take(torch.linalg.vector_norm(out.double(), dim=-1), index))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("index_kind", [None, "2d"])
 def test_cpu_op_over_many_chunks_and_threads(extension, dtype, index_kind):
@@ -244,6 +289,8 @@ def test_op_under_torch_compile(extension):
     (dict(norm_bias=torch.zeros(4, dtype=torch.float16)), "norm_bias"),
     (dict(norm_kind="rms"), "norm_kind"),
     (dict(norm_kind="none", normed=torch.zeros(2, 3, 4)), "normed"),
+    (dict(index=torch.tensor([0], device="meta")), "index"),  # torch sends these to the fake impl
+    (dict(mean=torch.zeros(2, 3, device="meta")), "mean"),
 ])
 def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
     args = dict(out=torch.zeros(2, 3, 4), inp=None, index=None, norm_kind="layer_norm",
@@ -252,6 +299,17 @@ def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
     out = args.pop("out")
     with pytest.raises(RuntimeError, match=f"'{argname}' expected"):
         ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, "abc"])
+def test_op_refuses_an_eps_that_is_not_a_number(extension, eps):
+    """eps reaches the schema as given (its float takes ints and numpy floats too): a string is
+    refused, not read as the number it spells, and each error names eps."""
+    resid = torch.full((2, 3, 4), float("nan"))
+    with pytest.raises(RuntimeError, match="Expected a value of type 'float' for argument 'eps' but "
+                                           "instead found type"):
+        ops.capture_block(torch.zeros(2, 3, 4), resid=resid, eps=eps)
+    assert resid.isnan().all()
 
 
 def test_cpu_op_checks_every_index_value_before_writing(extension):

@@ -179,6 +179,33 @@ def test_bool_mask_with_layers_and_capture_dtype(extension, models):
     assert torch.equal(cap.resid[1], full.resid[2][keep].float())
 
 
+@pytest.mark.parametrize("positions", ["last", "mask"])
+def test_gathered_nans_keep_their_bits(extension, models, positions):
+    """A NaN in a bfloat16 stream keeps its sign and payload however its tokens are gathered, in
+    the op's outputs and in the RMSNorm the capture applies itself (torch's CPU gather makes every
+    bfloat16 NaN 0xffff; x[:, index] and boolean indexing keep the bits)."""
+    model = models["llama", torch.bfloat16]
+    ids, attn = ids_for(model, B, S), MASKS["both"]
+    positions = attn.bool() if positions == "mask" else positions
+    kw = dict(layers=[1, 2], positions=positions, outputs=("resid", "normed"))
+
+    def nan_features(_module, _args, output):  # every token's first two features: NaNs with payloads
+        hs = output[0] if isinstance(output, tuple) else output
+        hs.view(torch.int16)[..., :2] = torch.tensor([0x7FC1, -0x7F], dtype=torch.int16)
+
+    handle = model.model.layers[0].register_forward_hook(nan_features)
+    try:
+        with torch.no_grad(), residtap.capture(model, **kw) as cap:
+            model(ids, attention_mask=attn)
+        ref = run_reference(model, ids, attention_mask=attn, **kw)
+    finally:
+        handle.remove()
+    for name in ("resid", "normed"):
+        got, want = getattr(cap, name), ref.outputs[name]
+        assert got.isnan().any(), name
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), name
+
+
 def test_bool_mask_shape_must_match_the_forward(models):
     model = models["gpt2", torch.float32]
     cap = residtap.capture(model, positions=torch.ones(B, S, dtype=torch.bool))

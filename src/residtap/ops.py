@@ -38,7 +38,7 @@ def capture_block(
         capture_block(block_out, block_in, resid=resid)   # resid[:] = block_out
     """
     torch.ops.residtap.capture_block(
-        out, inp, index, norm_weight, norm_bias, norm_kind, float(eps),
+        out, inp, index, norm_weight, norm_bias, norm_kind, eps,  # the schema's float: ints too, never str
         resid, delta, normed, mean, rstd, l2, maxabs,
     )
 
@@ -94,6 +94,14 @@ def _register_fake() -> None:
     def _(out, inp, index, norm_weight, norm_bias, norm_kind, eps,
           resid, delta, normed, mean, rstd, l2, maxabs):
         torch._check(out.dim() == 3, lambda: "residtap.capture_block: 'out' must be [batch, seq, d_model]")
+        # Torch sends here any call with a meta tensor, real ones beside it included: refuse a tensor
+        # on another device than out's, as the compiled op does (else the call writes nothing).
+        for name, t in (("inp", inp), ("index", index), ("norm_weight", norm_weight),
+                        ("norm_bias", norm_bias), ("resid", resid), ("delta", delta), ("normed", normed),
+                        ("mean", mean), ("rstd", rstd), ("l2", l2), ("maxabs", maxabs)):
+            torch._check(t is None or t.device == out.device,
+                         lambda: f"residtap.capture_block: argument '{name}' expected a tensor on "
+                                 f"{out.device}, got a tensor on {t.device}")
         return None
 
     _fake_registered = True

@@ -2,7 +2,11 @@
 
 Every fast path (the C++ op on CPU, the CUDA op on GPU) must reproduce these functions bit for bit
 (``torch.equal`` on the same device and dtype); the one documented exception is ``stats.l2``, whose
-reduction order is ours (within 2 ulp of float32 against float64).
+reduction order is ours (within 2 ulp of float32 against float64). NaNs are where the reference has
+them, and a copy (resid in the model dtype, delta without an input) keeps a NaN's every bit; a NaN
+that arithmetic or a cast makes (delta, normed, a cast resid, mean, rstd, maxabs) may carry another
+sign or payload, as torch's own kernels give different ones depending on where in their vector
+loops an element falls.
 
 For a block with input ``inp`` and output ``out``, both ``[batch, seq, d_model]``:
 
@@ -57,6 +61,10 @@ def take(x: torch.Tensor, sel) -> torch.Tensor:
     if sel.dim() == 1:
         return x[:, sel]
     idx = sel.reshape(*sel.shape, *([1] * (x.dim() - 2))).expand(*sel.shape, *x.shape[2:])
+    if x.is_floating_point() and x.element_size() == 2:
+        # torch's CPU gather passes 16-bit floats through float32 (every bfloat16 NaN comes out
+        # 0xffff): gathered as bits, a NaN keeps its sign and payload, as x[:, sel] keeps them.
+        return x.view(torch.int16).gather(1, idx).view(x.dtype)
     return x.gather(1, idx)
 
 
@@ -223,16 +231,28 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     def pre_hook(_mod, a, kw):
         if 0 in saved:
             ran_twice(0)
+        hidden = layout.hidden_from_args(a, kw).detach()
+        if hidden.dim() != 3:  # a stream Capture refuses is refused here too, in its words
+            raise UnsupportedStreamError(f"run_reference: expected the first block's hidden state to be "
+                                         f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
         # placed like the original: residual 0 (the embeddings) is normed as the model holds it too
-        saved[0] = (_clone_as_placed(layout.hidden_from_args(a, kw).detach()), None)
+        saved[0] = (_clone_as_placed(hidden), None)
 
     def make_hook(i):
         def hook(_mod, a, kw, output):
             if i + 1 in saved:
                 ran_twice(i)
             out = _clone_as_placed(layout.hidden_from_output(output).detach())
+            inp = layout.hidden_from_args(a, kw).detach()
+            stream = saved[0][0].shape if 0 in saved else out.shape
+            for what, x in (("returned", out), ("was called with", inp)):
+                if i + 1 in layer_ids and x.shape != stream:  # (Capture checks the layers it keeps)
+                    raise UnsupportedStreamError(
+                        f"run_reference: block {i} of {layout.family} {what} a hidden state of shape "
+                        f"{tuple(x.shape)}, but the stream entered the first block as {tuple(stream)} "
+                        "[batch, seq, d_model]")
             # the input where the output is (a dispatched block may receive it elsewhere)
-            saved[i + 1] = (out, layout.hidden_from_args(a, kw).detach().to(out.device, copy=True))
+            saved[i + 1] = (out, inp.to(out.device, copy=True))
         return hook
 
     handles = [layout.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
