@@ -837,8 +837,8 @@ class ShuffledRows(torch.utils.data.IterableDataset):
             rows = self._window(window)  # a copy: never hand out views of the file mapping
             n = len(rows)
             take = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-            if bs is None:
-                yield from rows[take]  # (views of one copy, as a batch's rows are)
+            if bs is None:  # one row at a time: views of the window, which is so held once too
+                yield from (rows[i] for i in take.tolist())
                 continue
             # Batches gathered from the window one at a time, so that it is held once, not twice; the
             # rows a window leaves over start the next window's first batch.
