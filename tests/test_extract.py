@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -622,6 +623,31 @@ def test_shuffled_rows_windows_are_buffer_size_bytes_of_the_rows_asked_for(tmp_p
     assert len({row_of[tuple(r.tolist())] // 8 for r in first}) > 12  # sequences of 8 rows
     with pytest.raises(ValueError, match=r"buffer_size: expected a byte count .* got '1 row'"):
         acts.dataset(1, buffer_size="1 row")
+
+
+def test_shuffled_rows_hold_one_window_at_a_time(tmp_path, monkeypatch):
+    """A window is let go before the next is read: a worker holds one window of buffer_size bytes
+    (and the batch it is filling), not two, one row at a time as in batches."""
+    path, _ = ids_file(tmp_path, 8 * 12)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, shard_size="5KiB",
+                     layers=[1], progress=False)
+    acts = residtap.open(tmp_path / "out")
+    windows, alive = [], []
+    window = store.ShuffledRows._window
+
+    def spy(self, pieces):  # how many earlier windows are still held when the next is read
+        alive.append(sum(w() is not None for w in windows))
+        out = window(self, pieces)
+        windows.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(store.ShuffledRows, "_window", spy)
+    for batch_size in (None, 7, 32):
+        windows.clear()
+        alive.clear()
+        for batch in acts.dataset(1, batch_size=batch_size, buffer_size=10 * 256):  # 10 rows a window
+            del batch
+        assert alive == [0] * 10, (batch_size, alive)
 
 
 def test_shuffled_rows_split_among_data_parallel_ranks(tmp_path):

@@ -834,6 +834,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         pieces = self._my_rows(order)
         bs, carry = self.batch_size, None
         for window in self._windows(pieces):
+            rows = take = None  # the last window let go before the next is read: one held, not two
             rows = self._window(window)  # a copy: never hand out views of the file mapping
             n = len(rows)
             take = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
