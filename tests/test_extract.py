@@ -1411,7 +1411,7 @@ def test_an_output_path_that_is_a_file_is_a_clear_error(tmp_path, capsys):
     code = cli_main(["extract", "--model", "random:gpt2-small,n_layer=1,n_embd=32,n_head=2", "--data", path,
                      "--out", str(taken), "--seq-len", "8", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 1 and "residtap extract: error: out:" in err and "is not a directory" in err, (code, err)
+    assert code == 1 and "residtap extract: error: --out:" in err and "is not a directory" in err, (code, err)
     assert taken.read_text() == "someone's notes\n"
 
 
@@ -1452,17 +1452,131 @@ def test_bad_arguments(tmp_path, capsys):
     assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "i"),
                      "--layers", "0,9"]) == 2
     assert "layers" in capsys.readouterr().err
-    assert cli_main(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "j"),
-                     "--publishers", "0"]) == 2
-    assert "publishers: expected a positive int or None, got 0" in capsys.readouterr().err
+    assert cli_rc(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "j"),
+                   "--publishers", "0"]) == 2
+    assert "--publishers: expected an int >= 1, got '0'" in capsys.readouterr().err
     for args, match in ((["--device", "tpu"], "device: expected a device that computes, .*got 'tpu'"),
-                        (["--model", RANDOM + ",n_layr=1"], r"overrides: .*got unknown \['n_layr'\]"),
+                        (["--model", RANDOM + ",n_layr=1"], r"--model: .*got unknown \['n_layr'\]"),
                         (["--model", RANDOM + ",n_layer=x"], "with int or float values, got 'n_layer=x'")):
         base = ["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "k")]
         assert cli_main(base + args) == 2, args
         assert re.search(match, capsys.readouterr().err), args
     for d in "abcdefghijk":
         assert not (tmp_path / d).exists() or not shard_files(tmp_path / d)
+
+
+def cli_rc(argv) -> int:
+    """The command line's exit status, argparse's own errors (SystemExit) included."""
+    try:
+        return cli_main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch-size", "0"], r"--batch-size: expected an int >= 1, got '0'"),
+    (["--seq-len", "0"], r"--seq-len: expected an int >= 1, got '0'"),
+    (["--max-tokens", "-5"], r"--max-tokens: expected an int >= 1, got '-5'"),
+    (["--writers", "0"], r"--writers: expected an int >= 1, got '0'"),
+    # a range the model lacks: the range as typed and the valid one, not its first bad index
+    (["--layers", "0:33"], r"--layers: expected residual indices in \[-3, 2\] \(the model has 2 blocks.*\), "
+                           r"got 0:33$"),
+    (["--layers", "0,9"], r"--layers: expected residual indices in \[-3, 2\] .*got 9$"),
+    (["--positions", "9"], r"--positions: expected positions in \[-8, 8\) .*got \[9\]"),
+    (["--outputs", "resid,foo"], r"--outputs: expected a non-empty subset of"),
+    (["--dtype", "float64"], r"--dtype: invalid choice: 'float64' \(choose from 'bf16', .*'float32'"),
+    (["--model-dtype", "int8"], r"--model-dtype: invalid choice: 'int8'"),
+    (["--shard-size", "lots"], r"--shard-size: expected a byte count .*got 'lots'"),
+    (["--host-memory", "lots"], r"--host-memory: expected a byte count .*got 'lots'"),
+    (["--host-memory", "1KiB"], r"--host-memory: a shard of \d+ sequences takes"),
+    (["--packing", "pad"], r"--packing: a 1-D .npy .* only packing='pack' applies"),
+    (["--device", "tpu"], r"--device: expected a device that computes, .*got 'tpu'"),
+    (["--device", "cpu", "--device-map", "auto"], r"--device-map: only applies to a model given by name"),
+    (["--seed", str(2**64)], r"--seed: expected an int in \[-2\*\*63, 2\*\*64\) .*got 18446744073709551616"),
+    (["--model", "random:gpt2-tiny"], r"--model: expected one of \['gpt2-medium', .*got 'gpt2-tiny'"),
+    (["--model", RANDOM + ",n_layr=1"], r"--model: expected GPT2Config fields .*got unknown \['n_layr'\]"),
+    (["--model", "random:gpt2-small,n_layer"], r"--model: expected 'random:SIZE\[,key=value...\]'"),
+    (["--blocks", "nowhere"], r"--blocks: expected a module path inside"),
+    (["--final-norm", "nowhere"], r"--final-norm: expected a module path inside"),
+    (["--tokenizer", "no-such-dir/x/y"], r"--tokenizer: 'no-such-dir/x/y' could not be loaded offline"),
+])
+def test_command_line_errors_name_the_flag(tmp_path, capsys, args, match):
+    """On the command line an error names the flag, as verify's do (--seq), not extract()'s parameter
+    (batch_size), and says what was expected and what was given: exit status 2, one line, nothing made.
+    The Python API keeps the parameter names."""
+    ok, _ = ids_file(tmp_path, 64)
+    code = cli_rc(["extract", "--model", RANDOM, "--data", ok, "--out", str(tmp_path / "out"),
+                   "--seq-len", "8", "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"^residtap extract: error: (argument )?" + match, err, re.M), (code, err)
+    assert "Traceback" not in err and "None" not in err  # (None: the Python API's default, not typed)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_errors_about_the_data_and_output_name_the_flag(tmp_path, capsys):
+    """--data and --out: a missing or too short input names --data and the file (before, an input with
+    no whole sequence said only "in the input"), a jsonl without the field names --text-field, an
+    output that is a file names --out (exit status 1, as every run that fails on its directory)."""
+    short, _ = ids_file(tmp_path, 5)
+    base = ["extract", "--model", RANDOM, "--out", str(tmp_path / "out"), "--seq-len", "8", "--no-progress"]
+    assert cli_rc(base + ["--data", short]) == 2
+    assert capsys.readouterr().err == (f"residtap extract: error: --data: no complete sequence of 8 tokens "
+                                       f"in {short!r}\n")
+    assert cli_rc(base + ["--data", str(tmp_path / "none.npy")]) == 2
+    assert f"error: --data: {str(tmp_path / 'none.npy')!r} does not exist" in capsys.readouterr().err
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"body": "w1 w2"}\n')
+    assert cli_rc(base + ["--data", str(jsonl), "--tokenizer", tokenizer_dir(tmp_path)]) == 2
+    assert "error: --text-field: line 1 of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"^data: no complete sequence of 8 tokens in the input array$"):
+        residtap.extract(tiny_gpt2(), np.zeros(5, dtype=np.int64), tmp_path / "out", seq_len=8, progress=False)
+    with pytest.raises(ValueError, match=r"^batch_size: expected a positive int, got 0$"):  # the API's names
+        residtap.extract(tiny_gpt2(), short, tmp_path / "out", seq_len=8, batch_size=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_path_that_is_a_file_says_so(tmp_path, capsys):
+    """--model naming a regular file: said to be a file, not "no such directory" (it exists)."""
+    ok, _ = ids_file(tmp_path, 64)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    assert cli_rc(["extract", "--model", str(weights), "--data", ok, "--out", str(tmp_path / "out"),
+                   "--seq-len", "8"]) == 2
+    assert capsys.readouterr().err == (f"residtap extract: error: --model: {str(weights)!r} is a file, not a "
+                                       "model directory or hub name (a local model is a directory holding "
+                                       "config.json and the weights)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_manifest_lists_the_per_sequence_tensors_the_shards_hold(tmp_path):
+    """Packed runs store no attention_mask, so their manifest does not list one (before, every manifest
+    did); padded runs list and store it. The field is description, not a setting: a directory whose
+    manifest still lists it for a packed run resumes, and its manifest then says what is stored."""
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 24)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    residtap.extract(model, path, tmp_path / "pack", **kw)
+    docs = tmp_path / "d.txt"
+    docs.write_text("w1 w2 w3\nw4\n")
+    residtap.extract(model, str(docs), tmp_path / "pad", packing="pad", tokenizer=tokenizer_dir(tmp_path),
+                     **kw)
+    for name, listed in (("pack", ["input_ids", "source"]),
+                         ("pad", ["input_ids", "attention_mask", "source"])):
+        acts = residtap.open(tmp_path / name)
+        assert acts.manifest["tensors"]["per_sequence"] == listed
+        stored = set(acts.tensor_names)
+        assert set(listed) <= stored and not set(store.SEQ_TENSORS) - set(listed) & stored, (name, stored)
+    # a packed run as an earlier version left it when killed: its manifest lists attention_mask
+    finished = _interrupted(tmp_path / "pack", tmp_path / "old", keep=3)
+    m = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    m["tensors"]["per_sequence"] = list(store.SEQ_TENSORS)
+    store.write_json_atomic(str(tmp_path / "old" / "manifest.json"), m)
+    res = residtap.extract(model, path, tmp_path / "old", **kw)
+    assert res.complete and res.shards_skipped == 3
+    assert all((tmp_path / "old" / f).read_bytes() == b for f, b in finished.items())
+    assert_same_dirs(tmp_path / "pack", tmp_path / "old")
+    assert residtap.open(tmp_path / "old").manifest["tensors"]["per_sequence"] == ["input_ids", "source"]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -1522,6 +1636,96 @@ def test_sigkill_then_rerun_resumes_byte_identical(tmp_path, reference_run):
     assert f"({len(m['shards'])} already done)" in rerun.stdout
     assert_same_dirs(ref, out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))  # no temporary file left behind
+
+
+def _until(proc, done, timeout=90) -> None:
+    """Wait until ``done()`` or ``proc`` ends (a run that finishes first cannot be interrupted)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not done():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted; make the input larger"
+
+
+def _listed(*manifests) -> list[int]:
+    """The shards each manifest file lists (0 where it cannot be read yet)."""
+    counts = []
+    for p in manifests:
+        try:
+            counts.append(len(json.loads(p.read_text())["shards"]))
+        except (OSError, ValueError, KeyError):
+            counts.append(0)
+    return counts
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_in_one_line_that_the_same_command_resumes_and_ends_by_sigint(tmp_path, reference_run):
+    """Ctrl-C: the cleanup runs first (the threads finish the shards handed to them; nothing partial is
+    listed, no temporary is left), then one line says what is kept and that the same command resumes
+    (before: a traceback through transformers), and the process still ends by SIGINT, so that a shell
+    script stops there. The rerun resumes and ends as the uninterrupted run."""
+    path, ref = reference_run
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _until(proc, lambda: _listed(out / "manifest.json")[0] >= 5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, stderr[-3000:])
+    m = json.loads((out / "manifest.json").read_text())
+    n = len(m["shards"])
+    assert not m["complete"] and 5 <= n < 200
+    assert stdout == "" and stderr == (f"residtap extract: interrupted; {str(out)!r} keeps its {n} complete "
+                                       "shards and nothing partial. Run the same command again to resume.\n")
+    assert sorted(os.listdir(out)) == sorted([store.LOCK, store.MANIFEST, *(r["file"] for r in m["shards"])])
+    rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({n} already done)" in rerun.stdout
+    assert_same_dirs(ref, out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_gives_one_line_per_rank(tmp_path, reference_run):
+    """torchrun passes the SIGINT on to each worker: each rank says its line once, and no rank prints a
+    traceback (torchrun's own report is torchrun's). The rerun resumes and ends as one uninterrupted
+    process."""
+    path, ref = reference_run
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_torchrun(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _until(proc, lambda: min(_listed(*(out / store.part_name(r) for r in range(2)))) >= 5, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    for r in range(2):
+        line = (rf"^residtap extract: rank {r}: interrupted; {re.escape(repr(str(out)))} keeps its \d+ complete "
+                r"shards and nothing partial\. Run the same command again to resume\.$")
+        assert len(re.findall(line, stderr, re.M)) == 1, stderr[-5000:]
+    assert "KeyboardInterrupt" not in stderr and "residtap" not in stderr.replace("residtap extract: rank", "")
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+def test_ctrl_c_before_the_first_shard_takes_the_run_back_then_says_so(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any shard of a run that made its directory: the run is taken back (as on any failure
+    there) before the line is printed and the process ends by SIGINT."""
+    ex = sys.modules["residtap.extract"]  # (residtap.extract is the function)
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+
+    def interrupt(self, ids, first_seq):
+        assert out.exists()
+        raise KeyboardInterrupt
+
+    ended = []
+    monkeypatch.setattr(ex._Run, "_check_ids", interrupt)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # not this process's handlers
+    monkeypatch.setattr(ex, "_end_by_sigint", lambda: ended.append(out.exists()) or 130)
+    assert cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                     "--no-progress"]) == 130
+    assert ended == [False]  # taken back first
+    assert capsys.readouterr().err == ("residtap extract: interrupted; no shard was complete yet, so nothing is "
+                                       "kept. Run the same command again to resume.\n")
 
 
 def _kill_every_process_writing(out) -> None:

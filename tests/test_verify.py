@@ -83,6 +83,12 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
                                        "the weights)\n")
     assert cli.main(["verify", "--model", "no-such-org/no-such-model"]) == 2  # a hub name: not in the cache
     assert "--model 'no-such-org/no-such-model' could not be loaded offline" in capsys.readouterr().err
+    weights = tmp_path / "model.safetensors"  # a file: said as one, not as "no such directory"
+    weights.write_bytes(b"\0" * 16)
+    assert cli.main(["verify", "--model", str(weights)]) == 2
+    assert capsys.readouterr().err == (f"residtap verify: error: --model {str(weights)!r} is a file, not a "
+                                       "model directory or hub name (a local model is a directory holding "
+                                       "config.json and the weights)\n")
 
 
 @pytest.mark.parametrize("args,match", [
@@ -170,8 +176,13 @@ def test_report_when_the_config_asks_for_tuples(extension):
 
 
 def test_cli_bad_dtype(capsys):
-    assert cli.main(["verify", "--dtype", "float64"]) == 2
-    assert "--dtype: expected None or one of" in capsys.readouterr().err
+    """The names --dtype takes, without the Python API's None (not something to type here)."""
+    with pytest.raises(SystemExit) as e:  # argparse's own error
+        cli.main(["verify", "--dtype", "float64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(r"--dtype: invalid choice: 'float64' \(choose from 'bf16', "
+                                           r".*'float32'", err), err
+    assert "None" not in err
 
 
 def test_cli_verify_local_model_directory(extension, tmp_path, capsys):

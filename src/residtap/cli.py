@@ -13,7 +13,7 @@ import torch
 from .arch import UnsupportedStreamError, max_positions
 from .backend import BackendUnavailableError
 from .capture import CaptureError
-from .selection import resolve_device, resolve_dtype
+from .selection import DTYPES, resolve_device, resolve_dtype
 
 EXIT_UNEXPECTED = 3  # 0 done (verify: exact), 1 verify: not exact, 2 bad arguments or model
 
@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="hook outputs vs hidden_states, layer by layer (the seed's experiment)")
     v.add_argument("--model", default=None,
                    help="HF name or local path, loaded offline (default: random GPT-2-small, no download)")
-    v.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    v.add_argument("--dtype", default="float32", choices=sorted(DTYPES), metavar="DTYPE",
+                   help="float32, bfloat16 or float16")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v.add_argument("--batch", type=_positive_int, default=2)
     v.add_argument("--seq", type=_positive_int, default=32)

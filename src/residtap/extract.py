@@ -41,6 +41,7 @@ import math
 import operator
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -506,7 +507,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                               "backend": _backend.choose(cfg.backend, in_device).name},
               "d_model": d_model, "positions_per_sequence": n_pos,
               "tensors": {"activations": "<output>.<layer_id> [rows, d_model] (stats: [rows] float32)",
-                          "per_row": list(_store.ROW_TENSORS), "per_sequence": list(_store.SEQ_TENSORS)}}
+                          # what the shards hold: attention_mask only where sequences are padded
+                          "per_row": list(_store.ROW_TENSORS),
+                          "per_sequence": [t for t in _store.SEQ_TENSORS
+                                           if t != "attention_mask" or opts.packing == "pad"]}}
 
     out = os.fspath(out)
     # A run that fails before its first shard in a directory it started takes its manifest back
@@ -1147,7 +1151,9 @@ class _Run:
         if self.errors:
             raise self.errors[0]
         if self.n_blocks == 0:
-            raise ValueError(f"data: no complete sequence of {self.source.seq_len} tokens in the input")
+            path = getattr(self.source, "path", None)  # None: an array given to the Python API
+            raise ValueError(f"data: no complete sequence of {self.source.seq_len} tokens in "
+                             f"{'the input array' if path is None else repr(path)}")
 
     def _check_ids(self, ids: np.ndarray, first_seq: int) -> None:
         lo, hi = int(ids.min()), int(ids.max())
@@ -1265,6 +1271,49 @@ def _input_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return device or module_device(model) or fallback
 
 
+# extract()'s errors name its parameters ("batch_size: ..."); on the command line they name the flag
+# instead, which is the parameter's name with dashes ("--batch-size: ..."). A random: model's size and
+# key=value overrides are part of --model.
+_FLAG_OF = {"size": "--model", "overrides": "--model"}
+
+
+def _on_the_command_line(message: str, args) -> str:
+    """``message`` (an error of extract() about its arguments) as the command line says it."""
+    names, sep, rest = message.partition(": ")
+    dests = set(vars(args)) - {"command", "func"}
+    flags = [_FLAG_OF.get(n) or (f"--{n.replace('_', '-')}" if n in dests else None) for n in names.split(", ")]
+    if not sep or None in flags:  # not about an argument ("world_size > 1 needs torchrun ...")
+        return message
+    if names == "layers" and ":" in args.layers and ", got " in rest:
+        # a range: what the user typed, not the first of its indices that is out of range
+        rest = rest[:rest.rindex(", got ")] + f", got {args.layers}"
+    return ", ".join(flags) + ": " + rest
+
+
+def _interrupted(out: str) -> str:
+    """The line that replaces a Ctrl-C's traceback, once extract() has cleaned up: what the directory
+    keeps and that the same command resumes."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    who = f"rank {rank}: " if world > 1 else ""
+    try:
+        n = len(_store.merged_records([_store.read_json(p) for p in _store.manifest_paths(out)]))
+    except (OSError, _store.StoreError):  # no directory (the run took it back, or never made it)
+        n = 0
+    kept = (f"{out!r} keeps its {n} complete shard{'s' if n != 1 else ''} and nothing partial" if n else
+            "no shard was complete yet, so nothing is kept")
+    return f"residtap extract: {who}interrupted; {kept}. Run the same command again to resume."
+
+
+def _end_by_sigint() -> int:
+    """End this process by SIGINT, as an uncaught KeyboardInterrupt does, so that a shell running it
+    sees a death by SIGINT (and stops its script) rather than an exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    return 128 + signal.SIGINT  # where a signal sent to itself does not end the process at once
+
+
 def cmd_extract(args) -> int:
     from .cli import layout_kwargs
 
@@ -1283,8 +1332,17 @@ def cmd_extract(args) -> int:
                       progress=False if args.no_progress else None,
                       verify_existing=not args.no_verify_existing, **layout_kwargs(args))
     except _store.StoreError as e:
-        print(f"residtap extract: error: {e}", file=sys.stderr)
+        print(f"residtap extract: error: {_on_the_command_line(str(e), args)}", file=sys.stderr)
         return 1
+    except ValueError as e:
+        raise ValueError(_on_the_command_line(str(e), args)) from e
+    except KeyboardInterrupt:
+        # extract() has cleaned up on the way out (its threads finished what they had, nothing partial is
+        # listed, temporaries removed, a run with no shard taken back): one line, not a traceback through
+        # transformers. A second Ctrl-C now does not print it twice.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(_interrupted(args.out), file=sys.stderr)
+        return _end_by_sigint()
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
         run = res.all_processes  # (this process's own counts where it ran alone)
@@ -1298,6 +1356,9 @@ def cmd_extract(args) -> int:
 
 
 def register_cli(sub) -> None:
+    from .cli import _positive_int
+    from .selection import DTYPES
+
     e = sub.add_parser("extract", help="stream captured activations to disk (shards + manifest), resumable",
                        description="Capture the residual stream of a model over a dataset and write it to "
                                    "safetensors shards with a JSON manifest. Re-running the same command "
@@ -1313,12 +1374,16 @@ def register_cli(sub) -> None:
     e.add_argument("--positions", default="all",
                    help="positions per sequence: all, last (last real token), -1, 0,5,9 or a:b[:step]")
     e.add_argument("--outputs", default="resid", help=f"comma list of {','.join(OUTPUTS)} (default resid)")
-    e.add_argument("--dtype", default=None, help="capture dtype (default: the model's)")
-    e.add_argument("--model-dtype", default=None, help="dtype to load the model in (default: checkpoint's)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--seq-len", type=int, default=None,
+    # names only: None (the model's dtype, in the Python API) is the default here, not a value to type
+    e.add_argument("--dtype", default=None, choices=sorted(DTYPES), metavar="DTYPE",
+                   help="capture dtype: float32, bfloat16 or float16 (default: the model's)")
+    e.add_argument("--model-dtype", default=None, choices=sorted(DTYPES), metavar="DTYPE",
+                   help="dtype to load the model in (default: checkpoint's)")
+    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--seq-len", type=_positive_int, default=None,
                    help="tokens per sequence (default: a 2-D .npy's width, else min(1024, model max))")
-    e.add_argument("--max-tokens", type=int, default=None, help="stop after ceil(N / seq_len) sequences")
+    e.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="stop after ceil(N / seq_len) sequences")
     e.add_argument("--packing", default="pack", choices=_inputs.PACKINGS,
                    help="pack: concatenate documents and cut; pad: one document per sequence, padded")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
@@ -1328,9 +1393,9 @@ def register_cli(sub) -> None:
     e.add_argument("--split", default=None, help="dataset split (default train)")
     e.add_argument("--shard-size", default="1GiB", help="activation bytes per shard, whole batches (1GiB)")
     e.add_argument("--host-memory", default="8GiB", help="host buffer budget (8GiB)")
-    e.add_argument("--writers", type=int, default=2,
+    e.add_argument("--writers", type=_positive_int, default=2,
                    help="writer threads (2), each with one shard buffer")
-    e.add_argument("--publishers", type=int, default=None,
+    e.add_argument("--publishers", type=_positive_int, default=None,
                    help="threads hashing (sha256) and renaming written shards (default: twice the writers "
                         "where the cores allow, at least as many)")
     e.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")

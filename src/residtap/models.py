@@ -76,6 +76,9 @@ def load_pretrained(spec: str, **kwargs):
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
+    if os.path.isfile(os.path.expanduser(spec)):  # transformers would take it for a config.json
+        raise ModelLoadError(f"{spec!r} is a file, not a model directory or hub name (a local model is a "
+                             "directory holding config.json and the weights)")
     if _looks_like_a_path(spec) and not os.path.isdir(os.path.expanduser(spec)):
         raise ModelLoadError(f"{spec!r}: no such directory (a local model is a directory holding config.json "
                              "and the weights)")
