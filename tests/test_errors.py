@@ -141,7 +141,8 @@ def test_positions_out_of_range_for_the_actual_length(model):
 
 
 def test_empty_slice_for_the_actual_length(model):
-    with pytest.raises(ValueError, match=r"positions: the slice .* selects no position"):
+    with pytest.raises(ValueError, match=r"positions: the slice 8: selects no position of a sequence of "
+                                         r"length 5$"):
         with residtap.capture(model, positions=slice(8, None)):
             model(ids_for(model, 1, 5))
 

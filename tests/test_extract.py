@@ -1488,7 +1488,15 @@ def cli_rc(argv) -> int:
     (["--model-dtype", "int8"], r"--model-dtype: invalid choice: 'int8'"),
     (["--shard-size", "lots"], r"--shard-size: expected a byte count .*got 'lots'"),
     (["--host-memory", "lots"], r"--host-memory: expected a byte count .*got 'lots'"),
-    (["--host-memory", "1KiB"], r"--host-memory: a shard of \d+ sequences takes"),
+    (["--host-memory", "1KiB"], r"--host-memory: a shard of \d+ sequences takes \d+ bytes of host buffers "
+                                r".* but the budget is 1024 bytes; raise it, or lower the shard size or the "
+                                r"batch size$"),
+    (["--positions", "20:30"], r"--positions: the slice 20:30 selects no position of a sequence of length 8$"),
+    # settings the input would ignore
+    (["--text-field", "body"], r"--text-field: applies to .jsonl files and saved datasets, whose records have "
+                               r"fields; the input '.*ids0.npy' is token ids \(.npy\), got 'body'$"),
+    (["--split", "train"], r"--split: applies to a saved HF dataset directory; the input '.*ids0.npy' is "
+                           r"token ids \(.npy\), got 'train'$"),
     (["--packing", "pad"], r"--packing: a 1-D .npy .* only packing='pack' applies"),
     (["--device", "tpu"], r"--device: expected a device that computes, .*got 'tpu'"),
     (["--device", "cpu", "--device-map", "auto"], r"--device-map: only applies to a model given by name"),

@@ -482,10 +482,9 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     n_buffers = min(opts.writers + 1, opts.host_memory // shard_bytes)
     if n_buffers < 2:
         raise ValueError(f"host_memory: a shard of {seqs_per_shard} sequences takes {shard_bytes} bytes of "
-                         f"host buffers and "
-                         f"the pipeline needs at least 2 shard buffers (one filling while one is written), "
-                         f"but host_memory={opts.host_memory}; raise host_memory or lower shard_size / "
-                         "batch_size")
+                         "host buffers and the pipeline needs at least 2 shard buffers (one filling while "
+                         f"one is written), but the budget is {opts.host_memory} bytes; raise it, or lower "
+                         "the shard size or the batch size")
 
     settings = {"model": name, **model_identity(model), "layer_ids": list(cfg.layer_ids),
                 "outputs": list(cfg.outputs), "dtype": str(cap_dtype)[6:],

@@ -451,6 +451,10 @@ class DatasetSource(DocumentSource):
                 row += 1
 
 
+_KIND_NAMES = {"array": "token ids", "npy": "token ids (.npy)", "text": "plain text, a document a line",
+               "jsonl": "JSON lines", "hf_dataset": "a saved dataset"}
+
+
 def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | None, tokenizer=None,
                 text_field: str | None = None, split: str | None = None,
                 default_seq_len: int | None = None) -> Source:
@@ -469,10 +473,20 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
     def cap(t):  # max_tokens → whole sequences: the first ceil(max_tokens / seq_len)
         return None if max_tokens is None or t is None else math.ceil(max_tokens / t)
 
+    def applies(kind: str) -> None:  # a setting the input would ignore is refused, not dropped
+        what = f"the input {os.fspath(data)!r}" if isinstance(data, (str, os.PathLike)) else "an array"
+        if text_field is not None and kind not in ("jsonl", "hf_dataset"):
+            raise ValueError(f"text_field: applies to .jsonl files and saved datasets, whose records have "
+                             f"fields; {what} is {_KIND_NAMES[kind]}, got {text_field!r}")
+        if split is not None and kind != "hf_dataset":
+            raise ValueError(f"split: applies to a saved HF dataset directory; {what} is "
+                             f"{_KIND_NAMES[kind]}, got {split!r}")
+
     if not isinstance(data, (str, os.PathLike)):
         if not hasattr(data, "shape"):
             raise ValueError(f"data: expected a path or an array/tensor of token ids, "
                              f"got {type(data).__name__}")
+        applies("array")
         width = data.shape[1] if len(data.shape) == 2 else (seq_len or default_seq_len)
         return ArraySource(data, seq_len if len(data.shape) == 2 else width, packing,
                            cap(width) if width else None)
@@ -484,15 +498,19 @@ def open_source(data, *, seq_len: int | None, packing: str, max_tokens: int | No
                                                                      "dataset_dict.json")):
             raise ValueError(f"data: the directory {path!r} is not a dataset saved with save_to_disk "
                              "(no dataset_info.json / dataset_dict.json)")
+        applies("hf_dataset")
         return DatasetSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field, split)
     lower = path.lower()
     if lower.endswith(".npy"):
+        applies("npy")
         src = NpySource(path, seq_len, packing, None, default_seq_len)
         src.max_seqs = cap(src.seq_len)
         return src
     if lower.endswith(TEXT_SUFFIXES):
+        applies("text")
         return TextSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
     if lower.endswith(JSONL_SUFFIXES):
+        applies("jsonl")
         return JsonlSource(path, seq_len, packing, cap(seq_len), tokenizer, text_field)
     raise ValueError(f"data: expected a .npy, .txt, .jsonl file or a saved HF dataset directory, "
                      f"got {path!r}")

@@ -58,6 +58,12 @@ def parse_size(value, name: str) -> int:
     return n
 
 
+def _slice_text(s: slice) -> str:
+    """``s`` as it is typed in brackets (``20:30``, ``::2``), for errors that name one."""
+    text = ":".join("" if v is None else str(v) for v in (s.start, s.stop, s.step))
+    return text[:-1] if s.step is None else text
+
+
 def _integer_array(x) -> bool:
     """An integer (not bool) torch tensor or numpy array/scalar."""
     if isinstance(x, torch.Tensor):
@@ -280,8 +286,8 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
     if isinstance(positions, slice):
         rng = range(*positions.indices(seq_len))
         if len(rng) == 0:
-            raise ValueError(f"positions: the slice {positions!r} selects no position of a sequence of "
-                             f"length {seq_len}")
+            raise ValueError(f"positions: the slice {_slice_text(positions)} selects no position of a "
+                             f"sequence of length {seq_len}")
         if rng.step == 1:
             return PositionPlan(seq_len, span=slice(rng.start, rng.stop))
         return PositionPlan(seq_len, index=list(rng))
