@@ -832,7 +832,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         n_shards = len(self.arrays[0]._shards)
         order = torch.randperm(n_shards, generator=g).tolist() if self.shuffle else list(range(n_shards))
         pieces = self._my_rows(order)
-        bs, carry = self.batch_size, None
+        bs, carry, held = self.batch_size, [], 0  # carry: the parts of the batch being filled
         for window in self._windows(pieces):
             rows = take = None  # the last window let go before the next is read: one held, not two
             rows = self._window(window)  # a copy: never hand out views of the file mapping
@@ -842,22 +842,24 @@ class ShuffledRows(torch.utils.data.IterableDataset):
                 yield from (rows[i] for i in take.tolist())
                 continue
             # Batches gathered from the window one at a time, so that it is held once, not twice; the
-            # rows a window leaves over start the next window's first batch.
+            # rows a window leaves over start the next window's first batch (joined once it is full,
+            # however many windows smaller than a batch fill it).
             at = 0
-            if carry is not None:
-                at = min(n, bs - len(carry))
-                carry = torch.cat([carry, rows[take[:at]]])
-                if len(carry) < bs:
+            if held:
+                at = min(n, bs - held)
+                carry.append(rows[take[:at]])
+                held += at
+                if held < bs:
                     continue
-                yield carry
-                carry = None
+                yield torch.cat(carry)
+                carry, held = [], 0
             while n - at >= bs:
                 yield rows[take[at:at + bs]]
                 at += bs
             if at < n:
-                carry = rows[take[at:]]
-        if carry is not None and not self.drop_last:
-            yield carry
+                carry, held = [rows[take[at:]]], n - at
+        if held and not self.drop_last:
+            yield carry[0] if len(carry) == 1 else torch.cat(carry)
 
 
 def open_activations(path: str | os.PathLike, *, verify: bool = False,
