@@ -434,6 +434,19 @@ def _no_vectors(base):
     return model
 
 
+class _PatchEmbedding(nn.Module):
+    def forward(self, pixels):  # (a Conv2d given ints raises too, in words that vary with torch)
+        raise RuntimeError("expected pixel values [batch, channels, height, width]\n(a second line)")
+
+
+def _raises_on_ids(base):
+    """A forward taking inputs_embeds alone, whose input embeddings are a patch embedding, which
+    raises on token ids."""
+    model = _embeds_only(base)
+    model.get_input_embeddings = lambda: _PatchEmbedding()
+    return model
+
+
 def _needs_more(base):
     from transformers import GPT2LMHeadModel
 
@@ -453,10 +466,14 @@ def _needs_more(base):
      "model: EmbedsOnly.forward takes inputs_embeds and no input_ids, and its input embeddings (Identity) made "
      "torch.int64 of shape [1, 4] of token ids of shape [1, 4], not a floating-point vector per token; verify "
      "runs on token ids alone (capture it with residtap.Capture and your own inputs)"),
+    (_raises_on_ids, [],
+     "model: EmbedsOnly.forward takes inputs_embeds and no input_ids, and its input embeddings (_PatchEmbedding) "
+     "raised on token ids of shape [1, 4]: RuntimeError: expected pixel values [batch, channels, height, width]; "
+     "verify runs on token ids alone (capture it with residtap.Capture and your own inputs)"),
     (_needs_more, [],
      "model: NeedsPixels.forward requires pixel_values besides inputs_embeds; verify runs on token ids alone "
      "(capture it with residtap.Capture and your own inputs)"),
-], ids=["no-embeddings", "no-vectors", "needs-more"])
+], ids=["no-embeddings", "no-vectors", "raises", "needs-more"])
 def test_verify_refuses_inputs_embeds_it_cannot_make_in_one_line(extension, monkeypatch, capsys, make, layout,
                                                                   error):
     """Where verify cannot make the inputs_embeds a forward takes in place of input_ids, it says what it
@@ -474,5 +491,6 @@ def test_verify_refuses_inputs_embeds_it_cannot_make_in_one_line(extension, monk
     assert hook_counts(model) == 0
     monkeypatch.setattr(cli, "_load_model", lambda *args: (model, "wrapped"))
     assert cli.main(["verify", "--batch", "1", "--seq", "4", *layout]) == 2
-    assert capsys.readouterr().err == f"residtap verify: error: {error}\n"
+    err = capsys.readouterr().err
+    assert err == f"residtap verify: error: {info.value}\n" and err.count("\n") == 1
     assert hook_counts(model) == 0

@@ -296,8 +296,13 @@ def _input_embeddings(model, input_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(embed, nn.Module):
         raise ValueError(f"{what} {name} has no input embeddings (get_input_embeddings()) to make them from "
                          f"token ids; {alone}")
-    with torch.no_grad():
-        embeds = embed(input_ids)
+    try:
+        with torch.no_grad():
+            embeds = embed(input_ids)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:  # (a patch embedding given ints)
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{what} its input embeddings ({type(embed).__name__}) raised on token ids of shape "
+                         f"{list(input_ids.shape)}: {type(e).__name__}: {first}; {alone}") from e
     if not (isinstance(embeds, torch.Tensor) and embeds.is_floating_point()
             and embeds.dim() == input_ids.dim() + 1 and embeds.shape[:-1] == input_ids.shape):
         got = (f"{embeds.dtype} of shape {list(embeds.shape)}" if isinstance(embeds, torch.Tensor)
