@@ -705,17 +705,12 @@ def _take_back(out: str, made_dir: bool, world: int) -> None:
     under that lock and only while manifest.json is there (_Manifest.recording), so either rank 0 sees
     its part or it never publishes, and no part or shard without a manifest can appear afterwards.
 
-    Where only another rank fails, torchrun ends rank 0 with SIGTERM: the command line raises that in
-    rank 0's main thread (_sigterm_raises), so rank 0 comes here as when it fails itself; the failing rank
-    cannot take the run back itself (only rank 0 knows whether the run started the directory, and rank 0
-    records its shards without the lock, its decision coming after its own).
-
     What is left as it was: where the lock cannot be had (no flock on the directory, as on some network
     file systems, or another rank holding it past _TAKE_BACK_WAIT), the run keeps its manifest, which
-    a rerun with other settings refuses, saying to delete the directory. The same where rank 0 is ended
-    without the cleanup: by SIGKILL (torchrun's, 30 s after its SIGTERM, where rank 0's main thread is
-    still in C++ code then), by SIGTERM through the Python API (which installs no handler: its caller
-    decides what SIGTERM does), or before its first batch (run.go()). Temporaries another
+    a rerun with other settings refuses, saying to delete the directory. The same where only another
+    rank fails: torchrun then ends rank 0 with SIGTERM, which runs no cleanup, and the failing rank
+    cannot take the run back itself (only rank 0 knows whether the run started the directory, and rank
+    0 records its shards without the lock, its decision coming after its own). Temporaries another
     rank writes after the take-back stay if torchrun ends it before it removes them (hidden files,
     which a rerun ignores and removes; they keep a directory the run made from being removed)."""
     if world == 1:
@@ -1294,9 +1289,9 @@ def _on_the_command_line(message: str, args) -> str:
     return ", ".join(flags) + ": " + rest
 
 
-def _interrupted(out: str, how: str = "interrupted") -> str:
-    """The line that replaces a Ctrl-C's traceback (or says why a SIGTERM ended the run: ``how``), once
-    extract() has cleaned up: what the directory keeps and that the same command resumes."""
+def _interrupted(out: str) -> str:
+    """The line that replaces a Ctrl-C's traceback, once extract() has cleaned up: what the directory
+    keeps and that the same command resumes."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     who = f"rank {rank}: " if world > 1 else ""
     try:
@@ -1305,63 +1300,17 @@ def _interrupted(out: str, how: str = "interrupted") -> str:
         n = 0
     kept = (f"{out!r} keeps its {n} complete shard{'s' if n != 1 else ''} and nothing partial" if n else
             "no shard was complete yet, so nothing is kept")
-    return f"residtap extract: {who}{how}; {kept}. Run the same command again to resume."
-
-
-def _end_by_signal(signum: int) -> int:
-    """End this process by ``signum``, as the signal's default action would have, so that a shell (or
-    torchrun, a job scheduler) running it sees a death by that signal rather than an exit status."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    return 128 + signum  # where a signal sent to itself does not end the process at once
+    return f"residtap extract: {who}interrupted; {kept}. Run the same command again to resume."
 
 
 def _end_by_sigint() -> int:
     """End this process by SIGINT, as an uncaught KeyboardInterrupt does, so that a shell running it
     sees a death by SIGINT (and stops its script) rather than an exit status."""
-    return _end_by_signal(signal.SIGINT)
-
-
-def _end_by_sigterm() -> int:
-    """End this process by SIGTERM, as it would have ended without the command line's handler."""
-    return _end_by_signal(signal.SIGTERM)
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread while the command line's extract() runs (_sigterm_raises).
-    A BaseException, as KeyboardInterrupt is, so that it takes Ctrl-C's way out: no ``except
-    Exception`` on the way catches it, go()'s finally lets the writer and publisher threads finish the
-    shards handed to them and stops them, and a first run with no shard recorded is taken back."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """While the command line runs extract(): SIGTERM raises _Terminated in the main thread, so that
-    the cleanup Ctrl-C gets runs for it too (torchrun ends the other workers with SIGTERM when one
-    fails; so do job schedulers at a time limit, and kill). Once: a further SIGTERM during the cleanup
-    is ignored, so it is not cut short (under torchrun, its SIGKILL after the grace period, 30 s, stays
-    the backstop). Python runs the handler between the main thread's bytecodes: where it waits in C++
-    (a forward, a gloo collective) the exception comes when that call returns, or not at all before the
-    SIGKILL; a lock or a sleep it waits on is interrupted at once. Only from the main thread (where
-    signal.signal works); the previous handler is back afterwards. The Python API installs none."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    armed = [True]
-
-    def handler(signum, frame):
-        if armed[0]:
-            armed[0] = False
-            raise _Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        armed[0] = False
-        signal.signal(signal.SIGTERM, previous)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    return 128 + signal.SIGINT  # where a signal sent to itself does not end the process at once
 
 
 def cmd_extract(args) -> int:
@@ -1370,18 +1319,17 @@ def cmd_extract(args) -> int:
     layers = _parse_layers(args.layers)
     try:
         positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
-        with _sigterm_raises():
-            res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
-                          outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
-                          batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                          packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
-                          split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
-                          writers=args.writers, publishers=args.publishers, device=args.device,
-                          model_dtype=args.model_dtype, seed=args.seed,
-                          device_map=_parse_device_map(args.device_map),
-                          backend=args.backend, overlap=args.overlap,
-                          progress=False if args.no_progress else None,
-                          verify_existing=not args.no_verify_existing, **layout_kwargs(args))
+        res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
+                      outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
+                      batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
+                      split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
+                      writers=args.writers, publishers=args.publishers, device=args.device,
+                      model_dtype=args.model_dtype, seed=args.seed,
+                      device_map=_parse_device_map(args.device_map),
+                      backend=args.backend, overlap=args.overlap,
+                      progress=False if args.no_progress else None,
+                      verify_existing=not args.no_verify_existing, **layout_kwargs(args))
     except _store.StoreError as e:
         print(f"residtap extract: error: {_on_the_command_line(str(e), args)}", file=sys.stderr)
         return 1
@@ -1394,13 +1342,6 @@ def cmd_extract(args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(_interrupted(args.out), file=sys.stderr)
         return _end_by_sigint()
-    except _Terminated:
-        # SIGTERM (torchrun ending this worker because another failed, a scheduler, kill): the same
-        # cleanup as Ctrl-C has run; the same line, then the death by SIGTERM the sender expects. A
-        # further SIGTERM now changes nothing (_sigterm_raises ignored those during the cleanup).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(_interrupted(args.out, "terminated (SIGTERM)"), file=sys.stderr)
-        return _end_by_sigterm()
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
         run = res.all_processes  # (this process's own counts where it ran alone)
