@@ -28,6 +28,26 @@ class UnsupportedStreamError(RuntimeError):
     tensor handed from block to block, each block running once per forward, never narrowing."""
 
 
+def not_a_stream(hidden: torch.Tensor) -> str | None:
+    """Why the first block's hidden state is not a ``[batch, seq, d_model]`` stream, or None. Capture
+    and run_reference refuse in these words, each with its own prefix."""
+    if hidden.dim() != 3:
+        return (f"expected the first block's hidden state to be [batch, seq, d_model], got shape "
+                f"{tuple(hidden.shape)}")
+    return None
+
+
+def stream_changed(block: int, family: str, out: torch.Tensor, inp: torch.Tensor | None,
+                   stream: tuple) -> str | None:
+    """Why block ``block`` left the stream's shape ``stream`` (what it returned, or was called with),
+    or None. Capture and run_reference refuse in these words, each with its own prefix."""
+    for what, x in (("returned", out), ("was called with", inp)):
+        if x is not None and x.shape != stream:  # (torch.Size is a tuple)
+            return (f"block {block} of {family} {what} a hidden state of shape {tuple(x.shape)}, but the "
+                    f"stream entered the first block as {tuple(stream)} [batch, seq, d_model]")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     blocks: str  # path of the nn.ModuleList of decoder blocks, relative to model.base_model

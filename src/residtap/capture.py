@@ -17,7 +17,7 @@ from torch import nn
 
 from . import backend as _backend
 from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, module_device,
-                   resolve_layout, text_config)
+                   not_a_stream, resolve_layout, stream_changed, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -311,9 +311,8 @@ class Capture:
         self._state = "running"
         self._done.clear()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
-        if hidden.dim() != 3:
-            raise UnsupportedStreamError(f"residtap: expected the first block's hidden state to be "
-                                         f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
+        if (why := not_a_stream(hidden)) is not None:
+            raise UnsupportedStreamError(f"residtap: {why}")
         batch, seq, d_model = hidden.shape
         rows, n_pos = batch, 1
         spec = self.config.positions
@@ -588,14 +587,11 @@ class Capture:
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
-        for what, x in (("returned", out), ("was called with", inp)):
-            if x is not None and x.shape != self._stream:  # (torch.Size is a tuple)
-                self._state = "failed"
-                raise UnsupportedStreamError(
-                    f"residtap: block {layer_id - 1} of {self.layout.family} {what} a hidden state of "
-                    f"shape {tuple(x.shape)}, but the stream entered the first block as {self._stream} "
-                    "[batch, seq, d_model]. A residual stream that changes shape between blocks is not "
-                    "one residtap captures; nothing was kept from this forward")
+        if (why := stream_changed(layer_id - 1, self.layout.family, out, inp, self._stream)) is not None:
+            self._state = "failed"
+            raise UnsupportedStreamError(
+                f"residtap: {why}. A residual stream that changes shape between blocks is not one residtap "
+                "captures; nothing was kept from this forward")
         k = self._slot[layer_id]
         full_out = out = out.detach()
         device = out.device

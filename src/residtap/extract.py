@@ -1280,7 +1280,8 @@ def _on_the_command_line(message: str, args) -> str:
     """``message`` (an error of extract() about its arguments) as the command line says it."""
     names, sep, rest = message.partition(": ")
     dests = set(vars(args)) - {"command", "func"}
-    flags = [_FLAG_OF.get(n) or (f"--{n.replace('_', '-')}" if n in dests else None) for n in names.split(", ")]
+    flags = [_FLAG_OF.get(n) or (f"--{n.replace('_', '-')}" if n in dests else None)
+             for n in names.split(", ")]
     if not sep or None in flags:  # not about an argument ("world_size > 1 needs torchrun ...")
         return message
     if names == "layers" and ":" in args.layers and ", got " in rest:
@@ -1292,7 +1293,7 @@ def _on_the_command_line(message: str, args) -> str:
 def _interrupted(out: str) -> str:
     """The line that replaces a Ctrl-C's traceback, once extract() has cleaned up: what the directory
     keeps and that the same command resumes."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, _ = _dist_env(None, None)
     who = f"rank {rank}: " if world > 1 else ""
     try:
         n = len(_store.merged_records([_store.read_json(p) for p in _store.manifest_paths(out)]))

@@ -205,7 +205,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     memory), so that it computes what a capture in the same mode sees. The outputs are detached;
     ``model_output`` is what the model returned, graph and all in grad mode.
     """
-    from .arch import UnsupportedStreamError, module_device, resolve_layout
+    from .arch import UnsupportedStreamError, module_device, not_a_stream, resolve_layout, stream_changed
     from .selection import (LAST, KeepMask, resolve_dtype, resolve_layers, resolve_outputs,
                             resolve_position_spec, resolve_positions)
 
@@ -232,9 +232,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         if 0 in saved:
             ran_twice(0)
         hidden = layout.hidden_from_args(a, kw).detach()
-        if hidden.dim() != 3:  # a stream Capture refuses is refused here too, in its words
-            raise UnsupportedStreamError(f"run_reference: expected the first block's hidden state to be "
-                                         f"[batch, seq, d_model], got shape {tuple(hidden.shape)}")
+        if (why := not_a_stream(hidden)) is not None:  # a stream Capture refuses is refused here too
+            raise UnsupportedStreamError(f"run_reference: {why}")
         # placed like the original: residual 0 (the embeddings) is normed as the model holds it too
         saved[0] = (_clone_as_placed(hidden), None)
 
@@ -245,12 +244,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             out = _clone_as_placed(layout.hidden_from_output(output).detach())
             inp = layout.hidden_from_args(a, kw).detach()
             stream = saved[0][0].shape if 0 in saved else out.shape
-            for what, x in (("returned", out), ("was called with", inp)):
-                if i + 1 in layer_ids and x.shape != stream:  # (Capture checks the layers it keeps)
-                    raise UnsupportedStreamError(
-                        f"run_reference: block {i} of {layout.family} {what} a hidden state of shape "
-                        f"{tuple(x.shape)}, but the stream entered the first block as {tuple(stream)} "
-                        "[batch, seq, d_model]")
+            if i + 1 in layer_ids and (why := stream_changed(i, layout.family, out, inp, stream)):
+                raise UnsupportedStreamError(f"run_reference: {why}")  # (Capture checks the layers it keeps)
             # the input where the output is (a dispatched block may receive it elsewhere)
             saved[i + 1] = (out, inp.to(out.device, copy=True))
         return hook
