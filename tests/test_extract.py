@@ -1736,6 +1736,250 @@ def test_ctrl_c_before_the_first_shard_takes_the_run_back_then_says_so(tmp_path,
                                        "kept. Run the same command again to resume.\n")
 
 
+def test_sigterm_in_the_command_line_is_taken_at_the_next_batch_once(tmp_path, monkeypatch, capsys):
+    """SIGTERM in a first run's first batch: the handler only notes it (the batch goes on), the next
+    checkpoint raises, and the run is taken back (as on any failure there) before the line is printed and
+    the process ends by SIGTERM; a second SIGTERM during the cleanup does not cut it short. Before, SIGTERM's
+    action (here a stand-in that raises, not the default, which would end pytest) cut through it all."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+
+    class Stray(Exception):
+        pass
+
+    def stray(signum, frame):
+        raise Stray
+
+    check, seen = ex._Run._check_ids, []
+
+    def terminated(self, ids, first_seq):
+        assert out.exists()
+        if not seen:
+            signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns
+        seen.append(first_seq)
+        return check(self, ids, first_seq)
+
+    take_back = ex._take_back
+
+    def again(*a):
+        signal.raise_signal(signal.SIGTERM)  # a second SIGTERM during the cleanup
+        take_back(*a)
+
+    ended = []
+    monkeypatch.setattr(ex._Run, "_check_ids", terminated)
+    monkeypatch.setattr(ex, "_take_back", again)
+    monkeypatch.setattr(ex, "_end_by_sigterm",
+                        lambda: ended.append((out.exists(), signal.getsignal(signal.SIGTERM))) or 143)
+    previous = signal.signal(signal.SIGTERM, stray)
+    try:
+        rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--batch-size", "2", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert seen == [0], seen  # the batch the signal came in ran to its end; the next never started
+    assert rc == 143 and ended == [(False, signal.SIG_IGN)], err  # taken back first; SIGTERM ignored then
+    assert not ex._SIGTERM.asked and not ex._SIGTERM.deferring  # nothing left for a later extract here
+    assert err == ("residtap extract: terminated (SIGTERM); no shard was complete yet, so nothing is kept. Run "
+                   "the same command again to resume.\n")
+
+
+def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_elsewhere(tmp_path, monkeypatch):
+    """Before the run makes its directory (loading the model, tokenizing) and once the complete directory's
+    shards are being checked, nothing needs cleaning up: SIGTERM ends the process at once, as without the
+    handler. In a resume's check of the shards it owns, it is taken at the next shard."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+    args = ["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8", "--batch-size",
+            "2", "--shard-size", "1KiB", "--no-progress"]
+
+    class Ended(BaseException):  # the stand-in for the process's end by SIGTERM
+        pass
+
+    def end():
+        raise Ended
+
+    monkeypatch.setattr(ex, "_end_by_sigterm", end)
+    load = ex.load_model
+
+    def signalled_load(*a, **k):
+        signal.raise_signal(signal.SIGTERM)
+        return load(*a, **k)
+
+    monkeypatch.setattr(ex, "load_model", signalled_load)
+    with pytest.raises(Ended):
+        cli_main(args)
+    assert not out.exists()
+    monkeypatch.setattr(ex, "load_model", load)
+    assert cli_main(args) == 0
+    n = len(residtap.open(out).records)
+    assert n > 2
+
+    checked, mismatch = [], store.record_mismatch
+
+    def signalled_check(directory, record, **k):
+        checked.append(record["index"])
+        if len(checked) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return mismatch(directory, record, **k)
+
+    monkeypatch.setattr(store, "record_mismatch", signalled_check)
+    m = json.loads((out / "manifest.json").read_text())
+    m["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(m))  # as a run killed before its final manifest
+    monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)
+    assert cli_main(args) == 143
+    assert checked == [0, 1]  # taken before the third shard's check
+    assert len(json.loads((out / "manifest.json").read_text())["shards"]) == n
+
+    m["complete"] = True
+    (out / "manifest.json").write_text(json.dumps(m))
+    verify = store.Activations.verify
+
+    def signalled_verify(self):
+        signal.raise_signal(signal.SIGTERM)
+        return verify(self)
+
+    monkeypatch.setattr(store.Activations, "verify", signalled_verify)
+    monkeypatch.setattr(ex, "_end_by_sigterm", end)
+    with pytest.raises(Ended):
+        cli_main(args)
+    assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp_path, monkeypatch):
+    """The Python API installs no handler (it is library code); the command line's is installed only from
+    the main thread (signal.signal's rule: a caller running it in another thread gets no error) and the
+    previous one is back afterwards."""
+    ex = sys.modules["residtap.extract"]
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    check = ex._Run._check_ids
+    monkeypatch.setattr(ex._Run, "_check_ids",
+                        lambda self, *a: seen.append(signal.getsignal(signal.SIGTERM)) or check(self, *a))
+    path, _ = ids_file(tmp_path, 64)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "api", seq_len=32, batch_size=2, progress=False)
+    assert seen and set(seen) == {before}
+
+    def in_a_thread():
+        with ex._SIGTERM.install():
+            seen.append(("thread", signal.getsignal(signal.SIGTERM)))
+
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    with ex._SIGTERM.install():
+        main = signal.getsignal(signal.SIGTERM)
+    assert seen[-1] == ("thread", before) and main not in (before, signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# Python run as the command line (sys.argv: its arguments): rank 0's first batch waits there until the
+# command line's SIGTERM handler has noted a signal, so that no shard of it can be recorded before one comes;
+# it says so by creating $RESIDTAP_TEST_HELD. 60 s without one: it ends at once, leaving the directory as it
+# is (which the tests then find).
+_HELD_IN_ITS_FIRST_BATCH = """
+import os, sys, time
+import residtap
+ex = sys.modules["residtap.extract"]
+check = ex._Run._check_ids
+def held(self, ids, first_seq):
+    if self.rank == 0 and first_seq == 0:
+        open(os.environ["RESIDTAP_TEST_HELD"], "w").close()
+        deadline = time.monotonic() + 60
+        while not ex._SIGTERM.asked:
+            if time.monotonic() > deadline:
+                os._exit(99)
+            time.sleep(0.01)
+    return check(self, ids, first_seq)
+ex._Run._check_ids = held
+from residtap.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+TERMINATED_WITH_NOTHING = ("terminated (SIGTERM); no shard was complete yet, so nothing is kept. Run the same "
+                           "command again to resume.")
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_shard_takes_the_run_back_and_ends_by_sigterm(tmp_path, reference_run):
+    """SIGTERM (a scheduler's time limit, kill) while a first run is in its first batch: the cleanup Ctrl-C
+    gets runs, so the run is taken back, then one line says so and the process still ends by SIGTERM.
+    Before, SIGTERM ended it at once and its manifest refused the corrected command (other settings)."""
+    path, _ = reference_run
+    out, held, script = tmp_path / "out", tmp_path / "held", tmp_path / "held.py"
+    script.write_text(_HELD_IN_ITS_FIRST_BATCH)
+    proc = subprocess.Popen([sys.executable, str(script), *_cli(path, out)[3:]], text=True,
+                            env=dict(_env(), RESIDTAP_TEST_HELD=str(held)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _until(proc, held.exists)
+    assert (out / "manifest.json").exists()  # the run has started the directory
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert not out.exists(), sorted(os.listdir(out))
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, stderr[-3000:])
+    assert stdout == "" and stderr == f"residtap extract: {TERMINATED_WITH_NOTHING}\n"
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_complete_shards_says_so_in_one_line_and_ends_by_sigterm(tmp_path, reference_run):
+    """SIGTERM after some shards: as Ctrl-C, the threads finish the shards handed to them, nothing partial
+    is listed and no temporary is left; one line says what is kept, and the process ends by SIGTERM (what
+    its sender expects). The rerun resumes and ends as the uninterrupted run."""
+    path, ref = reference_run
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _until(proc, lambda: _listed(out / "manifest.json")[0] >= 5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, stderr[-3000:])
+    m = json.loads((out / "manifest.json").read_text())
+    n = len(m["shards"])
+    assert not m["complete"] and 5 <= n < 200
+    assert stdout == "" and stderr == (f"residtap extract: terminated (SIGTERM); {str(out)!r} keeps its {n} "
+                                       "complete shards and nothing partial. Run the same command again to "
+                                       "resume.\n")
+    assert sorted(os.listdir(out)) == sorted([store.LOCK, store.MANIFEST, *(r["file"] for r in m["shards"])])
+    rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({n} already done)" in rerun.stdout
+    assert_same_dirs(ref, out)
+
+
+@pytest.mark.slow
+def test_a_first_run_that_torchrun_ends_for_another_ranks_failure_is_taken_back(tmp_path, reference_run):
+    """Rank 1 fails on its first batch (a token id outside the vocabulary, in its first shard only) and
+    torchrun ends rank 0 with SIGTERM while rank 0 is still in its first batch (held there until the signal
+    is noted, so that no shard of it is recorded first, however the two are scheduled). Rank 0 then takes the
+    run back as when it fails itself (no rank recorded a shard), says so in one line and ends by SIGTERM;
+    the corrected command runs to completion. Before, rank 0 died at once and its manifest refused the
+    corrected command (other data) as another extraction."""
+    path, ref = reference_run
+    per_shard = json.loads((ref / "manifest.json").read_text())["settings"]["seqs_per_shard"]
+    ids = np.load(path)
+    ids[8 * per_shard] = 100  # sequence per_shard: the first of shard 1, rank 1's first (vocabulary 100)
+    bad = tmp_path / "bad.npy"
+    np.save(bad, ids)
+    out, held, script = tmp_path / "out", tmp_path / "held", tmp_path / "held.py"
+    script.write_text(_HELD_IN_ITS_FIRST_BATCH)
+    cmd = _torchrun(bad, out)
+    first = subprocess.run([*cmd[:cmd.index("-m", 3)], str(script), *cmd[cmd.index("-m", 3) + 2:]],
+                           env=dict(_env(), RESIDTAP_TEST_HELD=str(held)), capture_output=True, text=True,
+                           timeout=180)
+    assert first.returncode != 0 and held.exists(), first.stderr[-5000:]  # rank 0 was held when it ended
+    assert re.search(rf"data: token id 100 in sequence {per_shard} is outside the model's vocabulary",
+                     first.stderr), first.stderr[-5000:]
+    assert not out.exists(), (sorted(os.listdir(out)), first.stderr[-5000:])
+    assert first.stderr.count(f"residtap extract: rank 0: {TERMINATED_WITH_NOTHING}\n") == 1, first.stderr[-5000:]
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_dirs(ref, out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
 def _kill_every_process_writing(out) -> None:
     """SIGKILL every process whose command line names ``out`` (Linux: read from /proc)."""
     if not os.path.isdir("/proc/self"):

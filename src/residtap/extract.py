@@ -525,30 +525,33 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     group = _init_group(world)
     lock = None
     try:
-        if rank == 0:  # one run at a time in a directory (its other ranks are this run)
-            _make_dir(out)
-            lock = _store.lock_directory(out)
-        records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
-        if complete:
-            m = _store.read_json(os.path.join(out, _store.MANIFEST))
-            nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
-                       "bytes_written": 0}  # this process, and the run as a whole: every shard done
-            return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
-                                 seconds=0.0, waits=_Waits().t, manifest=m, **nothing,
-                                 all_processes={**nothing, "seconds": 0.0})
-        header = _with_history(out, header)
-        # Every process has read the directory before any goes on: rank 0, failing, may take the run
-        # back (_take_back), and another still reading it then would fail on a missing file, unclearly.
-        _barrier(group)
-        manifest = _Manifest(out, header, records, rank, world)
-        run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
-                   manifest, rank, world, progress, in_device)
-        try:
-            run.go()
-        except BaseException:
-            if fresh and not manifest.records:
-                _take_back(out, made_dir, world)
-            raise
+        # From here to the end of go(), the command line's SIGTERM waits for a checkpoint (_Sigterm)
+        with _SIGTERM.deferred():
+            if rank == 0:  # one run at a time in a directory (its other ranks are this run)
+                _make_dir(out)
+                lock = _store.lock_directory(out)
+            records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
+            if complete:
+                m = _store.read_json(os.path.join(out, _store.MANIFEST))
+                nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
+                           "bytes_written": 0}  # this process, and the run as a whole: every shard done
+                return ExtractResult(out=out, complete=True, n_shards=m.get("n_shards", len(records)),
+                                     seconds=0.0, waits=_Waits().t, manifest=m, **nothing,
+                                     all_processes={**nothing, "seconds": 0.0})
+            header = _with_history(out, header)
+            # Every process has read the directory before any goes on: rank 0, failing, may take the run
+            # back (_take_back), and another still reading it then would fail on a missing file, unclearly.
+            _barrier(group)
+            manifest = _Manifest(out, header, records, rank, world)
+            run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
+                       manifest, rank, world, progress, in_device)
+            try:
+                run.go()
+                _SIGTERM.check()  # noted during the threads' last shards
+            except BaseException:
+                if fresh and not manifest.records:
+                    _take_back(out, made_dir, world)
+                raise
         final, everyone = _finish(out, header, manifest, run, rank, world, group)
     finally:
         if lock is not None:
@@ -655,6 +658,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
+        _SIGTERM.undefer()  # nothing to clean up; checking every shard can take long: SIGTERM acts at once
         _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
@@ -666,6 +670,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     for i in sorted(records):
         if not owned(i):
             continue
+        _SIGTERM.check()
         problem = _store.record_mismatch(out, records[i], check_sha256=verify)
         if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
             print(f"residtap extract: shard {i} is listed but missing; it will be recomputed",
@@ -708,9 +713,12 @@ def _take_back(out: str, made_dir: bool, world: int) -> None:
     What is left as it was: where the lock cannot be had (no flock on the directory, as on some network
     file systems, or another rank holding it past _TAKE_BACK_WAIT), the run keeps its manifest, which
     a rerun with other settings refuses, saying to delete the directory. The same where only another
-    rank fails: torchrun then ends rank 0 with SIGTERM, which runs no cleanup, and the failing rank
-    cannot take the run back itself (only rank 0 knows whether the run started the directory, and rank
-    0 records its shards without the lock, its decision coming after its own). Temporaries another
+    rank fails and rank 0 is ended without coming here: torchrun ends it with SIGTERM, which the command
+    line takes at rank 0's next checkpoint (_Sigterm) and so comes here, but the Python API installs no
+    handler, and a rank 0 waiting in a collective then, or in a batch for longer than torchrun's grace
+    period (30 s), gets its SIGKILL. The failing rank cannot take the run back itself (only rank 0 knows
+    whether the run started the directory, and rank 0 records its shards without the lock, its decision
+    coming after its own). Temporaries another
     rank writes after the take-back stay if torchrun ends it before it removes them (hidden files,
     which a rerun ignores and removes; they keep a directory the run made from being removed)."""
     if world == 1:
@@ -1088,6 +1096,7 @@ class _Run:
             with torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
                                           else contextlib.nullcontext()):
                 for item in self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here):
+                    _SIGTERM.check()
                     if self.errors:
                         break
                     if isinstance(item, _inputs.Skipped):
@@ -1102,6 +1111,7 @@ class _Run:
                         host = pool.get()
                     host.block, host.rows = block, 0
                     for b0 in range(0, block.n_seqs, opts.batch_size):
+                        _SIGTERM.check()
                         batch = slice(b0, b0 + opts.batch_size)
                         ids = block.input_ids[batch]
                         mask = None if block.attention_mask is None else block.attention_mask[batch]
@@ -1131,6 +1141,7 @@ class _Run:
                     if queues is not None:
                         host.events = queues.copies_done()
                     self.n_tokens += block.n_tokens
+                    _SIGTERM.check()  # not handed to the writers: a shard with its last batch cut short
                     jobs.put(host)
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(), refresh=False)
@@ -1290,9 +1301,9 @@ def _on_the_command_line(message: str, args) -> str:
     return ", ".join(flags) + ": " + rest
 
 
-def _interrupted(out: str) -> str:
-    """The line that replaces a Ctrl-C's traceback, once extract() has cleaned up: what the directory
-    keeps and that the same command resumes."""
+def _interrupted(out: str, how: str = "interrupted") -> str:
+    """The line that replaces a Ctrl-C's traceback (or says that SIGTERM ended the run: ``how``), once
+    extract() has cleaned up: what the directory keeps and that the same command resumes."""
     rank, world, _ = _dist_env(None, None)
     who = f"rank {rank}: " if world > 1 else ""
     try:
@@ -1301,17 +1312,99 @@ def _interrupted(out: str) -> str:
         n = 0
     kept = (f"{out!r} keeps its {n} complete shard{'s' if n != 1 else ''} and nothing partial" if n else
             "no shard was complete yet, so nothing is kept")
-    return f"residtap extract: {who}interrupted; {kept}. Run the same command again to resume."
+    return f"residtap extract: {who}{how}; {kept}. Run the same command again to resume."
+
+
+def _end_by_signal(signum: int) -> int:
+    """End this process by ``signum``, as the signal's default action does, so that a shell (torchrun, a
+    job scheduler) running it sees a death by that signal rather than an exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum  # where a signal sent to itself does not end the process at once
 
 
 def _end_by_sigint() -> int:
-    """End this process by SIGINT, as an uncaught KeyboardInterrupt does, so that a shell running it
-    sees a death by SIGINT (and stops its script) rather than an exit status."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-    return 128 + signal.SIGINT  # where a signal sent to itself does not end the process at once
+    """End this process by SIGINT, as an uncaught KeyboardInterrupt does (a shell then stops its script)."""
+    return _end_by_signal(signal.SIGINT)
+
+
+def _end_by_sigterm() -> int:
+    return _end_by_signal(signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, taken at one of extract's checkpoints (_Sigterm.check). A BaseException, as
+    KeyboardInterrupt is, so that it takes Ctrl-C's way out: no ``except Exception`` catches it, go()'s
+    finally lets the writers and publishers finish the shards handed to them, and a first run with no
+    shard recorded is taken back."""
+
+
+class _Sigterm:
+    """The command line's SIGTERM (kill, a job scheduler's time limit, torchrun ending the other workers
+    when one fails), which then takes Ctrl-C's way out where that matters: while extract() holds a
+    directory (``deferring``: from making it to the end of go()).
+
+    There the handler only notes the signal, and extract raises _Terminated at its next checkpoint
+    (check(): each batch, each shard handed to the writers, each shard a resume verifies), in the main
+    thread at a point where it holds no lock and waits on nothing. Raising from the handler itself
+    instead can land inside a lock's ``with`` or a thread's join and leave the cleanup waiting forever
+    (a first version raised there, and one of about twenty runs of a test hung; the cause was not
+    found, this was the suspect). So a signal is taken within a batch
+    (a forward, its copies, or a wait for a free host buffer); torchrun's SIGKILL, 30 s after its
+    SIGTERM, stays the backstop. Once noted, further SIGTERMs are ignored, so that the cleanup is not cut
+    short. Outside that window (loading the model, tokenizing, the final manifest) nothing needs
+    cleaning up, and SIGTERM ends the process at once, as without a handler.
+
+    Only the command line installs the handler (install(), from the main thread, as signal.signal
+    requires): the Python API leaves SIGTERM to its caller, and there ``asked`` is never set."""
+
+    def __init__(self):
+        self.deferring = False
+        self.asked = False
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            return
+        if not self.deferring:
+            _end_by_sigterm()
+        self.asked = True
+
+    @contextlib.contextmanager
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.asked = False
+        previous = signal.signal(signal.SIGTERM, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.asked = False  # (taken by now, or too late to matter): not for a later call in this process
+
+    def check(self) -> None:
+        """Raise _Terminated where a SIGTERM has come in (the command line's handler noted it)."""
+        if self.asked:
+            raise _Terminated("SIGTERM")
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """extract's window where SIGTERM waits for a checkpoint (the last one where it ends)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def undefer(self) -> None:
+        """End the window early, taking a SIGTERM it noted: from here SIGTERM ends the process at once."""
+        self.check()
+        self.deferring = False
+
+
+_SIGTERM = _Sigterm()
 
 
 def cmd_extract(args) -> int:
@@ -1320,17 +1413,18 @@ def cmd_extract(args) -> int:
     layers = _parse_layers(args.layers)
     try:
         positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
-        res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
-                      outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
-                      batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                      packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
-                      split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
-                      writers=args.writers, publishers=args.publishers, device=args.device,
-                      model_dtype=args.model_dtype, seed=args.seed,
-                      device_map=_parse_device_map(args.device_map),
-                      backend=args.backend, overlap=args.overlap,
-                      progress=False if args.no_progress else None,
-                      verify_existing=not args.no_verify_existing, **layout_kwargs(args))
+        with _SIGTERM.install():
+            res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
+                          outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
+                          batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                          packing=args.packing, tokenizer=args.tokenizer, text_field=args.text_field,
+                          split=args.split, shard_size=args.shard_size, host_memory=args.host_memory,
+                          writers=args.writers, publishers=args.publishers, device=args.device,
+                          model_dtype=args.model_dtype, seed=args.seed,
+                          device_map=_parse_device_map(args.device_map),
+                          backend=args.backend, overlap=args.overlap,
+                          progress=False if args.no_progress else None,
+                          verify_existing=not args.no_verify_existing, **layout_kwargs(args))
     except _store.StoreError as e:
         print(f"residtap extract: error: {_on_the_command_line(str(e), args)}", file=sys.stderr)
         return 1
@@ -1343,6 +1437,13 @@ def cmd_extract(args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(_interrupted(args.out), file=sys.stderr)
         return _end_by_sigint()
+    except _Terminated:
+        # SIGTERM (torchrun ending this worker because another failed, a scheduler, kill), taken at a
+        # checkpoint: the same cleanup as Ctrl-C's has run; the same line, then the death by SIGTERM
+        # its sender expects.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(_interrupted(args.out, "terminated (SIGTERM)"), file=sys.stderr)
+        return _end_by_sigterm()
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
         run = res.all_processes  # (this process's own counts where it ran alone)
