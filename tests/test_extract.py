@@ -1802,6 +1802,7 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
         raise Ended
 
     monkeypatch.setattr(ex, "_end_by_sigterm", end)
+    monkeypatch.setattr(ex, "_end_at_once", end, raising=False)  # the handler's, outside the window
     load = ex.load_model
 
     def signalled_load(*a, **k):
@@ -1849,6 +1850,27 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
     assert json.loads((out / "manifest.json").read_text()) == m
 
 
+def test_a_writers_error_is_reported_rather_than_a_sigterm_noted_with_it(tmp_path, monkeypatch, capsys):
+    """A writer fails (a full disk) and a SIGTERM is noted before the main thread's next checkpoint: the
+    run ends as on the writer's error, which says what to do, not as terminated."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    check = ex._Run._check_ids
+
+    def both(self, ids, first_seq):
+        if first_seq == 2:
+            self.errors.append(store.StoreError("no space left on device (a stand-in)"))
+            signal.raise_signal(signal.SIGTERM)  # noted by the handler when this returns
+        return check(self, ids, first_seq)
+
+    monkeypatch.setattr(ex._Run, "_check_ids", both)
+    monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)
+    rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(tmp_path / "out"), "--seq-len",
+                   "8", "--batch-size", "2", "--no-progress"])
+    assert rc == 1 and capsys.readouterr().err == ("residtap extract: error: no space left on device (a "
+                                                   "stand-in)\n")
+    assert not ex._SIGTERM.asked
+
 def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp_path, monkeypatch):
     """The Python API installs no handler (it is library code); the command line's is installed only from
     the main thread (signal.signal's rule: a caller running it in another thread gets no error) and the
@@ -1874,6 +1896,135 @@ def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp
         main = signal.getsignal(signal.SIGTERM)
     assert seen[-1] == ("thread", before) and main not in (before, signal.SIG_DFL, signal.SIG_IGN)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("where", ["after the last shard", "checking a complete directory"])
+def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_path, monkeypatch, where):
+    """A SIGTERM whose handler runs just after the window's last check (after go(), or in a complete
+    directory's undefer) is taken there or ends the process at once. Before, the window ended after that
+    check: the signal was noted and taken nowhere, the run went on to exit 0, and the handler ignored
+    every later SIGTERM (a rank 0 then waiting in _finish's collectives could only be SIGKILLed)."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+    args = ["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8", "--batch-size",
+            "2", "--shard-size", "1KiB", "--no-progress"]
+    if where == "checking a complete directory":
+        assert cli_main(args) == 0
+    returned, sent = [], []
+    go, check = ex._Run.go, ex._Sigterm.check
+    monkeypatch.setattr(ex._Run, "go", lambda self: go(self) or returned.append(True))
+
+    def late(self):
+        check(self)
+        if (returned or where == "checking a complete directory") and not sent:
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns: after the check
+
+    class Ended(BaseException):  # the stand-in for the process's end by SIGTERM at once
+        pass
+
+    def end():
+        raise Ended
+
+    monkeypatch.setattr(ex._Sigterm, "check", late)
+    monkeypatch.setattr(ex, "_end_at_once", end, raising=False)
+    monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)  # taken at a checkpoint (or, before, at once)
+    try:
+        rc = cli_main(args)
+    except Ended:
+        rc = "ended at once"
+    assert sent and rc in ("ended at once", 143), rc
+    assert not ex._SIGTERM.asked and not ex._SIGTERM.deferring
+
+
+def test_a_second_sigterm_as_the_handler_is_taken_down_does_not_cut_the_line_short(tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Once a SIGTERM was taken, the command line prints its line and then ends by SIGTERM; a second
+    SIGTERM in between stays ignored. Before, leaving extract restored the previous action (here a
+    stand-in that raises, for the default, which ends the process) before the line set SIGTERM to
+    SIG_IGN, and a second SIGTERM just then ended the process without its line."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+
+    class Stray(Exception):
+        pass
+
+    def stray(signum, frame):
+        raise Stray
+
+    check = ex._Run._check_ids
+    real_signal = signal.signal
+
+    def terminated(self, ids, first_seq):
+        if first_seq == 0:
+            signal.raise_signal(signal.SIGTERM)
+        return check(self, ids, first_seq)
+
+    def signal_then_another(signum, action):  # a second SIGTERM just after each change of SIGTERM's action
+        previous = real_signal(signum, action)
+        if signum == signal.SIGTERM and action != ex._SIGTERM._handler:
+            signal.raise_signal(signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(ex._Run, "_check_ids", terminated)
+    monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)
+    previous = real_signal(signal.SIGTERM, stray)
+    try:
+        monkeypatch.setattr(ex.signal, "signal", signal_then_another)
+        rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--batch-size", "2", "--no-progress"])
+    finally:
+        monkeypatch.undo()
+        real_signal(signal.SIGTERM, previous)
+    assert rc == 143
+    assert capsys.readouterr().err == ("residtap extract: terminated (SIGTERM); no shard was complete yet, so "
+                                       "nothing is kept. Run the same command again to resume.\n")
+
+
+# Python run as the command line (sys.argv: its arguments) whose model loading writes to stderr without
+# end, as a loading's warnings may: with stderr a pipe nobody reads, the main thread blocks in that write.
+_WRITING_TO_STDERR_WHILE_LOADING = """
+import os, sys
+import residtap
+ex = sys.modules["residtap.extract"]
+def chatty_load(*a, **k):
+    open(os.environ["RESIDTAP_TEST_HELD"], "w").close()
+    while True:
+        sys.stderr.write("warning: " + "x" * 1000 + "\\n")
+ex.load_model = chatty_load
+from residtap.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_outside_the_window_ends_a_process_blocked_writing_to_stderr(tmp_path, reference_run):
+    """Outside extract's window SIGTERM ends the process at once, as the default action does, even where
+    its handler runs inside a write to stderr (blocked: a pipe nobody reads; stderr buffered, as without
+    PYTHONUNBUFFERED). Before, the handler flushed stdout and stderr first: "reentrant call" (a
+    RuntimeError) instead of the death, and the traceback then blocked on the same full pipe."""
+    path, _ = reference_run
+    out, held, script = tmp_path / "out", tmp_path / "held", tmp_path / "chatty.py"
+    script.write_text(_WRITING_TO_STDERR_WHILE_LOADING)
+    env = dict(_env(), RESIDTAP_TEST_HELD=str(held))
+    env.pop("PYTHONUNBUFFERED")
+    proc = subprocess.Popen([sys.executable, str(script), *_cli(path, out)[3:]], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _until(proc, held.exists)
+        time.sleep(1)  # the pipe (64 KiB) is full long before: the process waits in its write
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rc = "still running 30 s after SIGTERM"
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert rc == -signal.SIGTERM
+    assert not out.exists()
 
 
 # Python run as the command line (sys.argv: its arguments): rank 0's first batch waits there until the
@@ -1978,6 +2129,59 @@ def test_a_first_run_that_torchrun_ends_for_another_ranks_failure_is_taken_back(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_dirs(ref, out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+
+
+# Python run as the command line under torchrun: rank 1 checks the shards it owns slowly (a resume), so that
+# rank 0, done with its own, waits in the barrier after them; rank 0 creates $RESIDTAP_TEST_HELD on its way
+# there.
+_RANK_1_CHECKS_SLOWLY = """
+import os, sys, time
+import residtap
+from residtap import store
+ex = sys.modules["residtap.extract"]
+mismatch, history = store.record_mismatch, ex._with_history
+def slow(directory, record, **k):
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(0.2)
+    return mismatch(directory, record, **k)
+def held(out, header):
+    if int(os.environ["RANK"]) == 0:
+        open(os.environ["RESIDTAP_TEST_HELD"], "w").close()
+    return history(out, header)
+store.record_mismatch, ex._with_history = slow, held
+from residtap.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ended_while_rank_0_waits_for_a_rank_checking_its_shards(tmp_path, reference_run):
+    """torchrun's SIGTERM while a resume's rank 1 still checks its shards and rank 0, done, waits for it in
+    the barrier: rank 1 takes it at its next check and ends, and rank 0, whose barrier then fails (the peer
+    is gone), takes the SIGTERM it noted there too: one line each, no traceback. Before, rank 0 reported
+    the barrier's error (gloo's "Connection closed by peer") as an unexpected error with its traceback."""
+    path, ref = reference_run
+    out, held, script = tmp_path / "out", tmp_path / "held", tmp_path / "slow.py"
+    shutil.copytree(ref, out)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["n_shards"], m["totals"]
+    (out / "manifest.json").write_text(json.dumps({**m, "complete": False}))  # as a run killed in its merge
+    script.write_text(_RANK_1_CHECKS_SLOWLY)
+    cmd = _torchrun(path, out)
+    proc = subprocess.Popen([*cmd[:cmd.index("-m", 3)], str(script), *cmd[cmd.index("-m", 3) + 2:]],
+                            env=dict(_env(), RESIDTAP_TEST_HELD=str(held)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _until(proc, held.exists, timeout=120)
+    time.sleep(2)  # rank 0 is in the barrier; rank 1 has some 20 s of checks left
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert "unexpected error" not in stderr and "Connection closed" not in stderr, stderr[-5000:]
+    for rank in (0, 1):
+        assert stderr.count(f"residtap extract: rank {rank}: terminated (SIGTERM); {str(out)!r} keeps its 200 "
+                            "complete shards and nothing partial.") == 1, stderr[-5000:]
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_dirs(ref, out)
 
 
 def _kill_every_process_writing(out) -> None:

@@ -547,7 +547,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                        manifest, rank, world, progress, in_device)
             try:
                 run.go()
-                _SIGTERM.check()  # noted during the threads' last shards
+                # The window ends before its last check (not after: a SIGTERM noted in between would be
+                # taken nowhere): one noted during the threads' last shards is taken here; from here on
+                # one ends the process at once.
+                _SIGTERM.undefer()
             except BaseException:
                 if fresh and not manifest.records:
                     _take_back(out, made_dir, world)
@@ -631,7 +634,15 @@ def _barrier(group) -> None:
     if group is not None:
         import torch.distributed as dist
 
-        dist.barrier(group=group)
+        try:
+            dist.barrier(group=group)
+        except RuntimeError:
+            # A rank gone while this one waited (gloo: "Connection closed by peer"), as when the SIGTERM
+            # that torchrun sent every worker ended it at a checkpoint (a resume's check of its shards)
+            # while this rank, done checking, waited here with the same SIGTERM noted: take that, the
+            # cause, rather than the collective's error (a traceback, exit status 3).
+            _SIGTERM.check()
+            raise
 
 
 def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
@@ -1096,9 +1107,9 @@ class _Run:
             with torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
                                           else contextlib.nullcontext()):
                 for item in self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here):
-                    _SIGTERM.check()
                     if self.errors:
                         break
+                    self._stop_if_asked()
                     if isinstance(item, _inputs.Skipped):
                         self.n_blocks = item.index + 1
                         self.skipped += self.finished_here(item.index)
@@ -1111,7 +1122,7 @@ class _Run:
                         host = pool.get()
                     host.block, host.rows = block, 0
                     for b0 in range(0, block.n_seqs, opts.batch_size):
-                        _SIGTERM.check()
+                        self._stop_if_asked()
                         batch = slice(b0, b0 + opts.batch_size)
                         ids = block.input_ids[batch]
                         mask = None if block.attention_mask is None else block.attention_mask[batch]
@@ -1141,7 +1152,7 @@ class _Run:
                     if queues is not None:
                         host.events = queues.copies_done()
                     self.n_tokens += block.n_tokens
-                    _SIGTERM.check()  # not handed to the writers: a shard with its last batch cut short
+                    self._stop_if_asked()  # not handed to the writers: a shard with its last batch cut short
                     jobs.put(host)
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(), refresh=False)
@@ -1164,6 +1175,13 @@ class _Run:
             path = getattr(self.source, "path", None)  # None: an array given to the Python API
             raise ValueError(f"data: no complete sequence of {self.source.seq_len} tokens in "
                              f"{'the input array' if path is None else repr(path)}")
+
+    def _stop_if_asked(self) -> None:
+        """A checkpoint of go() for the command line's SIGTERM (_Sigterm); not once a writer or publisher
+        has failed: the loop stops at the next shard for that, and its error (a full disk, say) is the one
+        to report."""
+        if not self.errors:
+            _SIGTERM.check()
 
     def _check_ids(self, ids: np.ndarray, first_seq: int) -> None:
         lo, hi = int(ids.min()), int(ids.max())
@@ -1334,6 +1352,15 @@ def _end_by_sigterm() -> int:
     return _end_by_signal(signal.SIGTERM)
 
 
+def _end_at_once() -> None:
+    """SIGTERM's default action, from the command line's handler outside extract's window. Nothing is
+    flushed, as the default action flushes nothing: the handler runs in the main thread wherever it
+    was, possibly inside a write to stderr that blocks (a pipe nobody reads), and a flush of that
+    stream from here fails ("reentrant call", a RuntimeError that would replace the death by SIGTERM)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Terminated(BaseException):
     """SIGTERM, taken at one of extract's checkpoints (_Sigterm.check). A BaseException, as
     KeyboardInterrupt is, so that it takes Ctrl-C's way out: no ``except Exception`` catches it, go()'s
@@ -1351,9 +1378,8 @@ class _Sigterm:
     thread at a point where it holds no lock and waits on nothing. Raising from the handler itself
     instead can land inside a lock's ``with`` or a thread's join and leave the cleanup waiting forever
     (a first version raised there, and one of about twenty runs of a test hung; the cause was not
-    found, this was the suspect). So a signal is taken within a batch
-    (a forward, its copies, or a wait for a free host buffer); torchrun's SIGKILL, 30 s after its
-    SIGTERM, stays the backstop. Once noted, further SIGTERMs are ignored, so that the cleanup is not cut
+    found, this was the suspect). So a signal is taken within a batch (a forward, its copies, or a wait
+    for a free host buffer); torchrun's SIGKILL, 30 s after its SIGTERM, stays the backstop. Once noted, further SIGTERMs are ignored, so that the cleanup is not cut
     short. Outside that window (loading the model, tokenizing, the final manifest) nothing needs
     cleaning up, and SIGTERM ends the process at once, as without a handler.
 
@@ -1368,7 +1394,7 @@ class _Sigterm:
         if self.asked:
             return
         if not self.deferring:
-            _end_by_sigterm()
+            _end_at_once()
         self.asked = True
 
     @contextlib.contextmanager
@@ -1378,8 +1404,15 @@ class _Sigterm:
             return
         self.asked = False
         previous = signal.signal(signal.SIGTERM, self._handler)
+        if previous is None:  # a handler set from C, which Python cannot put back: the default then
+            previous = signal.SIG_DFL
         try:
             yield
+        except _Terminated:
+            # The caller says so in one line, then ends by SIGTERM: further SIGTERMs stay ignored until
+            # then (restoring ``previous`` here would let one end the process before the line).
+            previous = signal.SIG_IGN
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.asked = False  # (taken by now, or too late to matter): not for a later call in this process
@@ -1399,9 +1432,12 @@ class _Sigterm:
             self.deferring = False
 
     def undefer(self) -> None:
-        """End the window early, taking a SIGTERM it noted: from here SIGTERM ends the process at once."""
-        self.check()
+        """End the window, taking a SIGTERM it noted: from here SIGTERM ends the process at once. In that
+        order: a SIGTERM that comes between the two is then either noted before the check, which takes
+        it, or comes after the window and ends the process; the other way round, one noted just after the
+        check would be taken nowhere (and would make the handler ignore every later one)."""
         self.deferring = False
+        self.check()
 
 
 _SIGTERM = _Sigterm()
@@ -1439,9 +1475,8 @@ def cmd_extract(args) -> int:
         return _end_by_sigint()
     except _Terminated:
         # SIGTERM (torchrun ending this worker because another failed, a scheduler, kill), taken at a
-        # checkpoint: the same cleanup as Ctrl-C's has run; the same line, then the death by SIGTERM
-        # its sender expects.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # checkpoint: the same cleanup as Ctrl-C's has run; the same line (further SIGTERMs are ignored
+        # now: _Sigterm.install), then the death by SIGTERM its sender expects.
         print(_interrupted(args.out, "terminated (SIGTERM)"), file=sys.stderr)
         return _end_by_sigterm()
     if int(os.environ.get("RANK", 0)) == 0:
