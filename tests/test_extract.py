@@ -1665,6 +1665,19 @@ def _listed(*manifests) -> list[int]:
     return counts
 
 
+def _popen_interruptible(args, **kw) -> subprocess.Popen:
+    """Popen with SIGINT at its default disposition in the child, as a terminal's Ctrl-C finds a
+    foreground command. A signal ignored is inherited across exec (only handlers are reset): under a
+    background job of a non-interactive shell (``pytest ... &``, ``nohup``) SIGINT is ignored, Python
+    then installs no KeyboardInterrupt handler, and the run would go on to complete instead."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_DFL in the child after exec
+    try:
+        return subprocess.Popen(args, **kw)
+    finally:
+        if before is not None:  # (None: a handler not set from Python, which cannot be put back)
+            signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_in_one_line_that_the_same_command_resumes_and_ends_by_sigint(tmp_path, reference_run):
     """Ctrl-C: the cleanup runs first (the threads finish the shards handed to them; nothing partial is
@@ -1673,8 +1686,8 @@ def test_ctrl_c_says_in_one_line_that_the_same_command_resumes_and_ends_by_sigin
     script stops there. The rerun resumes and ends as the uninterrupted run."""
     path, ref = reference_run
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _popen_interruptible(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     _until(proc, lambda: _listed(out / "manifest.json")[0] >= 5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
