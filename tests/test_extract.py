@@ -1679,24 +1679,27 @@ def _popen_interruptible(args, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_ctrl_c_says_in_one_line_that_the_same_command_resumes_and_ends_by_sigint(tmp_path, reference_run):
-    """Ctrl-C: the cleanup runs first (the threads finish the shards handed to them; nothing partial is
-    listed, no temporary is left), then one line says what is kept and that the same command resumes
-    (before: a traceback through transformers), and the process still ends by SIGINT, so that a shell
-    script stops there. The rerun resumes and ends as the uninterrupted run."""
+@pytest.mark.parametrize("signum,how", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated (SIGTERM)")])
+def test_a_signal_after_some_shards_is_said_in_one_line_and_ends_the_process(tmp_path, reference_run, signum,
+                                                                             how):
+    """Ctrl-C, and SIGTERM (the command line's handler) after some shards: the cleanup runs first (the
+    threads finish the shards handed to them; nothing partial is listed, no temporary is left), then one
+    line says what is kept and that the same command resumes (before: a traceback through transformers, or
+    for SIGTERM nothing), and the process still ends by that signal, so that a shell script stops there (a
+    scheduler sees what it expects). The rerun resumes and ends as the uninterrupted run."""
     path, ref = reference_run
     out = tmp_path / "out"
     proc = _popen_interruptible(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     _until(proc, lambda: _listed(out / "manifest.json")[0] >= 5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGINT, (proc.returncode, stderr[-3000:])
+    assert proc.returncode == -signum, (proc.returncode, stderr[-3000:])
     m = json.loads((out / "manifest.json").read_text())
     n = len(m["shards"])
     assert not m["complete"] and 5 <= n < 200
-    assert stdout == "" and stderr == (f"residtap extract: interrupted; {str(out)!r} keeps its {n} complete "
-                                       "shards and nothing partial. Run the same command again to resume.\n")
+    assert stdout == "" and stderr == (f"residtap extract: {how}; {str(out)!r} keeps its {n} complete shards "
+                                       "and nothing partial. Run the same command again to resume.\n")
     assert sorted(os.listdir(out)) == sorted([store.LOCK, store.MANIFEST, *(r["file"] for r in m["shards"])])
     rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
@@ -1749,6 +1752,22 @@ def test_ctrl_c_before_the_first_shard_takes_the_run_back_then_says_so(tmp_path,
                                        "kept. Run the same command again to resume.\n")
 
 
+class _Stray(Exception):
+    """Raised by _stray: a stand-in for SIGTERM's previous action (the default would end pytest)."""
+
+
+def _stray(signum, frame):
+    raise _Stray
+
+
+class _Ended(BaseException):
+    """Raised by _end: a stand-in for the process's end by SIGTERM."""
+
+
+def _end():
+    raise _Ended
+
+
 def test_sigterm_in_the_command_line_is_taken_at_the_next_batch_once(tmp_path, monkeypatch, capsys):
     """SIGTERM in a first run's first batch: the handler only notes it (the batch goes on), the next
     checkpoint raises, and the run is taken back (as on any failure there) before the line is printed and
@@ -1757,12 +1776,6 @@ def test_sigterm_in_the_command_line_is_taken_at_the_next_batch_once(tmp_path, m
     ex = sys.modules["residtap.extract"]
     path, _ = ids_file(tmp_path, 64)
     out = tmp_path / "out"
-
-    class Stray(Exception):
-        pass
-
-    def stray(signum, frame):
-        raise Stray
 
     check, seen = ex._Run._check_ids, []
 
@@ -1784,7 +1797,7 @@ def test_sigterm_in_the_command_line_is_taken_at_the_next_batch_once(tmp_path, m
     monkeypatch.setattr(ex, "_take_back", again)
     monkeypatch.setattr(ex, "_end_by_sigterm",
                         lambda: ended.append((out.exists(), signal.getsignal(signal.SIGTERM))) or 143)
-    previous = signal.signal(signal.SIGTERM, stray)
+    previous = signal.signal(signal.SIGTERM, _stray)
     try:
         rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
                        "--batch-size", "2", "--no-progress"])
@@ -1808,14 +1821,8 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
     args = ["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8", "--batch-size",
             "2", "--shard-size", "1KiB", "--no-progress"]
 
-    class Ended(BaseException):  # the stand-in for the process's end by SIGTERM
-        pass
-
-    def end():
-        raise Ended
-
-    monkeypatch.setattr(ex, "_end_by_sigterm", end)
-    monkeypatch.setattr(ex, "_end_at_once", end, raising=False)  # the handler's, outside the window
+    monkeypatch.setattr(ex, "_end_by_sigterm", _end)
+    monkeypatch.setattr(ex, "_end_at_once", _end)  # the handler's, outside the window
     load = ex.load_model
 
     def signalled_load(*a, **k):
@@ -1823,7 +1830,7 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
         return load(*a, **k)
 
     monkeypatch.setattr(ex, "load_model", signalled_load)
-    with pytest.raises(Ended):
+    with pytest.raises(_Ended):
         cli_main(args)
     assert not out.exists()
     monkeypatch.setattr(ex, "load_model", load)
@@ -1857,8 +1864,8 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
         return verify(self)
 
     monkeypatch.setattr(store.Activations, "verify", signalled_verify)
-    monkeypatch.setattr(ex, "_end_by_sigterm", end)
-    with pytest.raises(Ended):
+    monkeypatch.setattr(ex, "_end_by_sigterm", _end)
+    with pytest.raises(_Ended):
         cli_main(args)
     assert json.loads((out / "manifest.json").read_text()) == m
 
@@ -1934,18 +1941,12 @@ def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_
             sent.append(True)
             signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns: after the check
 
-    class Ended(BaseException):  # the stand-in for the process's end by SIGTERM at once
-        pass
-
-    def end():
-        raise Ended
-
     monkeypatch.setattr(ex._Sigterm, "check", late)
-    monkeypatch.setattr(ex, "_end_at_once", end, raising=False)
+    monkeypatch.setattr(ex, "_end_at_once", _end)
     monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)  # taken at a checkpoint (or, before, at once)
     try:
         rc = cli_main(args)
-    except Ended:
+    except _Ended:
         rc = "ended at once"
     assert sent and rc in ("ended at once", 143), rc
     assert not ex._SIGTERM.asked and not ex._SIGTERM.deferring
@@ -1960,12 +1961,6 @@ def test_a_second_sigterm_as_the_handler_is_taken_down_does_not_cut_the_line_sho
     ex = sys.modules["residtap.extract"]
     path, _ = ids_file(tmp_path, 64)
     out = tmp_path / "out"
-
-    class Stray(Exception):
-        pass
-
-    def stray(signum, frame):
-        raise Stray
 
     check = ex._Run._check_ids
     real_signal = signal.signal
@@ -1983,7 +1978,7 @@ def test_a_second_sigterm_as_the_handler_is_taken_down_does_not_cut_the_line_sho
 
     monkeypatch.setattr(ex._Run, "_check_ids", terminated)
     monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)
-    previous = real_signal(signal.SIGTERM, stray)
+    previous = real_signal(signal.SIGTERM, _stray)
     try:
         monkeypatch.setattr(ex.signal, "signal", signal_then_another)
         rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
@@ -2088,32 +2083,6 @@ def test_sigterm_before_the_first_shard_takes_the_run_back_and_ends_by_sigterm(t
 
 
 @pytest.mark.slow
-def test_sigterm_keeps_the_complete_shards_says_so_in_one_line_and_ends_by_sigterm(tmp_path, reference_run):
-    """SIGTERM after some shards: as Ctrl-C, the threads finish the shards handed to them, nothing partial
-    is listed and no temporary is left; one line says what is kept, and the process ends by SIGTERM (what
-    its sender expects). The rerun resumes and ends as the uninterrupted run."""
-    path, ref = reference_run
-    out = tmp_path / "out"
-    proc = subprocess.Popen(_cli(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    _until(proc, lambda: _listed(out / "manifest.json")[0] >= 5)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, stderr[-3000:])
-    m = json.loads((out / "manifest.json").read_text())
-    n = len(m["shards"])
-    assert not m["complete"] and 5 <= n < 200
-    assert stdout == "" and stderr == (f"residtap extract: terminated (SIGTERM); {str(out)!r} keeps its {n} "
-                                       "complete shards and nothing partial. Run the same command again to "
-                                       "resume.\n")
-    assert sorted(os.listdir(out)) == sorted([store.LOCK, store.MANIFEST, *(r["file"] for r in m["shards"])])
-    rerun = subprocess.run(_cli(path, out), env=_env(), capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"({n} already done)" in rerun.stdout
-    assert_same_dirs(ref, out)
-
-
-@pytest.mark.slow
 def test_a_first_run_that_torchrun_ends_for_another_ranks_failure_is_taken_back(tmp_path, reference_run):
     """Rank 1 fails on its first batch (a token id outside the vocabulary, in its first shard only) and
     torchrun ends rank 0 with SIGTERM while rank 0 is still in its first batch (held there until the signal
@@ -2129,8 +2098,7 @@ def test_a_first_run_that_torchrun_ends_for_another_ranks_failure_is_taken_back(
     np.save(bad, ids)
     out, held, script = tmp_path / "out", tmp_path / "held", tmp_path / "held.py"
     script.write_text(_HELD_IN_ITS_FIRST_BATCH)
-    cmd = _torchrun(bad, out)
-    first = subprocess.run([*cmd[:cmd.index("-m", 3)], str(script), *cmd[cmd.index("-m", 3) + 2:]],
+    first = subprocess.run(_torchrun(bad, out, script=script),
                            env=dict(_env(), RESIDTAP_TEST_HELD=str(held)), capture_output=True, text=True,
                            timeout=180)
     assert first.returncode != 0 and held.exists(), first.stderr[-5000:]  # rank 0 was held when it ended
@@ -2180,8 +2148,7 @@ def test_torchrun_ended_while_rank_0_waits_for_a_rank_checking_its_shards(tmp_pa
     del m["n_shards"], m["totals"]
     (out / "manifest.json").write_text(json.dumps({**m, "complete": False}))  # as a run killed in its merge
     script.write_text(_RANK_1_CHECKS_SLOWLY)
-    cmd = _torchrun(path, out)
-    proc = subprocess.Popen([*cmd[:cmd.index("-m", 3)], str(script), *cmd[cmd.index("-m", 3) + 2:]],
+    proc = subprocess.Popen(_torchrun(path, out, script=script),
                             env=dict(_env(), RESIDTAP_TEST_HELD=str(held)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _until(proc, held.exists, timeout=120)
@@ -2211,9 +2178,10 @@ def _kill_every_process_writing(out) -> None:
             pass
 
 
-def _torchrun(path, out, n=2):
+def _torchrun(path, out, n=2, script=None):
+    """torchrun running the command line, or ``script`` (Python run as the command line) in its place."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-            "-m", "residtap", *_cli(path, out)[3:]]
+            *(["-m", "residtap"] if script is None else [str(script)]), *_cli(path, out)[3:]]
 
 
 @pytest.mark.slow

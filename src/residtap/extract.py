@@ -1333,11 +1333,12 @@ def _interrupted(out: str, how: str = "interrupted") -> str:
     return f"residtap extract: {who}{how}; {kept}. Run the same command again to resume."
 
 
-def _end_by_signal(signum: int) -> int:
+def _end_by_signal(signum: int, flush: bool = True) -> int:
     """End this process by ``signum``, as the signal's default action does, so that a shell (torchrun, a
     job scheduler) running it sees a death by that signal rather than an exit status."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if flush:
+        sys.stdout.flush()
+        sys.stderr.flush()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return 128 + signum  # where a signal sent to itself does not end the process at once
@@ -1357,8 +1358,7 @@ def _end_at_once() -> None:
     flushed, as the default action flushes nothing: the handler runs in the main thread wherever it
     was, possibly inside a write to stderr that blocks (a pipe nobody reads), and a flush of that
     stream from here fails ("reentrant call", a RuntimeError that would replace the death by SIGTERM)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _end_by_signal(signal.SIGTERM, flush=False)
 
 
 class _Terminated(BaseException):
