@@ -130,7 +130,7 @@ def test_a_block_that_runs_twice_in_one_forward_is_refused(loops, repeat, block)
 
 def test_positions_out_of_range_for_the_actual_length(model):
     cap = residtap.capture(model, positions=[0, 9])
-    with pytest.raises(ValueError, match=r"positions: expected positions in \[-5, 5\) .* length 5, got \[9\]"):
+    with pytest.raises(ValueError, match=r"positions: expected positions in \[-5, 5\) .* length 5, got \[9\]$"):
         with cap:
             model(ids_for(model, 2, 5))
     with pytest.raises(residtap.CaptureError, match="raised"):

@@ -1482,7 +1482,7 @@ def cli_rc(argv) -> int:
     (["--layers", "0:33"], r"--layers: expected residual indices in \[-3, 2\] \(the model has 2 blocks.*\), "
                            r"got 0:33$"),
     (["--layers", "0,9"], r"--layers: expected residual indices in \[-3, 2\] .*got 9$"),
-    (["--positions", "9"], r"--positions: expected positions in \[-8, 8\) .*got \[9\]"),
+    (["--positions", "9"], r"--positions: expected positions in \[-8, 8\) .*got 9$"),
     (["--outputs", "resid,foo"], r"--outputs: expected a non-empty subset of"),
     (["--dtype", "float64"], r"--dtype: invalid choice: 'float64' \(choose from 'bf16', .*'float32'"),
     (["--model-dtype", "int8"], r"--model-dtype: invalid choice: 'int8'"),

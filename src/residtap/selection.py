@@ -291,7 +291,8 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
         if rng.step == 1:
             return PositionPlan(seq_len, span=slice(rng.start, rng.stop))
         return PositionPlan(seq_len, index=list(rng))
-    if is_int(positions):
+    one = is_int(positions)  # an int is said back as given, not as the list it becomes
+    if one:
         positions = [positions]
     elif isinstance(positions, torch.Tensor):
         if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
@@ -306,7 +307,7 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
     bad = [p for p in positions if not -seq_len <= p < seq_len]
     if bad:
         raise ValueError(f"positions: expected positions in [{-seq_len}, {seq_len}) for the input's "
-                         f"sequence length {seq_len}, got {bad}")
+                         f"sequence length {seq_len}, got {positions[0] if one else bad}")
     index = [p % seq_len for p in positions]
     if index == list(range(index[0], index[0] + len(index))):
         return PositionPlan(seq_len, span=slice(index[0], index[0] + len(index)))
