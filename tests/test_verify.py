@@ -299,6 +299,27 @@ def test_cli_exit_status_3_for_the_unexpected(extension, monkeypatch, capsys):
     assert err.rstrip().endswith("residtap verify: unexpected error (above); exit status 3")
 
 
+def test_cli_a_ctrl_c_a_library_wrapped_is_a_ctrl_c_not_status_3(extension, monkeypatch, capsys):
+    """A Ctrl-C during one of transformers' lazy imports comes out as its ModuleNotFoundError, raised from
+    the KeyboardInterrupt: the command line raises that KeyboardInterrupt (Python's way out, the death by
+    SIGINT) rather than calling it an unexpected error with status 3."""
+    ctrl_c = KeyboardInterrupt()
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise ctrl_c
+        except KeyboardInterrupt as e:
+            try:
+                raise RuntimeError("import of GenerationMixin halted") from e
+            except RuntimeError as inner:
+                raise ModuleNotFoundError("Could not import module 'GPT2LMHeadModel'") from inner
+
+    monkeypatch.setattr(sys.modules["residtap.verify"], "verify", wrapped)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        cli.main(["verify", "--batch", "1", "--seq", "4"])
+    assert raised.value is ctrl_c and "unexpected error" not in capsys.readouterr().err
+
+
 def test_cli_verify_a_model_type_residtap_lacks_with_blocks_and_final_norm(extension, tmp_path, capsys):
     """The error for a model outside residtap's table said to pass blocks= / final_norm=, which the
     command line had no way to."""

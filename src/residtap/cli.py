@@ -165,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+def _ctrl_c_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``e`` was raised from or while handling, if any: a Ctrl-C that a
+    library turned into an error of its own (a Ctrl-C during one of transformers' lazy imports comes
+    out as its ModuleNotFoundError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -174,8 +187,11 @@ def main(argv=None) -> int:
     except (ValueError, UnsupportedStreamError, BackendUnavailableError, CaptureError) as e:
         print(f"residtap {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception:  # noqa: BLE001 — anything else is unexpected: its traceback, and a status of its
-        # own, so that verify's 1 ("not exact") always means what it says
+    except Exception as e:  # noqa: BLE001 — anything else is unexpected: its traceback, and a status of
+        # its own, so that verify's 1 ("not exact") always means what it says
+        ctrl_c = _ctrl_c_behind(e)
+        if ctrl_c is not None:
+            raise ctrl_c  # Python's way out of a Ctrl-C (its traceback, the death by SIGINT), not status 3
         traceback.print_exc()
         print(f"residtap {args.command}: unexpected error (above); exit status {EXIT_UNEXPECTED}",
               file=sys.stderr)
