@@ -1708,22 +1708,32 @@ def test_a_signal_after_some_shards_is_said_in_one_line_and_ends_the_process(tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_torchrun_gives_one_line_per_rank(tmp_path, reference_run):
+@pytest.mark.parametrize("to", ["torchrun", "its process group"])
+def test_ctrl_c_under_torchrun_gives_one_line_per_rank(tmp_path, reference_run, to):
     """torchrun passes the SIGINT on to each worker: each rank says its line once, and no rank prints a
-    traceback (torchrun's own report is torchrun's). The rerun resumes and ends as one uninterrupted
-    process."""
+    traceback (torchrun's own report is torchrun's). A terminal's Ctrl-C goes to the whole process group,
+    so each worker gets it twice (the terminal's, then torchrun's), the second often during its cleanup,
+    which it must not cut short: nothing temporary is left and every shard file is listed. The rerun
+    resumes and ends as one uninterrupted process."""
     path, ref = reference_run
     out = tmp_path / "out"
-    proc = subprocess.Popen(_torchrun(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _popen_interruptible(_torchrun(path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
     _until(proc, lambda: min(_listed(*(out / store.part_name(r) for r in range(2)))) >= 5, timeout=120)
-    proc.send_signal(signal.SIGINT)
+    if to == "torchrun":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     for r in range(2):
         line = (rf"^residtap extract: rank {r}: interrupted; {re.escape(repr(str(out)))} keeps its \d+ complete "
                 r"shards and nothing partial\. Run the same command again to resume\.$")
         assert len(re.findall(line, stderr, re.M)) == 1, stderr[-5000:]
     assert "KeyboardInterrupt" not in stderr and "residtap" not in stderr.replace("residtap extract: rank", "")
+    files = set(os.listdir(out))
+    parts = {f for f in files if f.startswith(store.PART_PREFIX) and f.endswith(".json")}
+    listed = {r["file"] for p in parts | {store.MANIFEST} for r in json.loads((out / p).read_text())["shards"]}
+    assert files - parts == {store.LOCK, store.MANIFEST} | listed, sorted(files - parts - listed)
     rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_same_dirs(ref, out)
@@ -1750,6 +1760,98 @@ def test_ctrl_c_before_the_first_shard_takes_the_run_back_then_says_so(tmp_path,
     assert ended == [False]  # taken back first
     assert capsys.readouterr().err == ("residtap extract: interrupted; no shard was complete yet, so nothing is "
                                        "kept. Run the same command again to resume.\n")
+
+
+def test_a_second_ctrl_c_during_the_cleanup_does_not_cut_it_short(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the command line while extract holds the directory is noted and taken at the next
+    checkpoint, as SIGTERM is, and a second one while go() waits for its threads (a second Ctrl-C; under
+    torchrun every time: the terminal sends the Ctrl-C to every worker and torchrun passes it on again) is
+    ignored. The publisher holding a shard then still renames and records it: the directory lists every
+    shard it holds, nothing temporary is left, and the one line says what is kept. Before, the second raised
+    a KeyboardInterrupt in go()'s joins, and the process said "nothing partial" and ended with that shard
+    half done (a temporary, or a shard file the manifest does not list, or a first run not taken back)."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 8 * 64, vocab=100)
+    out = tmp_path / "out"
+    publish, sent = store.publish_shard, []
+    main = threading.main_thread().ident
+
+    def interrupted_twice(pending, hashed=None):
+        if pending.index == 2 and not sent:
+            for _ in range(2):  # to the main thread, as a terminal's Ctrl-C comes; the second while it joins
+                sent.append(pending.index)
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.3)
+        return publish(pending, hashed)
+
+    ended = []
+    monkeypatch.setattr(store, "publish_shard", interrupted_twice)
+    monkeypatch.setattr(ex, "_end_by_sigint", lambda: ended.append(signal.getsignal(signal.SIGINT)) or 130)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, as a terminal's command has
+    try:
+        rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--batch-size", "2", "--shard-size", "1KiB", "--no-progress"])
+        files = sorted(os.listdir(out))  # at once: before, the publisher was still asleep with its shard
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = capsys.readouterr().err
+    assert sent == [2, 2] and rc == 130 and ended == [signal.SIG_IGN], err
+    m = json.loads((out / "manifest.json").read_text())
+    n = len(m["shards"])
+    assert not m["complete"] and "shard-000002.safetensors" in {r["file"] for r in m["shards"]}
+    assert files == sorted([store.LOCK, store.MANIFEST, *(r["file"] for r in m["shards"])])
+    assert err == (f"residtap extract: interrupted; {str(out)!r} keeps its {n} complete shards and nothing "
+                   "partial. Run the same command again to resume.\n")
+    assert not ex._SIGNALS.asked and not ex._SIGNALS.deferring
+
+
+def test_ctrl_c_outside_the_window_is_raised_at_once_and_an_ignored_one_stays_ignored(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Ctrl-C while the model loads (nothing to clean up) raises KeyboardInterrupt at once, as Python's own
+    handler does: no directory, the line, the end by SIGINT. Where SIGINT is ignored (a background job,
+    which a terminal's Ctrl-C is not for) the command line leaves it so."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+
+    def interrupted_load(*a, **k):
+        signal.raise_signal(signal.SIGINT)  # its handler has run when this returns
+        raise AssertionError("SIGINT was not raised at once")
+
+    ended = []
+    monkeypatch.setattr(ex, "load_model", interrupted_load)
+    monkeypatch.setattr(ex, "_end_by_sigint", lambda: ended.append(signal.getsignal(signal.SIGINT)) or 130)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--no-progress"])
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with ex._SIGNALS.install():
+            inside = signal.getsignal(signal.SIGINT)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert rc == 130 and ended == [signal.SIG_IGN] and not out.exists()
+    assert capsys.readouterr().err == ("residtap extract: interrupted; no shard was complete yet, so nothing is "
+                                       "kept. Run the same command again to resume.\n")
+    assert inside is signal.SIG_IGN and after is signal.SIG_IGN
+
+
+def test_a_manifest_write_cut_short_leaves_the_manifest_as_it_was_and_no_temporary(tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the middle of a manifest's write (Ctrl-C outside extract's window, where it is
+    raised at once: the final manifest) leaves the manifest as it was and no temporary beside it. Before,
+    only an OSError removed the temporary."""
+    path = tmp_path / "manifest.json"
+    store.write_json_atomic(str(path), {"shards": 1})
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_json_atomic(str(path), {"shards": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"shards": 1} and os.listdir(tmp_path) == ["manifest.json"]
 
 
 class _Stray(Exception):
@@ -1806,7 +1908,7 @@ def test_sigterm_in_the_command_line_is_taken_at_the_next_batch_once(tmp_path, m
     err = capsys.readouterr().err
     assert seen == [0], seen  # the batch the signal came in ran to its end; the next never started
     assert rc == 143 and ended == [(False, signal.SIG_IGN)], err  # taken back first; SIGTERM ignored then
-    assert not ex._SIGTERM.asked and not ex._SIGTERM.deferring  # nothing left for a later extract here
+    assert not ex._SIGNALS.asked and not ex._SIGNALS.deferring  # nothing left for a later extract here
     assert err == ("residtap extract: terminated (SIGTERM); no shard was complete yet, so nothing is kept. Run "
                    "the same command again to resume.\n")
 
@@ -1889,7 +1991,7 @@ def test_a_writers_error_is_reported_rather_than_a_sigterm_noted_with_it(tmp_pat
                    "8", "--batch-size", "2", "--no-progress"])
     assert rc == 1 and capsys.readouterr().err == ("residtap extract: error: no space left on device (a "
                                                    "stand-in)\n")
-    assert not ex._SIGTERM.asked
+    assert not ex._SIGNALS.asked
 
 def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp_path, monkeypatch):
     """The Python API installs no handler (it is library code); the command line's is installed only from
@@ -1906,13 +2008,13 @@ def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp
     assert seen and set(seen) == {before}
 
     def in_a_thread():
-        with ex._SIGTERM.install():
+        with ex._SIGNALS.install():
             seen.append(("thread", signal.getsignal(signal.SIGTERM)))
 
     t = threading.Thread(target=in_a_thread)
     t.start()
     t.join()
-    with ex._SIGTERM.install():
+    with ex._SIGNALS.install():
         main = signal.getsignal(signal.SIGTERM)
     assert seen[-1] == ("thread", before) and main not in (before, signal.SIG_DFL, signal.SIG_IGN)
     assert signal.getsignal(signal.SIGTERM) is before
@@ -1932,7 +2034,7 @@ def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_
     if where == "checking a complete directory":
         assert cli_main(args) == 0
     returned, sent = [], []
-    go, check = ex._Run.go, ex._Sigterm.check
+    go, check = ex._Run.go, ex._Signals.check
     monkeypatch.setattr(ex._Run, "go", lambda self: go(self) or returned.append(True))
 
     def late(self):
@@ -1941,7 +2043,7 @@ def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_
             sent.append(True)
             signal.raise_signal(signal.SIGTERM)  # its handler has run when this returns: after the check
 
-    monkeypatch.setattr(ex._Sigterm, "check", late)
+    monkeypatch.setattr(ex._Signals, "check", late)
     monkeypatch.setattr(ex, "_end_at_once", _end)
     monkeypatch.setattr(ex, "_end_by_sigterm", lambda: 143)  # taken at a checkpoint (or, before, at once)
     try:
@@ -1949,7 +2051,7 @@ def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_
     except _Ended:
         rc = "ended at once"
     assert sent and rc in ("ended at once", 143), rc
-    assert not ex._SIGTERM.asked and not ex._SIGTERM.deferring
+    assert not ex._SIGNALS.asked and not ex._SIGNALS.deferring
 
 
 def test_a_second_sigterm_as_the_handler_is_taken_down_does_not_cut_the_line_short(tmp_path, monkeypatch,
@@ -1972,7 +2074,7 @@ def test_a_second_sigterm_as_the_handler_is_taken_down_does_not_cut_the_line_sho
 
     def signal_then_another(signum, action):  # a second SIGTERM just after each change of SIGTERM's action
         previous = real_signal(signum, action)
-        if signum == signal.SIGTERM and action != ex._SIGTERM._handler:
+        if signum == signal.SIGTERM and action != ex._SIGNALS._handler:
             signal.raise_signal(signal.SIGTERM)
         return previous
 
@@ -2048,7 +2150,7 @@ def held(self, ids, first_seq):
     if self.rank == 0 and first_seq == 0:
         open(os.environ["RESIDTAP_TEST_HELD"], "w").close()
         deadline = time.monotonic() + 60
-        while not ex._SIGTERM.asked:
+        while not ex._SIGNALS.asked:
             if time.monotonic() > deadline:
                 os._exit(99)
             time.sleep(0.01)

@@ -525,8 +525,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
     group = _init_group(world)
     lock = None
     try:
-        # From here to the end of go(), the command line's SIGTERM waits for a checkpoint (_Sigterm)
-        with _SIGTERM.deferred():
+        # From here to the end of go(), the command line's SIGTERM and Ctrl-C wait for a checkpoint (_Signals)
+        with _SIGNALS.deferred():
             if rank == 0:  # one run at a time in a directory (its other ranks are this run)
                 _make_dir(out)
                 lock = _store.lock_directory(out)
@@ -547,10 +547,10 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                        manifest, rank, world, progress, in_device)
             try:
                 run.go()
-                # The window ends before its last check (not after: a SIGTERM noted in between would be
+                # The window ends before its last check (not after: a signal noted in between would be
                 # taken nowhere): one noted during the threads' last shards is taken here; from here on
-                # one ends the process at once.
-                _SIGTERM.undefer()
+                # one acts at once.
+                _SIGNALS.undefer()
             except BaseException:
                 if fresh and not manifest.records:
                     _take_back(out, made_dir, world)
@@ -641,7 +641,7 @@ def _barrier(group) -> None:
             # that torchrun sent every worker ended it at a checkpoint (a resume's check of its shards)
             # while this rank, done checking, waited here with the same SIGTERM noted: take that, the
             # cause, rather than the collective's error (a traceback, exit status 3).
-            _SIGTERM.check()
+            _SIGNALS.check()
             raise
 
 
@@ -669,7 +669,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
-        _SIGTERM.undefer()  # nothing to clean up; checking every shard can take long: SIGTERM acts at once
+        _SIGNALS.undefer()  # nothing to clean up; checking every shard can take long: signals act at once
         _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
@@ -681,7 +681,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     for i in sorted(records):
         if not owned(i):
             continue
-        _SIGTERM.check()
+        _SIGNALS.check()
         problem = _store.record_mismatch(out, records[i], check_sha256=verify)
         if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
             print(f"residtap extract: shard {i} is listed but missing; it will be recomputed",
@@ -725,7 +725,7 @@ def _take_back(out: str, made_dir: bool, world: int) -> None:
     file systems, or another rank holding it past _TAKE_BACK_WAIT), the run keeps its manifest, which
     a rerun with other settings refuses, saying to delete the directory. The same where only another
     rank fails and rank 0 is ended without coming here: torchrun ends it with SIGTERM, which the command
-    line takes at rank 0's next checkpoint (_Sigterm) and so comes here, but the Python API installs no
+    line takes at rank 0's next checkpoint (_Signals) and so comes here, but the Python API installs no
     handler, and a rank 0 waiting in a collective then, or in a batch for longer than torchrun's grace
     period (30 s), gets its SIGKILL. The failing rank cannot take the run back itself (only rank 0 knows
     whether the run started the directory, and rank 0 records its shards without the lock, its decision
@@ -1177,11 +1177,11 @@ class _Run:
                              f"{'the input array' if path is None else repr(path)}")
 
     def _stop_if_asked(self) -> None:
-        """A checkpoint of go() for the command line's SIGTERM (_Sigterm); not once a writer or publisher
+        """A checkpoint of go() for the command line's SIGTERM and Ctrl-C (_Signals); not once a writer or publisher
         has failed: the loop stops at the next shard for that, and its error (a full disk, say) is the one
         to report."""
         if not self.errors:
-            _SIGTERM.check()
+            _SIGNALS.check()
 
     def _check_ids(self, ids: np.ndarray, first_seq: int) -> None:
         lo, hi = int(ids.min()), int(ids.max())
@@ -1362,69 +1362,86 @@ def _end_at_once() -> None:
 
 
 class _Terminated(BaseException):
-    """SIGTERM, taken at one of extract's checkpoints (_Sigterm.check). A BaseException, as
+    """SIGTERM, taken at one of extract's checkpoints (_Signals.check). A BaseException, as
     KeyboardInterrupt is, so that it takes Ctrl-C's way out: no ``except Exception`` catches it, go()'s
     finally lets the writers and publishers finish the shards handed to them, and a first run with no
     shard recorded is taken back."""
 
 
-class _Sigterm:
+class _Signals:
     """The command line's SIGTERM (kill, a job scheduler's time limit, torchrun ending the other workers
-    when one fails), which then takes Ctrl-C's way out where that matters: while extract() holds a
-    directory (``deferring``: from making it to the end of go()).
+    when one fails) and Ctrl-C (SIGINT), while extract() holds a directory (``deferring``: from making it
+    to the end of go()), where an interruption must let the writers and publishers finish what they hold.
 
-    There the handler only notes the signal, and extract raises _Terminated at its next checkpoint
-    (check(): each batch, each shard handed to the writers, each shard a resume verifies), in the main
-    thread at a point where it holds no lock and waits on nothing. Raising from the handler itself
-    instead can land inside a lock's ``with`` or a thread's join and leave the cleanup waiting forever
-    (a first version raised there, and one of about twenty runs of a test hung; the cause was not
-    found, this was the suspect). So a signal is taken within a batch (a forward, its copies, or a wait
-    for a free host buffer); torchrun's SIGKILL, 30 s after its SIGTERM, stays the backstop. Once noted, further SIGTERMs are ignored, so that the cleanup is not cut
-    short. Outside that window (loading the model, tokenizing, the final manifest) nothing needs
-    cleaning up, and SIGTERM ends the process at once, as without a handler.
+    There the handler only notes the signal, and extract raises it (_Terminated, or KeyboardInterrupt)
+    at its next checkpoint (check(): each batch, each shard handed to the writers, each shard a resume
+    verifies), in the main thread, where it holds no lock and waits on nothing. So a signal is taken
+    within a batch (a forward, its copies, or a wait for a free host buffer). Once one is noted, further
+    SIGTERMs and SIGINTs are ignored until the line is said: a second one raised in go()'s joins would
+    end the process with a shard half published, and under torchrun every worker gets a terminal's
+    Ctrl-C twice (from the terminal, then from torchrun). SIGQUIT, and torchrun's SIGKILL 30 s after its
+    SIGTERM, stay the backstops. Outside the window (loading the model, tokenizing, the final manifest)
+    nothing needs cleaning up: SIGTERM ends the process at once, as its default action does, and SIGINT
+    raises KeyboardInterrupt at once, as Python's own handler does.
 
-    Only the command line installs the handler (install(), from the main thread, as signal.signal
-    requires): the Python API leaves SIGTERM to its caller, and there ``asked`` is never set."""
+    SIGINT is handled only where Python's own handler has it: an ignored one (a background job) stays
+    ignored, and a caller's own handler stays in place. Only the command line installs the handler
+    (install(), from the main thread, as signal.signal requires): the Python API leaves both signals to
+    its caller, and there ``asked`` is never set."""
 
     def __init__(self):
         self.deferring = False
-        self.asked = False
+        self.asked = 0  # the signal noted (SIGTERM or SIGINT), 0 where none
 
     def _handler(self, signum, frame):
         if self.asked:
             return
         if not self.deferring:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # Python's own handler's action
             _end_at_once()
-        self.asked = True
+        self.asked = signum
 
     @contextlib.contextmanager
     def install(self):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        self.asked = False
+        self.asked = 0
         previous = signal.signal(signal.SIGTERM, self._handler)
         if previous is None:  # a handler set from C, which Python cannot put back: the default then
             previous = signal.SIG_DFL
+        # Ctrl-C only where Python's own handler has it: not where it is ignored (a background job, which
+        # a terminal's Ctrl-C is not for) nor where the caller has a handler of its own
+        previous_int = signal.getsignal(signal.SIGINT)
+        ctrl_c = previous_int is signal.default_int_handler
+        if ctrl_c:
+            signal.signal(signal.SIGINT, self._handler)
         try:
             yield
-        except _Terminated:
-            # The caller says so in one line, then ends by SIGTERM: further SIGTERMs stay ignored until
-            # then (restoring ``previous`` here would let one end the process before the line).
-            previous = signal.SIG_IGN
+        except (_Terminated, KeyboardInterrupt):
+            # The caller says so in one line, then ends by that signal: further SIGTERMs and SIGINTs stay
+            # ignored until then (restoring the previous actions here would let one end the process, or
+            # raise a KeyboardInterrupt through the caller, before the line).
+            previous = previous_int = signal.SIG_IGN
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-            self.asked = False  # (taken by now, or too late to matter): not for a later call in this process
+            if ctrl_c:
+                signal.signal(signal.SIGINT, previous_int)
+            self.asked = 0  # (taken by now, or too late to matter): not for a later call in this process
 
     def check(self) -> None:
-        """Raise _Terminated where a SIGTERM has come in (the command line's handler noted it)."""
+        """Raise _Terminated where a SIGTERM has come in, KeyboardInterrupt where a SIGINT has (the command
+        line's handler noted it)."""
+        if self.asked == signal.SIGINT:
+            raise KeyboardInterrupt
         if self.asked:
             raise _Terminated("SIGTERM")
 
     @contextlib.contextmanager
     def deferred(self):
-        """extract's window where SIGTERM waits for a checkpoint (the last one where it ends)."""
+        """extract's window where SIGTERM and Ctrl-C wait for a checkpoint (the last one where it ends)."""
         self.deferring = True
         try:
             yield
@@ -1432,15 +1449,15 @@ class _Sigterm:
             self.deferring = False
 
     def undefer(self) -> None:
-        """End the window, taking a SIGTERM it noted: from here SIGTERM ends the process at once. In that
-        order: a SIGTERM that comes between the two is then either noted before the check, which takes
-        it, or comes after the window and ends the process; the other way round, one noted just after the
-        check would be taken nowhere (and would make the handler ignore every later one)."""
+        """End the window, taking a signal it noted: from here a signal acts at once. In that order: one
+        that comes between the two is then either noted before the check, which takes it, or comes after
+        the window and acts at once; the other way round, one noted just after the check would be taken
+        nowhere (and would make the handler ignore every later one)."""
         self.deferring = False
         self.check()
 
 
-_SIGTERM = _Sigterm()
+_SIGNALS = _Signals()
 
 
 def cmd_extract(args) -> int:
@@ -1449,7 +1466,7 @@ def cmd_extract(args) -> int:
     layers = _parse_layers(args.layers)
     try:
         positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
-        with _SIGTERM.install():
+        with _SIGNALS.install():
             res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
                           outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
                           batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -1469,14 +1486,15 @@ def cmd_extract(args) -> int:
     except KeyboardInterrupt:
         # extract() has cleaned up on the way out (its threads finished what they had, nothing partial is
         # listed, temporaries removed, a run with no shard taken back): one line, not a traceback through
-        # transformers. A second Ctrl-C now does not print it twice.
+        # transformers. Taken at a checkpoint where the Ctrl-C came while extract held the directory; a
+        # second Ctrl-C during that cleanup, or now, is ignored (_Signals.install), so the line comes once.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(_interrupted(args.out), file=sys.stderr)
         return _end_by_sigint()
     except _Terminated:
         # SIGTERM (torchrun ending this worker because another failed, a scheduler, kill), taken at a
         # checkpoint: the same cleanup as Ctrl-C's has run; the same line (further SIGTERMs are ignored
-        # now: _Sigterm.install), then the death by SIGTERM its sender expects.
+        # now: _Signals.install), then the death by SIGTERM its sender expects.
         print(_interrupted(args.out, "terminated (SIGTERM)"), file=sys.stderr)
         return _end_by_sigterm()
     if int(os.environ.get("RANK", 0)) == 0:

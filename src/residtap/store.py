@@ -190,9 +190,11 @@ def write_json_atomic(path: str, obj) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except BaseException as e:  # a KeyboardInterrupt too (Ctrl-C outside extract's window: the final manifest)
         _remove_quietly(tmp)
-        raise os_error(e, "writing the manifest", path) from e
+        if isinstance(e, OSError):
+            raise os_error(e, "writing the manifest", path) from e
+        raise
 
 
 def _remove_quietly(path: str) -> None:
