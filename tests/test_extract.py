@@ -1837,6 +1837,54 @@ def test_ctrl_c_outside_the_window_is_raised_at_once_and_an_ignored_one_stays_ig
     assert inside is signal.SIG_IGN and after is signal.SIG_IGN
 
 
+class _Writes:
+    """A stand-in for stderr that keeps each write apart."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("case", ["bad flag", "store error", "interrupted"])
+def test_each_line_the_command_line_says_is_one_write(tmp_path, monkeypatch, case):
+    """Under torchrun every rank says its line on one stderr: one written in two parts (print's text,
+    then its newline, each passed straight on) let another rank's line land between them ("... to
+    resume.residtap extract: rank 0: ..."), seen in a test of torchrun's Ctrl-C. Each line is one
+    write, newline included."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 64)
+    out = tmp_path / "out"
+    extra = []
+    if case == "bad flag":
+        extra = ["--positions", "9"]
+    elif case == "store error":
+        out.write_text("a file")
+    else:
+        def interrupted_load(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ex, "load_model", interrupted_load)
+        monkeypatch.setattr(ex, "_end_by_sigint", lambda: 130)
+    err = _Writes()
+    monkeypatch.setattr(sys, "stderr", err)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--no-progress", *extra])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert rc == {"bad flag": 2, "store error": 1, "interrupted": 130}[case]
+    said = [w for w in err.writes if w]
+    assert len(said) == 1 and said[0].startswith("residtap extract: ") and said[0].count("\n") == 1 \
+        and said[0].endswith("\n"), err.writes
+
+
 def test_a_manifest_write_cut_short_leaves_the_manifest_as_it_was_and_no_temporary(tmp_path, monkeypatch):
     """A KeyboardInterrupt in the middle of a manifest's write (Ctrl-C outside extract's window, where it is
     raised at once: the final manifest) leaves the manifest as it was and no temporary beside it. Before,

@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+def say(line: str) -> None:
+    """``line`` on stderr in one write. print() writes the text and then its newline, and stderr, not a
+    terminal, passes each write straight on: under torchrun another rank's line then lands between the
+    two ("... resume.residtap extract: rank 0: ..."). One write of a line, shorter than a pipe's atomic
+    size, comes out whole."""
+    sys.stderr.write(line + "\n")
+
+
 def _ctrl_c_behind(e: BaseException) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt that ``e`` was raised from or while handling, if any: a Ctrl-C that a
     library turned into an error of its own (a Ctrl-C during one of transformers' lazy imports comes
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
     # bad arguments (a backend this machine lacks among them), a model residtap cannot tap: one
     # clear line
     except (ValueError, UnsupportedStreamError, BackendUnavailableError, CaptureError) as e:
-        print(f"residtap {args.command}: error: {e}", file=sys.stderr)
+        say(f"residtap {args.command}: error: {e}")
         return 2
     except Exception as e:  # noqa: BLE001 — anything else is unexpected: its traceback, and a status of
         # its own, so that verify's 1 ("not exact") always means what it says
@@ -193,8 +201,7 @@ def main(argv=None) -> int:
         if ctrl_c is not None:
             raise ctrl_c  # Python's way out of a Ctrl-C (its traceback, the death by SIGINT), not status 3
         traceback.print_exc()
-        print(f"residtap {args.command}: unexpected error (above); exit status {EXIT_UNEXPECTED}",
-              file=sys.stderr)
+        say(f"residtap {args.command}: unexpected error (above); exit status {EXIT_UNEXPECTED}")
         return EXIT_UNEXPECTED
 
 

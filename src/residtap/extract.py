@@ -55,6 +55,7 @@ from . import inputs as _inputs
 from . import store as _store
 from .arch import bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
+from .cli import say
 from .reference import OUTPUTS, STAT_NAMES
 from .selection import (LAST, NOT_GIVEN, KeepMask, is_int, parse_size, positive_int, resolve_device,
                         resolve_dtype, resolve_positions)
@@ -684,8 +685,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         _SIGNALS.check()
         problem = _store.record_mismatch(out, records[i], check_sha256=verify)
         if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
-            print(f"residtap extract: shard {i} is listed but missing; it will be recomputed",
-                  file=sys.stderr)
+            say(f"residtap extract: shard {i} is listed but missing; it will be recomputed")
             del records[i]
         elif problem is not None:
             raise _store.ShardCorruptError(
@@ -788,8 +788,8 @@ def _reopen_if_shards_missing(out: str) -> None:
         return
     missing = [r["file"] for r in m["shards"] if not os.path.exists(os.path.join(out, r["file"]))]
     if missing:
-        print(f"residtap extract: {len(missing)} shard(s) of the complete extraction in {out!r} are missing "
-              f"(e.g. {missing[0]!r}); they will be recomputed", file=sys.stderr)
+        say(f"residtap extract: {len(missing)} shard(s) of the complete extraction in {out!r} are missing "
+            f"(e.g. {missing[0]!r}); they will be recomputed")
         _store.write_json_atomic(path, {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
                                  | {"complete": False})
 
@@ -824,9 +824,8 @@ def _check_compatible(out: str, header: dict) -> None:
                 "to resume." + empty)
         for key in ("versions", "environment"):
             if have.get(key) != header[key]:
-                print(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "
-                      f"resuming with {header[key]}; shards may not be byte-identical across them",
-                      file=sys.stderr)
+                say(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "
+                    f"resuming with {header[key]}; shards may not be byte-identical across them")
 
 
 def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> tuple[dict, dict]:
@@ -1479,7 +1478,7 @@ def cmd_extract(args) -> int:
                           progress=False if args.no_progress else None,
                           verify_existing=not args.no_verify_existing, **layout_kwargs(args))
     except _store.StoreError as e:
-        print(f"residtap extract: error: {_on_the_command_line(str(e), args)}", file=sys.stderr)
+        say(f"residtap extract: error: {_on_the_command_line(str(e), args)}")
         return 1
     except ValueError as e:
         raise ValueError(_on_the_command_line(str(e), args)) from e
@@ -1489,13 +1488,13 @@ def cmd_extract(args) -> int:
         # transformers. Taken at a checkpoint where the Ctrl-C came while extract held the directory; a
         # second Ctrl-C during that cleanup, or now, is ignored (_Signals.install), so the line comes once.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(_interrupted(args.out), file=sys.stderr)
+        say(_interrupted(args.out))
         return _end_by_sigint()
     except _Terminated:
         # SIGTERM (torchrun ending this worker because another failed, a scheduler, kill), taken at a
         # checkpoint: the same cleanup as Ctrl-C's has run; the same line (further SIGTERMs are ignored
         # now: _Signals.install), then the death by SIGTERM its sender expects.
-        print(_interrupted(args.out, "terminated (SIGTERM)"), file=sys.stderr)
+        say(_interrupted(args.out, "terminated (SIGTERM)"))
         return _end_by_sigterm()
     if int(os.environ.get("RANK", 0)) == 0:
         t = res.manifest.get("totals", {})
