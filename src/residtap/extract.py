@@ -1176,9 +1176,9 @@ class _Run:
                              f"{'the input array' if path is None else repr(path)}")
 
     def _stop_if_asked(self) -> None:
-        """A checkpoint of go() for the command line's SIGTERM and Ctrl-C (_Signals); not once a writer or publisher
-        has failed: the loop stops at the next shard for that, and its error (a full disk, say) is the one
-        to report."""
+        """A checkpoint of go() for the command line's SIGTERM and Ctrl-C (_Signals); not once a writer or
+        publisher has failed: the loop stops at the next shard for that, and its error (a full disk, say)
+        is the one to report."""
         if not self.errors:
             _SIGNALS.check()
 
