@@ -2068,6 +2068,34 @@ def test_only_the_command_line_handles_sigterm_and_only_from_the_main_thread(tmp
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_joining_the_process_group_leaves_sigint_and_sigterm_to_their_default_actions(monkeypatch):
+    """A worker joining torchrun's group waits in C++ (gloo's connect) for every rank, where no Python
+    handler runs: one whose peer a Ctrl-C ended before it joined sat there through its own Ctrl-C and
+    torchrun's SIGINT until torchrun's SIGKILL 30 s later. Outside extract's window nothing needs
+    cleaning up, so there the command line's signals take their default actions (the end at once); the
+    handlers are back afterwards, and a caller's own (the Python API) are left alone."""
+    import torch.distributed as dist
+
+    ex = sys.modules["residtap.extract"]
+    seen = []
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: seen.append(
+        (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ex._SIGNALS.install():
+            ex._init_group(2)
+            inside = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        ex._init_group(2)  # the Python API: no handler of residtap's to set aside
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen[0] == (signal.SIG_DFL, signal.SIG_DFL)
+    assert inside == (ex._SIGNALS._handler, ex._SIGNALS._handler)
+    assert seen[1] == after and ex._SIGNALS._handler not in after
+
+
 @pytest.mark.parametrize("where", ["after the last shard", "checking a complete directory"])
 def test_a_sigterm_that_comes_just_after_the_windows_last_check_is_not_lost(tmp_path, monkeypatch, where):
     """A SIGTERM whose handler runs just after the window's last check (after go(), or in a complete

@@ -626,7 +626,12 @@ def _init_group(world: int):
         if "MASTER_ADDR" not in os.environ:
             raise ValueError("world_size > 1 needs torchrun (MASTER_ADDR/MASTER_PORT unset): "
                              "torchrun --nproc-per-node N -m residtap extract ...")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        # Joining waits in C++ (gloo connecting to every rank, for the timeout below), where no Python
+        # handler runs: a rank that a Ctrl-C or SIGTERM ended before it joined would leave the others
+        # waiting there through the same signal, to torchrun's SIGKILL 30 s later (seen in a Ctrl-C
+        # timing fuzz). Before extract's window nothing needs cleaning up: the default actions end them.
+        with _SIGNALS.default_actions():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
@@ -1429,6 +1434,21 @@ class _Signals:
             if ctrl_c:
                 signal.signal(signal.SIGINT, previous_int)
             self.asked = 0  # (taken by now, or too late to matter): not for a later call in this process
+
+    @contextlib.contextmanager
+    def default_actions(self):
+        """SIGTERM and SIGINT at their default actions, which end the process even inside a C++ call
+        that a Python handler would wait for, where the command line's handler has them (outside
+        extract's window only, where nothing needs cleaning up; the Python API's, a caller's, an ignored
+        SIGINT, stay as they are)."""
+        mine = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) == self._handler]
+        for s in mine:
+            signal.signal(s, signal.SIG_DFL)
+        try:
+            yield
+        finally:
+            for s in mine:
+                signal.signal(s, self._handler)
 
     def check(self) -> None:
         """Raise _Terminated where a SIGTERM has come in, KeyboardInterrupt where a SIGINT has (the command
