@@ -7,27 +7,50 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
-#include <sstream>
 #include <string>
 #include <utility>
 
 namespace residtap {
 
-// Builds a message from `a << b << c` pieces (used by RESIDTAP_CHECK_ARG).
-struct Msg {
-  std::ostringstream s;
-  template <typename T>
-  Msg& operator<<(const T& v) {
-    s << v;
-    return *this;
-  }
-  std::string str() const { return s.str(); }
-};
+// Error messages are built from strings alone, never through an iostream in this library. The GPU
+// machine builds extensions with CXX=/opt/gcc/bin/g++, which links libstdc++ into the .so
+// statically (the built library needs no libstdc++.so.6 and defines its own streams and locales);
+// beside torch's shared libstdc++, that private copy's number formatting crashed the process
+// (SIGSEGV in ostream::_M_insert<long>), so every bad-input error with a shape or a count in its
+// message was a segfault there, while one made of strings alone went through. So numbers go
+// through std::to_string, and each check hands TORCH_CHECK one finished std::string, which c10
+// passes on without a stream. cat() takes only the types below: anything else is a compile error
+// rather than a crash in an error path (test_build.py keeps streams and bare TORCH_CHECKs out).
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(c10::string_view s) { return std::string(s.data(), s.size()); }
+inline std::string piece(char c) { return std::string(1, c); }
+inline std::string piece(int v) { return std::to_string(v); }
+inline std::string piece(long v) { return std::to_string(v); }
+inline std::string piece(long long v) { return std::to_string(v); }
+inline std::string piece(unsigned long v) { return std::to_string(v); }
+inline std::string piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef v) {
+  std::string r = "[";
+  for (size_t i = 0; i < v.size(); ++i) r += (i ? ", " : "") + std::to_string(v[i]);
+  return r + "]";
+}
+
+template <typename... T>
+std::string cat(const T&... v) {
+  std::string r;
+  ((r += piece(v)), ...);
+  return r;
+}
+
+// TORCH_CHECK with a message made by cat() (the only form of check in csrc/).
+#define RESIDTAP_CHECK(cond, ...) TORCH_CHECK((cond), ::residtap::cat(__VA_ARGS__))
 
 // Error messages name the argument, what was expected and what was received.
-#define RESIDTAP_CHECK_ARG(cond, name, expected, got)                                      \
-  TORCH_CHECK((cond), "residtap.capture_block: argument '", name, "' expected ",         \
-              (::residtap::Msg() << expected).str(), ", got ", got)
+#define RESIDTAP_CHECK_ARG(cond, name, expected, got)                                        \
+  RESIDTAP_CHECK((cond), "residtap.capture_block: argument '", name, "' expected ", expected, \
+                 ", got ", got)
 
 // The most blocks a row-kernel launch from this thread may use; 0: as many as the rows need (the
 // kernels loop over rows, so any grid gives the same bytes). Set through residtap::_set_grid_cap
@@ -48,10 +71,8 @@ inline bool& staged_rows() {
 }
 
 inline std::string describe(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device()
-    << (t.is_contiguous() ? "" : " (non-contiguous)");
-  return s.str();
+  return cat(t.scalar_type(), " tensor of shape ", t.sizes(), " on ", t.device(),
+             t.is_contiguous() ? "" : " (non-contiguous)");
 }
 
 inline bool is_float_type(at::ScalarType t) {
@@ -67,8 +88,8 @@ inline NormKind parse_norm_kind(c10::string_view s) {
   if (s == "layer_norm") return NormKind::kLayerNorm;
   if (s == "torch_layer_norm") return NormKind::kTorchLayerNorm;
   if (s == "none") return NormKind::kNone;
-  TORCH_CHECK(false, "residtap.capture_block: argument 'norm_kind' expected one of "
-                     "'layer_norm', 'torch_layer_norm', 'none', got '", std::string(s), "'");
+  RESIDTAP_CHECK(false, "residtap.capture_block: argument 'norm_kind' expected one of "
+                        "'layer_norm', 'torch_layer_norm', 'none', got '", s, "'");
 }
 
 // What every backend needs to know, after validation. Tensors are kept as given (outputs are
@@ -88,24 +109,24 @@ inline at::Tensor opt(const std::optional<at::Tensor>& t) {
 
 inline void check_row_output(const at::Tensor& t, const char* name, const CaptureArgs& a) {
   if (!t.defined()) return;
-  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, "a tensor on " << a.out.device(),
+  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, cat("a tensor on ", a.out.device()),
                      describe(t));
   RESIDTAP_CHECK_ARG(is_float_type(t.scalar_type()), name,
                      "dtype float32, bfloat16 or float16", describe(t));
   RESIDTAP_CHECK_ARG(t.dim() == 3 && t.size(0) == a.batch && t.size(1) == a.n_pos &&
                          t.size(2) == a.d_model,
-                     name, "shape [" << a.batch << ", " << a.n_pos << ", " << a.d_model << "]",
+                     name, cat("shape [", a.batch, ", ", a.n_pos, ", ", a.d_model, "]"),
                      describe(t));
   RESIDTAP_CHECK_ARG(t.is_contiguous(), name, "a contiguous tensor", describe(t));
 }
 
 inline void check_stat_output(const at::Tensor& t, const char* name, const CaptureArgs& a) {
   if (!t.defined()) return;
-  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, "a tensor on " << a.out.device(),
+  RESIDTAP_CHECK_ARG(t.device() == a.out.device(), name, cat("a tensor on ", a.out.device()),
                      describe(t));
   RESIDTAP_CHECK_ARG(t.scalar_type() == at::kFloat, name, "dtype float32", describe(t));
   RESIDTAP_CHECK_ARG(t.dim() == 2 && t.size(0) == a.batch && t.size(1) == a.n_pos, name,
-                     "shape [" << a.batch << ", " << a.n_pos << "]", describe(t));
+                     cat("shape [", a.batch, ", ", a.n_pos, "]"), describe(t));
   RESIDTAP_CHECK_ARG(t.is_contiguous(), name, "a contiguous tensor", describe(t));
 }
 
@@ -177,7 +198,7 @@ inline CaptureArgs make_capture_args(
   if (a.inp.defined()) {
     RESIDTAP_CHECK_ARG(a.inp.sizes() == out.sizes() && a.inp.scalar_type() == out.scalar_type() &&
                            a.inp.device() == out.device(),
-                       "inp", "the shape, dtype and device of 'out' (" << describe(out) << ")",
+                       "inp", cat("the shape, dtype and device of 'out' (", describe(out), ")"),
                        describe(a.inp));
     if (a.inp.stride(2) != 1) a.inp = a.inp.contiguous();
   }
@@ -186,9 +207,9 @@ inline CaptureArgs make_capture_args(
   a.n_pos = a.seq;
   if (a.index.defined()) {
     RESIDTAP_CHECK_ARG(a.index.scalar_type() == at::kLong && a.index.device() == out.device(),
-                       "index", "an int64 tensor on " << out.device(), describe(a.index));
+                       "index", cat("an int64 tensor on ", out.device()), describe(a.index));
     RESIDTAP_CHECK_ARG(a.index.dim() == 1 || (a.index.dim() == 2 && a.index.size(0) == a.batch),
-                       "index", "shape [n_pos] or [" << a.batch << ", n_pos]",
+                       "index", cat("shape [n_pos] or [", a.batch, ", n_pos]"),
                        describe(a.index));
     if (!a.index.is_contiguous()) a.index = a.index.contiguous();
     a.n_pos = a.index.size(-1);
@@ -202,10 +223,10 @@ inline CaptureArgs make_capture_args(
     if (!t.defined()) return;
     RESIDTAP_CHECK_ARG(t.dim() == 1 && t.size(0) == a.d_model && t.device() == out.device() &&
                            t.is_contiguous(),
-                       name, "a contiguous [" << a.d_model << "] tensor on " << out.device(),
+                       name, cat("a contiguous [", a.d_model, "] tensor on ", out.device()),
                        describe(t));
     RESIDTAP_CHECK_ARG(t.scalar_type() == out.scalar_type(), name,
-                       "the dtype of 'out' (" << out.scalar_type() << ")", describe(t));
+                       cat("the dtype of 'out' (", out.scalar_type(), ")"), describe(t));
   };
   check_norm_param(a.weight, "norm_weight");
   check_norm_param(a.bias, "norm_bias");

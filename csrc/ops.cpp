@@ -8,8 +8,9 @@ namespace {
 // Sets this thread's cap on the blocks of a CUDA row-kernel launch (see grid_cap in
 // capture_common.h); returns the previous cap, so that a caller can restore it.
 int64_t set_grid_cap(int64_t blocks) {
-  TORCH_CHECK(blocks >= 0, "residtap._set_grid_cap: argument 'blocks' expected an int >= 0 (0: no cap), got ",
-              blocks);
+  RESIDTAP_CHECK(blocks >= 0,
+                 "residtap._set_grid_cap: argument 'blocks' expected an int >= 0 (0: no cap), got ",
+                 blocks);
   const int64_t previous = residtap::grid_cap();
   residtap::grid_cap() = blocks;
   return previous;

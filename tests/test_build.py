@@ -232,3 +232,25 @@ def test_a_malformed_residtap_cuda_archs_is_the_reason_cuda_is_left_out(monkeypa
 def test_residtap_cuda_archs_takes_semicolons_or_commas(monkeypatch, value, want):
     monkeypatch.setenv("RESIDTAP_CUDA_ARCHS", value)
     assert _build._cuda_archs() == want
+
+
+def test_csrc_builds_every_message_without_an_iostream():
+    """Where the compiler links libstdc++ into the extension statically (the H200 machine's
+    CXX=/opt/gcc/bin/g++), a number put into a std::ostream from inside it crashed the process
+    (SIGSEGV), so every bad-input error with a shape or a count in its message did, where the same
+    check here raised. Messages are made by capture_common.h's cat() from
+    strings and std::to_string, and handed to TORCH_CHECK whole (c10 then uses no stream): no
+    TORCH_CHECK with pieces, no c10::str and no stream anywhere else in csrc/."""
+    import re
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    banned = re.compile(r"TORCH_CHECK\s*\(|TORCH_WARN|TORCH_INTERNAL_ASSERT|AT_ERROR|c10::str\s*\("
+                        r"|\bstd::(?:[io]?stringstream|ostream|cout|cerr)\b|<(?:sstream|iostream)>")
+    found = []
+    for path in sorted(p for p in csrc.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            if path.name == "capture_common.h" and code.startswith("#define RESIDTAP_CHECK(cond"):
+                continue  # the one place that hands TORCH_CHECK a finished message
+            found += [f"{path.relative_to(csrc)}:{n}: {line.strip()}" for _ in banned.finditer(code)]
+    assert not found, "\n".join(found)

@@ -72,7 +72,7 @@ void store_row_any(const RowOut& dst, int64_t r, const float* src, int64_t d) {
     case at::kFloat: return store_row(dst.row<float>(r, d), src, d);
     case at::kBFloat16: return store_row(dst.row<c10::BFloat16>(r, d), src, d);
     case at::kHalf: return store_row(dst.row<c10::Half>(r, d), src, d);
-    default: TORCH_CHECK(false, "residtap: unsupported output dtype ", dst.type);
+    default: RESIDTAP_CHECK(false, "residtap: unsupported output dtype ", dst.type);
   }
 }
 
@@ -234,7 +234,7 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
   if (a.index.defined()) {
     const int64_t* idx = a.index.const_data_ptr<int64_t>();
     for (int64_t k = 0, n = a.index.numel(); k < n; ++k)
-      RESIDTAP_CHECK_ARG(idx[k] >= 0 && idx[k] < a.seq, "index", "values in [0, " << a.seq << ")",
+      RESIDTAP_CHECK_ARG(idx[k] >= 0 && idx[k] < a.seq, "index", cat("values in [0, ", a.seq, ")"),
                          idx[k]);
   }
   at::NoGradGuard no_grad;
@@ -263,7 +263,7 @@ void capture_block_cpu(const at::Tensor& out, const std::optional<at::Tensor>& i
       case at::kFloat: rowwise_pass<float>(a, first, last, rows_m, rows_f); break;
       case at::kBFloat16: rowwise_pass<c10::BFloat16>(a, first, last, rows_m, rows_f); break;
       case at::kHalf: rowwise_pass<c10::Half>(a, first, last, rows_m, rows_f); break;
-      default: TORCH_CHECK(false, "residtap: unsupported dtype ", a.out.scalar_type());
+      default: RESIDTAP_CHECK(false, "residtap: unsupported dtype ", a.out.scalar_type());
     }
     if (!norm) continue;
     const at::Tensor x = !norm_rows ? at::Tensor() : in_place ? flat_out.narrow(0, first, n)

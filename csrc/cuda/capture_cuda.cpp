@@ -71,11 +71,11 @@ void check_arch(int device) {
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it so later checks do not trip over it
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-    TORCH_CHECK(false, "residtap.capture_block: the CUDA kernels of this build have no code for ",
-                prop->name, " (compute capability ", prop->major, ".", prop->minor, "): ",
-                cudaGetErrorString(err), ". Rebuild for it with RESIDTAP_CUDA_ARCHS=", prop->major,
-                ".", prop->minor, " (builds are cached per architecture list) in a new Python "
-                "process, or use backend='reference'.");
+    RESIDTAP_CHECK(false, "residtap.capture_block: the CUDA kernels of this build have no code for ",
+                   prop->name, " (compute capability ", prop->major, ".", prop->minor, "): ",
+                   cudaGetErrorString(err), ". Rebuild for it with RESIDTAP_CUDA_ARCHS=",
+                   prop->major, ".", prop->minor, " (builds are cached per architecture list) in "
+                   "a new Python process, or use backend='reference'.");
   }
   std::lock_guard<std::mutex> g(mu);
   if (device >= static_cast<int>(ok.size())) ok.resize(device + 1, 0);
@@ -91,14 +91,14 @@ void dispatch_types(at::ScalarType in, at::ScalarType out, F&& f) {
       case at::kFloat: return f(in_tag, float{});
       case at::kBFloat16: return f(in_tag, c10::BFloat16{});
       case at::kHalf: return f(in_tag, c10::Half{});
-      default: TORCH_CHECK(false, "residtap.capture_block: unsupported capture dtype ", out);
+      default: RESIDTAP_CHECK(false, "residtap.capture_block: unsupported capture dtype ", out);
     }
   };
   switch (in) {
     case at::kFloat: return with_out(float{});
     case at::kBFloat16: return with_out(c10::BFloat16{});
     case at::kHalf: return with_out(c10::Half{});
-    default: TORCH_CHECK(false, "residtap.capture_block: unsupported model dtype ", in);
+    default: RESIDTAP_CHECK(false, "residtap.capture_block: unsupported model dtype ", in);
   }
 }
 
@@ -136,8 +136,8 @@ void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
   if (rows == 0) return;
   at::NoGradGuard no_grad;
   const int64_t d = a.d_model;
-  TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), "residtap.capture_block: argument 'out' "
-              "expected d_model < 2^31, got ", d);
+  RESIDTAP_CHECK(d <= std::numeric_limits<int32_t>::max(),
+                 "residtap.capture_block: argument 'out' expected d_model < 2^31, got ", d);
 
   // Which of normed / mean+rstd replay torch's vectorized kernel here, and which call torch.
   const bool torch_norm = a.norm == NormKind::kTorchLayerNorm;
