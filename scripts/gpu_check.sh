@@ -29,6 +29,10 @@
 #   bash scripts/gpu_check.sh [op|extract|all|tests|profile|lease]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
 #
+# The CUDA test steps also run the CPU op's tests (test_op.py, test_build.py; about 15 s there): that
+# machine builds with its own compiler (CXX=/opt/gcc/bin/g++, libstdc++ linked in statically), which
+# once made every error message with a number in it a segfault, on the CPU op as well.
+#
 # No install needed: the package runs from src/ (PYTHONPATH); the machine's torch, transformers,
 # pytest and safetensors are used as they are. bench_capture's nnsight and TransformerLens rows need
 # wheels the machine lacks: fetch them here with scripts/baseline_wheels.sh and carry ".whl".
@@ -119,7 +123,8 @@ if [[ " ${FAILED[*]} " == *" build "* ]]; then
     exit 1
 fi
 if [ "$PART" = lease ]; then
-    step cuda-tests 150 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py
+    step cuda-tests 180 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_op.py tests/test_build.py
     step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
     step profile-time 60 python3 scripts/profile_op.py time --out "$OUT"
     step bench-capture-small 150 python3 benchmarks/bench_capture.py --models small \
@@ -144,7 +149,8 @@ if [ "$PART" = profile ]; then
     finish
 fi
 if [ "$PART" != extract ]; then  # op, all, tests
-    step cuda-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py
+    step cuda-tests 150 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_op.py tests/test_build.py
 fi
 if [ "$PART" = op ] || [ "$PART" = all ]; then
     step bench-op 60 python3 benchmarks/bench_op.py --out "$OUT"
