@@ -23,8 +23,9 @@
 #            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
 #            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound; 64
 #            batches to RAM: the steady state), the family tests, bench_capture on the XL size
-#            (bfloat16), then ncu; whatever the budget cannot reach is reported as skipped, and the
-#            JSON rows come back as one archive, results-json.tar.gz (a device call returns 8 files)
+#            (bfloat16), ncu, then the XL size in float32 (about 6 minutes in all, the third lease);
+#            whatever the budget cannot reach is reported as skipped, and the JSON rows come back as
+#            one archive, results-json.tar.gz (a device call returns 8 files)
 #
 #   bash scripts/gpu_check.sh [op|extract|all|tests|profile|lease]  # on a machine with a CUDA GPU, torch and nvcc
 #   RESIDTAP_GPU_CHECK_ARCH_TEST=1 ...           # op: also build for another architecture, check the error
@@ -139,6 +140,9 @@ if [ "$PART" = lease ]; then
     step bench-capture-xl 150 python3 benchmarks/bench_capture.py --models xl --dtypes bfloat16 \
         --out "$OUT/xl"
     profile_ncu 120
+    # last, in whatever is left (the third lease ended at 354 of 570 s): the XL size in float32
+    step bench-capture-xl-f32 150 python3 benchmarks/bench_capture.py --models xl --dtypes float32 \
+        --out "$OUT/xl32"
     finish
 fi
 if [ "$PART" = profile ]; then
