@@ -23,7 +23,7 @@
 #            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
 #            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound; 64
 #            batches to RAM: the steady state), the family tests, bench_capture on the XL size
-#            (bfloat16), ncu, then the XL size in float32 (about 6 minutes in all, the third lease);
+#            (bfloat16), ncu, then the XL size in float32 (the rest took 6 minutes in the third lease);
 #            whatever the budget cannot reach is reported as skipped, and the JSON rows come back as
 #            one archive, results-json.tar.gz (a device call returns 8 files)
 #
