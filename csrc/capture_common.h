@@ -24,11 +24,9 @@ namespace residtap {
 inline std::string piece(const std::string& s) { return s; }
 inline std::string piece(const char* s) { return s; }
 inline std::string piece(c10::string_view s) { return std::string(s.data(), s.size()); }
-inline std::string piece(char c) { return std::string(1, c); }
 inline std::string piece(int v) { return std::to_string(v); }
 inline std::string piece(long v) { return std::to_string(v); }
-inline std::string piece(long long v) { return std::to_string(v); }
-inline std::string piece(unsigned long v) { return std::to_string(v); }
+inline std::string piece(long long v) { return std::to_string(v); }  // int64_t on macOS
 inline std::string piece(at::ScalarType t) { return c10::toString(t); }
 inline std::string piece(const c10::Device& d) { return d.str(); }
 inline std::string piece(c10::IntArrayRef v) {

@@ -238,9 +238,9 @@ def test_csrc_builds_every_message_without_an_iostream():
     """Where the compiler links libstdc++ into the extension statically (the H200 machine's
     CXX=/opt/gcc/bin/g++), a number put into a std::ostream from inside it crashed the process
     (SIGSEGV), so every bad-input error with a shape or a count in its message did, where the same
-    check here raised. Messages are made by capture_common.h's cat() from
-    strings and std::to_string, and handed to TORCH_CHECK whole (c10 then uses no stream): no
-    TORCH_CHECK with pieces, no c10::str and no stream anywhere else in csrc/."""
+    check here raised. Messages are made by capture_common.h's cat() from strings and
+    std::to_string, and handed to TORCH_CHECK whole (c10 then uses no stream): no TORCH_CHECK with
+    pieces, no c10::str and no stream anywhere else in csrc/."""
     import re
 
     csrc = Path(__file__).resolve().parents[1] / "csrc"
