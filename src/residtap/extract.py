@@ -274,6 +274,10 @@ class _Manifest:
         # drop the shards an earlier run finished, whichever rank now owns them (the owner under a
         # new process count may not write its part before a kill). merged_records removes repeats.
         self.mine: dict[int, dict] = dict(records)
+        # The shards this process's manifest lists (records or mine), each record encoded once: a
+        # rewrite after every shard then costs a join, not an encoding of every record, which held
+        # the GIL (and so stalled the forwards) for longer the more shards there were.
+        self._lines = {i: _store.json_line(r) for i, r in self._listed().items()}
         self._lock = threading.Lock()
         self._first = threading.Lock()  # this rank's publishers, one at a time until its first record
         self._recorded = False  # whether this rank's part lists a shard this run recorded
@@ -324,16 +328,21 @@ class _Manifest:
     def path(self) -> str:
         return os.path.join(self.out, _store.MANIFEST if self.world == 1 else _store.part_name(self.rank))
 
+    def _listed(self) -> dict[int, dict]:
+        return self.records if self.world == 1 else self.mine
+
     def add(self, record: dict) -> None:
+        line = _store.json_line(record)
         with self._lock:
             self.records[record["index"]] = record
             self.mine[record["index"]] = record
+            self._lines[record["index"]] = line
             self._write(complete=False)
 
     def _write(self, complete: bool, **extra) -> None:
-        shards = self.records if self.world == 1 else self.mine
-        _store.write_json_atomic(self.path(), {**self.header, **extra, "complete": complete,
-                                               "shards": [shards[i] for i in sorted(shards)]})
+        lines = self._lines
+        _store.write_json_atomic(self.path(), {**self.header, **extra, "complete": complete},
+                                 shard_lines=list(map(lines.__getitem__, sorted(lines))))
 
 
 def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int, n_publishers: int) -> str:

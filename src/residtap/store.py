@@ -179,10 +179,40 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Replace ``path`` with ``obj`` as JSON, never leaving a half-written file under that name."""
+def json_line(value) -> str:
+    """``value`` as one line of JSON, keys sorted, by json's C encoder. (Any ``indent`` makes json use
+    its pure-Python encoder instead: about 50 times slower on a manifest, all of it holding the GIL,
+    which the forwards of an extraction need.)"""
+    return json.dumps(value, sort_keys=True)
+
+
+def manifest_text(fields: dict, shard_lines: Sequence[str] | None = None) -> str:
+    """``fields`` as the manifests are written: a JSON object with one top-level key per line, sorted,
+    and a list value with one item per line, so that a manifest reads (and greps) as one shard record
+    per line. ``shard_lines``: the items of "shards" already encoded (json_line), which extraction keeps
+    so that rewriting the manifest after each shard does not encode every record again; the rewrite is
+    then a join, not a walk over every record (at 1,000 records 0.3 ms rather than 22)."""
+    items = dict(fields)
+    if shard_lines is not None:
+        items["shards"] = shard_lines
+    lines = []
+    for key in sorted(items):
+        value = items[key]
+        if not isinstance(value, (list, tuple)) or not value:
+            text = json_line(value)
+        elif value is shard_lines:
+            text = "[\n  " + ",\n  ".join(value) + "\n ]"
+        else:
+            text = "[\n  " + ",\n  ".join(map(json_line, value)) + "\n ]"
+        lines.append(f" {json_line(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def write_json_atomic(path: str, obj: dict, shard_lines: Sequence[str] | None = None) -> None:
+    """Replace ``path`` with ``obj`` (and ``shard_lines``, see manifest_text) as JSON, never leaving a
+    half-written file under that name."""
     tmp = f"{path}.tmp"
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    data = manifest_text(obj, shard_lines).encode()
     try:
         with builtins.open(tmp, "wb") as f:
             f.write(data)
