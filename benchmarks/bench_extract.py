@@ -5,6 +5,10 @@ For each model (random-init GPT-2-small bf16 at 16x1024 and GPT-2-XL-size bf16 a
 a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over the same batches:
 
   forward_s        the bare model's forward over all batches (no capture), synchronized at the end
+  forward_slack_s  in that loop, the host's wait for the GPU (it keeps at most two forwards queued,
+                   as extraction does): what the host has to spare per run. Beside waits_<t>'s
+                   "model" (the same wait in extraction), it shows whether extraction's forwards
+                   slowed because its host work used up that slack (both near zero: host-bound)
   extract_<t>_s    residtap.extract of every residual index (outputs=resid) to a RAM-backed directory
                    (t=ram, /dev/shm) and to a disk-backed one (t=disk, --disk-dir), from the first
                    forward to the last shard durable (fsynced, hashed, renamed, in the manifest)
@@ -60,6 +64,7 @@ against the store's ways of writing a shard, from the same number of writer thre
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import queue
@@ -87,21 +92,34 @@ SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=
                   torch.float32, 2, 32, 16)}
 
 
-def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:
+def time_forward(model, ids: torch.Tensor, batch: int, device) -> tuple[float, float]:
     """The bare model over all batches of ``ids`` (pinned where the device is a GPU, as extraction's
-    inputs are: a pageable copy would put a gap before each batch)."""
+    inputs are: a pageable copy would put a gap before each batch): (seconds, slack). On a GPU the host
+    keeps at most two forwards queued, as extraction's main loop does, and ``slack`` is the time it
+    waited for the GPU there: what the host has to spare, which extraction's own work on the host (its
+    "model" wait is the same wait) can use up before the forwards slow down. Near zero: the host is
+    already the bound."""
     base = model.base_model
-    if device.type == "cuda" and not ids.is_pinned():
+    cuda = device.type == "cuda"
+    if cuda and not ids.is_pinned():
         ids = ids.pin_memory()
     with torch.inference_mode():
         x = ids[:batch].to(device)
         base(input_ids=x, use_cache=False)  # warm-up
         sync(device)
+        queued, slack = collections.deque(), 0.0
         t0 = time.perf_counter()
         for b0 in range(0, len(ids), batch):
+            if len(queued) >= 2:
+                w0 = time.perf_counter()
+                queued.popleft().synchronize()
+                slack += time.perf_counter() - w0
             base(input_ids=ids[b0:b0 + batch].to(device, non_blocking=True), use_cache=False)
+            if cuda:
+                queued.append(torch.cuda.Event(blocking=True))  # sleeps in synchronize, as extract's
+                queued[-1].record()
         sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, slack
 
 
 def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> float:
@@ -295,25 +313,29 @@ def main() -> int:
         n_res = len(layers) if layers else cfg.n_layer + 1
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem
-        shard = args.shard_size or batch_bytes  # one batch per shard: the most manifest traffic
+        # one batch per shard by default: the most manifest traffic. In bytes, so that host_memory
+        # below makes room for the shards asked for (else extract would make them smaller).
+        shard = parse_size(args.shard_size, "--shard-size") if args.shard_size else batch_bytes
         # Room for writers + 1 shard buffers. Twice the bytes: pinned buffers come from torch's
         # caching host allocator, which rounds each up to a power of two (extract counts that).
-        host_memory = 2 * max(shard if isinstance(shard, int) else 0, batch_bytes) * (writers + 1) + (1 << 20)
+        host_memory = 2 * max(shard, batch_bytes) * (writers + 1) + (1 << 20)
         if device.type == "cuda":
             ids = ids.pin_memory()
         half = max(1, n_batches // 2) * batch  # --marginal: the first half of the batches
 
         def fwd(n_rows):
-            return statistics.median(time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats))
+            times = [time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats)]
+            return statistics.median(t for t, _ in times), statistics.median(w for _, w in times)
 
-        fwd_s = fwd(len(ids))
-        fwd_half_s = fwd(half) if args.marginal else None
+        fwd_s, slack_s = fwd(len(ids))
+        fwd_half_s = fwd(half)[0] if args.marginal else None
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
         run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, args.publishers, shard, host_memory,
                     device, layers)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
-             "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s}
+             "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
+             "forward_slack_s": slack_s}
         for tag, d in ((t, dirs[t]) for t in targets):
             need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
@@ -363,6 +385,8 @@ def main() -> int:
                        "raw_ram_s", "x_forward_ram", "bw_frac_ram", "bound_ram", "extract_disk_s",
                        "raw_disk_s", "x_forward_disk", "bw_frac_disk", "bound_disk"])
     for r in rows:
+        print(f"{r['model']}: the plain forward's host waited {r['forward_slack_s']:.4f} s for the GPU "
+              "(forward_slack_s)")
         for tag in targets:
             what = r.get(f"waits_{tag}", r.get(f"skipped_{tag}"))
             print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")

@@ -89,6 +89,10 @@ bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer 
     # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target)
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
         --batches 24 --marginal --out "$OUT/keepup"
+    # the same with 8 batches per shard rather than one: what of that overhead is per shard (the
+    # writers' and publishers' Python, which holds the GIL the forwards need) and what per batch
+    step bench-extract-keepup-shards 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
+        --batches 48 --shard-size 192MiB --targets ram --marginal --out "$OUT/keepup-shards"
     # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
     step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
         --batches 64 --repeats 2 --out "$OUT/steady"
