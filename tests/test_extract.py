@@ -1906,24 +1906,29 @@ def test_a_manifest_write_cut_short_leaves_the_manifest_as_it_was_and_no_tempora
 def test_manifest_text_is_the_json_of_its_fields_with_one_shard_record_per_line():
     """The manifests are written by json's C encoder piece by piece (manifest_text), not json.dumps with an
     indent (its pure-Python encoder): the text must still be exactly the JSON of the object, for any value
-    the manifests hold, and read as one top-level key, and one shard record, per line."""
+    the manifests hold, and read as one top-level key per line, and one item per line of a top-level list
+    of objects (the shard records, resumed_with)."""
     records = [{"index": i, "file": f"shard-{i:06d}.safetensors", "sha256": "ab" * 32, "n_rows": 7 * i,
                 "source_first": [i, 0], "name": "é \\ \" \n ✓"} for i in range(3)]
+    resumed = [{"versions": {"torch": "2.11"}, "environment": {"device": "cuda"}}]
     fields = {"format": store.FORMAT, "settings": {"layers": [0, 6], "positions": None, "dtype": "bfloat16"},
-              "complete": False, "empty": [], "nested": {"z": [1.5, {"a": True}], "a": {}}, "tokens": [3, 1, 2],
-              "ratio": 0.1, "big": 2 ** 70, "text": "line\nbreak"}
+              "complete": False, "empty": [], "nested": {"z": [1.5, {"a": True}], "a": {}}, "layer_ids": [3, 1, 2],
+              "ratio": 0.1, "big": 2 ** 70, "text": "line\nbreak", "resumed_with": resumed}
     want = {**fields, "shards": records}
     for text in (store.manifest_text(want),
                  store.manifest_text(fields, [store.json_line(r) for r in records])):
         assert json.loads(text) == want
         lines = text.splitlines()
         assert lines[0] == "{" and lines[-1] == "}" and text.endswith("}\n")
-        keys = [json.loads("{" + ln.rstrip(",") + "}") for ln in lines[1:-1] if ln.startswith(' "') and
-                not ln.endswith("[")]
-        assert sorted(k for d in keys for k in d) == sorted(set(want) - {"shards", "tokens"})
-        first = lines.index(' "shards": [')
-        assert [json.loads(ln.strip().rstrip(",")) for ln in lines[first + 1:first + 4]] == records
+        one_line = [json.loads("{" + ln.rstrip(",") + "}") for ln in lines[1:-1]
+                    if ln.startswith(' "') and not ln.endswith("[")]
+        assert [k for d in one_line for k in d] == sorted(set(want) - {"shards", "resumed_with"})
+        for key, items in (("shards", records), ("resumed_with", resumed)):
+            first = lines.index(f' "{key}": [')
+            assert [json.loads(ln.strip().rstrip(",")) for ln in lines[first + 1:first + 1 + len(items)]] == items
+            assert lines[first + 1 + len(items)].strip() in ("]", "],")
     assert store.manifest_text({"shards": []}) == '{\n "shards": []\n}\n'
+    assert store.manifest_text({"a": 1}, []) == '{\n "a": 1,\n "shards": []\n}\n'
 
 
 def test_each_shard_record_is_encoded_once_however_often_the_manifest_is_rewritten(tmp_path, monkeypatch):
