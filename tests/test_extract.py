@@ -1248,6 +1248,59 @@ def test_corrupted_shard_is_an_error_until_recomputed(tmp_path):
     residtap.open(out, verify=True)
 
 
+def test_shards_are_hashed_several_at_once_and_their_errors_come_in_order(tmp_path, monkeypatch):
+    """open(verify=True) and a resume check the shards' sha256 on several threads at once (before, one
+    after another: a resume of a large extraction ran at one core's hashing speed). The first corrupted
+    shard in index order is the one named even when a later one is hashed first, and a check stopped
+    early starts no further hashes."""
+    path, _ = ids_file(tmp_path, 8 * 16)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, **kw)
+    files = shard_files(out)
+    assert len(files) >= 6
+    for k in (2, 4):
+        bad = bytearray((out / files[k]).read_bytes())
+        bad[-5] ^= 0x40
+        (out / files[k]).write_bytes(bytes(bad))
+    hash_file = store.sha256_file
+    together = threading.Barrier(2, timeout=30)  # the first two hashes wait for each other: not one by one
+    fourth = threading.Event()
+    started = []
+
+    def shard_2_after_shard_4(p):
+        started.append(os.path.basename(p))
+        if len(started) <= 2:
+            together.wait()
+        if os.path.basename(p) == files[4]:
+            fourth.set()
+        elif os.path.basename(p) == files[2]:
+            assert fourth.wait(30)  # shard 4 is hashed before shard 2: its mismatch is found first
+        return hash_file(p)
+
+    monkeypatch.setattr(store, "sha256_file", shard_2_after_shard_4)
+    monkeypatch.setattr(store, "hash_threads", lambda: 4)
+    with pytest.raises(residtap.ShardCorruptError, match="shard 2 .*checksum"):
+        residtap.open(out, verify=True)
+    assert fourth.is_set()
+    m = json.loads((out / "manifest.json").read_text())
+    m["complete"] = False
+    store.write_json_atomic(str(out / "manifest.json"), m)
+    started.clear()
+    together.reset()
+    fourth.clear()
+    with pytest.raises(residtap.ShardCorruptError, match=f"shard 2 .*{files[2]}.*sha256 differs"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    # closed after its first digest, sha256_shards starts no more than the threads already running
+    started.clear()
+    monkeypatch.setattr(store, "sha256_file", lambda p: started.append(p) or
+                        time.sleep(0 if p == str(out / files[0]) else 0.2) or "x" * 64)
+    digests = store.sha256_shards([(str(out / f), i) for i, f in enumerate(files)], threads=2)
+    assert next(digests) == "x" * 64
+    digests.close()
+    assert len(started) <= 3 and str(out / files[-1]) not in started, started
+
+
 def test_a_deleted_shard_of_a_complete_extraction_is_recomputed(tmp_path, capsys):
     """The checksum error's advice (delete the file, run the same command again) works on a complete
     extraction too; a run resumed with another backend keeps the environment the extraction was
@@ -2045,15 +2098,16 @@ def test_sigterm_is_taken_where_extract_holds_the_directory_and_acts_at_once_els
     n = len(residtap.open(out).records)
     assert n > 2
 
-    checked, mismatch = [], store.record_mismatch
+    checked, hash_file = [], store.sha256_file
 
-    def signalled_check(directory, record, **k):
-        checked.append(record["index"])
+    def signalled_check(path):
+        checked.append(int(re.search(r"(\d+)\.safetensors$", path).group(1)))
         if len(checked) == 2:
             signal.raise_signal(signal.SIGTERM)
-        return mismatch(directory, record, **k)
+        return hash_file(path)
 
-    monkeypatch.setattr(store, "record_mismatch", signalled_check)
+    monkeypatch.setattr(store, "sha256_file", signalled_check)
+    monkeypatch.setattr(store, "hash_threads", lambda: 1)  # one at a time: the order below is exact
     m = json.loads((out / "manifest.json").read_text())
     m["complete"] = False
     (out / "manifest.json").write_text(json.dumps(m))  # as a run killed before its final manifest
@@ -2355,16 +2409,17 @@ import os, sys, time
 import residtap
 from residtap import store
 ex = sys.modules["residtap.extract"]
-mismatch, history = store.record_mismatch, ex._with_history
-def slow(directory, record, **k):
+hash_file, history = store.sha256_file, ex._with_history
+def slow(path):
     if int(os.environ["RANK"]) == 1:
         time.sleep(0.2)
-    return mismatch(directory, record, **k)
+    return hash_file(path)
 def held(out, header):
     if int(os.environ["RANK"]) == 0:
         open(os.environ["RESIDTAP_TEST_HELD"], "w").close()
     return history(out, header)
-store.record_mismatch, ex._with_history = slow, held
+store.sha256_file, ex._with_history = slow, held
+store.hash_threads = lambda: 1  # one shard at a time: rank 1's checks take some 20 s
 from residtap.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -693,19 +693,20 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
         return _store.merged_records(manifests[:1]), True
     records = _store.merged_records(manifests, out)
     owned = lambda i: i % world == rank  # noqa: E731
-    for i in sorted(records):
-        if not owned(i):
-            continue
-        _SIGNALS.check()
-        problem = _store.record_mismatch(out, records[i], check_sha256=verify)
-        if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
-            say(f"residtap extract: shard {i} is listed but missing; it will be recomputed")
-            del records[i]
-        elif problem is not None:
-            raise _store.ShardCorruptError(
-                f"shard {i} ({os.path.join(out, records[i]['file'])!r}) does not match the manifest "
-                f"({problem}): the file is corrupted. Delete it and run the same command again to "
-                "recompute it.")
+    mine = [i for i in sorted(records) if owned(i)]
+    # (hashed several at once; each result comes in order, and a Ctrl-C stops the hashing)
+    problems = _store.record_mismatches(out, [records[i] for i in mine], check_sha256=verify)
+    with contextlib.closing(problems):
+        for i, problem in zip(mine, problems):
+            _SIGNALS.check()
+            if problem == "missing":  # deleted by hand (e.g. after a checksum error): recompute it
+                say(f"residtap extract: shard {i} is listed but missing; it will be recomputed")
+                del records[i]
+            elif problem is not None:
+                raise _store.ShardCorruptError(
+                    f"shard {i} ({os.path.join(out, records[i]['file'])!r}) does not match the manifest "
+                    f"({problem}): the file is corrupted. Delete it and run the same command again to "
+                    "recompute it.")
     _store.remove_stale_temporaries(out, owned)
     return records, False
 

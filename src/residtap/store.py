@@ -24,6 +24,8 @@ the manifest does not list is never taken as complete.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import json
@@ -457,18 +459,75 @@ def merged_records(manifests: Sequence[dict], directory: str | None = None) -> d
 def record_mismatch(directory: str, record: dict, check_sha256: bool = True) -> str | None:
     """How the file of a shard ``record`` differs from it: None where it matches, "missing", or
     what differs (its size, else, with ``check_sha256``, its sha256)."""
-    path = os.path.join(directory, record["file"])
+    return next(record_mismatches(directory, [record], check_sha256, threads=1))
+
+
+def record_mismatches(directory: str, records: Sequence[dict], check_sha256: bool = True,
+                      threads: int | None = None) -> Iterator[str | None]:
+    """record_mismatch of each of ``records``, in their order, hashing up to ``threads`` files at once
+    (default hash_threads()): hashlib releases the GIL, so checking the shards of a large extraction
+    (a resume, ``open(verify=True)``) runs at the speed of the cores and the disk, not of one core.
+    Each result, and each error (a read error names its shard), comes when the records before it have
+    come, as from one record_mismatch after another; hashes not yet started when the caller stops
+    (at an error, or Ctrl-C) are not started."""
+    sizes = []  # the file's size, "missing" or the error of stat, in order: cheap, done first
+    for record in records:
+        path = os.path.join(directory, record["file"])
+        try:
+            sizes.append(os.path.getsize(path))
+        except FileNotFoundError:
+            sizes.append("missing")
+        except OSError as e:
+            sizes.append(os_error(e, f"reading shard {record['index']}", path))
+    hashed = [check_sha256 and size == record["bytes"] for record, size in zip(records, sizes)]
+    digests = sha256_shards([(os.path.join(directory, r["file"]), r["index"])
+                             for r, h in zip(records, hashed) if h], threads)
     try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as e:
-        raise os_error(e, f"reading shard {record['index']}", path) from e
-    if size != record["bytes"]:
-        return f"{size} bytes, expected {record['bytes']}"
-    if check_sha256 and _sha256_of_shard(path, record["index"]) != record["sha256"]:
-        return "sha256 differs"
-    return None
+        for record, size, h in zip(records, sizes, hashed):
+            if isinstance(size, StoreError):
+                raise size
+            if size == "missing":
+                yield "missing"
+            elif size != record["bytes"]:
+                yield f"{size} bytes, expected {record['bytes']}"
+            else:
+                yield "sha256 differs" if h and next(digests) != record["sha256"] else None
+    finally:
+        digests.close()
+
+
+def hash_threads() -> int:
+    """Threads that hash shards at once when checking them: the cores this process may run on (shared
+    with the other processes of this node under torchrun, LOCAL_WORLD_SIZE), at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        pass  # not torchrun's
+    return max(1, min(8, cores))
+
+
+def sha256_shards(items: Sequence[tuple[str, int]], threads: int | None = None) -> Iterator[str]:
+    """The sha256 of each (path, shard index) of ``items``, in order, hashed by up to ``threads`` threads
+    at once (default hash_threads()); a read error is a StoreError naming the shard, raised in order.
+    Closing the generator early cancels the hashes not yet started and waits for those running."""
+    threads = hash_threads() if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
+        for path, index in items:
+            yield _sha256_of_shard(path, index)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(items)),
+                                               thread_name_prefix="residtap-hash") as pool:
+        futures = [pool.submit(_sha256_of_shard, path, index) for path, index in items]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _sha256_of_shard(path: str, index) -> str:
@@ -681,10 +740,13 @@ class Activations:
         return self._shards[0].names() if self._shards else []
 
     def verify(self) -> None:
-        """Hash every shard and compare with the manifest; ShardCorruptError names the first that differs."""
-        for s in self._shards:
-            got = _sha256_of_shard(s.path, s.record["index"])
-            if got != s.record["sha256"]:
+        """Hash every shard (several at once, see sha256_shards) and compare with the manifest;
+        ShardCorruptError names the first that differs."""
+        digests = sha256_shards([(s.path, s.record["index"]) for s in self._shards])
+        with contextlib.closing(digests):
+            for s, got in zip(self._shards, digests):
+                if got == s.record["sha256"]:
+                    continue
                 raise ShardCorruptError(
                     f"shard {s.record['index']} ({s.path!r}) fails its checksum: sha256 {got}, the manifest "
                     f"says {s.record['sha256']}. The file is corrupted; delete it and run the same extract "
