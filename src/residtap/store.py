@@ -478,7 +478,9 @@ def record_mismatches(directory: str, records: Sequence[dict], check_sha256: boo
         except FileNotFoundError:
             sizes.append("missing")
         except OSError as e:
-            sizes.append(os_error(e, f"reading shard {record['index']}", path))
+            error = os_error(e, f"reading shard {record['index']}", path)
+            error.__cause__ = e  # as raise ... from e would set it; raised when its turn comes
+            sizes.append(error)
     hashed = [check_sha256 and size == record["bytes"] for record, size in zip(records, sizes)]
     digests = sha256_shards([(os.path.join(directory, r["file"]), r["index"])
                              for r, h in zip(records, hashed) if h], threads)
