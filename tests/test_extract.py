@@ -451,8 +451,11 @@ def test_default_publishers_follow_the_cores(tmp_path, monkeypatch):
         monkeypatch.setattr(ex.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
         assert ex.default_publishers(writers) == want, (cores, writers)
     monkeypatch.setattr(ex.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert store.hash_threads() == 8  # checking shards: the cores, at most 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the node's 16 cores
-    assert ex.default_publishers(2) == 2
+    assert ex.default_publishers(2) == 2 and store.hash_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more processes than cores: one thread each
+    assert ex.default_publishers(2) == 2 and store.hash_threads() == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")  # not torchrun's: ignored
     assert ex.default_publishers(2) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")

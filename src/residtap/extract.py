@@ -67,15 +67,7 @@ def default_publishers(writers: int) -> int:
     and each thread hashes one shard at a time), never fewer than the writers. The cores are those
     this process may run on, shared with the other processes of this node under torchrun
     (LOCAL_WORLD_SIZE), less one per writer and one for the forwards."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        pass  # not torchrun's: this process has the cores to itself
-    return max(writers, min(2 * writers, cores - writers - 1))
+    return max(writers, min(2 * writers, _store.usable_cores() - writers - 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -498,9 +498,9 @@ def record_mismatches(directory: str, records: Sequence[dict], check_sha256: boo
         digests.close()
 
 
-def hash_threads() -> int:
-    """Threads that hash shards at once when checking them: the cores this process may run on (shared
-    with the other processes of this node under torchrun, LOCAL_WORLD_SIZE), at most 8."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), shared with the other processes of this node
+    under torchrun (LOCAL_WORLD_SIZE); at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -508,8 +508,13 @@ def hash_threads() -> int:
     try:
         cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        pass  # not torchrun's
-    return max(1, min(8, cores))
+        pass  # not torchrun's: this process has the cores to itself
+    return max(1, cores)
+
+
+def hash_threads() -> int:
+    """Threads that hash shards at once when checking them: usable_cores(), at most 8."""
+    return min(8, usable_cores())
 
 
 def sha256_shards(items: Sequence[tuple[str, int]], threads: int | None = None) -> Iterator[str]:
