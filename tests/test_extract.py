@@ -259,6 +259,77 @@ def test_a_documents_own_eos_is_not_doubled_and_jsonl_documents_are_records(tmp_
     assert residtap.open(res.out).sequences("source")[:, 0].tolist() == [0, 1, 2, 2]
 
 
+def test_read_ahead_gives_the_items_and_the_error_in_order_and_stops_when_closed():
+    """inputs.ReadAhead makes a source's blocks on a thread of its own, at most ``depth`` ahead: the items,
+    then an error raised while making the next one, come as from the iterator itself; closed early, it
+    makes no more than the one in hand and closes the iterator on its thread."""
+    def items(n, fail_at=None, log=None):
+        try:
+            for i in range(n):
+                if i == fail_at:
+                    raise ValueError(f"data: item {i} is bad")
+                if log is not None:
+                    log.append((i, threading.current_thread().name))
+                yield i
+        finally:
+            if log is not None:
+                log.append(("closed", threading.current_thread().name))
+
+    with inputs.ReadAhead(items(50)) as r:
+        assert list(r) == list(range(50))
+    got = []
+    with inputs.ReadAhead(items(10, fail_at=7), depth=1) as r, pytest.raises(ValueError, match="item 7 is bad"):
+        for x in r:
+            got.append(x)
+    assert got == list(range(7))
+    log = []
+    r = inputs.ReadAhead(items(1000, log=log), depth=2)
+    it = iter(r)
+    assert [next(it), next(it)] == [0, 1]
+    deadline = time.monotonic() + 30
+    while len(log) < 4 and time.monotonic() < deadline:  # 2 taken, 2 queued
+        time.sleep(0.01)
+    r.close()
+    made = [i for i, _ in log if i != "closed"]
+    assert made == list(range(len(made))) and 4 <= len(made) <= 5, log  # at most one more: the one in hand
+    assert log[-1] == ("closed", "residtap-reader") and {name for _, name in log} == {"residtap-reader"}
+    assert not any(t.name == "residtap-reader" for t in threading.enumerate())
+
+
+def test_documents_are_tokenized_ahead_on_their_own_thread(tmp_path, monkeypatch):
+    """Extraction reads and tokenizes the next shards' documents on a thread of its own (ReadAhead) while the
+    forwards run, rather than between them with the GPU idle; the thread is gone when extract returns, and
+    when it fails."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))
+    called_on = set()
+    encode = type(tok).__call__
+
+    def tokenizing(self, *a, **k):
+        called_on.add(threading.current_thread().name)
+        return encode(self, *a, **k)
+
+    monkeypatch.setattr(type(tok), "__call__", tokenizing)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in d)}) + "\n" for d in documents()))
+    res = residtap.extract(tiny_gpt2(), str(jsonl), tmp_path / "out", tokenizer=tok, seq_len=8, batch_size=2,
+                           shard_size="2KiB", progress=False)
+    assert res.complete and res.n_shards > 2 and called_on == {"residtap-reader"}
+    assert not any(t.name == "residtap-reader" for t in threading.enumerate())
+    # A bad record past the first thousand documents (texts are tokenized a thousand at a time): raised on
+    # the reader thread once shards were written, in its turn; the shards before it are kept.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": "w1 w2 w3 w4 w5 w6 w7"}) + "\n" for _ in range(1001))
+                   + '{"text": null}\n')
+    with pytest.raises(ValueError, match=r"text_field: line 1002 of .*bad.jsonl.* got NoneType"):
+        residtap.extract(tiny_gpt2(), str(bad), tmp_path / "bad", tokenizer=tok, seq_len=8, batch_size=16,
+                         shard_size="64KiB", progress=False)
+    # one sequence per document (7 words and EOS), one batch of 16 per shard: every whole shard before it
+    assert residtap.open(tmp_path / "bad", allow_partial=True).n_shards == 1001 // 16
+    assert not any(t.name == "residtap-reader" for t in threading.enumerate())
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("latin1.txt", "w1 caf\xe9\n".encode("latin-1"), r"data: .*latin1.txt' is not UTF-8 text \(after line 1"),
     ("null.jsonl", b'{"text": null}\n',

@@ -6,6 +6,7 @@
 
 The pipeline, per batch (two Capture objects alternate, so one can be copied out while the other fills)::
 
+    reader thread:   the next shards' sequences, read and tokenized up to two shards ahead (ReadAhead)
     compute stream:  [wait: slot k free] forward with Capture k → event F
     copy stream:     [wait F] D2H of every captured tensor into a pinned host shard buffer → event C_k
     writer threads:  [wait the shard's last C] safetensors file under a temporary name → fsync
@@ -1109,10 +1110,12 @@ class _Run:
         inflight: collections.deque = collections.deque()  # per forward: its events, one per device
         self._t0 = time.perf_counter()
         k = 0
+        # The next shards' sequences are read (and tokenized) on a thread of their own meanwhile.
+        reader = _inputs.ReadAhead(self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here))
         try:
-            with torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
-                                          else contextlib.nullcontext()):
-                for item in self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here):
+            with reader, torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
+                                                  else contextlib.nullcontext()):
+                for item in reader:
                     if self.errors:
                         break
                     self._stop_if_asked()

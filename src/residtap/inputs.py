@@ -20,6 +20,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import warnings
 from typing import Iterator
 
@@ -73,6 +75,65 @@ class Skipped:
 
     index: int
     digest: str | None = None
+
+
+class ReadAhead:
+    """Iterate ``items`` (a source's blocks) on a thread of its own, at most ``depth`` items ahead of the
+    caller, so that reading and tokenizing the next shard's documents overlaps the forwards of this one
+    rather than leave the GPU idle between them (fast tokenizers release the GIL while they encode).
+    The items, and an error raised while making one, come in order, as from ``items`` itself.
+    ``close()`` (also on leaving ``with``) stops the thread: it finishes the item it is making, makes
+    no more, and closes ``items`` there."""
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 2, name: str = "residtap-reader"):
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._thread.start()
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # noqa: BLE001 — raised in the caller's thread, in its turn
+            self._put((self._END, e))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _file_fingerprint(path: str) -> dict:
