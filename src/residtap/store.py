@@ -24,6 +24,7 @@ the manifest does not list is never taken as complete.
 from __future__ import annotations
 
 import builtins
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -528,12 +529,17 @@ def sha256_shards(items: Sequence[tuple[str, int]], threads: int | None = None) 
         return
     with concurrent.futures.ThreadPoolExecutor(min(threads, len(items)),
                                                thread_name_prefix="residtap-hash") as pool:
-        futures = [pool.submit(_sha256_of_shard, path, index) for path, index in items]
+        pending = iter(items)
+        window: collections.deque = collections.deque()  # submitted, in order: at most 2 per thread
         try:
-            for future in futures:
-                yield future.result()
+            while True:
+                while len(window) < 2 * threads and (item := next(pending, None)) is not None:
+                    window.append(pool.submit(_sha256_of_shard, *item))
+                if not window:
+                    return
+                yield window.popleft().result()
         finally:
-            for future in futures:
+            for future in window:
                 future.cancel()
 
 
