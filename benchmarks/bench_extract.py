@@ -17,6 +17,10 @@ a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over th
 
 --layers 6 (a comma list of residual indices; default all) extracts fewer layers: few enough bytes per
 forward that the output keeps up with the forward (bound "forward"), where the <= 1.05 target applies.
+--text extracts from a JSONL corpus of random words through a BPE tokenizer trained on it (both made
+here: no hub) rather than from token ids; the forward runs on the same tokens, so x_forward includes
+whatever reading and tokenizing the input adds (its reader thread overlaps them with the forwards);
+tokenize_s is that work alone, done once beforehand.
 --targets ram (or disk) measures one target only.
 
 How many shards a run needs: each shard is hashed (sha256) by one publisher thread, so a run of N
@@ -240,13 +244,51 @@ def host_only(args, writers: int, publishers: int, suspect: list) -> list:
     return [row("cpu", bench="extract_host", **r)]
 
 
-def run_extract(model, ids, directory, batch, writers, publishers, shard_size, host_memory, device,
+def text_input(directory: str, n_seqs: int, seq: int, vocab: int, seed: int = 0):
+    """--text: a JSONL corpus of random words and a BPE tokenizer trained on it here (no hub), with
+    enough text for ``n_seqs`` packed sequences of ``seq`` tokens; returns (path, tokenizer, the
+    [n_seqs, seq] token ids extraction will see, the seconds tokenizing them took on one call)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from residtap import inputs
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(5000)]
+    path = os.path.join(directory, "corpus.jsonl")
+    lines, n_words = [], 0
+    while n_words < 1.2 * n_seqs * seq:  # at least one token per word: enough, with the check below
+        k = int(rng.integers(50, 300))
+        lines.append(" ".join(rng.choice(words, k)))
+        n_words += k
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(lines[:2000], trainers.BpeTrainer(vocab_size=min(8000, vocab),
+                                                             special_tokens=["[UNK]", "[EOS]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]", eos_token="[EOS]")
+    t0 = time.perf_counter()
+    source = inputs.open_source(path, seq_len=seq, packing="pack", max_tokens=n_seqs * seq, tokenizer=tok)
+    ids = np.concatenate([b.input_ids for b in source.blocks(n_seqs, lambda i: True)])
+    tokenize_s = time.perf_counter() - t0
+    if len(ids) != n_seqs:
+        raise RuntimeError(f"--text: the corpus made {len(ids)} sequences of {seq} tokens, {n_seqs} needed")
+    return path, tok, torch.from_numpy(ids), tokenize_s
+
+
+def run_extract(model, data: dict, directory, batch, writers, publishers, shard_size, host_memory, device,
                 layers):
+    """residtap.extract of ``data`` (extract's keyword arguments for the input: data=, and for --text
+    tokenizer=, seq_len=, max_tokens=)."""
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
     try:
-        res = residtap.extract(model, ids, out, layers=layers, batch_size=batch, writers=writers,
+        res = residtap.extract(model, out=out, layers=layers, batch_size=batch, writers=writers,
                                publishers=publishers, shard_size=shard_size, host_memory=host_memory,
-                               progress=False, verify_existing=False)
+                               progress=False, verify_existing=False, **data)
         sync(device)
         return res
     finally:
@@ -270,6 +312,9 @@ def main() -> int:
                    help="measurements of each of forward, extract and raw (default 3; 1 with --smoke)")
     p.add_argument("--marginal", action="store_true",
                    help="also extract the first half of the batches: x_forward_marginal, without the tail")
+    p.add_argument("--text", action="store_true",
+                   help="extract from a JSONL corpus through a tokenizer (both made here) rather than "
+                        "token ids: what reading and tokenizing adds (the forward runs on the same tokens)")
     p.add_argument("--layers", default=None,
                    help="comma list of residual indices to extract (default all): fewer for a "
                         "forward-bound run")
@@ -308,8 +353,19 @@ def main() -> int:
         n_batches = args.batches or n_batches
         model = random_gpt2(size, dtype=dtype, device=device, **overrides)
         cfg = model.config
-        ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq),
-                            generator=torch.Generator().manual_seed(0))
+        text = None
+        if args.text:
+            text_dir = tempfile.mkdtemp(prefix="residtap-bench-text-")
+            text = text_input(text_dir, n_batches * batch, seq, cfg.vocab_size)
+            ids = text[2]
+        else:
+            ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq),
+                                generator=torch.Generator().manual_seed(0))
+
+        def data(n_rows):  # extract's input arguments for the first n_rows sequences
+            if text is None:
+                return {"data": ids[:n_rows]}
+            return {"data": text[0], "tokenizer": text[1], "seq_len": seq, "max_tokens": n_rows * seq}
         n_res = len(layers) if layers else cfg.n_layer + 1
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem
@@ -330,12 +386,14 @@ def main() -> int:
         fwd_s, slack_s = fwd(len(ids))
         fwd_half_s = fwd(half)[0] if args.marginal else None
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
-        run_extract(model, ids[:2 * batch], args.ram_dir, batch, writers, args.publishers, shard, host_memory,
+        run_extract(model, data(2 * batch), args.ram_dir, batch, writers, args.publishers, shard, host_memory,
                     device, layers)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
              "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
-             "forward_slack_s": slack_s}
+             "forward_slack_s": slack_s, "input": "ids" if text is None else "jsonl"}
+        if text is not None:  # reading and tokenizing the corpus alone, on one call: what could add
+            r["tokenize_s"] = text[3]
         for tag, d in ((t, dirs[t]) for t in targets):
             need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
@@ -347,7 +405,7 @@ def main() -> int:
                 for what in (("extract", "raw") if k % 2 == 0 else ("raw", "extract")):
                     os.sync()  # start each from a clean page cache writeback state
                     if what == "extract":
-                        runs.append(run_extract(model, ids, d, batch, writers, args.publishers, shard,
+                        runs.append(run_extract(model, data(len(ids)), d, batch, writers, args.publishers, shard,
                                                 host_memory, device, layers))
                     else:  # as many threads as the pipeline ran writers, shard-sized files: like for like
                         res = runs[-1]
@@ -372,12 +430,14 @@ def main() -> int:
                                "the raw write is not a ceiling in this run")
             if args.marginal and half < len(ids) and fwd_s > fwd_half_s:
                 half_s = statistics.median(
-                    run_extract(model, ids[:half], d, batch, writers, args.publishers, shard, host_memory,
+                    run_extract(model, data(half), d, batch, writers, args.publishers, shard, host_memory,
                                 device, layers).seconds for _ in range(repeats))
                 r[f"x_forward_marginal_{tag}"] = (ext_s - half_s) / (fwd_s - fwd_half_s)
             # so far: a run stopped at its time limit keeps the targets and models already measured
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
+        if text is not None:
+            shutil.rmtree(text_dir, ignore_errors=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

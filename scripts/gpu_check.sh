@@ -7,8 +7,8 @@
 #            bench_op, bench_capture, compute-sanitizer memcheck and racecheck; last, capture against
 #            the reference in each model family of tests/test_families.py
 #   extract  (issue 5; about 2.5 minutes) extraction's CUDA pipeline against captures, models split
-#            over devices, bench_extract on GPT-2-small (all layers; one: forward-bound; 64 batches
-#            to RAM: the steady state)
+#            over devices, bench_extract on GPT-2-small (all layers; one: forward-bound, with one and
+#            with 8 batches a shard, and from text through a tokenizer; 64 batches to RAM: the steady state)
 #   all      both, in one call (about 7 minutes on an H200: 347 s measured with bench_capture cut at
 #            120 s, 3 of its 4 models done)
 #   tests    the correctness steps of both, no benchmarks or sanitizers (about 2.5 minutes): the
@@ -21,9 +21,10 @@
 #   lease    one call for a whole 15-minute device lease (9.5 minutes at most), in order of value:
 #            the CUDA tests, bench_op, the subset timing, bench_capture on GPT-2-small with the
 #            experimental rows (overlap capped at 33 and 132 blocks, the staged kernel), the
-#            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound; 64
-#            batches to RAM: the steady state), the family tests, bench_capture on the XL size
-#            (bfloat16), ncu, then the XL size in float32 (the rest took 6 minutes in the third lease);
+#            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound, also
+#            with 8 batches a shard and from text; 64 batches to RAM: the steady state), the family
+#            tests, bench_capture on the XL size (bfloat16), ncu, then the XL size in float32 (the rest
+#            took 6 minutes in the third lease);
 #            whatever the budget cannot reach is reported as skipped, and the JSON rows come back as
 #            one archive, results-json.tar.gz (a device call returns 8 files)
 #
@@ -93,6 +94,9 @@ bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer 
     # writers' and publishers' Python, which holds the GIL the forwards need) and what per batch
     step bench-extract-keepup-shards 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
         --batches 48 --shard-size 192MiB --targets ram --marginal --out "$OUT/keepup-shards"
+    # the same from a JSONL corpus through a tokenizer (made on the spot): what reading and tokenizing add
+    step bench-extract-keepup-text 90 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
+        --batches 24 --text --targets ram --marginal --out "$OUT/keepup-text"
     # to RAM, 64 shards rather than 12: the steady state, not the pipeline's fill and drain
     step bench-extract-steady 60 python3 benchmarks/bench_extract.py --models gpt2-small --targets ram \
         --batches 64 --repeats 2 --out "$OUT/steady"
