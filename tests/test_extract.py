@@ -296,6 +296,28 @@ def test_read_ahead_gives_the_items_and_the_error_in_order_and_stops_when_closed
     assert not any(t.name == "residtap-reader" for t in threading.enumerate())
 
 
+def test_a_capture_that_cannot_be_set_up_leaves_no_thread_behind(tmp_path, monkeypatch):
+    """The pipeline's captures are made before its writer and publisher threads start (and before its
+    progress bar): one that fails (its parity probe, say) ends the run with nothing left running. Before,
+    the threads were started first and stayed blocked for good."""
+    ex = sys.modules["residtap.extract"]
+    made, real = [], ex.Capture
+
+    def second_fails(*a, **k):
+        made.append(1)
+        if len(made) == 2:  # the first is extract's probe of the settings; the pipeline's come next
+            raise RuntimeError("parity probe failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "Capture", second_fails)
+    path, _ = ids_file(tmp_path, 8 * 8)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="parity probe failed"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", seq_len=8, batch_size=2, progress=False)
+    assert len(made) == 2 and not (tmp_path / "out").exists()  # a first run that failed is taken back
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith("residtap-")]
+
+
 def test_documents_are_tokenized_ahead_on_their_own_thread(tmp_path, monkeypatch):
     """Extraction reads and tokenizes the next shards' documents on a thread of its own (ReadAhead) while the
     forwards run, rather than between them with the GPU idle; the thread is gone when extract returns, and

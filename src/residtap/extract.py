@@ -1082,6 +1082,16 @@ class _Run:
             total = self.source.seq_len * sum(min(self.seqs_per_shard, n - i * self.seqs_per_shard)
                                               for i in range(math.ceil(n / self.seqs_per_shard))
                                               if self.wanted(i))
+        # Before the threads and the progress bar, which only the try below ends: a capture that cannot
+        # be set up (its parity probe fails, say) leaves none of them behind.
+        caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
+                        self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap,
+                        blocks=list(self.layout.blocks), final_norm=self.layout.final_norm)
+                for _ in range(2)]
+        base = self.base
+        # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
+        # which that device's next forward into it waits for.
+        queues = _queues_for(self.device)
         show = self.progress if self.progress is not None else (sys.stderr.isatty() and self.rank == 0)
         bar = None
         if show:
@@ -1098,14 +1108,6 @@ class _Run:
                                        name=f"residtap-publisher-{k}") for k in range(self.n_publishers)]
         for t in threads + publishers:
             t.start()
-        caps = [Capture(self.base, list(self.cfg.layer_ids), self.cfg.positions, self.cfg.dtype,
-                        self.cfg.outputs, backend=self.cfg.backend, overlap=self.cfg.overlap,
-                        blocks=list(self.layout.blocks), final_norm=self.layout.final_norm)
-                for _ in range(2)]
-        base = self.base
-        # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
-        # which that device's next forward into it waits for.
-        queues = _queues_for(self.device)
         slot_free: list[list] = [[], []]
         inflight: collections.deque = collections.deque()  # per forward: its events, one per device
         self._t0 = time.perf_counter()
