@@ -353,19 +353,17 @@ def main() -> int:
         n_batches = args.batches or n_batches
         model = random_gpt2(size, dtype=dtype, device=device, **overrides)
         cfg = model.config
-        text = None
-        if args.text:
-            text_dir = tempfile.mkdtemp(prefix="residtap-bench-text-")
-            text = text_input(text_dir, n_batches * batch, seq, cfg.vocab_size)
-            ids = text[2]
+        text_dir = tempfile.mkdtemp(prefix="residtap-bench-text-") if args.text else None
+        if text_dir is not None:
+            corpus, tokenizer, ids, tokenize_s = text_input(text_dir, n_batches * batch, seq, cfg.vocab_size)
         else:
             ids = torch.randint(0, cfg.vocab_size, (n_batches * batch, seq),
                                 generator=torch.Generator().manual_seed(0))
 
         def data(n_rows):  # extract's input arguments for the first n_rows sequences
-            if text is None:
+            if text_dir is None:
                 return {"data": ids[:n_rows]}
-            return {"data": text[0], "tokenizer": text[1], "seq_len": seq, "max_tokens": n_rows * seq}
+            return {"data": corpus, "tokenizer": tokenizer, "seq_len": seq, "max_tokens": n_rows * seq}
         n_res = len(layers) if layers else cfg.n_layer + 1
         elem = torch.empty((), dtype=dtype).element_size()
         batch_bytes = batch * seq * n_res * cfg.n_embd * elem
@@ -391,9 +389,9 @@ def main() -> int:
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
              "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
-             "forward_slack_s": slack_s, "input": "ids" if text is None else "jsonl"}
-        if text is not None:  # reading and tokenizing the corpus alone, on one call: what could add
-            r["tokenize_s"] = text[3]
+             "forward_slack_s": slack_s, "input": "ids" if text_dir is None else "jsonl"}
+        if text_dir is not None:  # reading and tokenizing the corpus alone, on one call: what could add
+            r["tokenize_s"] = tokenize_s
         for tag, d in ((t, dirs[t]) for t in targets):
             need, free = n_batches * batch_bytes * 1.1 + (64 << 20), shutil.disk_usage(d).free
             if free < need:  # e.g. a container's small /dev/shm: say so rather than fail on ENOSPC
@@ -436,7 +434,7 @@ def main() -> int:
             # so far: a run stopped at its time limit keeps the targets and models already measured
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
-        if text is not None:
+        if text_dir is not None:
             shutil.rmtree(text_dir, ignore_errors=True)
         del model
         if device.type == "cuda":

@@ -270,7 +270,7 @@ class _Manifest:
         # The shards this process's manifest lists (records or mine), each record encoded once: a
         # rewrite after every shard then costs a join, not an encoding of every record, which held
         # the GIL (and so stalled the forwards) for longer the more shards there were.
-        self._lines = {i: _store.json_line(r) for i, r in self._listed().items()}
+        self._lines = {i: _store.json_line(r) for i, r in (records if world == 1 else self.mine).items()}
         self._lock = threading.Lock()
         self._first = threading.Lock()  # this rank's publishers, one at a time until its first record
         self._recorded = False  # whether this rank's part lists a shard this run recorded
@@ -320,9 +320,6 @@ class _Manifest:
 
     def path(self) -> str:
         return os.path.join(self.out, _store.MANIFEST if self.world == 1 else _store.part_name(self.rank))
-
-    def _listed(self) -> dict[int, dict]:
-        return self.records if self.world == 1 else self.mine
 
     def add(self, record: dict) -> None:
         line = _store.json_line(record)

@@ -205,12 +205,12 @@ def manifest_text(fields: dict, shard_lines: Sequence[str] | None = None) -> str
     lines = []
     for key in sorted(items):
         value = items[key]
-        if value is shard_lines and value:
-            text = "[\n  " + ",\n  ".join(value) + "\n ]"
+        inner = None  # the items of a list written one per line, encoded
+        if value is shard_lines:
+            inner = value
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            text = "[\n  " + ",\n  ".join(map(json_line, value)) + "\n ]"
-        else:
-            text = json_line(value)
+            inner = list(map(json_line, value))
+        text = "[\n  " + ",\n  ".join(inner) + "\n ]" if inner else json_line(value)
         lines.append(f" {json_line(key)}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
@@ -471,30 +471,31 @@ def record_mismatches(directory: str, records: Sequence[dict], check_sha256: boo
     Each result, and each error (a read error names its shard), comes when the records before it have
     come, as from one record_mismatch after another; hashes not yet started when the caller stops
     (at an error, or Ctrl-C) are not started."""
-    sizes = []  # the file's size, "missing" or the error of stat, in order: cheap, done first
+    # First what stat tells, in order (cheap): the problem, None where the size matches, or the error
+    # of stat, raised when its turn comes.
+    found: list[str | StoreError | None] = []
     for record in records:
         path = os.path.join(directory, record["file"])
         try:
-            sizes.append(os.path.getsize(path))
+            size = os.path.getsize(path)
         except FileNotFoundError:
-            sizes.append("missing")
+            found.append("missing")
         except OSError as e:
             error = os_error(e, f"reading shard {record['index']}", path)
-            error.__cause__ = e  # as raise ... from e would set it; raised when its turn comes
-            sizes.append(error)
-    hashed = [check_sha256 and size == record["bytes"] for record, size in zip(records, sizes)]
+            error.__cause__ = e  # as raise ... from e would set it
+            found.append(error)
+        else:
+            found.append(None if size == record["bytes"] else f"{size} bytes, expected {record['bytes']}")
+    hashed = [check_sha256 and problem is None for problem in found]
     digests = sha256_shards([(os.path.join(directory, r["file"]), r["index"])
                              for r, h in zip(records, hashed) if h], threads)
     try:
-        for record, size, h in zip(records, sizes, hashed):
-            if isinstance(size, StoreError):
-                raise size
-            if size == "missing":
-                yield "missing"
-            elif size != record["bytes"]:
-                yield f"{size} bytes, expected {record['bytes']}"
-            else:
-                yield "sha256 differs" if h and next(digests) != record["sha256"] else None
+        for record, problem, h in zip(records, found, hashed):
+            if isinstance(problem, StoreError):
+                raise problem
+            if h and next(digests) != record["sha256"]:
+                problem = "sha256 differs"
+            yield problem
     finally:
         digests.close()
 
