@@ -1760,14 +1760,18 @@ def reference_run(tmp_path_factory):
     (so that every run computes with the same kernels): the bytes the others must reproduce."""
     d = tmp_path_factory.mktemp("reference")
     path, _ = ids_file(d, 8 * 400, vocab=100)
+    _single_threaded_run(path, d / "ref")
+    return path, d / "ref"
+
+
+def _single_threaded_run(path, out):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(d / "ref"),
-                         "--no-progress", *CLI_ARGS]) == 0
+        assert cli_main(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--no-progress",
+                         *CLI_ARGS]) == 0
     finally:
         torch.set_num_threads(threads)
-    return path, d / "ref"
 
 
 @pytest.mark.slow
@@ -2720,6 +2724,37 @@ def test_ranks_failing_before_any_shard_take_their_run_back(tmp_path, reference_
 
 
 @pytest.mark.slow
+def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path):
+    """Two processes resume an extraction whose input has grown since (its fingerprint changed): each
+    checks its own finished shards, rank 0 alone says so, and the result is a run on the grown input. Rank
+    0's first shard is held back, so rank 1 records its first while manifest.json still holds the old
+    fingerprint, which it must not take for its run taken back by rank 0."""
+    path, arr = ids_file(tmp_path, 8 * 60, vocab=100)
+    _single_threaded_run(path, tmp_path / "ref")
+    out = tmp_path / "out"
+    shutil.copytree(tmp_path / "ref", out)
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["shards"][6:]:
+        os.remove(out / r["file"])
+    unfinished = {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
+    store.write_json_atomic(str(out / "manifest.json"),
+                            {**unfinished, "complete": False, "shards": m["shards"][:6]})
+    np.save(path, np.concatenate([arr, arr[:80]]))
+    _single_threaded_run(path, tmp_path / "grown")
+    slow = ("import os, sys, time\nimport residtap\nfrom residtap import store\nreal = store.write_shard_file\n"
+            "store.write_shard_file = lambda *a: (os.environ['RANK'] == '0' and time.sleep(3)) or real(*a)\n")
+    results = _ranks(path, out, before=slow)
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    assert "(6 already done)" in results[0][1]
+    said = [re.findall(r"the input has changed since .* checking the sequences of its (\d+) finished shards", err)
+            for _, _, err in results]
+    assert said == [["3"], []]
+    assert_same_dirs(tmp_path / "grown", out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "grown"))
+
+
+@pytest.mark.slow
 def test_a_run_another_rank_recorded_a_shard_of_is_kept_and_resumes(tmp_path, reference_run):
     """Rank 1 records shard 1, then both ranks fail, rank 0 before any shard of its own: the run is
     not taken back (its manifest, rank 1's part and shard stay) and the same command resumes it."""
@@ -2947,6 +2982,96 @@ def test_a_text_input_resumes_byte_identical_and_refuses_changed_documents(tmp_p
     write(texts)
     assert residtap.extract(model, str(jsonl), tmp_path / "part", **kw).shards_skipped == 3
     assert_same_dirs(tmp_path / "ref", tmp_path / "part")
+
+
+def test_an_input_fixed_after_a_bad_record_resumes_where_the_run_failed(tmp_path, capsys):
+    """A bad record far into a JSONL input fails the run after its first shards. Fixing it changes the file
+    (its size, its last MiB), which used to make the directory "an extraction with different settings" for
+    good. Each finished shard recorded the digest of its sequences: the run checks them against the fixed
+    input and resumes, and ends exactly as a run on the fixed input from the start."""
+    docs = [json.dumps({"text": " ".join(f"w{(7 * i + j) % 50}" for j in range(7))}) + "\n" for i in range(1100)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(docs[:1040]) + '{"text": null}\n' + "".join(docs[1041:]))
+    kw = dict(tokenizer=tokenizer_dir(tmp_path), seq_len=8, batch_size=16, shard_size="64KiB", progress=False)
+    with pytest.raises(ValueError, match=r"text_field: line 1041 of .*docs.jsonl"):
+        residtap.extract(tiny_gpt2(), str(path), tmp_path / "out", **kw)
+    kept = residtap.open(tmp_path / "out", allow_partial=True).n_shards
+    assert kept > 50
+    finished = {f: (tmp_path / "out" / f).read_bytes() for f in shard_files(tmp_path / "out")}
+    path.write_text("".join(docs))
+    capsys.readouterr()
+    res = residtap.extract(tiny_gpt2(), str(path), tmp_path / "out", **kw)
+    assert res.complete and res.shards_skipped == kept and res.shards_written == res.n_shards - kept > 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: the input has changed since .*out' was started \(bytes \d+ -> \d+; "
+                     r"sha256_head_tail \w+… -> \w+…\); checking the sequences of its "
+                     rf"{kept} finished shards", err)
+    assert all((tmp_path / "out" / f).read_bytes() == b for f, b in finished.items())
+    residtap.extract(tiny_gpt2(), str(path), tmp_path / "ref", **kw)
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+    ref, out = (residtap.open(tmp_path / d).manifest["settings"] for d in ("ref", "out"))
+    assert out == ref  # the fixed input's fingerprint, as a run on it from the start records
+
+
+def test_a_changed_input_is_checked_against_every_finished_shard_before_anything_is_computed(tmp_path):
+    """Where the input's fingerprint changed, the finished shards' sequences are all checked before the first
+    forward: a changed one that comes after shards still to compute is refused with nothing new written (the
+    check in passing would have written those first), and so is an input that now ends before a finished
+    shard. An input that only grew resumes. A complete extraction, or one whose manifest has no input
+    digests, is refused as before."""
+    path, arr = ids_file(tmp_path, 8 * 40)
+    kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
+    residtap.extract(tiny_gpt2(), path, tmp_path / "ref", **kw)
+    records = residtap.open(tmp_path / "ref").manifest["shards"]
+    assert len(records) >= 8
+    out = tmp_path / "out"
+
+    def interrupted(keep):  # shards finished out of order: 0, 1, 2 and 5
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / "ref", out)
+        m = json.loads((out / "manifest.json").read_text())
+        for r in m["shards"]:
+            if r["index"] not in keep:
+                os.remove(out / r["file"])
+        m.update(complete=False, shards=[r for r in m["shards"] if r["index"] in keep])
+        for key in ("n_shards", "totals"):
+            m.pop(key, None)
+        store.write_json_atomic(str(out / "manifest.json"), m)
+        return {f: (out / f).read_bytes() for f in shard_files(out)}
+
+    finished = interrupted({0, 1, 2, 5})
+    changed = np.concatenate([arr, arr[:16]])
+    changed[records[5]["seq_start"] * 8 + 3] ^= 1
+    np.save(path, changed)
+    with pytest.raises(residtap.ManifestMismatchError, match=r"data: the token sequences of shard 5 differ"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert {f: (out / f).read_bytes() for f in shard_files(out)} == finished
+    np.save(path, arr[:records[4]["seq_stop"] * 8])  # now ends with shard 4
+    with pytest.raises(residtap.ManifestMismatchError,
+                       match=r"data: the input now ends after shard 4, but shard 5 \('shard-0*5.safetensors'\) "
+                             r"was finished from it"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert {f: (out / f).read_bytes() for f in shard_files(out)} == finished
+    grown = np.concatenate([arr, arr[:16]])
+    np.save(path, grown)
+    res = residtap.extract(tiny_gpt2(), path, out, **kw)
+    assert res.complete and res.shards_skipped == 4
+    residtap.extract(tiny_gpt2(), path, tmp_path / "grown", **kw)
+    assert_same_dirs(tmp_path / "grown", out)
+
+    np.save(path, arr)  # the complete extraction of the grown input, now given the original
+    with pytest.raises(residtap.ManifestMismatchError,
+                       match=r"data: .*out' holds a complete extraction of an input that has changed since "
+                             r"\(bytes \d+ -> \d+; sha256_head_tail \w+… -> \w+…; shape \[\d+\] -> \[\d+\]\)"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
+    interrupted({0, 1})  # of the original input
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["shards"]:
+        del r["input_sha256"]  # as residtap wrote them before it recorded input digests
+    store.write_json_atomic(str(out / "manifest.json"), m)
+    np.save(path, grown)
+    with pytest.raises(residtap.ManifestMismatchError, match=r"did not record each shard's input digest"):
+        residtap.extract(tiny_gpt2(), path, out, **kw)
 
 
 def test_a_shard_buffer_is_one_host_allocation():

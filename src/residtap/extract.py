@@ -259,9 +259,13 @@ class _HostShard:
 class _Manifest:
     """The manifest this process keeps up to date: manifest.json (one process) or its rank part."""
 
-    def __init__(self, out: str, header: dict, records: dict[int, dict], rank: int, world: int):
+    def __init__(self, out: str, header: dict, records: dict[int, dict], rank: int, world: int,
+                 data_changed: bool = False):
         self.out, self.header, self.records = out, header, records
         self.rank, self.world = rank, world
+        # The input's contents changed since the extraction started (_check_compatible): until rank 0
+        # records its first shard, manifest.json still holds the old fingerprint (_still_this_run).
+        self.data_changed = data_changed
         # This rank's part lists every shard that was done when the run started, from whichever
         # manifest recorded it, and those it finishes: a resumed run rewrites its part, and must not
         # drop the shards an earlier run finished, whichever rank now owns them (the owner under a
@@ -316,7 +320,10 @@ class _Manifest:
             m = _store.read_json(os.path.join(self.out, _store.MANIFEST))
         except _store.StoreError:
             return False
-        return not _store.settings_difference(m.get("settings", {}), self.header["settings"])
+        have, want = m.get("settings", {}), self.header["settings"]
+        if self.data_changed:
+            have, want = _without_content(have), _without_content(want)
+        return not _store.settings_difference(have, want)
 
     def path(self) -> str:
         return os.path.join(self.out, _store.MANIFEST if self.world == 1 else _store.part_name(self.rank))
@@ -530,7 +537,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             if rank == 0:  # one run at a time in a directory (its other ranks are this run)
                 _make_dir(out)
                 lock = _store.lock_directory(out)
-            records, complete = _prepare_dir(out, header, rank, world, group, opts.verify_existing)
+            records, complete, data_changed = _prepare_dir(out, header, rank, world, group,
+                                                           opts.verify_existing)
             if complete:
                 m = _store.read_json(os.path.join(out, _store.MANIFEST))
                 nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
@@ -542,10 +550,12 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             # Every process has read the directory before any goes on: rank 0, failing, may take the run
             # back (_take_back), and another still reading it then would fail on a missing file, unclearly.
             _barrier(group)
-            manifest = _Manifest(out, header, records, rank, world)
+            manifest = _Manifest(out, header, records, rank, world, data_changed=bool(data_changed))
             run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                        manifest, rank, world, progress, in_device)
             try:
+                if data_changed:
+                    run.check_finished_inputs(data_changed)
                 run.go()
                 # The window ends before its last check (not after: a signal noted in between would be
                 # taken nowhere): one noted during the threads' last shards is taken here; from here on
@@ -651,7 +661,8 @@ def _barrier(group) -> None:
 
 
 def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
-    """Create or check ``out``; return (complete records, whether the extraction is already complete).
+    """Create or check ``out``; return (complete records, whether the extraction is already complete, how
+    the input's contents changed since it was started: see _check_compatible).
 
     Rank 0 (which has made the directory and taken its lock) writes the initial manifest before any
     other rank looks at it.
@@ -667,11 +678,11 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                         "write there: choose a new or empty directory")
             _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
                                                                            "shards": []})
-        _check_compatible(out, header)
+        changed = _check_compatible(out, header)
         _reopen_if_shards_missing(out)
     _barrier(group)
     if rank != 0:
-        _check_compatible(out, header)
+        changed = _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
         _SIGNALS.undefer()  # nothing to clean up; checking every shard can take long: signals act at once
@@ -680,7 +691,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
             for p in _store.manifest_paths(out)[1:]:  # parts a killed merge left: superseded
                 os.remove(p)
-        return _store.merged_records(manifests[:1]), True
+        return _store.merged_records(manifests[:1]), True, changed
     records = _store.merged_records(manifests, out)
     owned = lambda i: i % world == rank  # noqa: E731
     mine = [i for i in sorted(records) if owned(i)]
@@ -698,7 +709,7 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                     f"({problem}): the file is corrupted. Delete it and run the same command again to "
                     "recompute it.")
     _store.remove_stale_temporaries(out, owned)
-    return records, False
+    return records, False, changed
 
 
 def _make_dir(out: str) -> None:
@@ -816,10 +827,42 @@ def _with_history(out: str, header: dict) -> dict:
             **({"resumed_with": history} if history else {})}
 
 
-def _check_compatible(out: str, header: dict) -> None:
+def _without_content(settings: dict) -> dict:
+    """``settings`` without what fingerprints the input's contents (inputs.CONTENT_KEYS)."""
+    data = settings.get("data")
+    if not isinstance(data, dict):
+        return settings
+    return {**settings, "data": {k: v for k, v in data.items() if k not in _inputs.CONTENT_KEYS}}
+
+
+def _check_compatible(out: str, header: dict) -> list[str]:
+    """Refuse ``out`` if an extraction with other settings is there. Returns how the input's contents
+    changed since (empty if they did not) where that alone differs, the extraction is not complete and
+    every finished shard recorded its input's digest: the run then checks those shards' inputs against
+    the input as it is now before it computes anything (_Run.check_finished_inputs)."""
+    changed: list[str] = []
     for p in _store.manifest_paths(out):
         have = _store.read_json(p)
         diff = _store.settings_difference(have["settings"], header["settings"])
+        if diff and not _store.settings_difference(_without_content(have["settings"]),
+                                                   _without_content(header["settings"])):
+            old, new = have["settings"].get("data", {}), header["settings"]["data"]
+            brief = lambda v: f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else json.dumps(v)  # noqa: E731
+            what = [f"{k} {brief(old.get(k))} -> {brief(new.get(k))}"
+                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if have.get("complete"):
+                raise _store.ManifestMismatchError(
+                    f"data: {out!r} holds a complete extraction of an input that has changed since "
+                    f"({'; '.join(what)}). Nothing was written. Use a new --out directory, or the input as "
+                    "it was.")
+            if not all("input_sha256" in r for r in have.get("shards", [])):
+                raise _store.ManifestMismatchError(
+                    f"data: the input has changed since {out!r} was started ({'; '.join(what)}), and its "
+                    f"manifest ({os.path.basename(p)}) was written by a residtap that did not record each "
+                    "shard's input digest, so its finished shards cannot be checked against the input as it "
+                    "is now. Nothing was written. Use a new --out directory, or the input as it was.")
+            changed += [w for w in what if w not in changed]
+            diff = []
         if diff:
             empty = ("" if have.get("shards") else " It holds no shard yet: if no other run is writing there "
                      "(one killed before its first shard leaves this), delete the directory and run again.")
@@ -831,6 +874,7 @@ def _check_compatible(out: str, header: dict) -> None:
             if have.get(key) != header[key]:
                 say(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "
                     f"resuming with {header[key]}; shards may not be byte-identical across them")
+    return changed
 
 
 def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -> tuple[dict, dict]:
@@ -974,6 +1018,35 @@ class _Run:
                 f"{record['file']!r} was made from (input sha256 {want[:12]}…, now {skipped.digest[:12]}…): "
                 f"the input changed since {self.manifest.out!r} was started. Nothing of the finished shards "
                 "was overwritten. Restore the data, or use a new --out directory.")
+
+    def check_finished_inputs(self, changed: list[str]) -> None:
+        """Where the input's contents changed since the extraction started (``changed`` says how; a bad
+        line fixed, say), every shard of this process that an earlier run finished is checked against the
+        input as it is now, all of them before anything is computed: a changed one is refused with nothing
+        new written beside it (go() checks them again as it passes them, which costs only a digest)."""
+        mine = sorted(i for i in self.manifest.records if self.finished_here(i))
+        if self.rank == 0:
+            say(f"residtap extract: warning: the input has changed since {self.manifest.out!r} was started "
+                f"({'; '.join(changed)}); checking the sequences of its {len(mine)} finished shard"
+                f"{'s' if len(mine) != 1 else ''} against it before computing anything")
+        if not mine:
+            return
+        seen = -1
+        blocks = self.source.blocks(self.seqs_per_shard, lambda index: False, self.finished_here)
+        with contextlib.closing(blocks):
+            for item in blocks:
+                _SIGNALS.check()
+                seen = item.index
+                if item.digest is not None:
+                    self._check_finished(item)
+                if seen >= mine[-1]:
+                    return
+        record = self.manifest.records[mine[-1]]
+        raise _store.ManifestMismatchError(
+            f"data: the input now ends {'before its first shard' if seen < 0 else f'after shard {seen}'}, "
+            f"but shard {mine[-1]} ({record['file']!r}) was finished from it: the input changed since "
+            f"{self.manifest.out!r} was started. Nothing of the finished shards was overwritten. Restore the "
+            "data, or use a new --out directory.")
 
     # -------------------------------------------------------------------- writer side
     def _writer(self, jobs: queue.Queue, pool: queue.Queue, published: queue.Queue) -> None:

@@ -30,6 +30,12 @@ import numpy as np
 from .selection import positive_int
 
 PACKINGS = ("pack", "pad")
+# The keys of Source.describe() that fingerprint what the input holds (its size, a hash of its bytes,
+# its shape, a dataset's fingerprint), as opposed to which input it is and how it is read. A resumed
+# extraction lets these change (a bad line fixed, say) where each finished shard recorded the digest of
+# its own sequences: those are then checked against the input as it is now, before anything is computed.
+CONTENT_KEYS = frozenset({"bytes", "sha256_head_tail", "sha256", "shape", "dtype", "rows",
+                          "dataset_fingerprint"})
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 
