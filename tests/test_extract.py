@@ -234,6 +234,29 @@ def test_text_inputs_line_numbers_bom_and_separators(tmp_path):
     assert stored == [[4, 5, 2, 2], [6, 7, 2, 2], [8, 9, 2, 2]]
 
 
+def test_lines_end_at_newlines_only(tmp_path):
+    """Lines end at "\\n" (or "\\r\\n"), as wc -l, sed -n Np and JSON Lines count them: a lone "\\r" in a line
+    neither splits its document nor shifts the numbers of the documents after it (Python's universal
+    newlines did both), and is whitespace inside a JSON line as JSON says."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))
+    raw = b"w1 w2\rw3\nw4\r\n\nw5\r w6\nw7"
+    txt = tmp_path / "docs.txt"
+    txt.write_bytes(raw)
+    ids, _, src = sequences_of(inputs.open_source(str(txt), seq_len=4, packing="pad", max_tokens=None,
+                                                  tokenizer=tok))
+    assert ids == [[4, 5, 6, 1], [7, 1, 1, 1], [8, 9, 1, 1], [10, 1, 1, 1]]
+    assert [d for d, _ in src] == [0, 1, 3, 4]
+    lines = raw.split(b"\n")
+    assert [lines[d].split() for d, _ in src] == [[b"w1", b"w2", b"w3"], [b"w4"], [b"w5", b"w6"], [b"w7"]]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_bytes(b'{"text":\r"w1 w2"}\r\n{"text": "w3"}\n')
+    ids, _, src = sequences_of(inputs.open_source(str(jsonl), seq_len=4, packing="pad", max_tokens=None,
+                                                  tokenizer=tok))
+    assert ids == [[4, 5, 1, 1], [6, 1, 1, 1]] and src == [[0, 0], [1, 0]]
+
+
 def test_a_documents_own_eos_is_not_doubled_and_jsonl_documents_are_records(tmp_path):
     """Packing appends the EOS only to a document that does not already end with it; a JSONL document
     is numbered by its record (blank lines are not records, unlike a .txt file's lines)."""

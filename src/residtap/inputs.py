@@ -365,12 +365,17 @@ class DocumentSource(Source):
             yield from zip(where, self.tokenizer(chunk)["input_ids"])
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        """(0-based line number, line) of a UTF-8 file (a byte-order mark at its start is not text);
-        a file that is not UTF-8 is a ValueError naming it."""
+        """(0-based line number, line without its "\\n" or "\\r\\n") of a UTF-8 file (a byte-order mark at
+        its start is not text); a file that is not UTF-8 is a ValueError naming it. Lines end at "\\n"
+        only, as ``wc -l``, ``sed -n Np`` and JSON Lines count them: a lone "\\r" inside a line (pasted
+        or scraped text has them) neither splits its document nor shifts the numbers after it, which
+        Python's universal newlines would do."""
         lineno = 0
         try:
-            with open(self.path, encoding="utf-8-sig") as f:
+            with open(self.path, encoding="utf-8-sig", newline="\n") as f:
                 for lineno, line in enumerate(f):
+                    if line.endswith("\n"):
+                        line = line[:-2] if line.endswith("\r\n") else line[:-1]
                     yield lineno, line
         except UnicodeDecodeError as e:
             raise ValueError(f"data: {self.path!r} is not UTF-8 text (after line {lineno + 1}: {e})") \
@@ -420,7 +425,6 @@ class TextSource(DocumentSource):
 
     def _texts(self):
         for lineno, line in self._lines():
-            line = line.rstrip("\n")
             if line.strip():
                 yield lineno, line
 
