@@ -2842,8 +2842,8 @@ if rank == 0 and %r:
 @pytest.mark.parametrize("mappable", [True, False], ids=["mmap", "read"])
 @pytest.mark.parametrize("n", [0, 1, 4097, 3 * 1024 + 5])
 def test_sha256_file_is_hashlibs_digest_of_the_bytes(tmp_path, monkeypatch, n, mappable):
-    """Across the chunk size (1 KiB here: several chunks and a partial last one), for an empty file,
-    which cannot be memory-mapped, and on a file system where mmap fails (read in chunks instead)."""
+    """Mapped, in one update; for an empty file, which cannot be memory-mapped, and on a file system where
+    mmap fails, read in chunks (1 KiB here: several chunks and a partial last one)."""
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)
     if not mappable:
@@ -2851,7 +2851,24 @@ def test_sha256_file_is_hashlibs_digest_of_the_bytes(tmp_path, monkeypatch, n, m
             raise OSError(errno.ENODEV, "No such device")
 
         monkeypatch.setattr(store.mmap, "mmap", no_mmap)
-    assert store.sha256_file(tmp_path / "f", chunk=1024) == hashlib.sha256(data).hexdigest()
+    updates, sha256 = [], hashlib.sha256
+
+    class Counting:  # hashlib's sha256, counting its updates
+        def __init__(self):
+            self.h = sha256()
+
+        def update(self, b):
+            updates.append(len(b))
+            self.h.update(b)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(store.hashlib, "sha256", Counting)
+    assert store.sha256_file(tmp_path / "f", chunk=1024) == sha256(data).hexdigest()
+    # Mapped, the whole file in one update, which releases the GIL once: a thread taking it back after
+    # each chunk waits up to the switch interval while the forwards' thread runs Python.
+    assert updates == ([n] if mappable and n else [min(1024, n - k) for k in range(0, n, 1024)])
 
 
 def test_merged_records_prefer_the_record_that_describes_the_file(tmp_path):
