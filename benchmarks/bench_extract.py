@@ -58,6 +58,9 @@ against the store's ways of writing a shard, from the same number of writer thre
                    hash and rename (store.publish_shard)
   wide_<t>_s       the same with ``publishers`` publisher threads (--publishers, default
                    residtap.extract.default_publishers(writers): extract's default pipeline)
+  busy_<t>_s       wide, while the main thread runs Python meanwhile, as it does for most of a forward:
+                   what the threads lose to the GIL (a thread taking it back waits up to 5 ms, the
+                   interpreter's switch interval, while another runs Python)
 
     python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
     python benchmarks/bench_extract.py --host-only     # 8 shards of 128 MiB per target, any machine
@@ -161,10 +164,12 @@ def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> fl
     return seconds
 
 
-def store_write(directory: str, shards: int, tensors: dict, threads: int, publishers: int) -> float:
+def store_write(directory: str, shards: int, tensors: dict, threads: int, publishers: int,
+                busy: bool = False) -> float:
     """Write `shards` copies of `tensors` as crash-safe shards from `threads` writer threads, either
     each thread doing everything (store.write_shard; publishers=0) or handing each written file to
-    `publishers` publisher threads (extract's pipeline); seconds until the last shard is published."""
+    `publishers` publisher threads (extract's pipeline); seconds until the last shard is published.
+    ``busy``: the calling thread runs Python meanwhile (a forward's host side, as far as the GIL sees)."""
     from residtap import store
 
     out = tempfile.mkdtemp(prefix="residtap-bench-store-", dir=directory)
@@ -192,10 +197,14 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
     t0 = time.perf_counter()
     for t in ws + ps:
         t.start()
+    while busy and any(t.is_alive() for t in ws):
+        sum(range(2000))  # Python bytecode, holding the GIL between the interpreter's switches
     for t in ws:
         t.join()
     for _ in ps:
         published.put(None)
+    while busy and any(t.is_alive() for t in ps):
+        sum(range(2000))
     for t in ps:
         t.join()
     seconds = time.perf_counter() - t0
@@ -219,9 +228,9 @@ def host_only(args, writers: int, publishers: int, suspect: list) -> list:
         if shutil.disk_usage(d).free < 1.2 * shard * shards:
             r[f"skipped_{tag}"] = f"{d} has too little free space"
             continue
-        ways = {"serial": 0, "split": writers, "wide": publishers}
+        ways = {"serial": 0, "split": writers, "wide": publishers, "busy": publishers}
         runs = {"raw": lambda: raw_write(d, shard * shards, shard, writers),
-                **{way: functools.partial(store_write, d, shards, tensors, writers, n)
+                **{way: functools.partial(store_write, d, shards, tensors, writers, n, busy=way == "busy")
                    for way, n in ways.items()}}
         times = {k: [] for k in runs}
         # twice, the second time in the reverse order (so that the raw write, the ceiling, does not
@@ -334,8 +343,9 @@ def main() -> int:
         rows = host_only(args, writers, args.publishers or default_publishers(writers), suspect)
         print_table(rows, ["shard_bytes", "shards", "writers", "publishers"]
                     + [f"{k}_{t}_s" for t in ("ram", "disk") for k in
-                       ("raw", "serial", "split", "wide")]
-                    + [f"bw_frac_{k}_{t}" for t in ("ram", "disk") for k in ("serial", "split", "wide")])
+                       ("raw", "serial", "split", "wide", "busy")]
+                    + [f"bw_frac_{k}_{t}" for t in ("ram", "disk")
+                       for k in ("serial", "split", "wide", "busy")])
         for s in suspect:
             print(f"SUSPECT: {s}")
         gpu = rows[0].get("gpu_host")

@@ -94,9 +94,9 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_extract.os, "sync", lambda: log.append("sync"))
     monkeypatch.setattr(bench_extract, "raw_write", lambda *a: log.append("raw") or 1.0)
 
-    def store_write(directory, shards, tensors, threads, publishers):
-        log.append(f"store{publishers}")
-        return 0.5 if publishers == 3 else 2.0  # "wide" beats the raw write: suspect
+    def store_write(directory, shards, tensors, threads, publishers, busy=False):
+        log.append(f"store{publishers}{'busy' if busy else ''}")
+        return 0.5 if publishers == 3 and not busy else 2.0  # "wide" beats the raw write: suspect
 
     monkeypatch.setattr(bench_extract, "store_write", store_write)
     args = types.SimpleNamespace(shard_size="1MiB", smoke=True, batches=2, ram_dir=str(tmp_path),
@@ -105,6 +105,7 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
     rows = bench_extract.host_only(args, 2, 3, suspect)
     one_target = log[:len(log) // 2]
     runs = [x for x in one_target if x != "sync"]
-    assert runs == ["raw", "store0", "store2", "store3", "store3", "store2", "store0", "raw"]
+    assert runs == ["raw", "store0", "store2", "store3", "store3busy",
+                    "store3busy", "store3", "store2", "store0", "raw"]
     assert one_target == [x for r in runs for x in ("sync", r)]  # an os.sync() before each
     assert rows[0]["bw_frac_wide_ram"] == 2.0 and any("wide" in s for s in suspect)
