@@ -24,7 +24,7 @@
 #            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound, also
 #            with 8 batches a shard and from text; 64 batches to RAM: the steady state), the family
 #            tests, bench_capture on the XL size (bfloat16), ncu, then the XL size in float32 (the rest
-#            took 6 minutes in the third lease);
+#            took 6 minutes in the third lease) and the host side of extraction alone (--host-only);
 #            whatever the budget cannot reach is reported as skipped, and the JSON rows come back as
 #            one archive, results-json.tar.gz (a device call returns 8 files)
 #
@@ -151,6 +151,8 @@ if [ "$PART" = lease ]; then
     # last, in whatever is left (the third lease ended at 354 of 570 s): the XL size in float32
     step bench-capture-xl-f32 150 python3 benchmarks/bench_capture.py --models xl --dtypes float32 \
         --out "$OUT/xl32"
+    # then the host side alone, with its 'busy' row: what extraction's threads lose to the GIL there
+    step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
     finish
 fi
 if [ "$PART" = profile ]; then
