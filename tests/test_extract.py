@@ -3033,9 +3033,12 @@ def test_an_input_fixed_after_a_bad_record_resumes_where_the_run_failed(tmp_path
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(docs[:1040]) + '{"text": null}\n' + "".join(docs[1041:]))
     kw = dict(tokenizer=tokenizer_dir(tmp_path), seq_len=8, batch_size=16, shard_size="64KiB", progress=False)
-    with pytest.raises(ValueError, match=r"text_field: line 1041 of .*docs.jsonl"):
+    with pytest.raises(ValueError, match=r"text_field: line 1041 of .*docs.jsonl.*got NoneType\. .*out' keeps "
+                                         r"its (\d+) complete shards: once the input is corrected, the same "
+                                         r"command resumes after them$") as e:
         residtap.extract(tiny_gpt2(), str(path), tmp_path / "out", **kw)
     kept = residtap.open(tmp_path / "out", allow_partial=True).n_shards
+    assert f"its {kept} complete shards" in str(e.value)
     assert kept > 50
     finished = {f: (tmp_path / "out" / f).read_bytes() for f in shard_files(tmp_path / "out")}
     path.write_text("".join(docs))

@@ -561,9 +561,16 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                 # taken nowhere): one noted during the threads' last shards is taken here; from here on
                 # one acts at once.
                 _SIGNALS.undefer()
-            except BaseException:
+            except BaseException as e:
                 if fresh and not manifest.records:
                     _take_back(out, made_dir, world)
+                elif isinstance(e, ValueError) and manifest.records and e.args and isinstance(e.args[0], str):
+                    # bad input met mid-run (a malformed record, a token id outside the vocabulary): say
+                    # what is kept, and that correcting it is not starting over (check_finished_inputs)
+                    n = len(manifest.records)
+                    e.args = (f"{e.args[0].rstrip('.')}. {out!r} keeps its {n} complete "
+                              f"shard{'s' if n != 1 else ''}: once the input is corrected, the same command "
+                              "resumes after them", *e.args[1:])
                 raise
         final, everyone = _finish(out, header, manifest, run, rank, world, group)
     finally:
