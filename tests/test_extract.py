@@ -2764,8 +2764,10 @@ def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path)
                             {**unfinished, "complete": False, "shards": m["shards"][:6]})
     np.save(path, np.concatenate([arr, arr[:80]]))
     _single_threaded_run(path, tmp_path / "grown")
-    slow = ("import os, sys, time\nimport residtap\nfrom residtap import store\nreal = store.write_shard_file\n"
-            "store.write_shard_file = lambda *a: (os.environ['RANK'] == '0' and time.sleep(3)) or real(*a)\n")
+    slow = ("import os, sys, time\nimport residtap\nfrom residtap import store\n"
+            "real, first = store.write_shard_file, [1]\n"
+            "store.write_shard_file = lambda *a: (os.environ['RANK'] == '0' and first and first.pop() and "
+            "time.sleep(3)) or real(*a)\n")
     results = _ranks(path, out, before=slow)
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
