@@ -2748,10 +2748,12 @@ def test_ranks_failing_before_any_shard_take_their_run_back(tmp_path, reference_
 
 @pytest.mark.slow
 def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path):
-    """Two processes resume an extraction whose input has grown since (its fingerprint changed): each
-    checks its own finished shards, rank 0 alone says so, and the result is a run on the grown input. Rank
-    0's first shard is held back, so rank 1 records its first while manifest.json still holds the old
-    fingerprint, which it must not take for its run taken back by rank 0."""
+    """Two processes resume an extraction whose input has changed since (its fingerprint differs): each
+    checks its own finished shards and neither computes anything unless both found theirs unchanged (one
+    changed under rank 1's shard 3: both refuse, nothing new is written). Grown only, it resumes, rank 0
+    alone says so, and the result is a run on the grown input. Rank 0's first shard is held back, so rank 1
+    records its first while manifest.json still holds the old fingerprint, which it must not take for its
+    run taken back by rank 0."""
     path, arr = ids_file(tmp_path, 8 * 60, vocab=100)
     _single_threaded_run(path, tmp_path / "ref")
     out = tmp_path / "out"
@@ -2762,8 +2764,19 @@ def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path)
     unfinished = {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
     store.write_json_atomic(str(out / "manifest.json"),
                             {**unfinished, "complete": False, "shards": m["shards"][:6]})
-    np.save(path, np.concatenate([arr, arr[:80]]))
+    grown = np.concatenate([arr, arr[:80]])
+    np.save(path, grown)
     _single_threaded_run(path, tmp_path / "grown")
+    finished = {f: (out / f).read_bytes() for f in shard_files(out)}
+    changed = grown.copy()
+    changed[m["shards"][3]["seq_start"] * 8] ^= 1  # under rank 1's finished shard 3: both refuse at once
+    np.save(path, changed)
+    results = _ranks(path, out)
+    assert [rc for rc, _, _ in results] == [1, 1], results[1][2][-3000:]
+    assert "--data: another process of this run could not match its finished shards" in results[0][2]
+    assert "--data: the token sequences of shard 3 differ" in results[1][2]
+    assert {f: (out / f).read_bytes() for f in shard_files(out)} == finished
+    np.save(path, grown)
     slow = ("import os, sys, time\nimport residtap\nfrom residtap import store\n"
             "real, first = store.write_shard_file, [1]\n"
             "store.write_shard_file = lambda *a: (os.environ['RANK'] == '0' and first and first.pop() and "
@@ -2774,7 +2787,7 @@ def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path)
     assert "(6 already done)" in results[0][1]
     said = [re.findall(r"the input has changed since .* checking the sequences of its (\d+) finished shards", err)
             for _, _, err in results]
-    assert said == [["3"], []]
+    assert said == [["6"], []]  # the directory's, which the two check three each
     assert_same_dirs(tmp_path / "grown", out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "grown"))
 

@@ -555,7 +555,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                        manifest, rank, world, progress, in_device)
             try:
                 if data_changed:
-                    run.check_finished_inputs(data_changed)
+                    _check_inputs_everywhere(run, data_changed, group)
                 run.go()
                 # The window ends before its last check (not after: a signal noted in between would be
                 # taken nowhere): one noted during the threads' last shards is taken here; from here on
@@ -665,6 +665,33 @@ def _barrier(group) -> None:
             # cause, rather than the collective's error (a traceback, exit status 3).
             _SIGNALS.check()
             raise
+
+
+def _check_inputs_everywhere(run: "_Run", changed: list[str], group) -> None:
+    """run.check_finished_inputs in every process of the run, and no process computes anything unless
+    every one found its finished shards' inputs unchanged: else one rank's refusal would come while the
+    others wrote shards of the changed input beside the finished ones."""
+    error = None
+    try:
+        run.check_finished_inputs(changed)
+    except BaseException as e:  # noqa: BLE001 — raised below, once the other processes know
+        error = e
+    if group is not None:
+        import torch.distributed as dist
+
+        failed = torch.tensor([error is not None], dtype=torch.int32)
+        try:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        except RuntimeError:
+            if error is None:
+                _SIGNALS.check()  # (as _barrier: a rank gone because a signal ended the run)
+                raise
+        if error is None and failed.item():
+            raise _store.ManifestMismatchError(
+                f"data: another process of this run could not match its finished shards in "
+                f"{run.manifest.out!r} to the changed input (its error says why); nothing was computed")
+    if error is not None:
+        raise error
 
 
 def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
@@ -1032,10 +1059,11 @@ class _Run:
         input as it is now, all of them before anything is computed: a changed one is refused with nothing
         new written beside it (go() checks them again as it passes them, which costs only a digest)."""
         mine = sorted(i for i in self.manifest.records if self.finished_here(i))
-        if self.rank == 0:
+        if self.rank == 0:  # (every process checks the shards it owns)
+            n = len(self.manifest.records)
             say(f"residtap extract: warning: the input has changed since {self.manifest.out!r} was started "
-                f"({'; '.join(changed)}); checking the sequences of its {len(mine)} finished shard"
-                f"{'s' if len(mine) != 1 else ''} against it before computing anything")
+                f"({'; '.join(changed)}); checking the sequences of its {n} finished shard"
+                f"{'s' if n != 1 else ''} against it before computing anything")
         if not mine:
             return
         seen = -1
