@@ -194,19 +194,19 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
 
     ws = [threading.Thread(target=writer) for _ in range(threads)]
     ps = [threading.Thread(target=publisher) for _ in range(publishers)]
+    def join(threads):
+        while busy and any(t.is_alive() for t in threads):
+            sum(range(2000))  # Python bytecode, holding the GIL between the interpreter's switches
+        for t in threads:
+            t.join()
+
     t0 = time.perf_counter()
     for t in ws + ps:
         t.start()
-    while busy and any(t.is_alive() for t in ws):
-        sum(range(2000))  # Python bytecode, holding the GIL between the interpreter's switches
-    for t in ws:
-        t.join()
+    join(ws)
     for _ in ps:
         published.put(None)
-    while busy and any(t.is_alive() for t in ps):
-        sum(range(2000))
-    for t in ps:
-        t.join()
+    join(ps)
     seconds = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return seconds

@@ -2757,19 +2757,13 @@ def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path)
     path, arr = ids_file(tmp_path, 8 * 60, vocab=100)
     _single_threaded_run(path, tmp_path / "ref")
     out = tmp_path / "out"
-    shutil.copytree(tmp_path / "ref", out)
-    m = json.loads((out / "manifest.json").read_text())
-    for r in m["shards"][6:]:
-        os.remove(out / r["file"])
-    unfinished = {k: v for k, v in m.items() if k not in ("n_shards", "totals")}
-    store.write_json_atomic(str(out / "manifest.json"),
-                            {**unfinished, "complete": False, "shards": m["shards"][:6]})
+    finished = _interrupted(tmp_path / "ref", out, keep=6)
     grown = np.concatenate([arr, arr[:80]])
     np.save(path, grown)
     _single_threaded_run(path, tmp_path / "grown")
-    finished = {f: (out / f).read_bytes() for f in shard_files(out)}
     changed = grown.copy()
-    changed[m["shards"][3]["seq_start"] * 8] ^= 1  # under rank 1's finished shard 3: both refuse at once
+    shard_3 = json.loads((out / "manifest.json").read_text())["shards"][3]
+    changed[shard_3["seq_start"] * 8] ^= 1  # under rank 1's finished shard 3: both refuse at once
     np.save(path, changed)
     results = _ranks(path, out)
     assert [rc for rc, _, _ in results] == [1, 1], results[1][2][-3000:]
@@ -2962,12 +2956,15 @@ def test_data_changed_under_a_finished_shard_is_refused_on_resume(tmp_path, monk
 
 
 def _interrupted(src, out, keep):
-    """A copy of the complete extraction ``src`` as a run killed after its first ``keep`` shards leaves it."""
+    """A copy of the complete extraction ``src`` as a run killed after its first ``keep`` shards leaves it
+    (or, ``keep`` a set of indices, after those: shards finish out of order)."""
     shutil.copytree(src, out)
     m = json.loads((out / "manifest.json").read_text())
-    for r in m["shards"][keep:]:
-        os.remove(out / r["file"])
-    m.update(complete=False, shards=m["shards"][:keep])
+    kept = (lambda r: r["index"] < keep) if isinstance(keep, int) else (lambda r: r["index"] in keep)
+    for r in m["shards"]:
+        if not kept(r):
+            os.remove(out / r["file"])
+    m.update(complete=False, shards=list(filter(kept, m["shards"])))
     for key in ("n_shards", "totals"):
         m.pop(key, None)
     store.write_json_atomic(str(out / "manifest.json"), m)
@@ -3083,21 +3080,7 @@ def test_a_changed_input_is_checked_against_every_finished_shard_before_anything
     records = residtap.open(tmp_path / "ref").manifest["shards"]
     assert len(records) >= 8
     out = tmp_path / "out"
-
-    def interrupted(keep):  # shards finished out of order: 0, 1, 2 and 5
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp_path / "ref", out)
-        m = json.loads((out / "manifest.json").read_text())
-        for r in m["shards"]:
-            if r["index"] not in keep:
-                os.remove(out / r["file"])
-        m.update(complete=False, shards=[r for r in m["shards"] if r["index"] in keep])
-        for key in ("n_shards", "totals"):
-            m.pop(key, None)
-        store.write_json_atomic(str(out / "manifest.json"), m)
-        return {f: (out / f).read_bytes() for f in shard_files(out)}
-
-    finished = interrupted({0, 1, 2, 5})
+    finished = _interrupted(tmp_path / "ref", out, keep={0, 1, 2, 5})  # finished out of order
     changed = np.concatenate([arr, arr[:16]])
     changed[records[5]["seq_start"] * 8 + 3] ^= 1
     np.save(path, changed)
@@ -3122,7 +3105,8 @@ def test_a_changed_input_is_checked_against_every_finished_shard_before_anything
                        match=r"data: .*out' holds a complete extraction of an input that has changed since "
                              r"\(bytes \d+ -> \d+; sha256_head_tail \w+… -> \w+…; shape \[\d+\] -> \[\d+\]\)"):
         residtap.extract(tiny_gpt2(), path, out, **kw)
-    interrupted({0, 1})  # of the original input
+    shutil.rmtree(out)
+    _interrupted(tmp_path / "ref", out, keep=2)  # of the original input
     m = json.loads((out / "manifest.json").read_text())
     for r in m["shards"]:
         del r["input_sha256"]  # as residtap wrote them before it recorded input digests

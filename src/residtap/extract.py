@@ -878,8 +878,15 @@ def _check_compatible(out: str, header: dict) -> list[str]:
     for p in _store.manifest_paths(out):
         have = _store.read_json(p)
         diff = _store.settings_difference(have["settings"], header["settings"])
-        if diff and not _store.settings_difference(_without_content(have["settings"]),
-                                                   _without_content(header["settings"])):
+        if diff and _store.settings_difference(_without_content(have["settings"]),
+                                               _without_content(header["settings"])):
+            empty = ("" if have.get("shards") else " It holds no shard yet: if no other run is writing there "
+                     "(one killed before its first shard leaves this), delete the directory and run again.")
+            raise _store.ManifestMismatchError(
+                f"out: {out!r} holds an extraction made with different settings ({os.path.basename(p)}): "
+                + "; ".join(diff) + ". Nothing was written. Use a new --out directory, or the same settings "
+                "to resume." + empty)
+        if diff:  # the input's contents alone
             old, new = have["settings"].get("data", {}), header["settings"]["data"]
             brief = lambda v: f"{v[:12]}…" if isinstance(v, str) and len(v) > 16 else json.dumps(v)  # noqa: E731
             what = [f"{k} {brief(old.get(k))} -> {brief(new.get(k))}"
@@ -896,14 +903,6 @@ def _check_compatible(out: str, header: dict) -> list[str]:
                     "shard's input digest, so its finished shards cannot be checked against the input as it "
                     "is now. Nothing was written. Use a new --out directory, or the input as it was.")
             changed += [w for w in what if w not in changed]
-            diff = []
-        if diff:
-            empty = ("" if have.get("shards") else " It holds no shard yet: if no other run is writing there "
-                     "(one killed before its first shard leaves this), delete the directory and run again.")
-            raise _store.ManifestMismatchError(
-                f"out: {out!r} holds an extraction made with different settings ({os.path.basename(p)}): "
-                + "; ".join(diff) + ". Nothing was written. Use a new --out directory, or the same settings "
-                "to resume." + empty)
         for key in ("versions", "environment"):
             if have.get(key) != header[key]:
                 say(f"residtap extract: warning: {out!r} was started with {key} {have.get(key)}, "
