@@ -38,7 +38,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "sample_times",
            "interleaved_times", "medians", "write_rows", "print_table", "slug", "device_slug", "l2_problem", "finish",
-           "parse_list", "sync"]
+           "parse_list", "sync", "ForwardTimeline"]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -175,6 +175,99 @@ def sample_times(fn: Callable[[], object], *, device: str | torch.device = "cpu"
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+class ForwardTimeline:
+    """Where each forward of a model with a list of blocks spends its time, in four parts that add up
+    to the whole. Stamps are taken from hooks, each time the model is called:
+
+      start   the model's forward begins (before its embeddings)
+      blocks  its first block is called: the model's own prefix (embeddings, attention mask) is done
+      body    that block's first submodule runs: the first block's pre-hooks have run (a capture's
+              set-up for the forward, residtap's _on_first_block)
+      end     the model's forward returns
+
+    and per forward k: ``pre`` = start->blocks, ``hook`` = blocks->body, ``body`` = body->end, ``gap`` =
+    end->start of forward k+1 (the caller's work between forwards), and ``period`` = start->start of
+    forward k+1, their sum.
+
+    On CUDA the stamps are timing events on the current stream, so the parts are the GPU's time: a
+    part in which the GPU waited for the host (nothing queued) is as long as that wait. This tells a
+    forward that slowed on the GPU (``body`` longer) from one whose host fell behind (``pre``,
+    ``hook`` or ``gap`` longer), also where the forward synchronizes with the host itself, as
+    transformers' causal-mask code does in GPT-2's prefix (``(packed_sequence_mask[:, -1] ==
+    0).all()``, every forward without an attention mask or cache), which a host-side wait for the GPU
+    outside the forward never sees. On CPU they are ``time.perf_counter()`` stamps: host time, as a
+    CPU forward runs as it is called.
+
+        with ForwardTimeline(model.base_model, model.base_model.h) as tl:
+            for batch in batches: model(batch)
+        tl.summary()  # {"forwards": n, "pre_ms": ..., "hook_ms": ..., "body_ms": ..., ...}
+    """
+
+    PARTS = ("pre", "hook", "body", "gap")
+
+    def __init__(self, model: torch.nn.Module, blocks: Sequence[torch.nn.Module], cuda: bool | None = None):
+        """``cuda``: stamp with CUDA events (True) or the host clock (False); by default CUDA events
+        where the model's parameters are on a CUDA device."""
+        first = blocks[0]
+        self._modules = (model, first, next(iter(first.children()), first))
+        self._stamps: list[list] = []  # per forward: start, blocks, body, end
+        self._handles: list = []
+        self._cuda_asked = cuda
+        self._cuda = False
+
+    def _stamp(self):
+        if self._cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _on(self, k: int):
+        def hook(*_):
+            if k == 0:
+                self._stamps.append([self._stamp()])
+            elif self._stamps and len(self._stamps[-1]) == k:  # once per forward: the first block only
+                self._stamps[-1].append(self._stamp())
+        return hook
+
+    def __enter__(self) -> "ForwardTimeline":
+        model, first, sub = self._modules
+        self._cuda = next(model.parameters()).is_cuda if self._cuda_asked is None else self._cuda_asked
+        self._stamps = []
+        # prepend: before any hook registered earlier on these modules (a capture's, whose work is then
+        # inside the part it belongs to)
+        self._handles = [model.register_forward_pre_hook(self._on(0), prepend=True),
+                         first.register_forward_pre_hook(self._on(1), prepend=True),
+                         model.register_forward_hook(self._on(3), prepend=True),
+                         # a block without submodules: "body" after the block's other pre-hooks
+                         sub.register_forward_pre_hook(self._on(2), prepend=sub is not first)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self._cuda else (b - a) * 1e3
+
+    def summary(self, skip: int = 1) -> dict:
+        """The mean of each part (milliseconds) over the forwards that have a next one (gap and
+        period need it), less the first ``skip`` (first calls: allocation, kernel selection)."""
+        full = [s for s in self._stamps if len(s) == 4]
+        if self._cuda:
+            torch.cuda.synchronize()
+        rows = []
+        for cur, nxt in zip(full[skip:], full[skip + 1:]):
+            start, blocks, body, end = cur
+            rows.append((self._ms(start, blocks), self._ms(blocks, body), self._ms(body, end),
+                         self._ms(end, nxt[0]), self._ms(start, nxt[0])))
+        out = {"forwards": len(rows), "clock": "cuda events" if self._cuda else "host"}
+        for i, part in enumerate(self.PARTS + ("period",)):  # period measured on its own, not summed
+            out[f"{part}_ms"] = statistics.fmean(r[i] for r in rows) if rows else float("nan")
+        return out
 
 
 def interleaved_times(fns: dict, *, device: str | torch.device = "cpu", iters: int = 10, warmup: int = 3,

@@ -5,10 +5,16 @@ For each model (random-init GPT-2-small bf16 at 16x1024 and GPT-2-XL-size bf16 a
 a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over the same batches:
 
   forward_s        the bare model's forward over all batches (no capture), synchronized at the end
-  forward_slack_s  in that loop, the host's wait for the GPU (it keeps at most two forwards queued,
-                   as extraction does): what the host has to spare per run. Beside waits_<t>'s
-                   "model" (the same wait in extraction), it shows whether extraction's forwards
-                   slowed because its host work used up that slack (both near zero: host-bound)
+  timeline_forward, timeline_<t>  (one more pass of each, under _common.ForwardTimeline; <t> the
+                   first target measured) each forward's time in four parts, mean milliseconds:
+                   pre (embeddings and attention mask), hook (the first block's pre-hooks: a
+                   capture's set-up), body (the blocks), gap (between forwards: extraction's copies
+                   out, the next batch's input). On CUDA on the GPU's clock, so a part where the GPU
+                   waited for the host shows as long as that wait: what tells a forward slowed on
+                   the GPU from a host that fell behind. (A host-side wait cannot: GPT-2's mask code
+                   synchronizes with the GPU inside every forward, so the host never waits outside
+                   one, and inside one its wait is mixed with launching the forward.) On CPU, host
+                   time.
   extract_<t>_s    residtap.extract of every residual index (outputs=resid) to a RAM-backed directory
                    (t=ram, /dev/shm) and to a disk-backed one (t=disk, --disk-dir), from the first
                    forward to the last shard durable (fsynced, hashed, renamed, in the manifest)
@@ -45,7 +51,8 @@ Ratios: x_forward_<t> = extract / forward (target <= 1.05 while the disk keeps u
 bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pipeline reached (target
 >= 0.90 when the disk is the bound). ``bound_<t>`` says which limit applied: "forward" when the raw
 write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is where the
-pipeline's threads spent their time (seconds): the main thread in the forward ("model") or blocked
+pipeline's threads spent their time (seconds): the main thread on the model ("model": in the forward,
+launching it and waiting for the GPU, and at extract's throttle before it) or blocked
 for a free host buffer ("disk"); the writers blocked on device-to-host copies ("d2h") or writing
 ("write", summed over writers); the publishers hashing and renaming written shards ("hash", summed).
 
@@ -85,7 +92,7 @@ import time
 import numpy as np
 import torch
 
-from _common import base_parser, print_table, resolve_device, row, slug, sync, write_rows
+from _common import ForwardTimeline, base_parser, print_table, resolve_device, row, slug, sync, write_rows
 
 import residtap
 from residtap.extract import default_publishers, parse_size
@@ -99,13 +106,10 @@ SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=
                   torch.float32, 2, 32, 16)}
 
 
-def time_forward(model, ids: torch.Tensor, batch: int, device) -> tuple[float, float]:
+def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:
     """The bare model over all batches of ``ids`` (pinned where the device is a GPU, as extraction's
-    inputs are: a pageable copy would put a gap before each batch): (seconds, slack). On a GPU the host
-    keeps at most two forwards queued, as extraction's main loop does, and ``slack`` is the time it
-    waited for the GPU there: what the host has to spare, which extraction's own work on the host (its
-    "model" wait is the same wait) can use up before the forwards slow down. Near zero: the host is
-    already the bound."""
+    inputs are: a pageable copy would put a gap before each batch), in seconds. On a GPU the host
+    keeps at most two forwards queued, as extraction's main loop does."""
     base = model.base_model
     cuda = device.type == "cuda"
     if cuda and not ids.is_pinned():
@@ -114,19 +118,17 @@ def time_forward(model, ids: torch.Tensor, batch: int, device) -> tuple[float, f
         x = ids[:batch].to(device)
         base(input_ids=x, use_cache=False)  # warm-up
         sync(device)
-        queued, slack = collections.deque(), 0.0
+        queued = collections.deque()
         t0 = time.perf_counter()
         for b0 in range(0, len(ids), batch):
             if len(queued) >= 2:
-                w0 = time.perf_counter()
                 queued.popleft().synchronize()
-                slack += time.perf_counter() - w0
             base(input_ids=ids[b0:b0 + batch].to(device, non_blocking=True), use_cache=False)
             if cuda:
                 queued.append(torch.cuda.Event(blocking=True))  # sleeps in synchronize, as extract's
                 queued[-1].record()
         sync(device)
-        return time.perf_counter() - t0, slack
+        return time.perf_counter() - t0
 
 
 def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> float:
@@ -388,18 +390,17 @@ def main() -> int:
         half = max(1, n_batches // 2) * batch  # --marginal: the first half of the batches
 
         def fwd(n_rows):
-            times = [time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats)]
-            return statistics.median(t for t, _ in times), statistics.median(w for _, w in times)
+            return statistics.median(time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats))
 
-        fwd_s, slack_s = fwd(len(ids))
-        fwd_half_s = fwd(half)[0] if args.marginal else None
+        fwd_s = fwd(len(ids))
+        fwd_half_s = fwd(half) if args.marginal else None
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
         run_extract(model, data(2 * batch), args.ram_dir, batch, writers, args.publishers, shard, host_memory,
                     device, layers)
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
              "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
-             "forward_slack_s": slack_s, "input": "ids" if text_dir is None else "jsonl"}
+             "input": "ids" if text_dir is None else "jsonl"}
         if text_dir is not None:  # reading and tokenizing the corpus alone, on one call: what could add
             r["tokenize_s"] = tokenize_s
         for tag, d in ((t, dirs[t]) for t in targets):
@@ -443,6 +444,16 @@ def main() -> int:
                 r[f"x_forward_marginal_{tag}"] = (ext_s - half_s) / (fwd_s - fwd_half_s)
             # so far: a run stopped at its time limit keeps the targets and models already measured
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
+        measured = [t for t in targets if f"dir_{t}" in r]
+        if measured:  # where the time goes, forward by forward: one more pass of each, timed in parts
+            base = model.base_model
+            with ForwardTimeline(base, base.h) as tl:
+                time_forward(model, ids, batch, device)
+            r["timeline_forward"] = tl.summary()
+            with ForwardTimeline(base, base.h) as tl:
+                run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
+                            host_memory, device, layers)
+            r[f"timeline_{measured[0]}"] = tl.summary()
         rows.append(row(device, bench="extract", **r))
         if text_dir is not None:
             shutil.rmtree(text_dir, ignore_errors=True)
@@ -452,9 +463,13 @@ def main() -> int:
     print_table(rows, ["model", "dtype", "batch", "seq", "layers", "batches", "forward_s", "extract_ram_s",
                        "raw_ram_s", "x_forward_ram", "bw_frac_ram", "bound_ram", "extract_disk_s",
                        "raw_disk_s", "x_forward_disk", "bw_frac_disk", "bound_disk"])
+    lines = [dict(model=r["model"], run=k[len("timeline_"):], **r[k]) for r in rows for k in r
+             if k.startswith("timeline_")]
+    if lines:
+        print(f"each forward in parts, mean ms ({lines[0]['clock']} clock; ForwardTimeline):")
+        print_table(lines, ["model", "run", "forwards", *(f"{p}_ms" for p in ForwardTimeline.PARTS),
+                            "period_ms"])
     for r in rows:
-        print(f"{r['model']}: the plain forward's host waited {r['forward_slack_s']:.4f} s for the GPU "
-              "(forward_slack_s)")
         for tag in targets:
             what = r.get(f"waits_{tag}", r.get(f"skipped_{tag}"))
             print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")

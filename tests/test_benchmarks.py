@@ -65,6 +65,68 @@ def test_sample_times_cuda_branch(monkeypatch):
     assert len(ts) == 4 and all(0.0015 < t < 0.5 for t in ts)  # seconds, not milliseconds
 
 
+class _HostEvent:
+    """A CUDA event that reads the host clock."""
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def query(self):
+        return False
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA's
+        return (end.t - self.t) * 1e3
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["host-clock", "cuda-events"])
+def test_forward_timeline_puts_each_part_where_it_happens(monkeypatch, cuda):
+    """Known delays, one in each part: the model's prefix (a hook on its position embedding), a
+    capture's first-block pre-hook (residtap's own, entered per forward as extract does), the blocks
+    (the last block's forward hook) and the caller's work between forwards. Each part is at least its
+    delay (a delay counted in the wrong part leaves its own part short of it), and the period, stamped
+    apart from the parts, is their sum. The timeline's hooks are gone afterwards."""
+    import residtap
+    from residtap.capture import Capture
+    from residtap.models import random_gpt2
+
+    if cuda:  # the CUDA branch, with events on the host clock
+        monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    delay = {"pre": 0.010, "hook": 0.020, "body": 0.030, "gap": 0.040}
+    model = random_gpt2("gpt2-small", n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    base = model.base_model
+    first_block = Capture._on_first_block
+
+    def slow_first_block(self, *args):
+        time.sleep(delay["hook"])
+        return first_block(self, *args)
+
+    monkeypatch.setattr(Capture, "_on_first_block", slow_first_block)
+    hooks = [base.wpe.register_forward_hook(lambda *_: time.sleep(delay["pre"])),
+             base.h[-1].register_forward_hook(lambda *_: time.sleep(delay["body"]))]
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    cap = residtap.Capture(base)
+    before = [dict(m._forward_pre_hooks) for m in (base, base.h[0], base.h[0].ln_1)]
+    with torch.no_grad(), _common.ForwardTimeline(base, base.h, cuda=cuda) as tl:
+        for _ in range(5):
+            with cap:
+                base(input_ids=ids, use_cache=False)
+            time.sleep(delay["gap"])
+    for h in hooks:
+        h.remove()
+    assert [dict(m._forward_pre_hooks) for m in (base, base.h[0], base.h[0].ln_1)] == before
+    assert not base._forward_hooks
+    s = tl.summary(skip=1)
+    assert s["forwards"] == 3 and s["clock"] == ("cuda events" if cuda else "host")
+    for part, seconds in delay.items():
+        assert s[f"{part}_ms"] >= seconds * 1e3, (part, s)
+    assert s["period_ms"] == pytest.approx(sum(s[f"{p}_ms"] for p in _common.ForwardTimeline.PARTS), rel=1e-9)
+
+
 def test_write_rows_atomic_and_slug(tmp_path, monkeypatch):
     rows = [_common.row("cpu", bench="x", median_s=1.0)]
     path = _common.write_rows(rows, "bench_x", tmp_path)

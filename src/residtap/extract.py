@@ -197,10 +197,11 @@ def load_tokenizer(path: str):
 
 # ------------------------------------------------------------------------------------------ pipeline
 class _Waits:
-    """Seconds spent, by what on: the main thread in the forward ("model": on CUDA, waiting for the
-    GPU) or blocked for a free host buffer ("disk": the writers are behind); the writer threads
-    blocked on a device-to-host copy ("d2h") or busy writing ("write", summed); the publisher threads
-    busy hashing and renaming written shards ("hash", summed)."""
+    """Seconds spent, by what on: the main thread on the model ("model": in its forward, and on CUDA
+    waiting for the GPU before queueing the next one) or blocked for a free host buffer ("disk": the
+    writers are behind); the writer threads blocked on a device-to-host copy ("d2h") or busy writing
+    ("write", summed); the publisher threads busy hashing and renaming written shards ("hash",
+    summed). What the main thread spent on neither is extract's own work between forwards."""
 
     def __init__(self):
         self.t = {"model": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0, "hash": 0.0}
@@ -1253,12 +1254,11 @@ class _Run:
                         x = self._to_device(ids)
                         kw = ({} if mask is None else
                               {"attention_mask": self._to_device(mask.astype(np.int64))})
-                        if queues is not None:  # queued: the wait for the device is the throttle's
-                            with cap:
-                                base(input_ids=x, use_cache=False, **kw)
-                        else:
-                            with self.waits.on("model"), cap:
-                                base(input_ids=x, use_cache=False, **kw)
+                        # On CUDA too: a model may synchronize with the GPU inside its forward (GPT-2's
+                        # causal-mask code in transformers 5 does, every forward), the throttle above
+                        # then never waits, and the wait for the GPU is in here.
+                        with self.waits.on("model"), cap:
+                            base(input_ids=x, use_cache=False, **kw)
                         slot_free[k % 2] = self._copy_out(cap, host, queues, inflight)
                         host.rows += ids.shape[0] * self.n_pos
                         k += 1
