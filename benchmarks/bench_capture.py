@@ -42,6 +42,14 @@ capture: <= 1.01). Before timing, ``--check`` (on by default) runs each capture 
 reference once and requires torch.equal for every output (l2: within 2 ulp, the contract's
 tolerance); a capture method that fails is reported and not timed.
 
+After the timed rounds, forward, capture and capture_resid each make 6 more calls under
+``_common.ForwardTimeline`` (row field ``timeline``, and a table): each forward's time in parts, mean
+milliseconds, on the GPU's clock on CUDA: the model's prefix (embeddings; GPT-2's attention-mask code
+synchronizes with the GPU there), the first block's pre-hooks (a capture's set-up), the blocks (the
+capture's kernels among them), and the gap to the next call. A capture whose extra time is in the
+blocks costs GPU time; one whose extra is in the prefix or the pre-hooks left the GPU waiting for
+the host.
+
     python benchmarks/bench_capture.py                  # GPU sizes (estimated about a minute on an H200)
     python benchmarks/bench_capture.py --smoke          # CPU, seconds
     python benchmarks/bench_capture.py --models small --dtypes bfloat16 --iters 20
@@ -59,7 +67,8 @@ import time
 
 import torch
 
-from _common import base_parser, finish, l2_problem, parse_list, resolve_device, row, sync, write_rows
+from _common import (ForwardTimeline, base_parser, finish, l2_problem, parse_list, print_table, resolve_device,
+                     row, sync, write_rows)
 
 import residtap
 from residtap._build import load_extension
@@ -212,9 +221,13 @@ def capture_methods(grid_caps=(), staged: bool = False) -> dict:
     return methods
 
 
+TIMELINE_METHODS = ("forward", "capture", "capture_resid")
+TIMELINE_CALLS = 6  # the first is left out of the means; each mean is over the 4 with a next call
+
+
 def measure(model, ids, device, iters: int, warmup: int, check: bool, captures: dict):
     """(times per method, {capture method: what its check found wrong}, {optional method: why
-    skipped}).
+    skipped}, {method in TIMELINE_METHODS: its ForwardTimeline summary}).
 
     Everything built here (capture buffers, hook buffers, optional wrappers) is freed on return."""
     skipped, problems = {}, {}
@@ -253,7 +266,18 @@ def measure(model, ids, device, iters: int, warmup: int, check: bool, captures: 
                 skipped[name] = why
             else:
                 methods.update(fns)
-        return time_round_robin(methods, device, iters, warmup), problems, skipped
+        times = time_round_robin(methods, device, iters, warmup)
+        # Then each forward in parts (ForwardTimeline), for the plain forward and the captures of the
+        # target: whether a capture's extra time is on the GPU (the blocks) or where the GPU waited for
+        # the host (the prefix, the first block's pre-hooks).
+        timelines = {}
+        for name in TIMELINE_METHODS:
+            if name in methods:
+                with ForwardTimeline(model, model.h) as tl:
+                    for _ in range(TIMELINE_CALLS):
+                        methods[name]()
+                timelines[name] = tl.summary()
+        return times, problems, skipped, timelines
 
 
 def main() -> int:
@@ -293,15 +317,16 @@ def main() -> int:
     if device.type == "cuda" and not info.with_cuda:
         raise SystemExit(f"bench_capture: the extension was built without CUDA ({info.cuda_skipped_because})")
 
-    rows, failed, skipped, suspect = [], [], {}, []
+    rows, failed, skipped, suspect, parts = [], [], {}, [], []
     for name, (size, overrides, batch, seq) in configs.items():
         batch, seq = args.batch or batch, args.seq or seq
         for dname in dtypes:
             model = random_gpt2(size, dtype=DTYPES[dname], device=device, lm_head=False, **overrides)
             common = dict(bench="capture", model=name, layers=model.config.n_layer,
                           d_model=model.config.n_embd, batch=batch, seq=seq, dtype=dname)
-            times, problems, why_not = measure(model, random_input_ids(model, batch, seq, device=device),
-                                              device, iters, warmup, args.check, captures)
+            times, problems, why_not, timelines = measure(
+                model, random_input_ids(model, batch, seq, device=device), device, iters, warmup, args.check,
+                captures)
             del model  # free it (and the caches below) before the next size is built
             gc.collect()
             if device.type == "cuda":
@@ -313,6 +338,9 @@ def main() -> int:
             fwd = times["forward"]
             for method, ts in times.items():
                 extra = {"check": "passed" if args.check else "skipped"} if method in captures else {}
+                if method in timelines:
+                    extra["timeline"] = timelines[method]
+                    parts.append(dict(model=name, dtype=dname, method=method, **timelines[method]))
                 ratios = sorted(t / f for t, f in zip(ts, fwd))
                 rows.append(row(device, method=method, median_s=statistics.median(ts),
                                 ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1],
@@ -325,6 +353,11 @@ def main() -> int:
                                    "cannot be: the forward baseline of this run is unreliable")
             write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these
 
+    if parts:
+        print(f"each forward in parts, mean ms ({parts[0]['clock']} clock; ForwardTimeline, {TIMELINE_CALLS} "
+              "calls after the timed rounds):")
+        print_table(parts, ["model", "dtype", "method", "forwards",
+                            *(f"{p}_ms" for p in ForwardTimeline.PARTS), "period_ms"])
     return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "ratio_min",
                          "ratio_max", "check"],
                   "bench_capture", args.out, failed,
