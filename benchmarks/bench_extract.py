@@ -15,6 +15,10 @@ a 2-layer width-64 model at 2x32 with --smoke), measured in the same run over th
                    synchronizes with the GPU inside every forward, so the host never waits outside
                    one, and inside one its wait is mixed with launching the forward.) On CPU, host
                    time.
+  sync_behind_copy (CUDA) whether the sync GPT-2's forward makes waits behind one batch's
+                   device-to-host copy queued just before it on another stream, as extraction's copy
+                   of the previous batch is: the read-back alone, behind the copy, and the copy alone
+                   (microseconds)
   extract_<t>_s    residtap.extract of every residual index (outputs=resid) to a RAM-backed directory
                    (t=ram, /dev/shm) and to a disk-backed one (t=disk, --disk-dir), from the first
                    forward to the last shard durable (fsynced, hashed, renamed, in the manifest)
@@ -129,6 +133,51 @@ def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:
                 queued[-1].record()
         sync(device)
         return time.perf_counter() - t0
+
+
+def sync_behind_copy(n_bytes: int, device, repeats: int = 15) -> dict | None:
+    """On CUDA, whether the sync GPT-2's forward makes (one element read back, ``bool(t.all())``)
+    waits behind a device-to-host copy queued on another stream just before it, as extraction's
+    copies of the previous batch are (they start when the previous forward ends, which is also what
+    the next forward's sync waits for). Median microseconds of the read-back alone, the read-back
+    with a copy of ``n_bytes`` into pinned memory queued just before it, and that copy alone. With
+    the first near the third, the read-back queued behind the copy: the GPU then idles for the copy
+    every forward. None on other devices."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    flag = torch.ones(1, dtype=torch.bool, device=device)
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+
+    def once(copy: bool) -> float:
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(100_000)  # the GPU busy for a moment, so the copy and the read-back start together
+        if copy:
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                dst.copy_(src, non_blocking=True)
+        t0 = time.perf_counter()
+        bool(flag.all())
+        return (time.perf_counter() - t0) * 1e6
+
+    def copy_alone() -> float:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3
+
+    once(False), once(True), copy_alone()  # first calls
+    out = {"bytes": n_bytes,
+           "readback_us": statistics.median(once(False) for _ in range(repeats)),
+           "readback_behind_copy_us": statistics.median(once(True) for _ in range(repeats)),
+           "copy_us": statistics.median(copy_alone() for _ in range(repeats))}
+    torch.cuda.synchronize(device)
+    return out
 
 
 def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> float:
@@ -393,6 +442,10 @@ def main() -> int:
             return statistics.median(time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats))
 
         fwd_s = fwd(len(ids))
+        try:  # a probe beside the measurements: it must not cost them
+            behind = sync_behind_copy(batch_bytes, device)  # one batch's copies, as one
+        except Exception as e:
+            behind = {"error": f"{type(e).__name__}: {e}"}
         fwd_half_s = fwd(half) if args.marginal else None
         # a short warm-up extraction: allocator, pinned pool, captures, kernels
         run_extract(model, data(2 * batch), args.ram_dir, batch, writers, args.publishers, shard, host_memory,
@@ -400,7 +453,7 @@ def main() -> int:
         r = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "seq": seq, "layers": n_res,
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
              "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
-             "input": "ids" if text_dir is None else "jsonl"}
+             "input": "ids" if text_dir is None else "jsonl", **({"sync_behind_copy": behind} if behind else {})}
         if text_dir is not None:  # reading and tokenizing the corpus alone, on one call: what could add
             r["tokenize_s"] = tokenize_s
         for tag, d in ((t, dirs[t]) for t in targets):
@@ -470,6 +523,13 @@ def main() -> int:
         print_table(lines, ["model", "run", "forwards", *(f"{p}_ms" for p in ForwardTimeline.PARTS),
                             "period_ms"])
     for r in rows:
+        b = r.get("sync_behind_copy")
+        if b and "error" in b:
+            print(f"{r['model']}: sync_behind_copy failed: {b['error']}")
+        elif b:
+            print(f"{r['model']}: the in-forward sync's read-back took {b['readback_us']:.0f} us alone, "
+                  f"{b['readback_behind_copy_us']:.0f} us with a {b['bytes'] / 1e6:.0f} MB device-to-host copy "
+                  f"queued before it on another stream (the copy alone: {b['copy_us']:.0f} us)")
         for tag in targets:
             what = r.get(f"waits_{tag}", r.get(f"skipped_{tag}"))
             print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")
