@@ -1050,8 +1050,10 @@ class _Run:
             raise _store.ManifestMismatchError(
                 f"data: the token sequences of shard {skipped.index} differ from those its finished shard "
                 f"{record['file']!r} was made from (input sha256 {want[:12]}…, now {skipped.digest[:12]}…): "
-                f"the input changed since {self.manifest.out!r} was started. Nothing of the finished shards "
-                "was overwritten. Restore the data, or use a new --out directory.")
+                f"the input changed since {self.manifest.out!r} was started, or how it is read did (another "
+                "tokenizer, or a residtap from before 2026-11-30, which also ended a text line at a lone "
+                "carriage return). Nothing of the finished shards was overwritten. Restore the data, or use "
+                "a new --out directory.")
 
     def check_finished_inputs(self, changed: list[str]) -> None:
         """Where the input's contents changed since the extraction started (``changed`` says how; a bad
