@@ -7,6 +7,7 @@ dispatched, bit for bit."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -122,3 +123,58 @@ def test_extract_device_map_flag(extension, tmp_path):
 def test_extract_device_map_needs_a_model_by_name(tmp_path):
     with pytest.raises(ValueError, match="device_map: only applies"):
         residtap.extract(tiny_gpt2(), "unused.npy", tmp_path / "out", device_map="auto")
+
+
+def _module_device_as_before(module):
+    """arch.module_device as it was written first: accelerate's hook through getattr, then the first
+    parameter not on the meta device that ``module.parameters()`` yields."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+
+
+@pytest.mark.parametrize("kind", ["plain", "cpu_offload", "disk_offload", "device_map"])
+def test_module_device_walk_agrees_with_parameters(tmp_path, kind):
+    """module_device's own walk of the modules (cheaper than ``parameters()``) gives the same device
+    for every module of a model, dispatched by accelerate or not, and of modules built to trip it: the
+    first submodule's weights on the meta device, all of them, a None parameter and submodule, a
+    module shared twice, no parameters at all."""
+    from residtap.arch import module_device
+
+    model = (copy.deepcopy(tiny_gpt2(n_layer=3, n_embd=64, n_head=2)) if kind == "plain"
+             else dispatched(kind, tmp_path))
+    odd = torch.nn.Module()
+    odd.register_parameter("absent", None)
+    odd.register_module("missing", None)
+    odd.meta = torch.nn.Linear(2, 2, device="meta")
+    shared = torch.nn.Linear(2, 2)
+    odd.inner = torch.nn.Sequential(torch.nn.ReLU(), shared, shared)
+    all_meta = torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"))
+    modules = [*model.modules(), odd, all_meta, torch.nn.Sequential()]
+    got = [module_device(m) for m in modules]
+    assert got == [_module_device_as_before(m) for m in modules]
+    assert module_device(odd) == torch.device("cpu") and module_device(all_meta) is None
+    # The order, with a device per parameter (a CPU machine has one real device): stand-ins that carry
+    # only a device, put where parameters() finds them
+    class Stub:
+        def __init__(self, name):
+            self.device = torch.device("meta") if name == "meta" else types.SimpleNamespace(type=name)
+
+    def holder(*names, children=()):
+        m = torch.nn.Module()
+        for i, name in enumerate(names):
+            m._parameters[f"p{i}"] = Stub(name)
+        for i, child in enumerate(children):
+            m.add_module(f"c{i}", child)
+        return m
+
+    tree = holder(children=[holder("meta"), holder(children=[holder(), holder("a", "b")]), holder("c")])
+    assert module_device(tree).type == "a" == _module_device_as_before(tree).type
+    tree = holder("meta", children=[holder("meta"), holder(children=[holder(), holder("meta")]),
+                                   holder("meta", "d"), holder("e")])
+    assert module_device(tree).type == "d" == _module_device_as_before(tree).type
+    if kind == "cpu_offload":  # weights on the meta device: the device comes from accelerate's hook alone
+        block = model.transformer.h[0].ln_1
+        assert all(p.device.type == "meta" for p in block.parameters())
+        assert module_device(block) == torch.device("cpu")
