@@ -507,6 +507,7 @@ def main() -> int:
                 run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
                             host_memory, device, layers)
             r[f"timeline_{measured[0]}"] = tl.summary()
+            write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
         if text_dir is not None:
             shutil.rmtree(text_dir, ignore_errors=True)

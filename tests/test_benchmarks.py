@@ -39,32 +39,6 @@ def test_interleaved_times_orders_and_counts():
     assert len(set(firsts)) > 1, "the same method first every round: not interleaved"
 
 
-def test_sample_times_cuda_branch(monkeypatch):
-    """The CUDA branch, with events that read the host clock: seconds per call, the GPU held first."""
-    slept = []
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-            self.t = None
-
-        def record(self):
-            self.t = time.perf_counter()
-
-        def query(self):
-            return False
-
-        def elapsed_time(self, end):  # milliseconds, as CUDA's
-            return (end.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
-    ts = _common.sample_times(lambda: time.sleep(0.002), device="cuda", iters=4, warmup=1)
-    assert slept == [_common.HOLD_CYCLES_PER_CALL * 4]
-    assert len(ts) == 4 and all(0.0015 < t < 0.5 for t in ts)  # seconds, not milliseconds
-
-
 class _HostEvent:
     """A CUDA event that reads the host clock."""
 
@@ -80,6 +54,17 @@ class _HostEvent:
 
     def elapsed_time(self, end):  # milliseconds, as CUDA's
         return (end.t - self.t) * 1e3
+
+
+def test_sample_times_cuda_branch(monkeypatch):
+    """The CUDA branch, with events that read the host clock: seconds per call, the GPU held first."""
+    slept = []
+    monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", slept.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    ts = _common.sample_times(lambda: time.sleep(0.002), device="cuda", iters=4, warmup=1)
+    assert slept == [_common.HOLD_CYCLES_PER_CALL * 4]
+    assert len(ts) == 4 and all(0.0015 < t < 0.5 for t in ts)  # seconds, not milliseconds
 
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["host-clock", "cuda-events"])
