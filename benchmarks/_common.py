@@ -38,7 +38,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["RESULTS_DIR", "base_parser", "environment", "row", "median_time", "sample_times",
            "interleaved_times", "medians", "write_rows", "print_table", "slug", "device_slug", "l2_problem", "finish",
-           "parse_list", "sync", "ForwardTimeline"]
+           "parse_list", "sync", "ForwardTimeline", "print_timelines"]
 
 
 def base_parser(description: str | None) -> argparse.ArgumentParser:
@@ -268,6 +268,13 @@ class ForwardTimeline:
         for i, part in enumerate(self.PARTS + ("period",)):  # period measured on its own, not summed
             out[f"{part}_ms"] = statistics.fmean(r[i] for r in rows) if rows else float("nan")
         return out
+
+
+def print_timelines(lines: Sequence[dict], keys: Sequence[str], how: str = "") -> None:
+    """A table of ForwardTimeline summaries, each a dict of ``keys`` (which run) and the summary."""
+    if lines:
+        print(f"each forward in parts, mean ms ({lines[0]['clock']} clock; ForwardTimeline{how}):")
+        print_table(lines, [*keys, "forwards", *(f"{p}_ms" for p in ForwardTimeline.PARTS), "period_ms"])
 
 
 def interleaved_times(fns: dict, *, device: str | torch.device = "cpu", iters: int = 10, warmup: int = 3,

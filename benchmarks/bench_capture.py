@@ -67,7 +67,7 @@ import time
 
 import torch
 
-from _common import (ForwardTimeline, base_parser, finish, l2_problem, parse_list, print_table, resolve_device,
+from _common import (ForwardTimeline, base_parser, finish, l2_problem, parse_list, print_timelines, resolve_device,
                      row, sync, write_rows)
 
 import residtap
@@ -353,11 +353,7 @@ def main() -> int:
                                    "cannot be: the forward baseline of this run is unreliable")
             write_rows(rows, "bench_capture", args.out)  # so far: a run stopped at its time limit keeps these
 
-    if parts:
-        print(f"each forward in parts, mean ms ({parts[0]['clock']} clock; ForwardTimeline, {TIMELINE_CALLS} "
-              "calls after the timed rounds):")
-        print_table(parts, ["model", "dtype", "method", "forwards",
-                            *(f"{p}_ms" for p in ForwardTimeline.PARTS), "period_ms"])
+    print_timelines(parts, ["model", "dtype", "method"], f", {TIMELINE_CALLS} calls after the timed rounds")
     return finish(rows, ["model", "dtype", "batch", "seq", "method", "median_s", "ratio", "ratio_min",
                          "ratio_max", "check"],
                   "bench_capture", args.out, failed,

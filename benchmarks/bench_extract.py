@@ -96,7 +96,8 @@ import time
 import numpy as np
 import torch
 
-from _common import ForwardTimeline, base_parser, print_table, resolve_device, row, slug, sync, write_rows
+from _common import (ForwardTimeline, base_parser, median_time, print_table, print_timelines, resolve_device, row,
+                     slug, sync, write_rows)
 
 import residtap
 from residtap.extract import default_publishers, parse_size
@@ -162,20 +163,12 @@ def sync_behind_copy(n_bytes: int, device, repeats: int = 15) -> dict | None:
         bool(flag.all())
         return (time.perf_counter() - t0) * 1e6
 
-    def copy_alone() -> float:
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e3
-
-    once(False), once(True), copy_alone()  # first calls
+    once(False), once(True)  # first calls
     out = {"bytes": n_bytes,
            "readback_us": statistics.median(once(False) for _ in range(repeats)),
            "readback_behind_copy_us": statistics.median(once(True) for _ in range(repeats)),
-           "copy_us": statistics.median(copy_alone() for _ in range(repeats))}
+           "copy_us": 1e6 * median_time(lambda: dst.copy_(src, non_blocking=True), device=device,
+                                        iters=repeats, warmup=1)}
     torch.cuda.synchronize(device)
     return out
 
@@ -517,12 +510,8 @@ def main() -> int:
     print_table(rows, ["model", "dtype", "batch", "seq", "layers", "batches", "forward_s", "extract_ram_s",
                        "raw_ram_s", "x_forward_ram", "bw_frac_ram", "bound_ram", "extract_disk_s",
                        "raw_disk_s", "x_forward_disk", "bw_frac_disk", "bound_disk"])
-    lines = [dict(model=r["model"], run=k[len("timeline_"):], **r[k]) for r in rows for k in r
-             if k.startswith("timeline_")]
-    if lines:
-        print(f"each forward in parts, mean ms ({lines[0]['clock']} clock; ForwardTimeline):")
-        print_table(lines, ["model", "run", "forwards", *(f"{p}_ms" for p in ForwardTimeline.PARTS),
-                            "period_ms"])
+    print_timelines([dict(model=r["model"], run=k[len("timeline_"):], **r[k]) for r in rows for k in r
+                     if k.startswith("timeline_")], ["model", "run"])
     for r in rows:
         b = r.get("sync_behind_copy")
         if b and "error" in b:
