@@ -506,12 +506,15 @@ class DeferredCopies:
                     dst.copy_(src)
 
 
+@pytest.mark.parametrize("copies_at", ["return", "next-forward"])
 @pytest.mark.parametrize("writers", [1, 3])
-def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeypatch, writers):
+def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeypatch, writers, copies_at):
     """The pipeline's CUDA ordering, run on the CPU with the copies emulated (DeferredCopies): each
     shard holds 3 batches and each capture is reused every other batch, so a forward that did not
     wait for its capture's last copy, or a writer that did not wait for its buffer's, changes bytes.
-    The last shard is short, with a partial batch (a reallocation of the capture's buffers)."""
+    The last shard is short, with a partial batch (a reallocation of the capture's buffers). Both
+    times of queueing the copies (_Run.copies_at); with one writer, two host buffers in all."""
+    monkeypatch.setattr(sys.modules["residtap.extract"]._Run, "copies_at", copies_at)
     model = tiny_gpt2()
     path, _ = ids_file(tmp_path, 8 * 31 + 3)
     kw = dict(seq_len=8, batch_size=3, outputs=("resid", "delta", "normed", "stats"), positions=[0, 3, -1],
@@ -530,6 +533,121 @@ def test_asynchronous_copies_are_waited_for_where_they_must_be(tmp_path, monkeyp
     assert res.writers == writers  # the default host_memory has room for writers + 1 shard buffers
     assert len(made) == 1 and made[0].max_queued >= 2 and made[0].queue == []
     assert_same_dirs(tmp_path / "plain", tmp_path / "async")
+
+
+def test_next_forward_queues_each_batchs_copies_once_the_next_forward_launched_its_first_block(
+        tmp_path, monkeypatch):
+    """_Run.copies_at "next-forward": a batch's copies are queued once the next forward has launched
+    its first block (after GPT-2's in-forward sync; before the second block), or before that forward
+    where the main thread would otherwise wait for a host buffer (a shard's last batch), the last
+    batch's after the loop; the bytes are those of copies queued as each forward returns."""
+    ex = sys.modules["residtap.extract"]
+    model = tiny_gpt2()
+    base = model.base_model
+    path, _ = ids_file(tmp_path, 8 * 31 + 3)
+    kw = dict(seq_len=8, batch_size=3, layers=[0, 2], writers=2, progress=False, shard_size=9 * 2 * 8 * 64 * 4)
+    monkeypatch.setattr(ex, "_queues_for", DeferredCopies)
+    residtap.extract(model, path, tmp_path / "at-return", **kw)
+    state = {"forwards": 0, "blocks": 0}  # forwards started; blocks of the current one returned
+    where = []  # per batch, where its copies were queued: (forwards started, blocks of the last returned)
+
+    class Where(DeferredCopies):
+        def copy(self, device, after, pairs):
+            where.append((state["forwards"], state["blocks"]))
+            return super().copy(device, after, pairs)
+
+    hooks = [base.register_forward_pre_hook(lambda *_: state.update(forwards=state["forwards"] + 1, blocks=0))]
+    hooks += [b.register_forward_hook(lambda *_: state.update(blocks=state["blocks"] + 1)) for b in base.h]
+    monkeypatch.setattr(ex, "_queues_for", Where)
+    monkeypatch.setattr(ex._Run, "copies_at", "next-forward")
+    try:
+        residtap.extract(model, path, tmp_path / "next-forward", **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = state["forwards"]
+    assert n == 11 and len(where) == n  # 31 sequences: 10 batches of 3 and one of 1
+    for j, at in enumerate(where[:-1]):
+        after_first_block = (j + 2, 1)  # forward j + 1's first block returned, its second not yet
+        if j % 3 == 2:  # a shard's last batch: may go before the next forward, for a host buffer
+            assert at in (after_first_block, (j + 1, 2)), (j, at)
+        else:
+            assert at == after_first_block, (j, at)
+    assert where[-1] == (n, 2)  # after the loop
+    assert_same_dirs(tmp_path / "at-return", tmp_path / "next-forward")
+
+
+def test_next_forward_copies_are_queued_all_the_same_where_no_first_block_runs(tmp_path, monkeypatch):
+    """copies_at "next-forward" with its hook on a module no forward calls: each forward's copies
+    are queued after the next forward returns instead, and the bytes are the same."""
+    ex = sys.modules["residtap.extract"]
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 31 + 3)
+    kw = dict(seq_len=8, batch_size=3, layers=[0, 2], writers=2, progress=False, shard_size=9 * 2 * 8 * 64 * 4)
+    monkeypatch.setattr(ex, "_queues_for", DeferredCopies)
+    residtap.extract(model, path, tmp_path / "at-return", **kw)
+    never_called = torch.nn.Identity()
+    monkeypatch.setattr(ex._Run, "_first_block", lambda self: never_called)
+    monkeypatch.setattr(ex._Run, "copies_at", "next-forward")
+    residtap.extract(model, path, tmp_path / "next-forward", **kw)
+    assert not never_called._forward_pre_hooks  # and the hook is gone
+    assert_same_dirs(tmp_path / "at-return", tmp_path / "next-forward")
+
+
+@pytest.mark.parametrize("copies_at", ["return", "next-forward"])
+def test_an_error_queueing_the_last_batchs_copies_is_raised(tmp_path, monkeypatch, copies_at):
+    """The last batch's copies fail to queue: the run raises that error, not a quietly incomplete
+    extraction; the shards before are recorded."""
+    ex = sys.modules["residtap.extract"]
+    path, _ = ids_file(tmp_path, 8 * 12)
+    kw = dict(seq_len=8, batch_size=2, writers=1, progress=False, shard_size=4 * 3 * 8 * 64 * 4)
+    calls = []
+
+    class FailLast(DeferredCopies):
+        def copy(self, device, after, pairs):
+            calls.append(1)
+            if len(calls) == 6:  # 12 sequences in batches of 2
+                raise RuntimeError("copy engine on fire")
+            return super().copy(device, after, pairs)
+
+    monkeypatch.setattr(ex, "_queues_for", FailLast)
+    monkeypatch.setattr(ex._Run, "copies_at", copies_at)
+    with pytest.raises(RuntimeError, match="copy engine on fire"):
+        residtap.extract(tiny_gpt2(), path, tmp_path / "out", **kw)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert [r["index"] for r in m["shards"]] == [0, 1] and not m["complete"]
+
+
+@pytest.mark.parametrize("copies_at", ["return", "next-forward"])
+def test_a_forward_failing_after_a_complete_shard_keeps_that_shard(tmp_path, monkeypatch, copies_at):
+    """A forward that fails before its first block: the shard completed by the forward before it is
+    written and recorded, whenever its copies are queued (with "next-forward" they were still waiting
+    for that block), the failure is raised, and a rerun completes the extraction byte-identically."""
+    ex = sys.modules["residtap.extract"]
+    model = tiny_gpt2()
+    path, _ = ids_file(tmp_path, 8 * 18)
+    kw = dict(seq_len=8, batch_size=3, writers=1, progress=False, shard_size=6 * 3 * 8 * 64 * 4)
+    monkeypatch.setattr(ex, "_queues_for", DeferredCopies)
+    monkeypatch.setattr(ex._Run, "copies_at", copies_at)
+    residtap.extract(model, path, tmp_path / "ref", **kw)
+    calls = []
+
+    def fail_third(*_):
+        calls.append(1)
+        if len(calls) == 3:  # shard 1's first batch, after shard 0's two
+            raise RuntimeError("the model failed")
+
+    h = model.base_model.register_forward_pre_hook(fail_third)
+    try:
+        with pytest.raises(RuntimeError, match="the model failed"):
+            residtap.extract(model, path, tmp_path / "out", **kw)
+    finally:
+        h.remove()
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert [r["index"] for r in m["shards"]] == [0] and not m["complete"]
+    res = residtap.extract(model, path, tmp_path / "out", **kw)
+    assert res.shards_skipped == 1 and res.complete
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
 
 
 @pytest.mark.parametrize("publishers", [1, 4])
@@ -585,12 +703,15 @@ def test_default_publishers_follow_the_cores(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_copies_and_forwards_made_slow_still_give_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copies_at", ["return", "next-forward"])
+def test_cuda_copies_and_forwards_made_slow_still_give_the_same_bytes(tmp_path, monkeypatch, copies_at):
     """The real CUDA queues, with a long sleep queued on the compute stream before each forward and
     on the copy stream before each batch's copies. A copy that did not wait for its forward, a
     forward that overwrote a capture still being copied, or a writer that read a host buffer before
-    its copies finished then shows as wrong bytes instead of passing by luck."""
+    its copies finished then shows as wrong bytes instead of passing by luck. Both times of queueing
+    the copies (_Run.copies_at)."""
     ex = sys.modules["residtap.extract"]  # the module: residtap.extract is the function
+    monkeypatch.setattr(ex._Run, "copies_at", copies_at)
 
     class SlowCopies(ex._CudaQueues):
         def copy(self, device, after, pairs):

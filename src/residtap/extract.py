@@ -1016,6 +1016,16 @@ def _queues_for(device: torch.device) -> _CudaQueues | None:
 class _Run:
     """One process's pass over its shards: forwards, copies, writer threads, progress."""
 
+    # When a forward's copies to the host are queued on CUDA (the copy stream waits for the forward's
+    # end either way): "return", as soon as the forward returns; "next-forward", once the next forward
+    # has launched its first block (a forward hook there, while the GPU runs it), or before the main
+    # thread blocks for a host buffer, or at the end. The second keeps them out of the copy engine's
+    # queue while the next forward's prefix runs: GPT-2's reads a flag back to the host there (a sync,
+    # every forward), and a read-back queued behind a batch's copy leaves the GPU idle for the copy.
+    # An experiment: bench_extract --copies-at measures the two side by side; the first is the one
+    # measured on the H200 so far.
+    copies_at = "return"
+
     def __init__(self, base, layout, cfg, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
                  n_buffers, manifest: _Manifest, rank, world, progress, device):
         self.base, self.layout, self.cfg, self.source, self.opts = base, layout, cfg, source, opts
@@ -1176,6 +1186,8 @@ class _Run:
 
     # -------------------------------------------------------------------- main side
     def go(self) -> None:
+        if self.copies_at not in ("return", "next-forward"):
+            raise ValueError(f"_Run.copies_at: expected 'return' or 'next-forward', got {self.copies_at!r}")
         opts = self.opts
         rows = self.seqs_per_shard * self.n_pos
         L = len(self.cfg.layer_ids)
@@ -1217,10 +1229,30 @@ class _Run:
             t.start()
         slot_free: list[list] = [[], []]
         inflight: collections.deque = collections.deque()  # per forward: its events, one per device
+        pending = None  # [capture slot, copies not yet queued, the host buffer to hand over after them]
+        defer = queues is not None and self.copies_at == "next-forward"
+
+        def hand_over(host: _HostShard) -> None:
+            if queues is not None:
+                host.events = queues.copies_done()
+            jobs.put(host)
+
+        def queue_pending() -> None:
+            """Queue the last forward's copies (and hand its shard over, if complete) if not yet done."""
+            nonlocal pending
+            if pending is None:
+                return
+            (slot, copies, full), pending = pending, None
+            slot_free[slot] = [(dev, queues.copy(dev, after, pairs)) for dev, after, pairs in copies]
+            if full is not None:
+                hand_over(full)
         self._t0 = time.perf_counter()
         k = 0
         # The next shards' sequences are read (and tokenized) on a thread of their own meanwhile.
         reader = _inputs.ReadAhead(self.source.blocks(self.seqs_per_shard, self.wanted, self.finished_here))
+        # "next-forward": inside the forward, so its time counts as the model's in waits
+        first_block = (self._first_block().register_forward_hook(lambda *_: queue_pending())
+                       if defer else None)
         try:
             with reader, torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
                                                   else contextlib.nullcontext()):
@@ -1236,6 +1268,8 @@ class _Run:
                         continue
                     block = item
                     self.n_blocks = block.index + 1
+                    if pool.empty():  # about to wait for a writer: let them have the last shard first
+                        queue_pending()
                     with self.waits.on("disk"):  # every host buffer is still being written
                         host = pool.get()
                     host.block, host.rows = block, 0
@@ -1259,21 +1293,35 @@ class _Run:
                         # On CUDA too: a model may synchronize with the GPU inside its forward (GPT-2's
                         # causal-mask code in transformers 5 does, every forward), the throttle above
                         # then never waits, and the wait for the GPU is in here.
+                        # (with copies_at "next-forward", the last forward's copies are queued in here)
                         with self.waits.on("model"), cap:
                             base(input_ids=x, use_cache=False, **kw)
-                        slot_free[k % 2] = self._copy_out(cap, host, queues, inflight)
+                        queue_pending()  # the forward never reached its first block: not left behind
+                        copies = self._copies_out(cap, host, queues)
+                        if copies:
+                            inflight.append([after for _, after, _ in copies])
+                            pending = [k % 2, copies, None]
+                            if not defer:
+                                queue_pending()
                         host.rows += ids.shape[0] * self.n_pos
                         k += 1
                         if bar is not None:
                             bar.update(int(ids.size if mask is None else mask.sum()))
-                    if queues is not None:
-                        host.events = queues.copies_done()
                     self.n_tokens += block.n_tokens
                     self._stop_if_asked()  # not handed to the writers: a shard with its last batch cut short
-                    jobs.put(host)
+                    if pending is not None:  # after its last copies, whenever they are queued
+                        pending[2] = host
+                    else:
+                        hand_over(host)
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(), refresh=False)
+                queue_pending()
         finally:
+            if first_block is not None:
+                first_block.remove()
+            if pending is not None and pending[2] is not None:  # stopped by an error: a complete shard
+                with contextlib.suppress(Exception):  # is still written (the error is the one to raise)
+                    queue_pending()
             for _ in threads:
                 jobs.put(None)  # writers finish the shards already handed over, then stop
             for t in threads:
@@ -1292,6 +1340,10 @@ class _Run:
             path = getattr(self.source, "path", None)  # None: an array given to the Python API
             raise ValueError(f"data: no complete sequence of {self.source.seq_len} tokens in "
                              f"{'the input array' if path is None else repr(path)}")
+
+    def _first_block(self) -> nn.Module:
+        """Where copies_at "next-forward" queues the last forward's copies (a forward hook)."""
+        return self.layout.blocks[0]
 
     def _stop_if_asked(self) -> None:
         """A checkpoint of go() for the command line's SIGTERM and Ctrl-C (_Signals); not once a writer or
@@ -1316,10 +1368,11 @@ class _Run:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _copy_out(self, cap: Capture, host: _HostShard, queues: _CudaQueues | None, inflight) -> list:
+    def _copies_out(self, cap: Capture, host: _HostShard, queues: _CudaQueues | None) -> list:
         """Copy capture ``cap``'s tensors into ``host`` rows [host.rows, ...), each layer from the
-        device it was captured on. CUDA: on that device's copy stream, after the forward there;
-        returns the (device, event) pairs that free ``cap`` for its next forward."""
+        device it was captured on. On the CPU (and any device ``queues`` does not handle) the copies
+        are made here; on CUDA they are returned as (device, an event after the forward there,
+        [(src, dst), ...]) for _CudaQueues.copy to queue on that device's copy stream."""
         srcs = {}  # stored name -> per layer [B, P, ...]: views into cap's buffers
         for o in ("resid", "delta", "normed"):
             if o in self.specs:
@@ -1339,18 +1392,14 @@ class _Run:
             for src, dst in zip(per_layer, host.out[name]):
                 s = src.reshape(-1, *src.shape[2:])  # contiguous: one DMA per layer
                 by_device.setdefault(src.device, []).append((s, dst[r0:r0 + s.shape[0]]))
-        freed, forwards = [], []
+        copies = []
         for device, pairs in by_device.items():
             if queues is None or not queues.handles(device):  # the forward is done: copy now
                 for s, dst in pairs:
                     dst.copy_(s)
                 continue
-            fwd_done = queues.compute_done(device)
-            forwards.append(fwd_done)
-            freed.append((device, queues.copy(device, fwd_done, pairs)))
-        if forwards:
-            inflight.append(forwards)
-        return freed
+            copies.append((device, queues.compute_done(device), pairs))
+        return copies
 
 
 def _vocab_size(model) -> int | None:
