@@ -32,6 +32,12 @@ here: no hub) rather than from token ids; the forward runs on the same tokens, s
 whatever reading and tokenizing the input adds (its reader thread overlaps them with the forwards);
 tokenize_s is that work alone, done once beforehand.
 --targets ram (or disk) measures one target only.
+--copies-at return,next-forward measures extraction both ways of queueing each batch's device-to-host
+copies (residtap.extract's _Run.copies_at, an experiment): as each forward returns (the default,
+"return") and once the next forward has launched its first block, past GPT-2's in-forward sync
+("next-forward"). Extractions of the ways alternate; the first way gives the fields above, each other
+way <v> (its name with _ for -) extract_<t>_<v>_s, x_forward_<t>_<v>, x_<v>_vs_first_<t> (its median
+time over the first way's), waits_<t>_<v>, x_forward_marginal_<t>_<v> and timeline_<t>_<v>.
 
 How many shards a run needs: each shard is hashed (sha256) by one publisher thread, so a run of N
 shards with W writers and P publishers takes about max(N h / P, N w / W) + h + w, where h and w are one
@@ -334,10 +340,12 @@ def text_input(directory: str, n_seqs: int, seq: int, vocab: int, seed: int = 0)
 
 
 def run_extract(model, data: dict, directory, batch, writers, publishers, shard_size, host_memory, device,
-                layers):
+                layers, copies_at="return"):
     """residtap.extract of ``data`` (extract's keyword arguments for the input: data=, and for --text
-    tokenizer=, seq_len=, max_tokens=)."""
+    tokenizer=, seq_len=, max_tokens=), queueing its copies at ``copies_at`` (see --copies-at)."""
+    run = sys.modules["residtap.extract"]._Run  # the module: residtap.extract is the function
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
+    was, run.copies_at = run.copies_at, copies_at
     try:
         res = residtap.extract(model, out=out, layers=layers, batch_size=batch, writers=writers,
                                publishers=publishers, shard_size=shard_size, host_memory=host_memory,
@@ -345,6 +353,7 @@ def run_extract(model, data: dict, directory, batch, writers, publishers, shard_
         sync(device)
         return res
     finally:
+        run.copies_at = was
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -368,6 +377,9 @@ def main() -> int:
     p.add_argument("--text", action="store_true",
                    help="extract from a JSONL corpus through a tokenizer (both made here) rather than "
                         "token ids: what reading and tokenizing adds (the forward runs on the same tokens)")
+    p.add_argument("--copies-at", default="return",
+                   help="comma list of return, next-forward: when extraction queues each batch's copies "
+                        "to the host (default return; more than one: measured side by side)")
     p.add_argument("--layers", default=None,
                    help="comma list of residual indices to extract (default all): fewer for a "
                         "forward-bound run")
@@ -381,6 +393,10 @@ def main() -> int:
     targets = [t for t in args.targets.split(",") if t]
     if not targets or any(t not in dirs for t in targets):
         p.error(f"--targets: expected a comma list of ram, disk, got {args.targets!r}")
+    ways = [w for w in args.copies_at.split(",") if w]
+    if not ways or any(w not in ("return", "next-forward") for w in ways) or len(set(ways)) < len(ways):
+        p.error(f"--copies-at: expected a comma list of return, next-forward, each once, got {args.copies_at!r}")
+    others = {w: w.replace("-", "_") for w in ways[1:]}  # field names of the ways after the first
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         suspect = []
@@ -455,14 +471,17 @@ def main() -> int:
                 r[f"skipped_{tag}"] = f"{d} has {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed"
                 continue
             r[f"dir_{tag}"] = d
-            runs, raws = [], []
-            for k in range(repeats):  # alternating, so that neither always follows the other
+            by_way, raws = {w: [] for w in ways}, []
+            runs = by_way[ways[0]]
+            for k in range(repeats):  # alternating, so that none always follows another
                 for what in (("extract", "raw") if k % 2 == 0 else ("raw", "extract")):
-                    os.sync()  # start each from a clean page cache writeback state
                     if what == "extract":
-                        runs.append(run_extract(model, data(len(ids)), d, batch, writers, args.publishers, shard,
-                                                host_memory, device, layers))
+                        for w in (ways if k % 2 == 0 else ways[::-1]):
+                            os.sync()  # start each from a clean page cache writeback state
+                            by_way[w].append(run_extract(model, data(len(ids)), d, batch, writers, args.publishers,
+                                                         shard, host_memory, device, layers, w))
                     else:  # as many threads as the pipeline ran writers, shard-sized files: like for like
+                        os.sync()
                         res = runs[-1]
                         raws.append(raw_write(d, res.bytes_written,
                                               res.bytes_written // max(res.shards_written, 1), res.writers))
@@ -483,11 +502,21 @@ def main() -> int:
                 suspect.append(f"{name} {tag}: extraction came out faster than the raw write of its bytes "
                                f"(bw_frac {raw_s / ext_s:.2f}, per pair {min(pairs):.2f}-{max(pairs):.2f}): "
                                "the raw write is not a ceiling in this run")
+            for w, v in others.items():
+                r[f"extract_{tag}_{v}_s"] = way_s = statistics.median(x.seconds for x in by_way[w])
+                r[f"x_forward_{tag}_{v}"] = way_s / fwd_s
+                r[f"x_{v}_vs_first_{tag}"] = way_s / ext_s
+                r[f"waits_{tag}_{v}"] = {k: round(t, 4) for k, t in by_way[w][-1].waits.items()}
             if args.marginal and half < len(ids) and fwd_s > fwd_half_s:
-                half_s = statistics.median(
-                    run_extract(model, data(half), d, batch, writers, args.publishers, shard, host_memory,
-                                device, layers).seconds for _ in range(repeats))
-                r[f"x_forward_marginal_{tag}"] = (ext_s - half_s) / (fwd_s - fwd_half_s)
+                halves = {w: [] for w in ways}
+                for k in range(repeats):
+                    for w in (ways if k % 2 == 0 else ways[::-1]):
+                        halves[w].append(run_extract(model, data(half), d, batch, writers, args.publishers, shard,
+                                                     host_memory, device, layers, w).seconds)
+                for w in ways:
+                    full_s = ext_s if w == ways[0] else r[f"extract_{tag}_{others[w]}_s"]
+                    r[f"x_forward_marginal_{tag}" + (f"_{others[w]}" if w in others else "")] = \
+                        (full_s - statistics.median(halves[w])) / (fwd_s - fwd_half_s)
             # so far: a run stopped at its time limit keeps the targets and models already measured
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         measured = [t for t in targets if f"dir_{t}" in r]
@@ -496,10 +525,11 @@ def main() -> int:
             with ForwardTimeline(base, base.h) as tl:
                 time_forward(model, ids, batch, device)
             r["timeline_forward"] = tl.summary()
-            with ForwardTimeline(base, base.h) as tl:
-                run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
-                            host_memory, device, layers)
-            r[f"timeline_{measured[0]}"] = tl.summary()
+            for w in ways:
+                with ForwardTimeline(base, base.h) as tl:
+                    run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
+                                host_memory, device, layers, w)
+                r[f"timeline_{measured[0]}" + (f"_{others[w]}" if w in others else "")] = tl.summary()
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
         if text_dir is not None:
@@ -525,6 +555,14 @@ def main() -> int:
             print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")
             if f"x_forward_marginal_{tag}" in r:
                 print(f"{r['model']} {tag}: x_forward_marginal {r[f'x_forward_marginal_{tag}']:.3f}")
+            for w, v in others.items():
+                if f"x_forward_{tag}_{v}" not in r:
+                    continue
+                marginal = r.get(f"x_forward_marginal_{tag}_{v}")
+                print(f"{r['model']} {tag}: copies queued at {w}: x_forward {r[f'x_forward_{tag}_{v}']:.3f}"
+                      + ("" if marginal is None else f", x_forward_marginal {marginal:.3f}")
+                      + f", {r[f'x_{v}_vs_first_{tag}']:.3f}x the time of {ways[0]}; "
+                      f"waits {r[f'waits_{tag}_{v}']}")
     for s in suspect:
         print(f"SUSPECT: {s}")
     print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")

@@ -87,9 +87,12 @@ profile_ncu() {  # profile_ncu LIMIT_S: Nsight Compute on profile_op's calls ins
 bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer run)
     # GPT-2-small bf16, 12 batches of 16 x 1024 (about 4 GB per target); RAM and disk both
     step bench-extract "$1" python3 benchmarks/bench_extract.py --models gpt2-small --batches 12 --out "$OUT"
-    # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target)
+    # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target);
+    # each batch's copies queued as its forward returns and, side by side, once the next forward has
+    # launched its first block, after GPT-2's in-forward sync (does that sync's read-back wait behind
+    # the copy?)
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
-        --batches 24 --marginal --out "$OUT/keepup"
+        --batches 24 --marginal --copies-at return,next-forward --out "$OUT/keepup"
     # the same with 8 batches per shard rather than one: what of that overhead is per shard (the
     # writers' and publishers' Python, which holds the GIL the forwards need) and what per batch
     step bench-extract-keepup-shards 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \

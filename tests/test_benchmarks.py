@@ -156,3 +156,36 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
                     "store3busy", "store3", "store2", "store0", "raw"]
     assert one_target == [x for r in runs for x in ("sync", r)]  # an os.sync() before each
     assert rows[0]["bw_frac_wide_ram"] == 2.0 and any("wide" in s for s in suspect)
+
+
+def test_extract_ways_of_queueing_copies_alternate_and_each_gets_its_fields(tmp_path, monkeypatch):
+    """bench_extract --copies-at return,next-forward: every extraction runs with the way asked
+    (residtap.extract's _Run.copies_at, put back after), the ways alternate between repeats, and the
+    second way gets its own fields beside the first's."""
+    import bench_extract
+
+    run = sys.modules["residtap.extract"]._Run
+    real, ways = bench_extract.residtap.extract, []
+
+    def extract(*args, **kwargs):
+        ways.append((run.copies_at, len(kwargs["data"])))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_extract.residtap, "extract", extract)
+    monkeypatch.setattr(sys, "argv", ["bench_extract.py", "--smoke", "--layers", "1", "--targets", "ram",
+                                      "--ram-dir", str(tmp_path), "--batches", "4", "--repeats", "2",
+                                      "--marginal", "--copies-at", "return,next-forward",
+                                      "--out", str(tmp_path / "out")])
+    assert bench_extract.main() == 0
+    assert run.copies_at == "return"
+    full, half, warm = 8, 4, 4  # sequences: 4 batches of 2, half of them, the warm-up's 2 batches
+    assert ways == [("return", warm),
+                    ("return", full), ("next-forward", full), ("next-forward", full), ("return", full),
+                    ("return", half), ("next-forward", half), ("next-forward", half), ("return", half),
+                    ("return", full), ("next-forward", full)]  # the last two: the timelines
+    (row,) = json.load(open(next((tmp_path / "out").glob("bench_extract-*.json"))))
+    for key in ("x_forward_ram", "x_forward_ram_next_forward", "x_next_forward_vs_first_ram",
+                "x_forward_marginal_ram", "x_forward_marginal_ram_next_forward", "timeline_ram",
+                "timeline_ram_next_forward", "waits_ram_next_forward"):
+        assert key in row, key
+    assert row["x_next_forward_vs_first_ram"] == row["extract_ram_next_forward_s"] / row["extract_ram_s"]
