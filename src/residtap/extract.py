@@ -1246,6 +1246,7 @@ class _Run:
             slot_free[slot] = [(dev, queues.copy(dev, after, pairs)) for dev, after, pairs in copies]
             if full is not None:
                 hand_over(full)
+
         self._t0 = time.perf_counter()
         k = 0
         # The next shards' sequences are read (and tokenized) on a thread of their own meanwhile.
