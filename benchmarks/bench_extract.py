@@ -396,7 +396,8 @@ def main() -> int:
     ways = [w for w in args.copies_at.split(",") if w]
     if not ways or any(w not in ("return", "next-forward") for w in ways) or len(set(ways)) < len(ways):
         p.error(f"--copies-at: expected a comma list of return, next-forward, each once, got {args.copies_at!r}")
-    others = {w: w.replace("-", "_") for w in ways[1:]}  # field names of the ways after the first
+    # each way's field-name suffix: none for the first, "_next_forward" for next-forward after it
+    suffix = {w: "" if i == 0 else "_" + w.replace("-", "_") for i, w in enumerate(ways)}
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         suspect = []
@@ -502,11 +503,11 @@ def main() -> int:
                 suspect.append(f"{name} {tag}: extraction came out faster than the raw write of its bytes "
                                f"(bw_frac {raw_s / ext_s:.2f}, per pair {min(pairs):.2f}-{max(pairs):.2f}): "
                                "the raw write is not a ceiling in this run")
-            for w, v in others.items():
-                r[f"extract_{tag}_{v}_s"] = way_s = statistics.median(x.seconds for x in by_way[w])
-                r[f"x_forward_{tag}_{v}"] = way_s / fwd_s
-                r[f"x_{v}_vs_first_{tag}"] = way_s / ext_s
-                r[f"waits_{tag}_{v}"] = {k: round(t, 4) for k, t in by_way[w][-1].waits.items()}
+            for w in ways[1:]:
+                r[f"extract_{tag}{suffix[w]}_s"] = way_s = statistics.median(x.seconds for x in by_way[w])
+                r[f"x_forward_{tag}{suffix[w]}"] = way_s / fwd_s
+                r[f"x{suffix[w]}_vs_first_{tag}"] = way_s / ext_s
+                r[f"waits_{tag}{suffix[w]}"] = {k: round(t, 4) for k, t in by_way[w][-1].waits.items()}
             if args.marginal and half < len(ids) and fwd_s > fwd_half_s:
                 halves = {w: [] for w in ways}
                 for k in range(repeats):
@@ -514,9 +515,8 @@ def main() -> int:
                         halves[w].append(run_extract(model, data(half), d, batch, writers, args.publishers, shard,
                                                      host_memory, device, layers, w).seconds)
                 for w in ways:
-                    full_s = ext_s if w == ways[0] else r[f"extract_{tag}_{others[w]}_s"]
-                    r[f"x_forward_marginal_{tag}" + (f"_{others[w]}" if w in others else "")] = \
-                        (full_s - statistics.median(halves[w])) / (fwd_s - fwd_half_s)
+                    r[f"x_forward_marginal_{tag}{suffix[w]}"] = \
+                        (r[f"extract_{tag}{suffix[w]}_s"] - statistics.median(halves[w])) / (fwd_s - fwd_half_s)
             # so far: a run stopped at its time limit keeps the targets and models already measured
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         measured = [t for t in targets if f"dir_{t}" in r]
@@ -529,7 +529,7 @@ def main() -> int:
                 with ForwardTimeline(base, base.h) as tl:
                     run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
                                 host_memory, device, layers, w)
-                r[f"timeline_{measured[0]}" + (f"_{others[w]}" if w in others else "")] = tl.summary()
+                r[f"timeline_{measured[0]}{suffix[w]}"] = tl.summary()
             write_rows(rows + [row(device, bench="extract", **r)], "bench_extract", args.out)
         rows.append(row(device, bench="extract", **r))
         if text_dir is not None:
@@ -555,14 +555,14 @@ def main() -> int:
             print(f"{r['model']} {tag}: {'skipped: ' if f'skipped_{tag}' in r else 'waits '}{what}")
             if f"x_forward_marginal_{tag}" in r:
                 print(f"{r['model']} {tag}: x_forward_marginal {r[f'x_forward_marginal_{tag}']:.3f}")
-            for w, v in others.items():
-                if f"x_forward_{tag}_{v}" not in r:
+            for w in ways[1:]:
+                v = f"{tag}{suffix[w]}"
+                if f"x_forward_{v}" not in r:
                     continue
-                marginal = r.get(f"x_forward_marginal_{tag}_{v}")
-                print(f"{r['model']} {tag}: copies queued at {w}: x_forward {r[f'x_forward_{tag}_{v}']:.3f}"
+                marginal = r.get(f"x_forward_marginal_{v}")
+                print(f"{r['model']} {tag}: copies queued at {w}: x_forward {r[f'x_forward_{v}']:.3f}"
                       + ("" if marginal is None else f", x_forward_marginal {marginal:.3f}")
-                      + f", {r[f'x_{v}_vs_first_{tag}']:.3f}x the time of {ways[0]}; "
-                      f"waits {r[f'waits_{tag}_{v}']}")
+                      + f", {r[f'x{suffix[w]}_vs_first_{tag}']:.3f}x the time of {ways[0]}; waits {r[f'waits_{v}']}")
     for s in suspect:
         print(f"SUSPECT: {s}")
     print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")

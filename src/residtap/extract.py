@@ -1208,9 +1208,7 @@ class _Run:
                         blocks=list(self.layout.blocks), final_norm=self.layout.final_norm)
                 for _ in range(2)]
         base = self.base
-        # Asynchronous copies (CUDA): per capture the (device, event) pairs of its last copies,
-        # which that device's next forward into it waits for.
-        queues = _queues_for(self.device)
+        queues = _queues_for(self.device)  # asynchronous copies (CUDA); None on the CPU
         show = self.progress if self.progress is not None else (sys.stderr.isatty() and self.rank == 0)
         bar = None
         if show:
@@ -1227,9 +1225,12 @@ class _Run:
                                        name=f"residtap-publisher-{k}") for k in range(self.n_publishers)]
         for t in threads + publishers:
             t.start()
+        # Per capture the (device, event) pairs of its last copies, which that device's next forward
+        # into it waits for.
         slot_free: list[list] = [[], []]
         inflight: collections.deque = collections.deque()  # per forward: its events, one per device
-        pending = None  # [capture slot, copies not yet queued, the host buffer to hand over after them]
+        pending = None  # (capture slot, copies): the last forward's CUDA copies, not yet queued
+        full = None  # the host buffer of a complete shard, handed over once ``pending`` is queued
         defer = queues is not None and self.copies_at == "next-forward"
 
         def hand_over(host: _HostShard) -> None:
@@ -1238,14 +1239,15 @@ class _Run:
             jobs.put(host)
 
         def queue_pending() -> None:
-            """Queue the last forward's copies (and hand its shard over, if complete) if not yet done."""
-            nonlocal pending
+            """Queue the last forward's copies, then hand its shard over if complete; if not yet done."""
+            nonlocal pending, full
             if pending is None:
                 return
-            (slot, copies, full), pending = pending, None
+            (slot, copies), pending = pending, None
             slot_free[slot] = [(dev, queues.copy(dev, after, pairs)) for dev, after, pairs in copies]
             if full is not None:
-                hand_over(full)
+                host, full = full, None
+                hand_over(host)
 
         self._t0 = time.perf_counter()
         k = 0
@@ -1297,11 +1299,11 @@ class _Run:
                         # (with copies_at "next-forward", the last forward's copies are queued in here)
                         with self.waits.on("model"), cap:
                             base(input_ids=x, use_cache=False, **kw)
-                        queue_pending()  # the forward never reached its first block: not left behind
+                        queue_pending()  # (only if the forward never ran its first block's hook)
                         copies = self._copies_out(cap, host, queues)
                         if copies:
                             inflight.append([after for _, after, _ in copies])
-                            pending = [k % 2, copies, None]
+                            pending = (k % 2, copies)
                             if not defer:
                                 queue_pending()
                         host.rows += ids.shape[0] * self.n_pos
@@ -1311,7 +1313,7 @@ class _Run:
                     self.n_tokens += block.n_tokens
                     self._stop_if_asked()  # not handed to the writers: a shard with its last batch cut short
                     if pending is not None:  # after its last copies, whenever they are queued
-                        pending[2] = host
+                        full = host
                     else:
                         hand_over(host)
                     if bar is not None:
@@ -1320,7 +1322,7 @@ class _Run:
         finally:
             if first_block is not None:
                 first_block.remove()
-            if pending is not None and pending[2] is not None:  # stopped by an error: a complete shard
+            if full is not None:  # stopped by an error: a complete shard
                 with contextlib.suppress(Exception):  # is still written (the error is the one to raise)
                     queue_pending()
             for _ in threads:
