@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import concurrent.futures
 import copy
 import errno
 import hashlib
@@ -676,6 +677,133 @@ def test_publishers_run_as_many_as_asked_and_change_no_byte(tmp_path, monkeypatc
     assert (res.writers, res.publishers, res.shards_written) == (2, publishers, 12)
     assert used == {f"residtap-publisher-{k}" for k in range(publishers)}
     assert_same_dirs(tmp_path / "serial", tmp_path / "wide")
+
+
+def _one_batch_shards(tmp_path, n_shards=6):
+    """A tiny model, its token file and extract's keywords for ``n_shards`` shards of one batch each."""
+    path, _ = ids_file(tmp_path, 8 * 2 * n_shards)
+    kw = dict(seq_len=8, batch_size=2, outputs=("resid", "stats"), layers=[0, 2], progress=False,
+              shard_size=2 * 8 * 2 * (64 + 4) * 4)
+    return tiny_gpt2(), path, kw
+
+
+@pytest.mark.parametrize("writers,publishers", [(1, 1), (2, 4)])
+def test_a_shard_is_hashed_while_it_is_fsynced_and_renamed_only_after(tmp_path, monkeypatch, writers, publishers):
+    """Each shard's fsync (its writer's) waits until a publisher has begun hashing that shard, so a
+    pipeline that hashes only after the fsync waits out the 10 s and fails here; the rename comes after
+    the fsync, and the bytes are those of a run left alone."""
+    ex = sys.modules["residtap.extract"]
+    model, path, kw = _one_batch_shards(tmp_path)
+    residtap.extract(model, path, tmp_path / "ref", **kw)
+    real_sync, real_hash, real_publish = store.sync_shard_file, store.hash_shard, store.publish_shard
+    lock, hashing, log = threading.Lock(), collections.defaultdict(threading.Event), []
+
+    def event(i):
+        with lock:
+            return hashing[i]
+
+    def sync(pending):
+        overlapped = event(pending.index).wait(10)
+        real_sync(pending)
+        log.append(("synced", pending.index, overlapped))
+
+    def hash_shard(pending):
+        log.append(("hashing", pending.index, os.path.exists(pending.tmp)))
+        event(pending.index).set()
+        return real_hash(pending)
+
+    def publish(pending, *args):
+        log.append(("renamed", pending.index, os.path.exists(pending.tmp)))
+        return real_publish(pending, *args)
+
+    monkeypatch.setattr(ex._store, "sync_shard_file", sync)
+    monkeypatch.setattr(ex._store, "hash_shard", hash_shard)
+    monkeypatch.setattr(ex._store, "publish_shard", publish)
+    res = residtap.extract(model, path, tmp_path / "out", writers=writers, publishers=publishers, **kw)
+    assert (res.shards_written, res.writers, res.publishers) == (6, writers, publishers)
+    for i in range(6):
+        mine = [(what, ok) for what, j, ok in log if j == i]
+        assert mine == [("hashing", True), ("synced", True), ("renamed", True)], (i, log)
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+
+
+def test_a_host_buffer_is_free_again_before_its_shard_is_fsynced(tmp_path, monkeypatch):
+    """One writer, so two host buffers: shard 2's forward needs shard 0's buffer back. Shard 0's fsync
+    waits (up to 10 s) for that forward: a writer that frees the buffer only after the fsync fails."""
+    ex = sys.modules["residtap.extract"]
+    model, path, kw = _one_batch_shards(tmp_path)
+    residtap.extract(model, path, tmp_path / "ref", **kw)
+    real_sync, forwards, third = store.sync_shard_file, [], threading.Event()
+    waited = []
+
+    def count(module, args):
+        forwards.append(1)
+        if len(forwards) == 3:
+            third.set()
+
+    def sync(pending):
+        if pending.index == 0:
+            waited.append(third.wait(10))
+        real_sync(pending)
+
+    monkeypatch.setattr(ex._store, "sync_shard_file", sync)
+    h = model.base_model.register_forward_pre_hook(count)
+    try:
+        res = residtap.extract(model, path, tmp_path / "out", writers=1, **kw)
+    finally:
+        h.remove()
+    assert res.writers == 1 and res.shards_written == 6
+    assert waited == [True]
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
+
+
+@pytest.mark.parametrize("fails", ["fsync", "hash"])
+def test_a_failed_fsync_or_hash_is_the_error_and_leaves_no_shard_of_it(tmp_path, monkeypatch, fails):
+    """Shard 2's fsync fails once its hash is done (so both ran), or its hash fails once its fsync is
+    done (os.fsync and the sha256 fail, under the store's own handling): the error raised is that one,
+    naming shard 2; shards 0 and 1 are recorded (and any after 2 written meanwhile), nothing of shard 2
+    remains, and the same command then completes with the bytes of a run left alone."""
+    model, path, kw = _one_batch_shards(tmp_path)
+    residtap.extract(model, path, tmp_path / "ref", **kw)
+    victim = os.path.join(tmp_path / "out", f".{store.shard_name(2)}.tmp", store.shard_name(2))
+    real_fsync, real_sha = os.fsync, store.sha256_file
+    hashed, synced = threading.Event(), threading.Event()
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") != victim:
+            return real_fsync(fd)
+        if fails == "fsync":
+            assert hashed.wait(10)
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+        synced.set()
+
+    def sha256_file(file, *args):
+        if file != victim:
+            return real_sha(file, *args)
+        try:
+            if fails == "hash":
+                assert synced.wait(10)
+                raise OSError(errno.EIO, "Input/output error")
+            return real_sha(file, *args)
+        finally:
+            hashed.set()
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    monkeypatch.setattr(store, "sha256_file", sha256_file)
+    want = "writing shard 2 to" if fails == "fsync" else "publishing shard 2 as"
+    with pytest.raises(store.StoreError, match=f"^{want} .*Input/output error \\(OSError errno 5\\)"):
+        residtap.extract(model, path, tmp_path / "out", writers=1, publishers=1, **kw)
+    assert hashed.is_set() and synced.is_set() == (fails == "hash")
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    recorded = [r["index"] for r in m["shards"]]  # a shard after 2 written before the error was seen
+    assert recorded[:2] == [0, 1] and 2 not in recorded and not m["complete"]  # is recorded as well
+    assert shard_files(tmp_path / "out") == [store.shard_name(i) for i in recorded]
+    assert not [f for f in os.listdir(tmp_path / "out") if store.shard_name(2) in f]  # nor its temporaries
+    monkeypatch.undo()
+    res = residtap.extract(model, path, tmp_path / "out", **kw)
+    assert res.complete and res.shards_skipped == len(recorded)
+    assert_same_dirs(tmp_path / "ref", tmp_path / "out")
 
 
 def test_default_publishers_follow_the_cores(tmp_path, monkeypatch):
@@ -1350,8 +1478,9 @@ def test_a_ranks_first_shard_is_hashed_before_it_takes_the_record_lock(tmp_path,
     work.mkdir()
     (work / store.shard_name(1)).write_bytes(b"written")
     pending = store.PendingShard(1, str(work), str(work / store.shard_name(1)), str(out / store.shard_name(1)))
-    published = queue.Queue()
-    published.put((pending, {"n_rows": 4}))
+    published, synced = queue.Queue(), concurrent.futures.Future()
+    synced.set_result(True)  # its writer's fsync done
+    published.put((pending, {"n_rows": 4}, synced))
     published.put(None)
     run = types.SimpleNamespace(errors=[], waits=ex._Waits(), _stats_lock=threading.Lock(), written=0, n_rows=0,
                                 bytes=0, manifest=ex._Manifest(str(out), header, {}, rank=1, world=2))
@@ -1376,7 +1505,7 @@ def test_a_rank_writing_into_a_directory_rank_0_took_back_says_so(tmp_path, monk
         raise store.os_error(FileNotFoundError(errno.ENOENT, "No such file or directory"),
                              f"writing shard {index} to", directory)
 
-    monkeypatch.setattr(store, "write_shard_file", gone)
+    monkeypatch.setattr(store, "save_shard_file", gone)
     block = types.SimpleNamespace(index=3, seq_start=24, n_seqs=8, n_tokens=64, digest=lambda: "0" * 64,
                                   source=np.zeros((8, 2), dtype=np.int64))
     errors = []
@@ -1389,6 +1518,7 @@ def test_a_rank_writing_into_a_directory_rank_0_took_back_says_so(tmp_path, monk
         run = types.SimpleNamespace(errors=[], cuda=False, waits=ex._Waits(), cfg=types.SimpleNamespace(layer_ids=[1]),
                                     manifest=ex._Manifest(str(out), header, {}, rank=1, world=2),
                                     _shard_tensors=lambda host: ({}, 64))
+        run._write_failed = lambda index, e, run=run: ex._Run._write_failed(run, index, e)
         ex._Run._writer(run, jobs, pool, published)
         assert pool.qsize() == 1 and published.empty() and len(run.errors) == 1
         errors.append(str(run.errors[0]))
@@ -2828,7 +2958,7 @@ def _failing_writes(fails: str, until: str) -> str:
 _FAIL_WRITES = """
 import errno, json, os, sys, time
 from residtap import store
-rank, out, real = int(os.environ["RANK"]), sys.argv[sys.argv.index("--out") + 1], store.write_shard_file
+rank, out, real = int(os.environ["RANK"]), sys.argv[sys.argv.index("--out") + 1], store.save_shard_file
 def listed(i):  # the shard rank 1's part lists
     try:
         return any(r["index"] == i for r in json.load(open(os.path.join(out, store.part_name(1))))["shards"])
@@ -2842,7 +2972,7 @@ def write(directory, index, tensors, metadata):
         time.sleep(0.01)
     raise store.os_error(OSError(errno.ENOSPC, "No space left on device"), f"writing shard {index} to",
                          directory)
-store.write_shard_file = write
+store.save_shard_file = write
 """
 
 
@@ -2893,8 +3023,8 @@ def test_ranks_resume_an_input_that_changed_past_their_finished_shards(tmp_path)
     assert {f: (out / f).read_bytes() for f in shard_files(out)} == finished
     np.save(path, grown)
     slow = ("import os, sys, time\nimport residtap\nfrom residtap import store\n"
-            "real, first = store.write_shard_file, [1]\n"
-            "store.write_shard_file = lambda *a: (os.environ['RANK'] == '0' and first and first.pop() and "
+            "real, first = store.save_shard_file, [1]\n"
+            "store.save_shard_file = lambda *a: (os.environ['RANK'] == '0' and first and first.pop() and "
             "time.sleep(3)) or real(*a)\n")
     results = _ranks(path, out, before=slow)
     for rc, _, err in results:
@@ -2949,7 +3079,7 @@ def written(directory, index, tensors, metadata):  # rank 1: once written, wait 
         time.sleep(0.01)
     return pending
 if rank == 1:
-    store.write_shard_file = written
+    store.save_shard_file = written
 import residtap
 ex = sys.modules["residtap.extract"]
 tidy = ex._tidy_if_nothing_there

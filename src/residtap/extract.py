@@ -9,11 +9,12 @@ The pipeline, per batch (two Capture objects alternate, so one can be copied out
     reader thread:   the next shards' sequences, read and tokenized up to two shards ahead (ReadAhead)
     compute stream:  [wait: slot k free] forward with Capture k → event F
     copy stream:     [wait F] D2H of every captured tensor into a pinned host shard buffer → event C_k
-    writer threads:  [wait the shard's last C] safetensors file under a temporary name → fsync
-                     (the host buffer is free again here)
-    publisher threads: sha256 of the written file → rename → manifest (by default up to twice as
-                     many as writers, where there are cores for them: hashing costs more per byte
-                     than writing, and this way it holds no host buffer)
+    writer threads:  [wait the shard's last C] safetensors file under a temporary name (the host
+                     buffer is free again here) → fsync
+    publisher threads: sha256 of the written file, while its writer fsyncs it → [wait: fsynced]
+                     rename → manifest (by default up to twice as many as writers, where there are
+                     cores for them: hashing costs more per byte than writing, and this way it holds
+                     no host buffer)
 
 Capture k's buffers are overwritten by its next forward only after C_k (the compute stream waits on
 it), so no copy ever reads half-overwritten data; ``record_stream`` keeps buffers freed by a shape
@@ -33,6 +34,7 @@ processes rank r computes shards r, r+N, ... — the same files a single process
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -1097,12 +1099,14 @@ class _Run:
 
     # -------------------------------------------------------------------- writer side
     def _writer(self, jobs: queue.Queue, pool: queue.Queue, published: queue.Queue) -> None:
-        """Writes each shard handed over (after its copies to the host), fsynced under a temporary
-        name, then returns the host buffer at once: hashing and renaming are the publishers'."""
+        """Writes each shard handed over (after its copies to the host) under a temporary name and
+        returns the host buffer at once; then hands the file to a publisher, which hashes it while this
+        thread fsyncs it (on a disk-bound run the last shard's hash then no longer follows its fsync)
+        and renames it once ``synced`` says the fsync is done."""
         if self.cuda:  # else this thread's first CUDA call (an event wait) would open a context on
             torch.cuda.set_device(self.device)  # GPU 0, which another rank of torchrun is using
         while (host := jobs.get()) is not None:
-            written = None
+            pending = None
             try:
                 if self.errors:
                     continue  # stop writing once anything failed; the buffer goes back below
@@ -1119,28 +1123,51 @@ class _Run:
                           "n_tokens": b.n_tokens, "n_rows": n_rows, "input_sha256": b.digest(),
                           "source_first": b.source[0].tolist(), "source_last": b.source[-1].tolist()}
                 with self.waits.on("write"):
-                    written = (_store.write_shard_file(self.manifest.out, b.index, tensors, meta), fields)
+                    pending = _store.save_shard_file(self.manifest.out, b.index, tensors, meta)
             except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
-                # (writing into a directory rank 0 took back and removed: say that, not "no such file")
-                refused = self.manifest.taken_back(host.block.index) if isinstance(e, _store.StoreError) else None
-                self.errors.append(e if refused is None else refused)
+                self._write_failed(host.block.index, e)
             finally:
                 host.block, host.events = None, []
-                pool.put(host)  # free for the next forward's copies before waiting for a publisher
-            if written is not None:
-                published.put(written)
+                pool.put(host)  # free for the next forward's copies before the fsync and the publisher
+            if pending is None:
+                continue
+            synced = concurrent.futures.Future()  # True once fsynced; False: failed, said and removed
+            published.put((pending, fields, synced))
+            ok = False
+            try:
+                with self.waits.on("write"):
+                    _store.sync_shard_file(pending)
+                ok = True
+            except BaseException as e:  # noqa: BLE001 — handed to the main thread, which raises it
+                self._write_failed(pending.index, e)
+            finally:
+                synced.set_result(ok)
+
+    def _write_failed(self, index: int, e: BaseException) -> None:
+        # (writing into a directory rank 0 took back and removed: say that, not "no such file")
+        refused = self.manifest.taken_back(index) if isinstance(e, _store.StoreError) else None
+        self.errors.append(e if refused is None else refused)
 
     def _publisher(self, published: queue.Queue, bar) -> None:
-        """Hashes each written shard, renames it to its final name and records it in the manifest:
-        beside the writers, so that hashing (slower than writing per byte) holds no host buffer."""
+        """Hashes each written shard while its writer fsyncs it, then renames it to its final name and
+        records it in the manifest: beside the writers, so that hashing (slower than writing per byte)
+        holds no host buffer."""
         while (item := published.get()) is not None:
-            pending, fields = item
+            pending, fields, synced = item
             try:  # even after a failure elsewhere: a shard written whole is good, a resume keeps it
                 with self.waits.on("hash"):
-                    hashed = _store.hash_shard(pending)  # before the record lock (recording): one rank's
-                    with self.manifest.recording(pending):  # first record waits on no other's hashing
-                        rec = _store.publish_shard(pending, hashed)  # removes its temporaries whatever happens
-                        self.manifest.add({"index": pending.index, **rec, **fields})
+                    try:  # before the record lock (recording): one rank's first record waits on no
+                        hashed, failed = _store.hash_shard(pending), None  # other's hashing
+                    except BaseException as e:  # noqa: BLE001 — raised below, once the fsync is over
+                        hashed, failed = None, e
+                if not synced.result():  # the fsync failed: its writer said so and removed the file
+                    continue
+                if failed is not None:
+                    _store.discard_shard(pending)
+                    raise failed
+                with self.waits.on("hash"), self.manifest.recording(pending):
+                    rec = _store.publish_shard(pending, hashed)  # removes its temporaries whatever happens
+                    self.manifest.add({"index": pending.index, **rec, **fields})
                 with self._stats_lock:
                     self.written += 1
                     self.n_rows += fields["n_rows"]

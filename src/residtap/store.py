@@ -296,8 +296,19 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
                      metadata: dict) -> PendingShard:
     """The first half of :func:`write_shard`: the shard's bytes written and fsynced under a temporary
     name, so that the tensors' memory can be reused at once; :func:`publish_shard` then hashes and
-    renames it (extract runs the two halves on different threads). On any error the temporary files
-    are removed and a StoreError says why.
+    renames it. On any error the temporary files are removed and a StoreError says why. It is
+    :func:`save_shard_file` then :func:`sync_shard_file`, which a caller may run apart (extract does:
+    it hashes the written file while the fsync runs)."""
+    pending = save_shard_file(directory, index, tensors, metadata)
+    sync_shard_file(pending)
+    return pending
+
+
+def save_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor],
+                    metadata: dict) -> PendingShard:
+    """The shard's bytes written under a temporary name, not yet fsynced (:func:`sync_shard_file`):
+    the tensors' memory may be reused once it returns. On any error the temporary files are removed
+    and a StoreError says why.
 
     Everything temporary lives in a directory of this shard's own (``.shard-N.tmp/``): safetensors
     writes through a temporary file of its own naming beside its target, which a SIGKILL leaves
@@ -320,11 +331,6 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
             os.chmod(tmp, stat.S_IMODE(os.stat(work).st_mode) & 0o666)
         except OSError:  # a file system without modes (some network mounts): the shard stays as written
             pass
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except BaseException as e:
         _remove_tree_quietly(work)
         if isinstance(e, OSError):
@@ -333,13 +339,31 @@ def write_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor
     return PendingShard(index, work, tmp, os.path.join(directory, name))
 
 
+def sync_shard_file(pending: PendingShard) -> None:
+    """fsync what :func:`save_shard_file` wrote (before :func:`publish_shard` renames it: a shard is
+    durable under its final name or not there). On an error, what was written is removed and a
+    StoreError says why."""
+    try:
+        fd = os.open(pending.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
+        _remove_tree_quietly(pending.work)
+        if isinstance(e, OSError):
+            raise os_error(e, f"writing shard {pending.index} to", pending.tmp) from e
+        raise
+
+
 def hash_shard(pending: PendingShard) -> dict:
     """The written file's size and sha256 (read back from the page cache: the record vouches for the
-    bytes in the file), for :func:`publish_shard`; on an error, what was written is removed."""
+    bytes in the file), for :func:`publish_shard`. On an error a StoreError says why and what was
+    written is left for the caller to remove (:func:`discard_shard`; publish_shard does): it may be
+    hashed while another thread still fsyncs it."""
     try:
         return {"bytes": os.path.getsize(pending.tmp), "sha256": sha256_file(pending.tmp)}
     except OSError as e:
-        _remove_tree_quietly(pending.work)
         raise os_error(e, f"publishing shard {pending.index} as", pending.final) from e
 
 
@@ -361,7 +385,7 @@ def publish_shard(pending: PendingShard, hashed: dict | None = None) -> dict:
 
 
 def discard_shard(pending: PendingShard) -> None:
-    """Remove what :func:`write_shard_file` wrote of a shard that is not to be published."""
+    """Remove what :func:`save_shard_file` wrote of a shard that is not to be published."""
     _remove_tree_quietly(pending.work)
 
 
