@@ -74,10 +74,18 @@ against the store's ways of writing a shard, from the same number of writer thre
   split_<t>_s      writer threads write and fsync (store.write_shard_file); as many publisher threads
                    hash and rename (store.publish_shard)
   wide_<t>_s       the same with ``publishers`` publisher threads (--publishers, default
-                   residtap.extract.default_publishers(writers): extract's default pipeline)
-  busy_<t>_s       wide, while the main thread runs Python meanwhile, as it does for most of a forward:
+                   residtap.extract.default_publishers(writers)): extract's pipeline until it hashed
+                   during the fsync
+  during_<t>_s     writer threads write (store.save_shard_file), hand the file to a publisher, then
+                   fsync it (store.sync_shard_file); ``publishers`` publisher threads hash it meanwhile
+                   and rename it once fsynced: extract's pipeline (the last shard's hash no longer
+                   follows its fsync)
+  busy_<t>_s       during, while the main thread runs Python meanwhile, as it does for most of a forward:
                    what the threads lose to the GIL (a thread taking it back waits up to 5 ms, the
                    interpreter's switch interval, while another runs Python)
+
+each the fastest of --repeats passes (default 2, every other one in the reverse order), and
+x_during_vs_wide_<t>, the median over the passes of during's time over wide's.
 
     python benchmarks/bench_extract.py                 # GPU sizes (about 40 GB written in all)
     python benchmarks/bench_extract.py --host-only     # 8 shards of 128 MiB per target, any machine
@@ -215,11 +223,14 @@ def raw_write(directory: str, n_bytes: int, file_bytes: int, threads: int) -> fl
 
 
 def store_write(directory: str, shards: int, tensors: dict, threads: int, publishers: int,
-                busy: bool = False) -> float:
+                busy: bool = False, during: bool = False) -> float:
     """Write `shards` copies of `tensors` as crash-safe shards from `threads` writer threads, either
     each thread doing everything (store.write_shard; publishers=0) or handing each written file to
-    `publishers` publisher threads (extract's pipeline); seconds until the last shard is published.
-    ``busy``: the calling thread runs Python meanwhile (a forward's host side, as far as the GIL sees)."""
+    `publishers` publisher threads, after its fsync or (``during``, extract's pipeline) before it, to be
+    hashed while the writer fsyncs it; seconds until the last shard is published. ``busy``: the
+    calling thread runs Python meanwhile (a forward's host side, as far as the GIL sees)."""
+    import concurrent.futures
+
     from residtap import store
 
     out = tempfile.mkdtemp(prefix="residtap-bench-store-", dir=directory)
@@ -233,14 +244,25 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
                 if not todo:
                     return
                 i = todo.pop()
-            if split:
-                published.put(store.write_shard_file(out, i, tensors, {"bench": "1"}))
+            if during:
+                pending, synced = store.save_shard_file(out, i, tensors, {"bench": "1"}), concurrent.futures.Future()
+                published.put((pending, synced))
+                try:
+                    store.sync_shard_file(pending)
+                finally:
+                    synced.set_result(True)  # (a failure is raised here, ending the benchmark)
+            elif split:
+                published.put((store.write_shard_file(out, i, tensors, {"bench": "1"}), None))
             else:
                 store.write_shard(out, i, tensors, {"bench": "1"})
 
     def publisher():
-        while (pending := published.get()) is not None:
-            store.publish_shard(pending)
+        while (item := published.get()) is not None:
+            pending, synced = item
+            hashed = store.hash_shard(pending)
+            if synced is not None:
+                synced.result()
+            store.publish_shard(pending, hashed)
 
     ws = [threading.Thread(target=writer) for _ in range(threads)]
     ps = [threading.Thread(target=publisher) for _ in range(publishers)]
@@ -262,9 +284,12 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
     return seconds
 
 
-def host_only(args, writers: int, publishers: int, suspect: list) -> list:
-    """The --host-only rows: raw write vs store.write_shard vs write_shard_file + publish_shard
-    (a way faster than the raw write is appended to ``suspect``)."""
+HOST_WAYS = ("serial", "split", "wide", "during", "busy")  # --host-only's ways (the docstring's rows)
+
+
+def host_only(args, targets: list, writers: int, publishers: int, suspect: list) -> list:
+    """The --host-only rows: raw write vs store.write_shard vs the pipelines of writer and publisher
+    threads (a way faster than the raw write is appended to ``suspect``)."""
     shard = (parse_size(args.shard_size, "--shard-size") if args.shard_size
              else (8 << 20 if args.smoke else 128 << 20))
     shards = args.batches or (4 if args.smoke else 8)
@@ -274,19 +299,22 @@ def host_only(args, writers: int, publishers: int, suspect: list) -> list:
     tensors = {f"resid.{i}": torch.randn(numel, generator=g).to(torch.bfloat16) for i in range(n_tensors)}
     r = {"model": "synthetic", "shard_bytes": shard, "shards": shards, "writers": writers,
          "publishers": publishers}
-    for tag, d in (("ram", args.ram_dir), ("disk", args.disk_dir)):
+    for tag in targets:
+        d = {"ram": args.ram_dir, "disk": args.disk_dir}[tag]
         if shutil.disk_usage(d).free < 1.2 * shard * shards:
             r[f"skipped_{tag}"] = f"{d} has too little free space"
             continue
-        ways = {"serial": 0, "split": writers, "wide": publishers, "busy": publishers}
+        ways = dict(zip(HOST_WAYS, (0, writers, publishers, publishers, publishers)))  # publisher threads
         runs = {"raw": lambda: raw_write(d, shard * shards, shard, writers),
-                **{way: functools.partial(store_write, d, shards, tensors, writers, n, busy=way == "busy")
+                **{way: functools.partial(store_write, d, shards, tensors, writers, n, busy=way == "busy",
+                                          during=way in ("during", "busy"))
                    for way, n in ways.items()}}
         times = {k: [] for k in runs}
-        # twice, the second time in the reverse order (so that the raw write, the ceiling, does not
-        # always run first, after nothing), each after an os.sync(); the faster of each
-        for order in (list(runs), list(runs)[::-1]):
-            for k in order:
+        # --repeats passes (default 2), every other one in the reverse order (so that the raw write,
+        # the ceiling, does not always run first, after nothing), each run after an os.sync(); the
+        # fastest of each way
+        for rep in range(args.repeats or 2):
+            for k in list(runs)[::-1 if rep % 2 else 1]:
                 os.sync()
                 times[k].append(runs[k]())
         raw_s = min(times["raw"])
@@ -297,6 +325,8 @@ def host_only(args, writers: int, publishers: int, suspect: list) -> list:
             if frac > 1.02:
                 suspect.append(f"{tag} {way}: faster than the raw write of its bytes (bw_frac {frac:.2f}): "
                                "the raw write is not a ceiling in this run")
+        # hashing during the fsync against after it, pass by pass (the two run side by side)
+        r[f"x_during_vs_wide_{tag}"] = statistics.median(a / b for a, b in zip(times["during"], times["wide"]))
     # the CPU's numbers; on a GPU machine, which one (the file name says so too: see main)
     if torch.cuda.is_available():
         r["gpu_host"] = torch.cuda.get_device_name()
@@ -401,12 +431,11 @@ def main() -> int:
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         suspect = []
-        rows = host_only(args, writers, args.publishers or default_publishers(writers), suspect)
+        rows = host_only(args, targets, writers, args.publishers or default_publishers(writers), suspect)
         print_table(rows, ["shard_bytes", "shards", "writers", "publishers"]
-                    + [f"{k}_{t}_s" for t in ("ram", "disk") for k in
-                       ("raw", "serial", "split", "wide", "busy")]
-                    + [f"bw_frac_{k}_{t}" for t in ("ram", "disk")
-                       for k in ("serial", "split", "wide", "busy")])
+                    + [f"{k}_{t}_s" for t in targets for k in ("raw", *HOST_WAYS)]
+                    + [f"bw_frac_{k}_{t}" for t in targets for k in HOST_WAYS]
+                    + [f"x_during_vs_wide_{t}" for t in targets])
         for s in suspect:
             print(f"SUSPECT: {s}")
         gpu = rows[0].get("gpu_host")

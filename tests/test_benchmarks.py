@@ -141,21 +141,27 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_extract.os, "sync", lambda: log.append("sync"))
     monkeypatch.setattr(bench_extract, "raw_write", lambda *a: log.append("raw") or 1.0)
 
-    def store_write(directory, shards, tensors, threads, publishers, busy=False):
-        log.append(f"store{publishers}{'busy' if busy else ''}")
-        return 0.5 if publishers == 3 and not busy else 2.0  # "wide" beats the raw write: suspect
+    def store_write(directory, shards, tensors, threads, publishers, busy=False, during=False):
+        log.append(f"store{publishers}{'during' if during else ''}{'busy' if busy else ''}")
+        return 0.5 if publishers == 3 and not busy and not during else 2.0  # "wide" beats the raw write
 
     monkeypatch.setattr(bench_extract, "store_write", store_write)
     args = types.SimpleNamespace(shard_size="1MiB", smoke=True, batches=2, ram_dir=str(tmp_path),
-                                 disk_dir=str(tmp_path))
+                                 disk_dir=str(tmp_path), repeats=None)
     suspect = []
-    rows = bench_extract.host_only(args, 2, 3, suspect)
+    rows = bench_extract.host_only(args, ["ram", "disk"], 2, 3, suspect)
     one_target = log[:len(log) // 2]
     runs = [x for x in one_target if x != "sync"]
-    assert runs == ["raw", "store0", "store2", "store3", "store3busy",
-                    "store3busy", "store3", "store2", "store0", "raw"]
+    forward = ["raw", "store0", "store2", "store3", "store3during", "store3duringbusy"]
+    assert runs == forward + forward[::-1]  # two passes by default, the second reversed
     assert one_target == [x for r in runs for x in ("sync", r)]  # an os.sync() before each
     assert rows[0]["bw_frac_wide_ram"] == 2.0 and any("wide" in s for s in suspect)
+    assert rows[0]["x_during_vs_wide_ram"] == 4.0 and rows[0]["x_during_vs_wide_disk"] == 4.0
+    log.clear()
+    args.repeats = 3
+    rows = bench_extract.host_only(args, ["disk"], 2, 3, [])
+    assert [x for x in log if x != "sync"] == forward + forward[::-1] + forward
+    assert "raw_ram_s" not in rows[0] and rows[0]["raw_disk_s"] == 1.0
 
 
 def test_extract_ways_of_queueing_copies_alternate_and_each_gets_its_fields(tmp_path, monkeypatch):
