@@ -249,8 +249,10 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
                 published.put((pending, synced))
                 try:
                     store.sync_shard_file(pending)
-                finally:
-                    synced.set_result(True)  # (a failure is raised here, ending the benchmark)
+                except BaseException as e:
+                    synced.set_exception(e)  # raised in the publisher too, which then renames nothing
+                    raise
+                synced.set_result(True)
             elif split:
                 published.put((store.write_shard_file(out, i, tensors, {"bench": "1"}), None))
             else:
@@ -401,7 +403,8 @@ def main() -> int:
                    help="the host side alone on synthetic shards: raw write vs the store's ways")
     p.add_argument("--targets", default="ram,disk", help="comma list of ram, disk (default both)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="measurements of each of forward, extract and raw (default 3; 1 with --smoke)")
+                   help="measurements of each of forward, extract and raw (default 3; 1 with --smoke); "
+                        "with --host-only, passes over its ways (default 2)")
     p.add_argument("--marginal", action="store_true",
                    help="also extract the first half of the batches: x_forward_marginal, without the tail")
     p.add_argument("--text", action="store_true",
