@@ -289,9 +289,10 @@ def store_write(directory: str, shards: int, tensors: dict, threads: int, publis
 HOST_WAYS = ("serial", "split", "wide", "during", "busy")  # --host-only's ways (the docstring's rows)
 
 
-def host_only(args, targets: list, writers: int, publishers: int, suspect: list) -> list:
-    """The --host-only rows: raw write vs store.write_shard vs the pipelines of writer and publisher
-    threads (a way faster than the raw write is appended to ``suspect``)."""
+def host_only(args, dirs: dict, writers: int, publishers: int, suspect: list) -> list:
+    """The --host-only rows, for each target and directory of ``dirs``: raw write vs store.write_shard
+    vs the pipelines of writer and publisher threads (a way faster than the raw write is appended to
+    ``suspect``)."""
     shard = (parse_size(args.shard_size, "--shard-size") if args.shard_size
              else (8 << 20 if args.smoke else 128 << 20))
     shards = args.batches or (4 if args.smoke else 8)
@@ -301,8 +302,7 @@ def host_only(args, targets: list, writers: int, publishers: int, suspect: list)
     tensors = {f"resid.{i}": torch.randn(numel, generator=g).to(torch.bfloat16) for i in range(n_tensors)}
     r = {"model": "synthetic", "shard_bytes": shard, "shards": shards, "writers": writers,
          "publishers": publishers}
-    for tag in targets:
-        d = {"ram": args.ram_dir, "disk": args.disk_dir}[tag]
+    for tag, d in dirs.items():
         if shutil.disk_usage(d).free < 1.2 * shard * shards:
             r[f"skipped_{tag}"] = f"{d} has too little free space"
             continue
@@ -434,7 +434,8 @@ def main() -> int:
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         suspect = []
-        rows = host_only(args, targets, writers, args.publishers or default_publishers(writers), suspect)
+        rows = host_only(args, {t: dirs[t] for t in targets}, writers, args.publishers or default_publishers(writers),
+                         suspect)
         print_table(rows, ["shard_bytes", "shards", "writers", "publishers"]
                     + [f"{k}_{t}_s" for t in targets for k in ("raw", *HOST_WAYS)]
                     + [f"bw_frac_{k}_{t}" for t in targets for k in HOST_WAYS]

@@ -146,10 +146,9 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
         return 0.5 if publishers == 3 and not busy and not during else 2.0  # "wide" beats the raw write
 
     monkeypatch.setattr(bench_extract, "store_write", store_write)
-    args = types.SimpleNamespace(shard_size="1MiB", smoke=True, batches=2, ram_dir=str(tmp_path),
-                                 disk_dir=str(tmp_path), repeats=None)
+    args = types.SimpleNamespace(shard_size="1MiB", smoke=True, batches=2, repeats=None)
     suspect = []
-    rows = bench_extract.host_only(args, ["ram", "disk"], 2, 3, suspect)
+    rows = bench_extract.host_only(args, {"ram": str(tmp_path), "disk": str(tmp_path)}, 2, 3, suspect)
     one_target = log[:len(log) // 2]
     runs = [x for x in one_target if x != "sync"]
     forward = ["raw", "store0", "store2", "store3", "store3during", "store3duringbusy"]
@@ -159,7 +158,7 @@ def test_host_only_alternates_syncs_and_flags(tmp_path, monkeypatch):
     assert rows[0]["x_during_vs_wide_ram"] == 4.0 and rows[0]["x_during_vs_wide_disk"] == 4.0
     log.clear()
     args.repeats = 3
-    rows = bench_extract.host_only(args, ["disk"], 2, 3, [])
+    rows = bench_extract.host_only(args, {"disk": str(tmp_path)}, 2, 3, [])
     assert [x for x in log if x != "sync"] == forward + forward[::-1] + forward
     assert "raw_ram_s" not in rows[0] and rows[0]["raw_disk_s"] == 1.0
 

@@ -651,16 +651,21 @@ def test_a_forward_failing_after_a_complete_shard_keeps_that_shard(tmp_path, mon
     assert_same_dirs(tmp_path / "ref", tmp_path / "out")
 
 
+def _one_batch_shards(tmp_path, n_shards=6):
+    """A tiny model, its token file and extract's keywords for ``n_shards`` shards of one batch each."""
+    path, _ = ids_file(tmp_path, 8 * 2 * n_shards)
+    kw = dict(seq_len=8, batch_size=2, outputs=("resid", "stats"), layers=[0, 2], progress=False,
+              shard_size=2 * 8 * 2 * (64 + 4) * 4)
+    return tiny_gpt2(), path, kw
+
+
 @pytest.mark.parametrize("publishers", [1, 4])
 def test_publishers_run_as_many_as_asked_and_change_no_byte(tmp_path, monkeypatch, publishers):
     """Publisher threads (hash, rename, record) are as many as asked, each of them used, and the
     shards and the manifest's records are the same whatever their number (against one writer and
     one publisher, the serial order)."""
     ex = sys.modules["residtap.extract"]
-    model = tiny_gpt2()
-    path, _ = ids_file(tmp_path, 8 * 24)
-    kw = dict(seq_len=8, batch_size=2, outputs=("resid", "stats"), layers=[0, 2], progress=False,
-              shard_size=2 * 8 * 2 * (64 + 4) * 4)  # one batch per shard: 12 shards
+    model, path, kw = _one_batch_shards(tmp_path, 12)
     residtap.extract(model, path, tmp_path / "serial", writers=1, publishers=1, **kw)
 
     used, first = set(), threading.Barrier(publishers, timeout=30)
@@ -677,14 +682,6 @@ def test_publishers_run_as_many_as_asked_and_change_no_byte(tmp_path, monkeypatc
     assert (res.writers, res.publishers, res.shards_written) == (2, publishers, 12)
     assert used == {f"residtap-publisher-{k}" for k in range(publishers)}
     assert_same_dirs(tmp_path / "serial", tmp_path / "wide")
-
-
-def _one_batch_shards(tmp_path, n_shards=6):
-    """A tiny model, its token file and extract's keywords for ``n_shards`` shards of one batch each."""
-    path, _ = ids_file(tmp_path, 8 * 2 * n_shards)
-    kw = dict(seq_len=8, batch_size=2, outputs=("resid", "stats"), layers=[0, 2], progress=False,
-              shard_size=2 * 8 * 2 * (64 + 4) * 4)
-    return tiny_gpt2(), path, kw
 
 
 @pytest.mark.parametrize("writers,publishers", [(1, 1), (2, 4)])

@@ -318,7 +318,7 @@ def save_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor]
     name = shard_name(index)
     work = _temp_dir(directory, index)
     tmp = os.path.join(work, name)
-    try:
+    with _removed_on_error(work, f"writing shard {index} to", tmp):
         _remove_tree_quietly(work)  # a killed attempt's leftovers
         os.mkdir(work)
         # One metadata key: safetensors keeps metadata in a hash map whose order varies between
@@ -331,11 +331,6 @@ def save_shard_file(directory: str, index: int, tensors: dict[str, torch.Tensor]
             os.chmod(tmp, stat.S_IMODE(os.stat(work).st_mode) & 0o666)
         except OSError:  # a file system without modes (some network mounts): the shard stays as written
             pass
-    except BaseException as e:
-        _remove_tree_quietly(work)
-        if isinstance(e, OSError):
-            raise os_error(e, f"writing shard {index} to", tmp) from e
-        raise
     return PendingShard(index, work, tmp, os.path.join(directory, name))
 
 
@@ -343,16 +338,24 @@ def sync_shard_file(pending: PendingShard) -> None:
     """fsync what :func:`save_shard_file` wrote (before :func:`publish_shard` renames it: a shard is
     durable under its final name or not there). On an error, what was written is removed and a
     StoreError says why."""
-    try:
+    with _removed_on_error(pending.work, f"writing shard {pending.index} to", pending.tmp):
         fd = os.open(pending.tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _removed_on_error(work: str, doing: str, path: str):
+    """On any error inside: a shard's temporary directory ``work`` removed, and an OSError raised as
+    os_error(doing, path)."""
+    try:
+        yield
     except BaseException as e:
-        _remove_tree_quietly(pending.work)
+        _remove_tree_quietly(work)
         if isinstance(e, OSError):
-            raise os_error(e, f"writing shard {pending.index} to", pending.tmp) from e
+            raise os_error(e, doing, path) from e
         raise
 
 
