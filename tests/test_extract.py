@@ -1061,6 +1061,109 @@ def test_shuffled_rows_split_among_data_parallel_ranks(tmp_path):
             acts.dataset(1, **kw)
 
 
+def _joined_token_by_token(docs, t, eos, pad, packing):
+    """What the sources must give, computed the plainest way: (ids, mask or None, (document, offset))
+    of every sequence, the documents joined (or cut into pieces) one token at a time."""
+    out = []
+    if packing == "pad":
+        for doc_i, doc in docs:
+            for off in range(0, len(doc), t):
+                piece = doc[off:off + t]
+                out.append((piece + [pad] * (t - len(piece)), [True] * len(piece) + [False] * (t - len(piece)),
+                            (doc_i, off)))
+        return out
+    stream = []  # (token, document, offset)
+    for doc_i, doc in docs:
+        if doc:
+            doc = doc + ([eos] if eos is not None and doc[-1] != eos else [])
+            stream += [(tok, doc_i, off) for off, tok in enumerate(doc)]
+    return [([tok for tok, _, _ in stream[k:k + t]], None, stream[k][1:])
+            for k in range(0, len(stream) // t * t, t)]
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_documents_are_packed_and_padded_by_chunks_as_if_one_token_at_a_time(packing):
+    """Documents are packed (or padded) a chunk of documents at a time, with array operations: the same
+    sequences, masks and (document, offset) sources as joining them one token at a time, wherever the
+    chunks, the sequences and the documents begin and end (empty documents, documents that already end
+    with the EOS, documents longer than many sequences, no EOS at all)."""
+    rng = np.random.default_rng(7)
+
+    class Docs(inputs.DocumentSource):
+        kind = "text"
+
+        def __init__(self, docs, chunk, **kw):
+            super().__init__("docs", packing=packing, max_seqs=None, tokenizer=None, text_field=None, **kw)
+            self.docs, self.chunk = docs, chunk
+
+        def _id_chunks(self):
+            for i in range(0, len(self.docs), self.chunk):
+                yield [d for d, _ in self.docs[i:i + self.chunk]], [ids for _, ids in self.docs[i:i + self.chunk]]
+
+    n_seqs = 0
+    for trial in range(150):
+        eos = (None, 0, 3)[trial % 3]
+        t = int(rng.integers(1, 24))
+        docs, doc_i = [], 0
+        for _ in range(int(rng.integers(0, 40))):
+            n = int(rng.choice([0, 1, 2, t - 1, t, t + 1, 3 * t + 2, int(rng.integers(0, 8 * t))]))
+            doc = rng.integers(0, 5, max(n, 0)).tolist()  # ids 0..4: an EOS of 0 or 3 ends some by chance
+            docs.append((doc_i, doc))
+            doc_i += int(rng.integers(1, 3))  # sources are the documents' own numbers, gaps and all
+        src = Docs(docs, chunk=int(rng.integers(1, 12)), seq_len=t)
+        src.eos, src.pad = eos, 9
+        got = [(ids.tolist(), None if mask is None else mask.tolist(), src_) for ids, mask, src_ in src._sequences()]
+        assert got == _joined_token_by_token(docs, t, eos, 9, packing), (trial, t, eos)
+        assert all(type(v) is int for _, _, where in got for v in where)  # JSON-ready, as recorded
+        n_seqs += len(got)
+    assert n_seqs > 1000
+
+
+def test_a_datasets_input_ids_are_read_from_arrow_and_bad_columns_are_clear_errors(tmp_path):
+    """An ``input_ids`` column is read as Arrow holds it, a thousand rows at a time: the same sequences as
+    its lists read one by one, whatever integer type or list layout it has and across the chunks of
+    rows, of only the rows a saved ``select`` kept; a column of other values is a clear error."""
+    datasets = pytest.importorskip("datasets")
+
+    docs = documents(2500, seed=3)
+    docs[5] = []  # an empty row: a document with nothing in it
+    want = {"pad": _joined_token_by_token(list(enumerate(docs)), 8, None, 0, "pad"),
+            "pack": _joined_token_by_token(list(enumerate(docs)), 8, None, 0, "pack")}
+    read = lambda path, packing: sequences_of(inputs.open_source(  # noqa: E731
+        str(path), seq_len=8, packing=packing, max_tokens=None))
+    for dtype in ("int32", "int64", "uint16"):
+        features = datasets.Features({"input_ids": datasets.List(datasets.Value(dtype))})
+        datasets.Dataset.from_dict({"input_ids": docs}, features=features).save_to_disk(tmp_path / dtype)
+        for packing in ("pad", "pack"):
+            ids, mask, source = read(tmp_path / dtype, packing)  # no tokenizer: no EOS between documents
+            assert ids == [w[0] for w in want[packing]] and source == [list(w[2]) for w in want[packing]]
+            assert mask == (None if packing == "pack" else [w[1] for w in want[packing]])
+    # fixed-length rows (a fixed-size list in Arrow), of only the rows a select kept, in its order
+    fixed = datasets.Dataset.from_dict({"input_ids": [[r, r + 1, r + 2] for r in range(1200)]},
+                                       features=datasets.Features({"input_ids": datasets.List(
+                                           datasets.Value("int64"), length=3)}))
+    fixed.select(range(1199, 0, -2)).save_to_disk(tmp_path / "fixed")
+    ids, _, source = read(tmp_path / "fixed", "pad")
+    assert ids == [[r, r + 1, r + 2, 0, 0, 0, 0, 0] for r in range(1199, 0, -2)]
+    assert source == [[row, 0] for row in range(600)]  # the saved dataset's rows
+    # values that are not token ids
+    bad = {"float": ({"input_ids": [[1.5, 2.0]]}, r"has an 'input_ids' column of list<item: double>; "
+                                                    r"expected lists of integer token ids"),
+           "null_row": ({"input_ids": [[1, 2]] * 1001 + [None]},
+                        r"data: row 1001 of the dataset .* has no input_ids \(null\); expected a list"),
+           "null_id": ({"input_ids": [[1], [2, None]]}, r"has a null token id in its 'input_ids' \(rows 0 to 1\)"),
+           "huge": ({"input_ids": [[2 ** 63]]}, r"has a token id of 9223372036854775808 in its 'input_ids'")}
+    for name, (data, match) in bad.items():
+        if name == "huge":  # (datasets' own conversion of Python ints stops at int64)
+            import pyarrow as pa
+            ds = datasets.Dataset(pa.table({"input_ids": pa.array(data["input_ids"], pa.list_(pa.uint64()))}))
+        else:
+            ds = datasets.Dataset.from_dict(data)
+        ds.save_to_disk(tmp_path / name)
+        with pytest.raises(ValueError, match=match):
+            read(tmp_path / name, "pad")
+
+
 def test_a_dataset_pickles_without_the_rows_it_has_read(tmp_path):
     """DataLoader workers started by spawn or forkserver (macOS's default, Linux's from Python 3.14, and
     what a parent that has initialized CUDA must use) get the dataset pickled: that must not carry a copy

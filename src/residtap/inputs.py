@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ CONTENT_KEYS = frozenset({"bytes", "sha256_head_tail", "sha256", "shape", "dtype
                           "dataset_fingerprint"})
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
+_CHUNK_DOCS = 1000  # documents tokenized, or dataset rows read, at a time
 
 
 @dataclasses.dataclass
@@ -350,19 +352,28 @@ class DocumentSource(Source):
         """(document index, text) in order; the index is what ``source`` records."""
         raise NotImplementedError
 
-    def _documents(self) -> Iterator[tuple[int, list[int]]]:
-        """(document index, token ids), tokenizing texts a thousand at a time (fast tokenizers batch)."""
+    def _id_chunks(self) -> Iterator[tuple[list[int], list]]:
+        """(document indices, their token id lists), a thousand documents at a time (fast tokenizers
+        batch)."""
         self._need_tokenizer()
         chunk: list[str] = []
         where: list[int] = []
         for i, text in self._texts():
             chunk.append(text)
             where.append(i)
-            if len(chunk) == 1000:
-                yield from zip(where, self.tokenizer(chunk)["input_ids"])
+            if len(chunk) == _CHUNK_DOCS:
+                yield where, self.tokenizer(chunk)["input_ids"]
                 chunk, where = [], []
         if chunk:
-            yield from zip(where, self.tokenizer(chunk)["input_ids"])
+            yield where, self.tokenizer(chunk)["input_ids"]
+
+    def _flat_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(document indices, token counts, the tokens end to end), int64 arrays, for up to a thousand
+        documents at a time: what packing and padding read, without a Python object per token."""
+        for where, ids in self._id_chunks():
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+            yield np.asarray(where, dtype=np.int64), lengths, flat
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         """(0-based line number, line without its "\\n" or "\\r\\n") of a UTF-8 file (a byte-order mark at
@@ -383,33 +394,67 @@ class DocumentSource(Source):
 
     def _sequences(self):
         t = self.seq_len
-        if self.packing == "pad":
-            for doc_i, doc in self._documents():
-                doc = np.asarray(doc, dtype=np.int64)
-                for off in range(0, len(doc), t):
-                    piece = doc[off:off + t]
+        if self.packing == "pack":
+            yield from pack_documents(self._flat_chunks(), t, self.eos)
+            return
+        for docs, lengths, flat in self._flat_chunks():
+            ends = np.cumsum(lengths)
+            for doc_i, start, end in zip(docs.tolist(), (ends - lengths).tolist(), ends.tolist()):
+                for off in range(0, end - start, t):
+                    piece = flat[start + off:min(end, start + off + t)]
                     ids = np.full(t, self.pad, dtype=np.int64)
                     ids[:len(piece)] = piece
                     mask = np.zeros(t, dtype=bool)
                     mask[:len(piece)] = True
                     yield ids, mask, (doc_i, off)
-            return
-        # pack: a running buffer of tokens with, for each, its (document, offset)
-        buf = np.empty(0, dtype=np.int64)
-        where = np.empty((0, 2), dtype=np.int64)
-        for doc_i, doc in self._documents():
-            doc = list(doc)
-            if not doc:  # an empty text: nothing, as in "pad" (not a lone separator); doc_i still counts it
-                continue
-            if self.eos is not None and doc[-1] != self.eos:
-                doc.append(self.eos)
-            buf = np.concatenate([buf, np.asarray(doc, dtype=np.int64)])
-            where = np.concatenate([where, np.stack([np.full(len(doc), doc_i, dtype=np.int64),
-                                                     np.arange(len(doc), dtype=np.int64)], 1)])
-            n_full = len(buf) // t
-            for k in range(n_full):
-                yield buf[k * t:(k + 1) * t], None, tuple(int(v) for v in where[k * t])
-            buf, where = buf[n_full * t:], where[n_full * t:]
+
+
+def pack_documents(chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int,
+                   eos: int | None) -> Iterator[tuple[np.ndarray, None, tuple[int, int]]]:
+    """Documents joined (``eos`` after each one that does not already end with it; an empty one adds
+    nothing, not even a separator) and cut into ``seq_len`` tokens, the incomplete tail dropped: yields
+    (sequence, None, (document, offset in that document of the sequence's first token)) in order.
+    ``chunks``: (document indices, token counts, the tokens end to end) as ``_flat_chunks`` gives them.
+
+    The same sequences and sources as joining the documents one token at a time, computed per chunk
+    with array operations: Python once per sequence, not once per document and token (this thread
+    shares the GIL with the forwards', and under torchrun every rank reads the whole input)."""
+    t = seq_len
+    empty = np.empty(0, dtype=np.int64)
+    # The tokens after the last whole sequence, and the documents they come from, as pieces: the
+    # document, where its piece starts in `carry`, and the offset in the document of that start.
+    carry, c_doc, c_at, c_off = empty, empty, empty, empty
+    for docs, lengths, flat in chunks:
+        if not lengths.all():
+            docs, lengths = docs[lengths > 0], lengths[lengths > 0]
+        if not len(docs):
+            continue
+        ends = np.cumsum(lengths)
+        if eos is not None:
+            needs = flat[ends - 1] != eos
+            if needs.any():  # before each index given: after that document's last token
+                flat = np.insert(flat, ends[needs], eos)
+                lengths = lengths + needs
+                ends = np.cumsum(lengths)
+        stream = np.concatenate([carry, flat])
+        p_doc = np.concatenate([c_doc, docs])
+        p_at = np.concatenate([c_at, ends - lengths + len(carry)])
+        p_off = np.concatenate([c_off, np.zeros(len(docs), dtype=np.int64)])
+        n = len(stream) // t
+        firsts = np.arange(n, dtype=np.int64) * t
+        piece = np.searchsorted(p_at, firsts, side="right") - 1  # the piece each sequence starts in
+        src_doc, src_off = p_doc[piece].tolist(), (p_off[piece] + firsts - p_at[piece]).tolist()
+        for k in range(n):
+            yield stream[k * t:(k + 1) * t], None, (src_doc[k], src_off[k])
+        done = n * t
+        carry = stream[done:].copy()  # not a view: it would keep the whole chunk alive
+        if len(carry):
+            k = int(np.searchsorted(p_at, done, side="right")) - 1
+            c_doc, c_at, c_off = p_doc[k:], p_at[k:] - done, p_off[k:].copy()
+            c_off[0] += done - p_at[k]
+            c_at[0] = 0
+        else:
+            c_doc = c_at = c_off = empty
 
 
 class TextSource(DocumentSource):
@@ -511,15 +556,38 @@ class DatasetSource(DocumentSource):
                 yield row, text
                 row += 1
 
-    def _documents(self):
+    def _flat_chunks(self):
+        """A text column through the tokenizer; an ``input_ids`` column as Arrow holds it, a thousand
+        rows at a time, without a Python object per token."""
         if self.column != "input_ids":
-            yield from super()._documents()
+            yield from super()._flat_chunks()
             return
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         row = 0
-        for batch in self.ds.iter(batch_size=1000):
-            for ids in batch["input_ids"]:
-                yield row, ids
-                row += 1
+        for table in self.ds.with_format("arrow").iter(batch_size=_CHUNK_DOCS):
+            col = table.column("input_ids").combine_chunks()
+            kind = col.type
+            lists = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            if not lists or not pa.types.is_integer(kind.value_type):
+                raise ValueError(f"data: the dataset {self.path!r} has an 'input_ids' column of {kind}; "
+                                 "expected lists of integer token ids")
+            if col.null_count:
+                first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+                raise ValueError(f"data: row {row + first} of the dataset {self.path!r} has no input_ids "
+                                 "(null); expected a list of token ids")
+            values = pc.list_flatten(col)
+            if values.null_count:
+                raise ValueError(f"data: the dataset {self.path!r} has a null token id in its 'input_ids' "
+                                 f"(rows {row} to {row + len(col) - 1}); expected integer token ids")
+            flat = values.to_numpy()
+            if flat.dtype == np.uint64 and len(flat) and flat.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"data: the dataset {self.path!r} has a token id of {int(flat.max())} in its "
+                                 f"'input_ids' (rows {row} to {row + len(col) - 1}), past int64")
+            lengths = pc.list_value_length(col).to_numpy().astype(np.int64)
+            yield np.arange(row, row + len(col), dtype=np.int64), lengths, flat.astype(np.int64)
+            row += len(col)
 
 
 _KIND_NAMES = {"array": "token ids", "npy": "token ids (.npy)", "text": "plain text, a document a line",
