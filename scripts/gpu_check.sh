@@ -24,7 +24,8 @@
 #            sanitizers, extraction's tests and benchmarks (all layers; one layer: forward-bound, also
 #            with 8 batches a shard and from text; 64 batches to RAM: the steady state), the family
 #            tests, bench_capture on the XL size (bfloat16), ncu, then the XL size in float32 (the rest
-#            took 6 minutes in the third lease) and the host side of extraction alone (--host-only);
+#            took 6 minutes in the third lease), the host side of extraction alone (--host-only) and
+#            the input reader (bench_inputs);
 #            whatever the budget cannot reach is reported as skipped, and the JSON rows come back as
 #            one archive, results-json.tar.gz (a device call returns 8 files)
 #
@@ -156,6 +157,8 @@ if [ "$PART" = lease ]; then
         --out "$OUT/xl32"
     # then the host side alone, with its 'busy' row: what extraction's threads lose to the GIL there
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
+    # and the input reader on that host's cores (jsonl through a tokenizer; a dataset where installed)
+    step bench-inputs 60 python3 benchmarks/bench_inputs.py --out "$OUT"
     finish
 fi
 if [ "$PART" = profile ]; then
@@ -189,6 +192,7 @@ if [ "$PART" = extract ] || [ "$PART" = all ]; then
     # the host side alone (no GPU): raw write vs serial vs split vs split with extract's default
     # publisher count (twice the writers on that host's 16 cores), on the GPU host's cores
     step bench-extract-host 60 python3 benchmarks/bench_extract.py --host-only --writers 4 --out "$OUT"
+    step bench-inputs 60 python3 benchmarks/bench_inputs.py --out "$OUT"
 fi
 if [ "$PART" != extract ]; then  # last, in whatever time is left: every model family on the GPU
     step family-tests 120 python3 -m pytest -q --maxfail=10 -p no:cacheprovider \
