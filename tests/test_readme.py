@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
 import numpy as np
+import pytest
 import torch
 
 import residtap
@@ -49,5 +51,41 @@ def test_the_extraction_example_runs(extension, tmp_path, monkeypatch):
     assert [b.shape for b in ns["loader"]] == [(12 * 16, 64)]  # from whichever worker holds them
 
 
+def test_the_pretokenizing_example_gives_the_jsonl_files_shards(tmp_path, monkeypatch):
+    """What the README promises of its pre-tokenized dataset: extraction from it writes the very shards
+    (bytes, tokens and sources) that extraction from the JSONL file through the tokenizer writes, packed
+    and padded, with blank lines, CRLF line ends, empty texts and other fields in the file."""
+    datasets = pytest.importorskip("datasets")  # optional: pip install 'residtap[data]'
+    from test_extract import tokenizer_dir
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))
+    rng = np.random.default_rng(0)
+    with open("corpus.jsonl", "w", newline="") as f:
+        for i in range(300):
+            text = " ".join(f"w{v}" for v in rng.integers(0, 90, int(rng.integers(0, 40))))
+            f.write(json.dumps({"n": i, "text": text}) + ("\r\n" if i % 7 == 0 else "\n"))
+            if i % 11 == 0:
+                f.write("\n")
+    ns = {"tok": tok}
+    exec(compile(_block("save_to_disk("), "README.md (pre-tokenizing)", "exec"), ns)
+    model = tiny_gpt2(n_layer=2)
+    for packing in ("pack", "pad"):
+        manifests = []
+        for data in ("corpus.jsonl", "corpus-ids/"):
+            out = f"acts-{packing}-{data.strip('/')}"
+            residtap.extract(model, data, out, seq_len=16, batch_size=4, packing=packing, tokenizer=tok,
+                             shard_size="4KiB", progress=False)
+            manifests.append(json.loads(pathlib.Path(out, "manifest.json").read_text()))
+        text, ids = manifests
+        assert text["settings"]["data"]["kind"] == "jsonl" and ids["settings"]["data"]["kind"] == "hf_dataset"
+        assert len(text["shards"]) > 5, packing
+        for m in manifests:
+            del m["settings"]["data"]
+        assert text == ids, packing
+
+
 def test_every_python_example_is_run_here():
-    assert len(BLOCKS) == 2, "README.md has a new Python example: run it in tests/test_readme.py"
+    assert len(BLOCKS) == 3, "README.md has a new Python example: run it in tests/test_readme.py"
