@@ -18,8 +18,9 @@ rank's reader has to keep ahead of all N GPUs together. For each kind, measured 
 
 Kinds: jsonl (random words through a BPE tokenizer trained here: no hub; bench_extract's --text
 corpus), dataset (a dataset saved with save_to_disk whose input_ids column holds one document per
-row; skipped, with a note, when the datasets package is missing), npy (a 1-D token stream). Each
-arm --repeats times (default 3), arms in a fresh random order each time, medians.
+row, each joined to the next by an EOS the reader adds; skipped, with a note, when the datasets
+package is missing), npy (a 1-D token stream). Each arm --repeats times (default 3), arms in a fresh
+random order each time, medians.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def _drain(source, seqs_per_block, wanted) -> int:
     return n
 
 
+class _EosOnly:
+    """What reading a dataset's input_ids asks of a tokenizer: its EOS id (none of it tokenizes)."""
+
+    eos_token_id = 0
+    pad_token_id = None
+
+
 def make_dataset(directory: str, n_tokens: int, vocab: int, seed: int = 0) -> str | None:
     try:
         import datasets
@@ -54,10 +62,9 @@ def make_dataset(directory: str, n_tokens: int, vocab: int, seed: int = 0) -> st
         return None
     datasets.disable_progress_bars()
     rng = np.random.default_rng(seed)
-    lens = []
-    while sum(lens) < n_tokens:
-        lens.append(int(rng.integers(50, 1000)))
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ends = np.cumsum(rng.integers(50, 1000, n_tokens // 50 + 1))  # documents of 50 to 999 tokens
+    ends = ends[:int(np.searchsorted(ends, n_tokens)) + 1]  # up to the first that reaches n_tokens
+    offsets = np.concatenate([[0], ends]).astype(np.int32)
     ids = rng.integers(1, vocab, int(offsets[-1]), dtype=np.int32)
     column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
     path = os.path.join(directory, "dataset")
@@ -131,7 +138,8 @@ def main() -> int:
             if kind == "jsonl":
                 path, tokenizer, _, _ = text_input(d, n_seqs, seq, 8000)
             elif kind == "dataset":
-                path = make_dataset(d, n_seqs * seq, 50000)
+                path = make_dataset(d, n_seqs * seq, 50000)  # ids from 1: the reader adds EOS 0 after each
+                tokenizer = _EosOnly()
                 if path is None:
                     notes.append("dataset: skipped (the datasets package is missing: pip install datasets)")
                     continue
