@@ -62,7 +62,8 @@ bw_frac_<t> = raw_s / extract_s = the fraction of the raw write bandwidth the pi
 >= 0.90 when the disk is the bound). ``bound_<t>`` says which limit applied: "forward" when the raw
 write of the bytes takes less time than the forward, else "write". ``waits_<t>`` is where the
 pipeline's threads spent their time (seconds): the main thread on the model ("model": in the forward,
-launching it and waiting for the GPU, and at extract's throttle before it) or blocked
+launching it and waiting for the GPU, and at extract's throttle before it), blocked for
+the next block of input ("input": the reader, reading and tokenizing, is behind; --text) or blocked
 for a free host buffer ("disk"); the writers blocked on device-to-host copies ("d2h") or writing
 ("write", summed over writers); the publishers hashing and renaming written shards ("hash", summed).
 

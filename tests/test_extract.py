@@ -376,6 +376,32 @@ def test_documents_are_tokenized_ahead_on_their_own_thread(tmp_path, monkeypatch
     assert not any(t.name == "residtap-reader" for t in threading.enumerate())
 
 
+def test_the_wait_for_input_is_counted_and_shown(tmp_path, monkeypatch, capsys):
+    """The main thread's time blocked on the reader (reading, tokenizing: a text input under torchrun,
+    where every rank reads the whole input, say) is its own wait, "input", in the result and in the
+    progress bar: a reader that takes 0.3 s per block makes the main thread wait at least that for the
+    first (it starts waiting as the reader starts), and a fast one leaves it near zero."""
+    path, _ = ids_file(tmp_path, 8 * 12)
+    fast = residtap.extract(tiny_gpt2(), path, tmp_path / "fast", seq_len=8, batch_size=2,
+                            shard_size="2KiB", progress=False)
+    blocks = inputs.NpySource.blocks
+
+    def slow(self, *a, **k):
+        for item in blocks(self, *a, **k):
+            time.sleep(0.3)
+            yield item
+
+    monkeypatch.setattr(inputs.NpySource, "blocks", slow)
+    res = residtap.extract(tiny_gpt2(), path, tmp_path / "slow", seq_len=8, batch_size=2,
+                           shard_size="2KiB", progress=True)
+    assert res.n_shards == fast.n_shards > 2
+    assert set(res.waits) == set(fast.waits) == {"model", "input", "disk", "d2h", "write", "hash"}
+    assert 0.3 <= res.waits["input"] <= res.seconds, res.waits
+    assert fast.waits["input"] < 0.3 * fast.seconds + 0.1, fast.waits  # generous: a loaded CI machine
+    shown = re.findall(r"input (\d+)%", capsys.readouterr().err)
+    assert shown and int(shown[-1]) >= 100 * 0.3 / res.seconds - 1, shown
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("latin1.txt", "w1 caf\xe9\n".encode("latin-1"), r"data: .*latin1.txt' is not UTF-8 text \(after line 1"),
     ("null.jsonl", b'{"text": null}\n',

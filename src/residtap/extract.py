@@ -108,7 +108,7 @@ class ExtractResult:
     n_rows: int  # captured rows written by this call
     bytes_written: int
     seconds: float  # from the first forward to the last shard durable
-    waits: dict  # seconds, by what on: "model", "disk", "d2h", "write", "hash" (see _Waits)
+    waits: dict  # seconds, by what on: "model", "input", "disk", "d2h", "write", "hash" (see _Waits)
     manifest: dict
     writers: int = 0  # writer threads this call ran (fewer than asked where host_memory is short)
     publishers: int = 0  # publisher threads (hash, rename, record) this call ran
@@ -200,13 +200,14 @@ def load_tokenizer(path: str):
 # ------------------------------------------------------------------------------------------ pipeline
 class _Waits:
     """Seconds spent, by what on: the main thread on the model ("model": in its forward, and on CUDA
-    waiting for the GPU before queueing the next one) or blocked for a free host buffer ("disk": the
-    writers are behind); the writer threads blocked on a device-to-host copy ("d2h") or busy writing
-    ("write", summed); the publisher threads busy hashing and renaming written shards ("hash",
-    summed). What the main thread spent on neither is extract's own work between forwards."""
+    waiting for the GPU before queueing the next one), blocked for the next block of input ("input":
+    the reader thread, reading and tokenizing, is behind) or blocked for a free host buffer ("disk":
+    the writers are behind); the writer threads blocked on a device-to-host copy ("d2h") or busy
+    writing ("write", summed); the publisher threads busy hashing and renaming written shards ("hash",
+    summed). What the main thread spent on none of these is extract's own work between forwards."""
 
     def __init__(self):
-        self.t = {"model": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0, "hash": 0.0}
+        self.t = {"model": 0.0, "input": 0.0, "disk": 0.0, "d2h": 0.0, "write": 0.0, "hash": 0.0}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -347,7 +348,8 @@ class _Manifest:
 
 def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int, n_publishers: int) -> str:
     e = max(elapsed, 1e-9)
-    return (f"wait {label} {100 * waits['model'] / e:.0f}% disk {100 * waits['disk'] / e:.0f}% "
+    return (f"wait {label} {100 * waits['model'] / e:.0f}% input {100 * waits['input'] / e:.0f}% "
+            f"disk {100 * waits['disk'] / e:.0f}% "
             f"d2h {100 * waits['d2h'] / (e * n_writers):.0f}% | writers busy "
             f"{100 * waits['write'] / (e * n_writers):.0f}% publishers hashing "
             f"{100 * waits['hash'] / (e * n_publishers):.0f}%")
@@ -1286,8 +1288,11 @@ class _Run:
         try:
             with reader, torch.inference_mode(), (torch.cuda.device(self.device) if self.cuda
                                                   else contextlib.nullcontext()):
-                for item in reader:
-                    if self.errors:
+                items = iter(reader)
+                while True:
+                    with self.waits.on("input"):  # the reader (reading, tokenizing) is behind
+                        item = next(items, None)
+                    if item is None or self.errors:
                         break
                     self._stop_if_asked()
                     if isinstance(item, _inputs.Skipped):
