@@ -35,9 +35,18 @@ tokenize_s is that work alone, done once beforehand.
 --copies-at return,next-forward measures extraction both ways of queueing each batch's device-to-host
 copies (residtap.extract's _Run.copies_at, an experiment): as each forward returns (the default,
 "return") and once the next forward has launched its first block, past GPT-2's in-forward sync
-("next-forward"). Extractions of the ways alternate; the first way gives the fields above, each other
-way <v> (its name with _ for -) extract_<t>_<v>_s, x_forward_<t>_<v>, x_<v>_vs_first_<t> (its median
-time over the first way's), waits_<t>_<v>, x_forward_marginal_<t>_<v> and timeline_<t>_<v>.
+("next-forward").
+--mask-sync model,async measures extraction both ways of running transformers' packed-sequence check
+in its forwards (residtap.extract's _Run.mask_sync, an experiment): as the model does, reading a flag
+back to the host (the in-forward sync; the default, "model"), and on the device without that read
+("async"); with "async" also the plain forward that way (forward_async_s, x_forward_async_vs_model,
+timeline_forward_async): what the sync itself costs a forward.
+The ways measured are every --copies-at with every --mask-sync. Extractions of the ways alternate;
+the first way gives the fields above, each other way <v> (its --copies-at value, unless "return", and
+its --mask-sync value, unless "model", joined with _, and _ for -; "return" if neither; printed
+with + between them) gives
+extract_<t>_<v>_s, x_forward_<t>_<v>, x_<v>_vs_first_<t> (its median time over the first way's),
+waits_<t>_<v>, x_forward_marginal_<t>_<v> and timeline_<t>_<v>.
 
 How many shards a run needs: each shard is hashed (sha256) by one publisher thread, so a run of N
 shards with W writers and P publishers takes about max(N h / P, N w / W) + h + w, where h and w are one
@@ -126,15 +135,17 @@ SMOKE = {"tiny": ("gpt2-small", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=
                   torch.float32, 2, 32, 16)}
 
 
-def time_forward(model, ids: torch.Tensor, batch: int, device) -> float:
+def time_forward(model, ids: torch.Tensor, batch: int, device, mask_sync: str = "model") -> float:
     """The bare model over all batches of ``ids`` (pinned where the device is a GPU, as extraction's
     inputs are: a pageable copy would put a gap before each batch), in seconds. On a GPU the host
-    keeps at most two forwards queued, as extraction's main loop does."""
+    keeps at most two forwards queued, as extraction's main loop does. ``mask_sync`` "async": with
+    transformers' packed-sequence check on the device, as extraction's _Run.mask_sync "async" runs it."""
     base = model.base_model
     cuda = device.type == "cuda"
     if cuda and not ids.is_pinned():
         ids = ids.pin_memory()
-    with torch.inference_mode():
+    on_device = sys.modules["residtap.extract"]._mask_check_on_device(mask_sync == "async")
+    with torch.inference_mode(), on_device:
         x = ids[:batch].to(device)
         base(input_ids=x, use_cache=False)  # warm-up
         sync(device)
@@ -373,12 +384,13 @@ def text_input(directory: str, n_seqs: int, seq: int, vocab: int, seed: int = 0)
 
 
 def run_extract(model, data: dict, directory, batch, writers, publishers, shard_size, host_memory, device,
-                layers, copies_at="return"):
+                layers, way=("return", "model")):
     """residtap.extract of ``data`` (extract's keyword arguments for the input: data=, and for --text
-    tokenizer=, seq_len=, max_tokens=), queueing its copies at ``copies_at`` (see --copies-at)."""
+    tokenizer=, seq_len=, max_tokens=), its way (copies_at, mask_sync): see --copies-at, --mask-sync."""
     run = sys.modules["residtap.extract"]._Run  # the module: residtap.extract is the function
     out = tempfile.mkdtemp(prefix="residtap-bench-", dir=directory)
-    was, run.copies_at = run.copies_at, copies_at
+    was = run.copies_at, run.mask_sync
+    run.copies_at, run.mask_sync = way
     try:
         res = residtap.extract(model, out=out, layers=layers, batch_size=batch, writers=writers,
                                publishers=publishers, shard_size=shard_size, host_memory=host_memory,
@@ -386,7 +398,7 @@ def run_extract(model, data: dict, directory, batch, writers, publishers, shard_
         sync(device)
         return res
     finally:
-        run.copies_at = was
+        run.copies_at, run.mask_sync = was
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -414,6 +426,9 @@ def main() -> int:
     p.add_argument("--copies-at", default="return",
                    help="comma list of return, next-forward: when extraction queues each batch's copies "
                         "to the host (default return; more than one: measured side by side)")
+    p.add_argument("--mask-sync", default="model",
+                   help="comma list of model, async: how transformers' packed-sequence check runs in "
+                        "extraction's forwards (default model; more than one: measured side by side)")
     p.add_argument("--layers", default=None,
                    help="comma list of residual indices to extract (default all): fewer for a "
                         "forward-bound run")
@@ -427,11 +442,17 @@ def main() -> int:
     targets = [t for t in args.targets.split(",") if t]
     if not targets or any(t not in dirs for t in targets):
         p.error(f"--targets: expected a comma list of ram, disk, got {args.targets!r}")
-    ways = [w for w in args.copies_at.split(",") if w]
-    if not ways or any(w not in ("return", "next-forward") for w in ways) or len(set(ways)) < len(ways):
+    copies = [w for w in args.copies_at.split(",") if w]
+    if not copies or any(w not in ("return", "next-forward") for w in copies) or len(set(copies)) < len(copies):
         p.error(f"--copies-at: expected a comma list of return, next-forward, each once, got {args.copies_at!r}")
-    # each way's field-name suffix: none for the first, "_next_forward" for next-forward after it
-    suffix = {w: "" if i == 0 else "_" + w.replace("-", "_") for i, w in enumerate(ways)}
+    masks = [w for w in args.mask_sync.split(",") if w]
+    if not masks or any(w not in ("model", "async") for w in masks) or len(set(masks)) < len(masks):
+        p.error(f"--mask-sync: expected a comma list of model, async, each once, got {args.mask_sync!r}")
+    ways = [(c, m) for c in copies for m in masks]  # (copies_at, mask_sync); the first: both lists' first
+    # each way's name, and its field-name suffix: none for the first, e.g. "_next_forward" or "_async"
+    label = {w: "+".join(x for x in (w[0] if w[0] != "return" else "", w[1] if w[1] != "model" else "")
+                         if x) or w[0] for w in ways}
+    suffix = {w: "" if i == 0 else "_" + label[w].replace("-", "_").replace("+", "_") for i, w in enumerate(ways)}
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
         suspect = []
@@ -486,6 +507,12 @@ def main() -> int:
             return statistics.median(time_forward(model, ids[:n_rows], batch, device) for _ in range(repeats))
 
         fwd_s = fwd(len(ids))
+        if "async" in masks:  # the plain forward without its sync, alternating with it
+            by_mask = {"model": [], "async": []}
+            for k in range(repeats):
+                for m in (("model", "async") if k % 2 == 0 else ("async", "model")):
+                    by_mask[m].append(time_forward(model, ids, batch, device, m))
+            fwd_async = {m: statistics.median(v) for m, v in by_mask.items()}
         try:  # a probe beside the measurements: it must not cost them
             behind = sync_behind_copy(batch_bytes, device)  # one batch's copies, as one
         except Exception as e:
@@ -498,6 +525,9 @@ def main() -> int:
              "layer_ids": layers if layers else "all", "batches": n_batches, "writers_asked": writers,
              "shard_bytes": shard, "host_memory": host_memory, "repeats": repeats, "forward_s": fwd_s,
              "input": "ids" if text_dir is None else "jsonl", **({"sync_behind_copy": behind} if behind else {})}
+        if "async" in masks:
+            r["forward_async_s"] = fwd_async["async"]
+            r["x_forward_async_vs_model"] = fwd_async["async"] / fwd_async["model"]
         if text_dir is not None:  # reading and tokenizing the corpus alone, on one call: what could add
             r["tokenize_s"] = tokenize_s
         for tag, d in ((t, dirs[t]) for t in targets):
@@ -559,6 +589,10 @@ def main() -> int:
             with ForwardTimeline(base, base.h) as tl:
                 time_forward(model, ids, batch, device)
             r["timeline_forward"] = tl.summary()
+            if "async" in masks:
+                with ForwardTimeline(base, base.h) as tl:
+                    time_forward(model, ids, batch, device, "async")
+                r["timeline_forward_async"] = tl.summary()
             for w in ways:
                 with ForwardTimeline(base, base.h) as tl:
                     run_extract(model, data(len(ids)), dirs[measured[0]], batch, writers, args.publishers, shard,
@@ -594,9 +628,9 @@ def main() -> int:
                 if f"x_forward_{v}" not in r:
                     continue
                 marginal = r.get(f"x_forward_marginal_{v}")
-                print(f"{r['model']} {tag}: copies queued at {w}: x_forward {r[f'x_forward_{v}']:.3f}"
+                print(f"{r['model']} {tag}: way {label[w]}: x_forward {r[f'x_forward_{v}']:.3f}"
                       + ("" if marginal is None else f", x_forward_marginal {marginal:.3f}")
-                      + f", {r[f'x{suffix[w]}_vs_first_{tag}']:.3f}x the time of {ways[0]}; waits {r[f'waits_{v}']}")
+                      + f", {r[f'x{suffix[w]}_vs_first_{tag}']:.3f}x the time of {label[ways[0]]}; waits {r[f'waits_{v}']}")
     for s in suspect:
         print(f"SUSPECT: {s}")
     print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")

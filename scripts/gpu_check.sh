@@ -91,9 +91,10 @@ bench_extract_steps() {  # bench_extract_steps LIMIT_S (of the first, all-layer 
     # one residual: few enough bytes per forward for the output to keep up (the <= 1.05x target);
     # each batch's copies queued as its forward returns and, side by side, once the next forward has
     # launched its first block, after GPT-2's in-forward sync (does that sync's read-back wait behind
-    # the copy?)
+    # the copy?); and each of those with transformers' packed-sequence check on the device, without
+    # that sync (--mask-sync async: does the host falling behind the GPU at each sync explain the rest?)
     step bench-extract-keepup 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \
-        --batches 24 --marginal --copies-at return,next-forward --out "$OUT/keepup"
+        --batches 24 --marginal --copies-at return,next-forward --mask-sync model,async --out "$OUT/keepup"
     # the same with 8 batches per shard rather than one: what of that overhead is per shard (the
     # writers' and publishers' Python, which holds the GIL the forwards need) and what per batch
     step bench-extract-keepup-shards 60 python3 benchmarks/bench_extract.py --models gpt2-small --layers 6 \

@@ -194,3 +194,43 @@ def test_extract_ways_of_queueing_copies_alternate_and_each_gets_its_fields(tmp_
                 "timeline_ram_next_forward", "waits_ram_next_forward"):
         assert key in row, key
     assert row["x_next_forward_vs_first_ram"] == row["extract_ram_next_forward_s"] / row["extract_ram_s"]
+
+
+def test_extract_ways_of_the_mask_check_cross_the_copies_ways_and_each_gets_its_fields(tmp_path, monkeypatch):
+    """bench_extract --copies-at next-forward,return --mask-sync async,model: every pairing is a way
+    (residtap.extract's _Run.copies_at and .mask_sync, both put back after), the first pairing gives the
+    plain fields and each other its own suffix, even where neither of its values is a default; the plain
+    forward is timed both ways of the mask check, alternating."""
+    import bench_extract
+
+    run = sys.modules["residtap.extract"]._Run
+    real, ways, forwards = bench_extract.residtap.extract, [], []
+    real_forward = bench_extract.time_forward
+
+    def extract(*args, **kwargs):
+        ways.append((run.copies_at, run.mask_sync, len(kwargs["data"])))
+        return real(*args, **kwargs)
+
+    def time_forward(model, ids, batch, device, mask_sync="model"):
+        forwards.append(mask_sync)
+        return real_forward(model, ids, batch, device, mask_sync)
+
+    monkeypatch.setattr(bench_extract.residtap, "extract", extract)
+    monkeypatch.setattr(bench_extract, "time_forward", time_forward)
+    monkeypatch.setattr(sys, "argv", ["bench_extract.py", "--smoke", "--layers", "1", "--targets", "ram",
+                                      "--ram-dir", str(tmp_path), "--batches", "4", "--repeats", "2",
+                                      "--copies-at", "next-forward,return", "--mask-sync", "async,model",
+                                      "--out", str(tmp_path / "out")])
+    assert bench_extract.main() == 0
+    assert (run.copies_at, run.mask_sync) == ("return", "model")
+    order = [("next-forward", "async"), ("next-forward", "model"), ("return", "async"), ("return", "model")]
+    assert ways == ([("return", "model", 4)] + [w + (8,) for w in order + order[::-1]]
+                    + [w + (8,) for w in order])  # warm-up; two repeats, alternating; the timelines
+    assert forwards == ["model"] * 2 + ["model", "async", "async", "model"] + ["model", "async"]
+    (row,) = json.load(open(next((tmp_path / "out").glob("bench_extract-*.json"))))
+    for v in ("", "_next_forward", "_async", "_return"):
+        for key in (f"extract_ram{v}_s", f"x_forward_ram{v}", f"waits_ram{v}", f"timeline_ram{v}"):
+            assert key in row, key
+    for v in ("next_forward", "async", "return"):
+        assert row[f"x_{v}_vs_first_ram"] == row[f"extract_ram_{v}_s"] / row["extract_ram_s"]
+    assert row["x_forward_async_vs_model"] > 0 and "timeline_forward_async" in row

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import residtap
-from helpers import DeferredStreams, assert_same_dirs, ids_file, shard_files, tiny_gpt2
+from helpers import DeferredStreams, assert_same_dirs, ids_file, ids_for, shard_files, tiny_gpt2
 from residtap import inputs, store
 from residtap.cli import main as cli_main
 
@@ -604,6 +604,99 @@ def test_next_forward_queues_each_batchs_copies_once_the_next_forward_launched_i
     assert_same_dirs(tmp_path / "at-return", tmp_path / "next-forward")
 
 
+class HostReads:
+    """Counts the reads of a tensor's value by the host (bool(), item(), ...: what is a sync on a GPU)
+    while inside, by the function that made each."""
+
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+
+    def __enter__(self):
+        self.where = collections.Counter()
+        self._was = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def counting(name):
+            def read(t, *a, **k):
+                self.where[sys._getframe(1).f_code.co_name] += 1
+                return self._was[name](t, *a, **k)
+            return read
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, counting(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._was.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("packing", ["pack", "pad"])
+def test_mask_sync_async_takes_the_models_host_read_out_of_extracts_forwards_and_changes_no_byte(
+        tmp_path, monkeypatch, packing):
+    """_Run.mask_sync "async" (an experiment): transformers' packed-sequence check, a host read inside
+    every forward without an attention mask (a sync on a GPU), runs on the device in extract's forwards
+    of packed inputs, and the shards are byte for byte those of the model's own check; padded inputs,
+    which pass a mask, never made that check (theirs is another, in SDPA's is_causal choice). The check is
+    transformers' own again afterwards."""
+    import transformers.masking_utils as mu
+
+    ex = sys.modules["residtap.extract"]
+    original = mu.find_packed_sequence_indices
+    forwards = []
+    model = tiny_gpt2()
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in d)}) + "\n" for d in documents(40)))
+    from transformers import AutoTokenizer
+    kw = dict(seq_len=8, batch_size=3, layers=[0, 2], progress=False, shard_size="4KiB", packing=packing,
+              tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path)))
+    reads = {}
+    for way in ("model", "async"):
+        monkeypatch.setattr(ex._Run, "mask_sync", way)
+        forwards.clear()
+        hook = model.base_model.register_forward_pre_hook(lambda *_: forwards.append(1))  # (a cached model)
+        try:
+            with HostReads() as hr:
+                residtap.extract(model, str(path), tmp_path / way, **kw)
+        finally:
+            hook.remove()
+        reads[way] = dict(hr.where)
+        assert mu.find_packed_sequence_indices is original
+    n = len(forwards)
+    assert n > 5
+    if packing == "pack":  # no host read at all is left in the run (with transformers 5.17 to 5.24)
+        assert reads == {"model": {"find_packed_sequence_indices": n}, "async": {}}
+    else:  # a padded batch's mask is read back for SDPA's is_causal choice: another sync, not this one's
+        assert reads["model"] == reads["async"] and "find_packed_sequence_indices" not in reads["model"]
+    assert_same_dirs(tmp_path / "model", tmp_path / "async")
+
+
+def test_the_on_device_packed_check_is_the_models_elsewhere_and_stops_on_packed_positions():
+    """The stand-in for transformers' check returns None, as the original does for consecutive position
+    ids, only on a thread inside _mask_check_on_device; everywhere else (another thread, outside) the
+    original runs; position ids with a jump fail its assertion rather than get the wrong mask."""
+    import transformers.masking_utils as mu
+
+    ex = sys.modules["residtap.extract"]
+    original = mu.find_packed_sequence_indices
+    flat = torch.arange(6).repeat(2, 1)
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    assert original(flat) is None and original(packed).tolist() == [[0, 0, 0, 1, 1, 1], [0] * 6]
+    seen = {}
+    with ex._mask_check_on_device():
+        assert mu.find_packed_sequence_indices is not original
+        assert mu.find_packed_sequence_indices(flat) is None
+        with pytest.raises(RuntimeError, match="position ids are not consecutive"):
+            mu.find_packed_sequence_indices(packed)
+        t = threading.Thread(target=lambda: seen.update(other=mu.find_packed_sequence_indices(packed)))
+        t.start()
+        t.join()
+        with ex._mask_check_on_device(False):  # a no-op: still on
+            assert mu.find_packed_sequence_indices(flat) is None
+        with ex._mask_check_on_device():  # nested: still patched when the inner one leaves
+            pass
+        assert mu.find_packed_sequence_indices is not original
+    assert seen["other"].tolist() == [[0, 0, 0, 1, 1, 1], [0] * 6]
+    assert mu.find_packed_sequence_indices is original and original(packed) is not None
+
+
 def test_next_forward_copies_are_queued_all_the_same_where_no_first_block_runs(tmp_path, monkeypatch):
     """copies_at "next-forward" with its hook on a module no forward calls: each forward's copies
     are queued after the next forward returns instead, and the bytes are the same."""
@@ -886,6 +979,37 @@ def test_cuda_copies_and_forwards_made_slow_still_give_the_same_bytes(tmp_path, 
     finally:
         slow_forward.remove()
     assert_same_dirs(tmp_path / "in-order", tmp_path / "slow")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_makes_no_sync_with_the_packed_check_on_the_device(tmp_path, monkeypatch):
+    """On the GPU, GPT-2's forward without a mask synchronizes with it (transformers' packed-sequence
+    check; CUDA's sync debug mode raises there) and, with that check on the device (_Run.mask_sync
+    "async"), does not, with the same output bits; extraction then writes the same bytes."""
+    ex = sys.modules["residtap.extract"]
+    model = model_on("cuda")
+    base = model.base_model
+    ids = ids_for(model, 3, 16).cuda()
+    with torch.inference_mode():
+        want = base(input_ids=ids, use_cache=False).last_hidden_state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                base(input_ids=ids, use_cache=False)
+            with ex._mask_check_on_device():
+                got = base(input_ids=ids, use_cache=False).last_hidden_state
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    path, _ = ids_file(tmp_path, 8 * 31 + 3)
+    kw = dict(seq_len=8, batch_size=3, layers=[0, 2], outputs=("resid", "stats"), progress=False,
+              shard_size="8KiB")
+    for way in ("model", "async"):
+        monkeypatch.setattr(ex._Run, "mask_sync", way)
+        residtap.extract(model, path, tmp_path / way, **kw)
+    assert_same_dirs(tmp_path / "model", tmp_path / "async")
 
 
 def test_reader_array_and_shuffled_rows(tmp_path):

@@ -220,6 +220,76 @@ class _Waits:
                 self.t[what] += time.perf_counter() - t0
 
 
+# transformers' causal-mask code (5.17 to 5.24 at least), called with position ids, no attention mask
+# and no cache, as every forward extract makes of a packed input is, checks whether the position ids
+# hold several packed sequences (a jump other than +1) with a host read of a device flag: a sync
+# inside every forward, which keeps the host from queueing the next batch ahead of the GPU. The model
+# builds its position ids itself there (extract passes none): consecutive, so that check always finds
+# one sequence per row and returns None. The "async" way (_Run.mask_sync, an experiment) runs the same
+# check on the device without reading it back, as an asynchronous assertion that stops the run (a
+# device-side assert) should it ever fail, and returns that None: the same mask, the same bits.
+_PACKED_CHECK = threading.local()  # .on: this thread's forward is one of extract's, without a mask
+_PACKED_PATCH = {"depth": 0, "original": None}
+_PACKED_PATCH_LOCK = threading.Lock()
+
+
+def _packed_check_on_device(position_ids: torch.Tensor):
+    """Stands in for transformers.masking_utils.find_packed_sequence_indices while a run that asked for
+    it is on (the original, for every other caller and thread, and while compiling)."""
+    original = _PACKED_PATCH["original"]
+    if not getattr(_PACKED_CHECK, "on", False) or torch.compiler.is_compiling():
+        return original(position_ids)
+    steps = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    torch._assert_async((steps == 1).all(), "residtap extract (mask_sync='async'): the model's position ids "
+                        "are not consecutive, so the mask it would have made differs; run without it")
+    return None
+
+
+@contextlib.contextmanager
+def _packed_check_patched():
+    """While inside, transformers' packed-sequence check goes through _packed_check_on_device (which
+    defers to the original unless this thread's _PACKED_CHECK.on is set). Yields False, and changes
+    nothing, where transformers has no such check."""
+    try:
+        import transformers.masking_utils as mu
+    except ImportError:
+        mu = None
+    with _PACKED_PATCH_LOCK:
+        if mu is None or not (_PACKED_PATCH["depth"] or callable(getattr(mu, "find_packed_sequence_indices", None))):
+            found = False
+        else:
+            found = True
+            if _PACKED_PATCH["depth"] == 0:
+                _PACKED_PATCH["original"] = mu.find_packed_sequence_indices
+                mu.find_packed_sequence_indices = _packed_check_on_device
+            _PACKED_PATCH["depth"] += 1
+    try:
+        yield found
+    finally:
+        if found:
+            with _PACKED_PATCH_LOCK:
+                _PACKED_PATCH["depth"] -= 1
+                if _PACKED_PATCH["depth"] == 0:
+                    mu.find_packed_sequence_indices = _PACKED_PATCH["original"]
+                    _PACKED_PATCH["original"] = None
+
+
+@contextlib.contextmanager
+def _mask_check_on_device(on: bool = True):
+    """This thread's forwards inside check their position ids on the device (see _PACKED_CHECK); a
+    no-op with ``on`` false."""
+    if not on:
+        yield
+        return
+    with _packed_check_patched():
+        was = getattr(_PACKED_CHECK, "on", False)
+        _PACKED_CHECK.on = True
+        try:
+            yield
+        finally:
+            _PACKED_CHECK.on = was
+
+
 _HOST_ALIGN = 512  # bytes: where each layer's buffer starts inside a shard's one host allocation
 
 
@@ -1029,6 +1099,10 @@ class _Run:
     # An experiment: bench_extract --copies-at measures the two side by side; the first is the one
     # measured on the H200 so far.
     copies_at = "return"
+    # How the model's packed-sequence check runs in extract's forwards of packed inputs (no attention
+    # mask): "model", as transformers does it, with a host sync; "async", on the device without one
+    # (_packed_check_on_device). An experiment: bench_extract --mask-sync measures both side by side.
+    mask_sync = "model"
 
     def __init__(self, base, layout, cfg, source, opts: ExtractOptions, specs, pos, n_pos, seqs_per_shard,
                  n_buffers, manifest: _Manifest, rank, world, progress, device):
@@ -1217,6 +1291,8 @@ class _Run:
     def go(self) -> None:
         if self.copies_at not in ("return", "next-forward"):
             raise ValueError(f"_Run.copies_at: expected 'return' or 'next-forward', got {self.copies_at!r}")
+        if self.mask_sync not in ("model", "async"):
+            raise ValueError(f"_Run.mask_sync: expected 'model' or 'async', got {self.mask_sync!r}")
         opts = self.opts
         rows = self.seqs_per_shard * self.n_pos
         L = len(self.cfg.layer_ids)
@@ -1329,7 +1405,8 @@ class _Run:
                         # causal-mask code in transformers 5 does, every forward), the throttle above
                         # then never waits, and the wait for the GPU is in here.
                         # (with copies_at "next-forward", the last forward's copies are queued in here)
-                        with self.waits.on("model"), cap:
+                        with self.waits.on("model"), cap, _mask_check_on_device(
+                                self.mask_sync == "async" and mask is None):
                             base(input_ids=x, use_cache=False, **kw)
                         queue_pending()  # (only if the forward never ran its first block's hook)
                         copies = self._copies_out(cap, host, queues)
