@@ -630,7 +630,8 @@ def main() -> int:
                 marginal = r.get(f"x_forward_marginal_{v}")
                 print(f"{r['model']} {tag}: way {label[w]}: x_forward {r[f'x_forward_{v}']:.3f}"
                       + ("" if marginal is None else f", x_forward_marginal {marginal:.3f}")
-                      + f", {r[f'x{suffix[w]}_vs_first_{tag}']:.3f}x the time of {label[ways[0]]}; waits {r[f'waits_{v}']}")
+                      + f", {r[f'x{suffix[w]}_vs_first_{tag}']:.3f}x the time of {label[ways[0]]}; "
+                      + f"waits {r[f'waits_{v}']}")
     for s in suspect:
         print(f"SUSPECT: {s}")
     print(f"wrote {write_rows(rows, 'bench_extract', args.out)}")

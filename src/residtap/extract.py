@@ -255,10 +255,9 @@ def _packed_check_patched():
     except ImportError:
         mu = None
     with _PACKED_PATCH_LOCK:
-        if mu is None or not (_PACKED_PATCH["depth"] or callable(getattr(mu, "find_packed_sequence_indices", None))):
-            found = False
-        else:
-            found = True
+        found = mu is not None and (_PACKED_PATCH["depth"] > 0
+                                    or callable(getattr(mu, "find_packed_sequence_indices", None)))
+        if found:
             if _PACKED_PATCH["depth"] == 0:
                 _PACKED_PATCH["original"] = mu.find_packed_sequence_indices
                 mu.find_packed_sequence_indices = _packed_check_on_device
@@ -269,9 +268,8 @@ def _packed_check_patched():
         if found:
             with _PACKED_PATCH_LOCK:
                 _PACKED_PATCH["depth"] -= 1
-                if _PACKED_PATCH["depth"] == 0:
-                    mu.find_packed_sequence_indices = _PACKED_PATCH["original"]
-                    _PACKED_PATCH["original"] = None
+                if _PACKED_PATCH["depth"] == 0:  # "original" stays: a thread that looked up the
+                    mu.find_packed_sequence_indices = _PACKED_PATCH["original"]  # stand-in just now
 
 
 @contextlib.contextmanager
