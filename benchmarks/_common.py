@@ -58,14 +58,13 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def parse_list(text: str | None, allowed, flag: str) -> list[str]:
-    """A comma list of names from ``allowed`` (all of them when ``text`` is empty), or exit naming
-    the flag."""
+    """A comma list of names from ``allowed``, each once, in the order given (all of them when
+    ``text`` is empty), or exit naming the flag."""
     if not text:
         return list(allowed)
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise SystemExit(f"{flag}: expected a comma list of {','.join(allowed)}, got {text!r}")
+    if not names or any(n not in allowed for n in names) or len(set(names)) < len(names):
+        raise SystemExit(f"{flag}: expected a comma list of {','.join(allowed)}, each once, got {text!r}")
     return names
 
 

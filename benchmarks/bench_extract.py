@@ -120,8 +120,8 @@ import time
 import numpy as np
 import torch
 
-from _common import (ForwardTimeline, base_parser, median_time, print_table, print_timelines, resolve_device, row,
-                     slug, sync, write_rows)
+from _common import (ForwardTimeline, base_parser, median_time, parse_list, print_table, print_timelines,
+                     resolve_device, row, slug, sync, write_rows)
 
 import residtap
 from residtap.extract import default_publishers, parse_size
@@ -439,19 +439,14 @@ def main() -> int:
         p.error(f"--layers: expected a comma list of residual indices such as 6 or 0,6,12, "
                 f"got {args.layers!r}")
     dirs = {"ram": args.ram_dir, "disk": args.disk_dir}
-    targets = [t for t in args.targets.split(",") if t]
-    if not targets or any(t not in dirs for t in targets):
-        p.error(f"--targets: expected a comma list of ram, disk, got {args.targets!r}")
-    copies = [w for w in args.copies_at.split(",") if w]
-    if not copies or any(w not in ("return", "next-forward") for w in copies) or len(set(copies)) < len(copies):
-        p.error(f"--copies-at: expected a comma list of return, next-forward, each once, got {args.copies_at!r}")
-    masks = [w for w in args.mask_sync.split(",") if w]
-    if not masks or any(w not in ("model", "async") for w in masks) or len(set(masks)) < len(masks):
-        p.error(f"--mask-sync: expected a comma list of model, async, each once, got {args.mask_sync!r}")
+    targets = parse_list(args.targets, dirs, "--targets")
+    copies = parse_list(args.copies_at, ("return", "next-forward"), "--copies-at")
+    masks = parse_list(args.mask_sync, ("model", "async"), "--mask-sync")
     ways = [(c, m) for c in copies for m in masks]  # (copies_at, mask_sync); the first: both lists' first
-    # each way's name, and its field-name suffix: none for the first, e.g. "_next_forward" or "_async"
-    label = {w: "+".join(x for x in (w[0] if w[0] != "return" else "", w[1] if w[1] != "model" else "")
-                         if x) or w[0] for w in ways}
+    # each way's name (what differs from the defaults, or "return"), and its field-name suffix: none for
+    # the first, e.g. "_next_forward" or "_async"
+    label = {w: "+".join(x for x, default in zip(w, ("return", "model")) if x != default) or "return"
+             for w in ways}
     suffix = {w: "" if i == 0 else "_" + label[w].replace("-", "_").replace("+", "_") for i, w in enumerate(ways)}
     if args.host_only:
         writers = args.writers or max(1, min(4, (os.cpu_count() or 2) // 2))
