@@ -248,8 +248,8 @@ def _packed_check_on_device(position_ids: torch.Tensor):
 @contextlib.contextmanager
 def _packed_check_patched():
     """While inside, transformers' packed-sequence check goes through _packed_check_on_device (which
-    defers to the original unless this thread's _PACKED_CHECK.on is set). Yields False, and changes
-    nothing, where transformers has no such check."""
+    defers to the original unless this thread's _PACKED_CHECK.on is set). Changes nothing where
+    transformers has no such check."""
     try:
         import transformers.masking_utils as mu
     except ImportError:
@@ -263,7 +263,7 @@ def _packed_check_patched():
                 mu.find_packed_sequence_indices = _packed_check_on_device
             _PACKED_PATCH["depth"] += 1
     try:
-        yield found
+        yield
     finally:
         if found:
             with _PACKED_PATCH_LOCK:

@@ -585,8 +585,8 @@ class DatasetSource(DocumentSource):
             if flat.dtype == np.uint64 and len(flat) and flat.max() > np.iinfo(np.int64).max:
                 raise ValueError(f"data: the dataset {self.path!r} has a token id of {int(flat.max())} in its "
                                  f"'input_ids' (rows {row} to {row + len(col) - 1}), past int64")
-            lengths = pc.list_value_length(col).to_numpy().astype(np.int64)
-            yield np.arange(row, row + len(col), dtype=np.int64), lengths, flat.astype(np.int64)
+            lengths = pc.list_value_length(col).to_numpy().astype(np.int64, copy=False)
+            yield np.arange(row, row + len(col), dtype=np.int64), lengths, flat.astype(np.int64, copy=False)
             row += len(col)
 
 
