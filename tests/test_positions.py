@@ -270,6 +270,44 @@ def test_last_with_a_mask_of_the_wrong_shape(mask, got):
             m(torch.randn(2, 5, 4), attention_mask=mask)
 
 
+def test_last_of_an_empty_sequence_is_refused():
+    m = Toy()
+    with pytest.raises(ValueError, match=r"positions='last': the input has no tokens \(sequence length 0\)"):
+        with residtap.capture(m, positions="last", blocks="blocks", final_norm="norm"):
+            m(torch.randn(2, 0, 4))
+
+
+def test_a_huge_position_is_refused_against_the_real_length(models):
+    """Positions are range-checked per forward, against its length (not a stand-in length)."""
+    model = models["gpt2", torch.float32]
+    cap = residtap.capture(model, positions=[0, 2**70])
+    with pytest.raises(ValueError, match=r"positions: expected positions in \[-8, 8\) for the input's sequence "
+                                         rf"length 8, got \[{2**70}\]"):
+        with cap:
+            model(ids_for(model, B, S))
+
+
+def test_positions_and_kept_read_are_copies(models):
+    """Changing what cap.positions / cap.kept return changes nothing the capture gathers next."""
+    model = models["gpt2", torch.float32]
+    ids = ids_for(model, B, S)
+    for spec in ([0, 3], [5, 1], "last"):
+        cap = residtap.capture(model, positions=spec)
+        with cap:
+            model(ids)
+        first = cap.resid.clone()
+        cap.positions[0, 0] = 2
+        with cap:
+            model(ids)
+        assert torch.equal(cap.resid, first), spec
+    mask = MASKS["both"].bool()
+    cap = residtap.capture(model, positions=mask)
+    with cap:
+        model(ids)
+    cap.kept[0] = 7
+    assert torch.equal(cap.kept, mask.nonzero())
+
+
 def test_reading_kept_or_positions_of_the_other_kind(models):
     model = models["gpt2", torch.float32]
     ids = ids_for(model, B, S)
@@ -317,7 +355,10 @@ def test_numpy_arrays_and_0d_tensors_select_as_their_values():
     ids = ids_for(model, 2, 6)
     mask = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)) > 0.5
     for spec, same in ((np.array([0, 4, 2]), [0, 4, 2]), (torch.tensor(3), 3), (np.array(3), 3),
-                       (np.int64(-1), -1), (mask.numpy(), mask)):
+                       (np.int64(-1), -1), (mask.numpy(), mask),
+                       # narrow numpy integers, alone or in a list: no fixed-width arithmetic overflows
+                       (np.int32(3), 3), (np.uint8(1), 1), ([np.int16(1), 2], [1, 2]),
+                       ([np.int32(0), np.int32(-1)], [0, -1]), (slice(np.int32(1), np.int64(4)), slice(1, 4))):
         with residtap.capture(model, positions=spec) as a:
             model(ids)
         with residtap.capture(model, positions=same) as b:
@@ -327,6 +368,9 @@ def test_numpy_arrays_and_0d_tensors_select_as_their_values():
         assert torch.equal(run_reference(model, ids, positions=spec).outputs["resid"], a.resid), spec
     for layer_id in (np.int64(1), torch.tensor(1), np.int32(-2)):
         assert torch.equal(b.layer("resid", layer_id), b.resid[1])
+    # layers= as a list of numpy integers: plain ints in layer_ids (a manifest writes them as JSON)
+    ids_np = residtap.capture(model, layers=[np.int8(-1), np.int64(0)]).layer_ids
+    assert ids_np == [0, 2] and all(type(i) is int for i in ids_np)
     for bad in (torch.tensor(1.0), torch.tensor(True)):
         with pytest.raises(ValueError, match="layer_id: expected an int residual index, got"):
             b.layer("resid", bad)

@@ -491,6 +491,9 @@ class Capture:
             raise RuntimeError(
                 f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
                 "(its attention_mask is read there); call the model you passed to residtap.capture")
+        if seq == 0:
+            raise ValueError("positions='last': the input has no tokens (sequence length 0), so no row "
+                             "has a last token")
         if mask is None:  # no padding: every row ends at the last position
             return slice(seq - 1, seq)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch \
@@ -794,21 +797,22 @@ class Capture:
         if not self._packed:
             raise CaptureError("cap.kept: only a bool mask [batch, seq] as positions= packs tokens; "
                                f"this capture has positions={self.config.positions!r} (see cap.positions)")
-        return self.config.positions.kept
+        return self.config.positions.kept.clone()  # a copy: this capture's own stays as it is
 
     @property
     def positions(self) -> torch.Tensor:
         """int64 ``[batch, n_pos]``: the position of each captured token in the last forward (for
-        ``"last"``, each row's last real token), on the first layer's device. Built when read."""
+        ``"last"``, each row's last real token), on the first layer's device. Built when read: a
+        new tensor, so changing it changes nothing the capture gathers."""
         if self._packed:
             raise CaptureError("cap.positions: a bool mask packs tokens; their (row, position) is cap.kept")
         self._check_complete("positions")
         (batch, seq), sel = self._shape, self._sel
         device = self._buf_devices[0]
-        if isinstance(sel, torch.Tensor):
-            return sel if sel.dim() == 2 else sel.unsqueeze(0).expand(batch, -1)
+        if isinstance(sel, torch.Tensor):  # the index the op gathers with (cached per length): copied
+            return (sel if sel.dim() == 2 else sel.unsqueeze(0).expand(batch, -1)).clone()
         start, stop = (0, seq) if sel is None else (sel.start, sel.stop)
-        return torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1)
+        return torch.arange(start, stop, device=device).unsqueeze(0).expand(batch, -1).clone()
 
     @property
     def resid(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import operator
 import re
 from typing import Iterable, Sequence
 
@@ -148,7 +149,7 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
             raise ValueError(f"layers: expected residual indices in [{-(n_layers + 1)}, {n_layers}] "
                              f"(the model has {n_layers} blocks, so residual indices 0..{n_layers}), "
                              f"got {lid}")
-        resolved.append(lid % (n_layers + 1))
+        resolved.append(int(lid) % (n_layers + 1))  # a Python int, whatever integer type came in
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"layers: expected distinct residual indices, got {list(layers)} "
                          f"(= {resolved} after resolving negatives)")
@@ -272,11 +273,31 @@ def resolve_position_spec(positions):
         except (TypeError, ValueError) as e:
             raise ValueError(f"positions: expected a slice of ints with a non-zero step, got {positions!r} "
                              f"({e})") from None
-        return positions
+        return slice(*(None if v is None else operator.index(v)
+                       for v in (positions.start, positions.stop, positions.step)))
     if positions is None:
         return positions
-    resolve_positions(positions, 2**62)  # type checks now; range checks per sequence length
-    return positions if is_int(positions) else tuple(positions)
+    ints, one = _position_ints(positions)  # type checks now; range checks per sequence length
+    return ints[0] if one else tuple(ints)
+
+
+def _position_ints(positions) -> tuple[list[int], bool]:
+    """An int, or a sequence or 1-D tensor of ints, as a list of Python ints (numpy's and torch's
+    integers converted, so that no fixed-width type overflows later), and whether one int was given."""
+    one = is_int(positions)  # an int is said back as given, not as the list it becomes
+    if one:
+        positions = [positions]
+    elif isinstance(positions, torch.Tensor):
+        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise ValueError(f"positions: expected a 1-D integer tensor, got a {positions.dtype} tensor "
+                             f"of shape {tuple(positions.shape)}")
+        positions = positions.tolist()
+    if not isinstance(positions, Sequence) or isinstance(positions, str) \
+            or not all(map(is_int, positions)):
+        raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
+    if not positions:
+        raise ValueError("positions: expected at least one position, got an empty sequence")
+    return [int(p) for p in positions], one
 
 
 def resolve_positions(positions, seq_len: int) -> PositionPlan:
@@ -291,19 +312,7 @@ def resolve_positions(positions, seq_len: int) -> PositionPlan:
         if rng.step == 1:
             return PositionPlan(seq_len, span=slice(rng.start, rng.stop))
         return PositionPlan(seq_len, index=list(rng))
-    one = is_int(positions)  # an int is said back as given, not as the list it becomes
-    if one:
-        positions = [positions]
-    elif isinstance(positions, torch.Tensor):
-        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype == torch.bool:
-            raise ValueError(f"positions: expected a 1-D integer tensor, got a {positions.dtype} tensor "
-                             f"of shape {tuple(positions.shape)}")
-        positions = positions.tolist()
-    if not isinstance(positions, Sequence) or isinstance(positions, str) \
-            or not all(map(is_int, positions)):
-        raise ValueError(f"positions: expected {_POSITIONS_EXPECTED}, got {positions!r}")
-    if not positions:
-        raise ValueError("positions: expected at least one position, got an empty sequence")
+    positions, one = _position_ints(positions)
     bad = [p for p in positions if not -seq_len <= p < seq_len]
     if bad:
         raise ValueError(f"positions: expected positions in [{-seq_len}, {seq_len}) for the input's "
