@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -214,34 +215,70 @@ def test_the_reference_runs_in_the_callers_autograd_mode(extension):
     assert not torch.equal(run_reference(m, x, blocks="layers", final_norm="norm").outputs["resid"], without)
 
 
-@pytest.mark.parametrize("how", ["parameter", "load_state_dict-assign", "in-place"])
-def test_a_final_norm_changed_after_set_up_is_the_one_used(extension, how):
-    """normed follows the final norm the model runs now: a Parameter replaced after the capture
-    was built (or after a forward planned the op) is read from the module, not a kept reference."""
+@pytest.mark.parametrize("inside", [False, True], ids=["re-entered", "same-with"])
+@pytest.mark.parametrize("how", ["parameter", "load_state_dict-assign", "in-place", "eps", "module",
+                                 "rms-module", "class-forward"])
+def test_a_final_norm_changed_after_set_up_is_the_one_used(extension, monkeypatch, how, inside):
+    """normed (and stats' eps) follow the final norm the model runs now: a Parameter replaced after
+    the capture was built (or after a forward planned the op) is read from the module, not a kept
+    reference; so are the norm's eps, a module assigned at the norm's path, and a LayerNorm forward
+    replaced on the class (which the op cannot stand in for). Whether the capture is entered again
+    or the change comes between two forwards of one ``with``."""
     import copy
 
     model = copy.deepcopy(tiny_gpt2(2, 64, 2))
     ids = ids_for(model, 2, 5)
     cap = residtap.Capture(model, outputs=("normed", "stats"), backend="compiled")
-    with cap, torch.no_grad():
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(cap)
         model(ids)  # plans the op with the norm as it was
-    ln_f = model.transformer.ln_f
-    g = torch.Generator().manual_seed(7)
-    new_w, new_b = torch.randn(64, generator=g), torch.randn(64, generator=g)
-    with torch.no_grad():
+        if not inside:
+            stack.close()
+        first = cap.normed.clone()
+        ln_f = model.transformer.ln_f
+        g = torch.Generator().manual_seed(7)
+        new_w, new_b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+        stack.enter_context(torch.no_grad())  # (for the in-place changes when re-entered)
         if how == "parameter":
             ln_f.weight, ln_f.bias = torch.nn.Parameter(new_w), torch.nn.Parameter(new_b)
         elif how == "load_state_dict-assign":
             ln_f.load_state_dict({"weight": new_w, "bias": new_b}, assign=True)
-        else:
+        elif how == "in-place":
             ln_f.weight.copy_(new_w)
             ln_f.bias.copy_(new_b)
-    assert torch.equal(ln_f.weight, new_w)
-    with cap, torch.no_grad():
+        elif how == "eps":
+            ln_f.eps = 0.5
+        elif how == "module":
+            model.transformer.ln_f = nn.LayerNorm(64, eps=1e-3)
+            model.transformer.ln_f.load_state_dict({"weight": new_w, "bias": new_b})
+        elif how == "rms-module":
+            model.transformer.ln_f = nn.RMSNorm(64, eps=1e-6)
+            model.transformer.ln_f.weight.copy_(new_w)
+        else:
+            plain = nn.LayerNorm.forward
+            monkeypatch.setattr(nn.LayerNorm, "forward", lambda self, x: plain(self, x) * 0.5 + 1)
+        if not inside:
+            stack.enter_context(cap)
         model(ids)
     ref = run_reference(model, ids, outputs=("normed", "stats"))
     assert_same_outputs(cap, ref, ("normed", "stats"))
-    assert torch.equal(cap.normed[-1], model(ids, output_hidden_states=True).hidden_states[-1])
+    with torch.no_grad():
+        assert torch.equal(cap.normed[-1], model(ids, output_hidden_states=True).hidden_states[-1])
+    assert not torch.equal(cap.normed, first)  # (the change is one the outputs show)
+
+
+def test_a_final_norm_given_as_a_module_stays_that_module(extension):
+    """final_norm=<module> names that module, wherever the model keeps its own norm later."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    given = model.transformer.ln_f
+    cap = residtap.Capture(model, outputs=("normed",), final_norm=given)
+    model.transformer.ln_f = nn.LayerNorm(64, eps=0.25)
+    with cap, torch.no_grad():
+        model(ids)
+    assert torch.equal(cap.normed, run_reference(model, ids, outputs=("normed",), final_norm=given).outputs["normed"])
 
 
 @pytest.mark.parametrize("backend", ["compiled", "reference"])

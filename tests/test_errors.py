@@ -128,6 +128,109 @@ def test_a_block_that_runs_twice_in_one_forward_is_refused(loops, repeat, block)
         once.layers[0](x)
 
 
+def test_a_forward_that_skips_the_first_block_is_refused_not_read_with_the_last_ones_state():
+    """residtap starts a forward at the first block: one whose first block did not run (a model
+    that skips blocks) must not be written with the previous forward's positions and shapes, nor
+    crash inside the model with a TypeError on the first call."""
+    m, x = _Looped(), torch.randn(2, 3, 4)
+    for first_call in (True, False):
+        cap = residtap.capture(m, blocks="layers", final_norm="norm", layers=[2], positions="last")
+        with pytest.raises(residtap.UnsupportedStreamError,
+                           match=r"block 1 of _Looped returned in a forward of _Looped in which block 0 did "
+                                 r"not run\..*nothing was kept from this forward"):
+            with cap:
+                m.order = [0, 1]
+                if not first_call:
+                    m(x)
+                m.order = [1]
+                m(x[:, :2])
+        with pytest.raises(residtap.CaptureError, match="raised"):
+            cap.resid
+        assert hook_counts(m) == 0
+        with pytest.raises(residtap.UnsupportedStreamError, match=r"run_reference: the forward of _Looped "
+                                                                  r"produced no residual indices \[0\]"):
+            residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm", layers=[2])
+        assert hook_counts(m) == 0
+
+
+def test_a_forward_that_stops_before_a_selected_block_says_which_residuals_are_missing():
+    m, x = _Looped(), torch.randn(2, 3, 4)
+    m.order = [0]  # runs fewer blocks than it holds (like config.num_hidden_layers set below them)
+    with residtap.capture(m, blocks="layers", final_norm="norm") as cap:
+        m(x)
+    with pytest.raises(residtap.CaptureError, match=r"reached 2 of 3 selected layers, and the call of _Looped "
+                                                    r"has ended \(residual indices \[2\] were not written\)"
+                                                    r"(.|\n)*runs fewer blocks than the model holds"):
+        cap.resid
+    with pytest.raises(residtap.UnsupportedStreamError, match=r"run_reference: the forward of _Looped produced "
+                                                              r"no residual indices \[2\]: the blocks"):
+        residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm")
+    ref = residtap.reference.run_reference(m, x, blocks="layers", final_norm="norm", layers=[0, 1])
+    assert ref.outputs["resid"].shape == (2, 2, 3, 4)  # the residuals it did produce
+
+
+def test_a_model_that_drops_blocks_while_training_is_refused_before_its_forward():
+    """OPT, XGLM and BioGPT skip blocks at random in training when layerdrop > 0: refused on every
+    forward (not only on those that happen to skip), with what to do; eval mode, or layerdrop 0,
+    captures as usual."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=2,
+                      vocab_size=97, word_embed_proj_dim=64, layerdrop=0.5)
+    m = T.OPTForCausalLM(cfg).train()
+    ids = ids_for(m, 2, 5)
+    for _ in range(3):
+        with pytest.raises(residtap.UnsupportedStreamError,
+                           match=r"residtap: OPTForCausalLM\.model\.decoder\.layerdrop is 0\.5 and the model "
+                                 r"is in training mode.*call model\.eval\(\), or set "
+                                 r"OPTForCausalLM\.model\.decoder\.layerdrop = 0"):
+            with residtap.capture(m) as cap:
+                m(ids)
+        with pytest.raises(residtap.CaptureError, match="raised"):
+            cap.resid
+        assert hook_counts(m) == 0
+    with torch.no_grad():
+        for mode in ("eval", "no layerdrop"):
+            if mode == "eval":
+                m.eval()
+            else:
+                m.train()
+                m.model.decoder.layerdrop = 0.0
+            with residtap.capture(m) as cap:
+                torch.manual_seed(1)
+                m(ids)
+            torch.manual_seed(1)  # the same dropout masks in training
+            assert torch.equal(cap.resid, residtap.reference.run_reference(m, ids).outputs["resid"]), mode
+
+
+@pytest.mark.parametrize("final_norm,match", [
+    ("lm_head", r"final_norm: expected a norm, whose weight is 1-D \[d_model\]; got a Linear with a weight of "
+                r"shape \(97, 64\)"),
+    (nn.RMSNorm(32), r"final_norm: the RMSNorm normalizes a width of 32, but the residual stream is 64 wide"),
+    (nn.LayerNorm(48), r"final_norm: the LayerNorm normalizes a width of 48"),
+    ("transformer.h.1", r"final_norm: expected the model's final norm, applied after the last block; got a "
+                        r"GPT2Block that is block 1"),
+    ("transformer", r"final_norm: .*got a GPT2Model that holds block 0"),
+    ("transformer.h.0.ln_1", r"final_norm: .*got a LayerNorm that is inside block 0"),
+])
+def test_a_final_norm_that_cannot_be_one_is_refused_by_name(model, final_norm, match):
+    """Not a raw shape error (or a recursion) from inside the forward: the argument, what it is."""
+    ids = ids_for(model, 2, 5)
+    for run in ("capture", "reference"):
+        with pytest.raises(ValueError, match=match):
+            if run == "capture":
+                with residtap.capture(model, outputs=("resid", "normed"), final_norm=final_norm):
+                    model(ids)
+            else:
+                residtap.reference.run_reference(model, ids, outputs=("normed",), final_norm=final_norm)
+    # the width is the stream's: without normed, a norm of another width is not applied at all
+    if isinstance(final_norm, nn.Module):
+        with residtap.capture(model, outputs=("resid", "stats"), final_norm=final_norm) as cap:
+            model(ids)
+        assert torch.equal(cap.resid, residtap.reference.run_reference(model, ids).outputs["resid"])
+
+
 def test_positions_out_of_range_for_the_actual_length(model):
     cap = residtap.capture(model, positions=[0, 9])
     with pytest.raises(ValueError, match=r"positions: expected positions in \[-5, 5\) .* length 5, got \[9\]$"):

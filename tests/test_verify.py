@@ -101,6 +101,10 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
                  marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     (["--seed", str(2**64)], r"--seed: expected an int in \[-2\*\*63, 2\*\*64\) .*got 18446744073709551616"),
     (["--device", "cuda:7"], r"--device: 'cuda:7' is not available here"),
+    (["--final-norm", "lm_head"], r"final_norm: expected a norm, whose weight is 1-D \[d_model\]; got a Linear "
+                                  r"with a weight of shape \(50257, 768\)"),
+    (["--final-norm", "transformer.h.11"], r"final_norm: expected the model's final norm, applied after the "
+                                           r"last block; got a GPT2Block that is block 11"),
 ])
 def test_cli_verify_bad_arguments_exit_2_naming_them(extension, capsys, args, match):
     try:

@@ -231,6 +231,9 @@ def _first_float(obj, names) -> float | None:
     return None
 
 
+_LAYER_NORM_FORWARD = nn.LayerNorm.forward  # a forward replaced on the class is not torch's norm
+
+
 def norm_spec(module: nn.Module | None, config=None) -> NormSpec:
     """How to re-apply ``module``; its eps (also the eps of stats mean/rstd) comes from the module,
     else from ``config`` (``rms_norm_eps``, ``layer_norm_eps``...), else ``DEFAULT_EPS``."""
@@ -240,7 +243,8 @@ def norm_spec(module: nn.Module | None, config=None) -> NormSpec:
     eps = DEFAULT_EPS if eps is None else eps
     if module is None:
         return NormSpec("none", eps=eps)
-    if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
+    if type(module) is nn.LayerNorm and nn.LayerNorm.forward is _LAYER_NORM_FORWARD \
+            and len(module.normalized_shape) == 1:
         return NormSpec("layer_norm", eps)
     return NormSpec("module", eps=eps)
 
@@ -254,10 +258,29 @@ class Layout:
     final_norm: nn.Module | None
     norm: NormSpec
     project_out: nn.Module | None = None  # applied by HF after the final norm (OPT), else None
+    # (root, dotted path) the final norm was found at, where it was named by a path: see refreshed
+    norm_at: tuple[nn.Module, str] | None = dataclasses.field(default=None, compare=False)
+    # where eps is read when the norm names none (the model's text_config)
+    config: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    def refreshed(self) -> "Layout":
+        """This layout with the final norm the model holds now: the module at the path it was found
+        at (a module assigned there since is the one the model calls) and its eps as set now; self
+        when nothing changed. Host-side attribute reads only."""
+        norm = self.final_norm
+        if self.norm_at is not None:
+            norm = _get_path(*self.norm_at, "final_norm")
+            if norm is not None and not isinstance(norm, nn.Module):
+                raise ValueError(f"final_norm: expected a module at {self.norm_at[1]!r} of "
+                                 f"{type(self.norm_at[0]).__name__}, found {type(norm).__name__}")
+        spec = norm_spec(norm, self.config)
+        if norm is self.final_norm and spec == self.norm:
+            return self
+        return dataclasses.replace(self, final_norm=norm, norm=spec)
 
     @property
     def eps(self) -> float:
@@ -370,14 +393,19 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         given = f"{blocks!r}" if blocks is not NOT_GIVEN else f"no modules at the path {family.blocks!r}{source}"
         raise ValueError(f"blocks: expected a non-empty sequence of modules, got {given}")
 
+    norm_at = None
     if final_norm is NOT_GIVEN:
+        norm_at = (base, family.final_norm) if family.final_norm else None
         norm = _get_path(base, family.final_norm, "final_norm", source) if family.final_norm else None
     elif isinstance(final_norm, str):
+        norm_at = (model, final_norm)
         norm = _get_path(model, final_norm, "final_norm")
     else:
         norm = final_norm
     if norm is not None and not isinstance(norm, nn.Module):
         raise ValueError(f"final_norm: expected a module, a path or None, got {type(norm).__name__}")
+    if norm is not None:
+        _check_norm_apart(norm, block_list)
 
     project_out = None
     if family is not None and family.project_out:
@@ -385,7 +413,36 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
             project_out = _get_path(base, family.project_out, "project_out", source)
         except ValueError:
             project_out = None
-    return Layout(name, block_list, norm, norm_spec(norm, text_config(model)), project_out)
+    config = text_config(model)
+    return Layout(name, block_list, norm, norm_spec(norm, config), project_out, norm_at, config)
+
+
+def _check_norm_apart(norm: nn.Module, blocks: tuple) -> None:
+    """The final norm is applied to every captured layer from the blocks' hooks: a norm that is a
+    block, holds one or sits inside one would run blocks again from their own hooks."""
+    inside = {id(m) for m in norm.modules()}
+    for i, blk in enumerate(blocks):
+        if id(blk) in inside or any(m is norm for m in blk.modules()):
+            how = "is" if blk is norm else ("holds" if id(blk) in inside else "is inside")
+            raise ValueError(f"final_norm: expected the model's final norm, applied after the last block; "
+                             f"got a {type(norm).__name__} that {how} block {i}")
+
+
+def norm_width_mismatch(norm: nn.Module | None, d_model: int) -> str | None:
+    """Why ``norm`` cannot normalize a stream ``d_model`` wide, read from its 1-D weight (or its
+    ``normalized_shape``), or None. Host-side attribute reads only."""
+    weight = getattr(norm, "weight", None) if norm is not None else None
+    if isinstance(weight, torch.Tensor) and weight.dim() != 1:
+        return (f"final_norm: expected a norm, whose weight is 1-D [d_model]; got a {type(norm).__name__} "
+                f"with a weight of shape {tuple(weight.shape)}")
+    width = weight.shape[0] if isinstance(weight, torch.Tensor) else None
+    shape = getattr(norm, "normalized_shape", None)
+    if width is None and isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], int):
+        width = shape[0]
+    if width is not None and width != d_model:
+        return (f"final_norm: the {type(norm).__name__} normalizes a width of {width}, but the residual "
+                f"stream is {d_model} wide")
+    return None
 
 
 def bare_model(model: nn.Module) -> nn.Module:

@@ -154,10 +154,11 @@ def warn_unprobed(device, dtype: torch.dtype, d_model: int) -> None:
     _warned.add(key)
     warnings.warn(
         f"residtap: the fused CUDA LayerNorm was not checked against torch for {dtype}, width "
-        f"{d_model} on {device} when this capture was set up (the model was moved or cast after "
-        "`with residtap.capture(...)` was entered, or its hidden states have another dtype than its "
-        "parameters), so torch's own layer_norm computes normed and stats there: exact, a little "
-        "slower. Enter the capture after moving or casting the model.", RuntimeWarning, stacklevel=2)
+        f"{d_model} on {device} when this capture was set up (the model was moved or cast, or its "
+        "final norm or that norm's eps changed, after `with residtap.capture(...)` was entered, or its "
+        "hidden states have another dtype than its parameters), so torch's own layer_norm computes "
+        "normed and stats there: exact, a little slower. Enter the capture after moving or casting "
+        "the model.", RuntimeWarning, stacklevel=2)
 
 
 def _wants_normed(normed: bool | None, weight, bias) -> bool:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import backend as _backend
 from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, module_device,
-                   not_a_stream, resolve_layout, stream_changed, text_config)
+                   norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -43,17 +43,17 @@ class _DeviceOps(NamedTuple):
 
 
 class _NormStamp:
-    """Identifies the final norm's tensors and their contents by (device, data_ptr, version): a
-    move, a replacement or an in-place update (training) changes it. Host-side reads only. It holds
-    the tensors, so their memory (and with it an equal stamp) cannot pass to a new tensor while the
-    stamp is kept."""
+    """Identifies the final norm (the module, how it is re-applied, its eps) and its tensors and
+    their contents by (device, data_ptr, version): a move, a replacement or an in-place update
+    (training) changes it. Host-side reads only. It holds the module and the tensors, so their
+    memory (and with it an equal stamp) cannot pass to a new object while the stamp is kept."""
 
     __slots__ = ("key", "_held")
 
-    def __init__(self, params: tuple, hooked: bool = False):
-        self._held = params
+    def __init__(self, params: tuple, hooked: bool = False, module=None, spec=None):
+        self._held = (params, module)
         self.key = (tuple(None if p is None else (p.device, p.data_ptr(), tensor_version(p))
-                          for p in params), hooked)
+                          for p in params), hooked, id(module), spec)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _NormStamp) and self.key == other.key
@@ -183,6 +183,10 @@ class Capture:
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
         self._signature = forward_signature(model)  # where a positional attention_mask sits
+        # Modules that skip blocks at random while training (HF's OPT, XGLM and BioGPT decoders keep
+        # config.layerdrop as their own .layerdrop): refused per call, see _on_model_enter.
+        self._layerdrops = [(name, m) for name, m in model.named_modules()
+                            if type(getattr(m, "layerdrop", None)) in (int, float)]
         # Where each selected layer's hidden state is expected (None: the first hidden state's
         # device), read from the blocks (_predict_homes) and corrected by what forwards show.
         self._homes: list[torch.device | None] = self._predict_homes()
@@ -195,6 +199,7 @@ class Capture:
         if self._handles:
             raise RuntimeError("Capture: this capture is already active (entered twice)")
         blocks = self.layout.blocks
+        self._refresh_norm()  # the model's final norm now, for the probe (and each forward's _begin)
         self._probe_parity()  # again: the model may have been moved or cast since construction
         try:
             if self.config.positions == LAST:
@@ -227,6 +232,7 @@ class Capture:
 
     def _on_model_enter(self, _module, _args):
         if self._model_depth == 0:
+            self._refuse_layerdrop()
             self._calls += 1
             self._hooks_last()
             # A forward has started: until its first block runs, the buffers hold the previous
@@ -234,6 +240,27 @@ class Capture:
             self._state = "running"
             self._done.clear()
         self._model_depth += 1
+
+    def _refuse_layerdrop(self) -> None:
+        """A model that drops blocks at random while training has no residual for the blocks a
+        forward skips, and a skipped first block would leave the previous forward's positions and
+        shapes in place: refused before the forward runs (host-side attribute reads only)."""
+        for name, m in self._layerdrops:
+            if m.training and m.layerdrop > 0:
+                self._state = "failed"
+                where = f"{type(self.model).__name__}{'.' + name if name else ''}"
+                raise UnsupportedStreamError(
+                    f"residtap: {where}.layerdrop is {m.layerdrop} and the model is in training mode, so "
+                    "each forward skips blocks at random and has no residual for them; call model.eval(), "
+                    f"or set {where}.layerdrop = 0, while capturing")
+
+    def _skipped_first(self, block: int) -> None:
+        self._state = "failed"
+        raise UnsupportedStreamError(
+            f"residtap: block {block} of {self.layout.family} returned in a forward of "
+            f"{type(self.model).__name__} in which block 0 did not run. A forward that skips blocks has "
+            "no residual for them, and residtap starts each forward at the first block; nothing was "
+            "kept from this forward")
 
     def _on_model_exit(self, _module, _args, _output):
         # overlap: at the end of the model's forward (also when it raised), the main stream waits
@@ -310,10 +337,14 @@ class Capture:
             self._join(check=False)  # before its buffers are reused or freed
         self._state = "running"
         self._done.clear()
+        self._refresh_norm()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
         if (why := not_a_stream(hidden)) is not None:
             raise UnsupportedStreamError(f"residtap: {why}")
         batch, seq, d_model = hidden.shape
+        if self.layout.final_norm is not None and ("normed" in self.config.outputs) \
+                and (why := norm_width_mismatch(self.layout.final_norm, d_model)) is not None:
+            raise ValueError(why)
         rows, n_pos = batch, 1
         spec = self.config.positions
         if self._packed:
@@ -365,7 +396,19 @@ class Capture:
         return tuple(p.detach() if p is not None else None for p in self._live_norm_params())
 
     def _norm_stamp(self) -> _NormStamp:
-        return _NormStamp(self._live_norm_params(), self._norm_hooked())
+        return _NormStamp(self._live_norm_params(), self._norm_hooked(), self.layout.final_norm,
+                          self.layout.norm)
+
+    def _refresh_norm(self) -> None:
+        """The final norm as the model holds it now (see Layout.refreshed): a module assigned at its
+        path, or an eps changed, after this capture was built is what normed and stats follow."""
+        layout = self.layout.refreshed()
+        if layout is self.layout:
+            return
+        if layout.final_norm is None and "normed" in self.config.outputs:
+            raise ValueError(f"final_norm: 'normed' was requested, but the model's final norm at "
+                             f"{layout.norm_at[1]!r} is None now")
+        self.layout = layout
 
     def _norm_hooked(self) -> bool:
         """Whether calling the final norm runs more than its class's forward: forward hooks (its
@@ -588,6 +631,8 @@ class Capture:
             "kept from this forward")
 
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
+        if self._stream is None or (self._model_depth and self._begun_in != self._calls):
+            self._skipped_first(layer_id - 1)  # no forward begun, or not in this call of the model
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
         if (why := stream_changed(layer_id - 1, self.layout.family, out, inp, self._stream)) is not None:
@@ -708,16 +753,20 @@ class Capture:
         if self._state == "running":
             reached = f"the last forward reached {len(self._done)} of {len(self.config.layer_ids)} selected layers"
             if self._model_depth == 0 and self._calls:
-                # The model's call has ended short of the selected layers. Where it returned, its blocks
-                # ran without this capture's hooks: torch.compile'd code does not guard on hooks added
-                # after it was compiled, and runs on without them (the likeliest cause; say the remedy).
+                # The model's call has ended short of the selected layers. Where it returned, either the
+                # model did not run those blocks, or they ran without this capture's hooks: torch.compile'd
+                # code does not guard on hooks added after it was compiled, and runs on without them.
+                missing = [lid for lid in self.config.layer_ids if lid not in self._done]
                 raise CaptureError(
-                    f"cap.{attr}: {reached}, and the call of {type(self.model).__name__} has ended. If it "
-                    "raised, its exception says why. If it returned, the blocks ran without the capture's "
-                    "hooks: a model compiled (torch.compile, model.compile()) before the capture was "
-                    "entered keeps running code compiled without them, since torch does not guard on "
-                    "hooks added later. Enter the capture before the first compiled call, or call "
-                    "torch._dynamo.reset() inside the with before the forward")
+                    f"cap.{attr}: {reached}, and the call of {type(self.model).__name__} has ended "
+                    f"(residual indices {missing} were not written). If it raised, its exception says why. If it "
+                    "returned, either the model stopped before those blocks (a forward that runs fewer "
+                    "blocks than the model holds, such as config.num_hidden_layers set below it, or an "
+                    "early exit), or the blocks ran without the capture's hooks: a model compiled "
+                    "(torch.compile, model.compile()) before the capture was entered keeps running code "
+                    "compiled without them, since torch does not guard on hooks added later. Enter the "
+                    "capture before the first compiled call, or call torch._dynamo.reset() inside the "
+                    "with before the forward")
             raise CaptureError(f"cap.{attr}: {reached}")
 
     def _check_requested(self, output: str, attr: str) -> None:

@@ -205,7 +205,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     memory), so that it computes what a capture in the same mode sees. The outputs are detached;
     ``model_output`` is what the model returned, graph and all in grad mode.
     """
-    from .arch import UnsupportedStreamError, module_device, not_a_stream, resolve_layout, stream_changed
+    from .arch import (UnsupportedStreamError, module_device, norm_width_mismatch, not_a_stream, resolve_layout,
+                       stream_changed)
     from .selection import (LAST, KeepMask, resolve_dtype, resolve_layers, resolve_outputs,
                             resolve_position_spec, resolve_positions)
 
@@ -269,6 +270,14 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             return norm(x)
         return norm(x.to(norm_device)).to(x.device)
 
+    missing = [lid for lid in dict.fromkeys([0, *layer_ids]) if lid not in saved]
+    if missing:
+        raise UnsupportedStreamError(
+            f"run_reference: the forward of {type(model).__name__} produced no residual indices {missing}: "
+            "the blocks that make them did not run (a forward that skips blocks or stops before them); "
+            "residtap keeps one residual per block")
+    if "normed" in outputs and (why := norm_width_mismatch(norm, saved[0][0].shape[-1])) is not None:
+        raise ValueError(why)
     # The default capture dtype is the stream's as it enters the first block (Capture's too): a
     # model whose blocks widen it (Mamba's residual_in_fp32) is captured in its own dtype throughout.
     dtype = dtype or saved[0][0].dtype
