@@ -1033,6 +1033,27 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     for bad in ([-241], np.array([0, -241]), torch.tensor([-241])):
         with pytest.raises(IndexError):
             a[bad]
+    # a tuple indexes rows, then within them, as numpy and torch do; a 0-d index is the row it holds
+    assert torch.equal(a[0, 3], full[0, 3]) and torch.equal(a[[0, 5], 3], full[[0, 5], 3])
+    assert torch.equal(a[2:5, :4], full[2:5, :4]) and torch.equal(a[-1, -2:], full[-1, -2:])
+    assert torch.equal(a[()], full) and torch.equal(a[(7,)], full[7])
+    for zero_d in (torch.tensor(5), np.array(5), np.int32(5)):
+        assert torch.equal(a[zero_d], full[5])
+    for bad in (torch.tensor(5.0), np.array(5.0), torch.tensor(True)):
+        with pytest.raises(IndexError, match="expected an int, a slice or a 1-D integer index"):
+            a[bad]
+    with pytest.raises(IndexError):
+        a[0, 64]
+    # seed and epoch are checked when given, not when iterated; a seed of any size mixes with the epoch
+    for bad in (None, "3", 1.5, -1, True):
+        with pytest.raises(ValueError, match=r"seed: expected an int >= 0, got"):
+            acts.dataset(1, seed=bad)
+    for bad in (-1, 2**63, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"epoch: expected an int in \[0, 2\*\*63\), got"):
+            acts.dataset(1).set_epoch(bad)
+    huge = acts.dataset(1, batch_size=240, seed=2**62)
+    huge.epoch = 2**63 - 1
+    assert torch.equal(torch.sort(next(iter(huge)), dim=0).values, torch.sort(full, dim=0).values)
     ds = acts.dataset(1, batch_size=32, seed=3, buffer_size="2KiB")
     batches = list(ds)
     assert len(batches) == len(ds) == 8 and all(b.shape == (32, 64) for b in batches[:-1])
@@ -1041,10 +1062,12 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     assert not torch.equal(rows, full)
     assert torch.equal(rows[torch.argsort(rows[:, 0])], full[torch.argsort(full[:, 0])])
     assert torch.equal(torch.cat(list(acts.dataset(1, batch_size=32, seed=3, buffer_size="2KiB"))), rows)
-    # seeds and epochs do not alias: seed 0's second epoch is not seed 1's first
-    seed0 = acts.dataset(1, batch_size=32, seed=0)
-    seed0.set_epoch(1)
-    assert not torch.equal(torch.cat(list(seed0)), torch.cat(list(acts.dataset(1, batch_size=32, seed=1))))
+    # seeds and epochs do not alias: seed 0's second epoch (or its 1000003rd) is not seed 1's first
+    seed1 = torch.cat(list(acts.dataset(1, batch_size=32, seed=1)))
+    for epoch in (1, 1_000_003):
+        seed0 = acts.dataset(1, batch_size=32, seed=0)
+        seed0.set_epoch(epoch)
+        assert not torch.equal(torch.cat(list(seed0)), seed1), epoch
     two = next(iter(acts.dataset([1, 2], shuffle=False)))
     assert torch.equal(two, torch.stack([full[0], acts.layer(2)[0]]))
     loader = torch.utils.data.DataLoader(acts.dataset(2, batch_size=50), batch_size=None, num_workers=0)
@@ -1069,6 +1092,13 @@ def test_reader_array_and_shuffled_rows(tmp_path):
     gc.collect()
     again = residtap.open(tmp_path / "out", verify=True)
     assert torch.equal(again.layer(1).to_tensor(), full)
+    # mapping every shard keeps no file open (an extraction of thousands of shards is read whole
+    # under the usual limit of 1024 open files)
+    if os.path.isdir("/proc/self/fd"):
+        fresh = residtap.open(tmp_path / "out")  # (again's shards are mapped already)
+        before = len(os.listdir("/proc/self/fd"))
+        mapped = fresh.layer(2).shards + fresh.column("seq_index").shards
+        assert len(mapped) > 6 and len(os.listdir("/proc/self/fd")) == before
 
 
 def test_shuffled_rows_with_dataloader_workers(tmp_path):

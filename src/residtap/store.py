@@ -614,7 +614,10 @@ def read_header(path: str) -> tuple[dict, int]:
 
 
 class _Shard:
-    """One shard file, memory-mapped lazily (copy-on-write: never modifies the file)."""
+    """One shard file, memory-mapped lazily (copy-on-write: never modifies the file). The mapping
+    keeps no file descriptor open (torch.from_file closes it once mapped; numpy's memmap, through
+    Python's mmap, keeps one per file), so an extraction of thousands of shards can be mapped whole
+    under the usual limit of 1024 open files."""
 
     def __init__(self, path: str, record: dict):
         self.path, self.record = path, record
@@ -633,13 +636,16 @@ class _Shard:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.header:
             raise KeyError(f"{name!r} is not in shard {self.path!r}")
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        if self._map is None:  # private (copy-on-write), read-only opened, paged in as read
+            self._map = torch.from_file(self.path, shared=False, size=os.path.getsize(self.path),
+                                        dtype=torch.uint8)
         info = self.header[name]
         begin, end = info["data_offsets"]
         dtype = _DTYPES[info["dtype"]]
         raw = self._map[self.data_start + begin:self.data_start + end]
-        return torch.from_numpy(raw).view(dtype).view(info["shape"])
+        if (self.data_start + begin) % dtype.itemsize:  # (safetensors aligns what it writes)
+            raw = raw.clone()  # a tensor at an unaligned offset: its bytes, copied
+        return raw.view(dtype).view(info["shape"])
 
 
 class LayerArray:
@@ -679,6 +685,17 @@ class LayerArray:
 
     def __getitem__(self, idx) -> torch.Tensor:
         n = len(self)
+        if isinstance(idx, tuple):  # rows, then within them, as numpy and torch index
+            if not idx:
+                return self[slice(None)]
+            rows = self[idx[0]]
+            one_row = rows.dim() == len(self.shape) - 1
+            return rows[idx[1:] if one_row else (slice(None), *idx[1:])]
+        if isinstance(idx, torch.Tensor) and idx.dim() == 0 and not idx.dtype.is_floating_point \
+                and not idx.dtype.is_complex and idx.dtype != torch.bool:
+            idx = int(idx)  # a 0-d integer index: the row it holds
+        elif isinstance(idx, np.ndarray) and idx.ndim == 0 and idx.dtype.kind in "iu":
+            idx = int(idx)
         if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
             i = int(idx)
             if not -n <= i < n:
@@ -688,11 +705,12 @@ class LayerArray:
             return self.part(k)[i - int(self._offsets[k])].clone()
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(n))  # the selected rows only, not all n first
-        if isinstance(idx, (list, tuple)) and not idx:
+        if isinstance(idx, list) and not idx:
             idx = np.zeros(0, dtype=np.int64)  # (np.asarray([]) is float64)
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
         if idx.dtype == bool or idx.ndim != 1 or idx.dtype.kind not in "iu":
-            raise IndexError(f"expected an int, a slice or a 1-D integer index, got {idx.dtype} {idx.shape}")
+            raise IndexError(f"expected an int, a slice or a 1-D integer index (then, in a tuple, indices within "
+                             f"the rows), got {idx.dtype} {idx.shape}")
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"row index out of range for {n} rows")
         idx = idx % max(n, 1)
@@ -891,7 +909,9 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         self.arrays = [acts.layer(lid, output) for lid in layers]
         batch_size = positive_int(batch_size, "batch_size", none_ok=True)
         self.buffer_size = parse_size(buffer_size, "buffer_size")
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        if not is_int(seed) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, int(seed), drop_last
         row_bytes = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in self.arrays)
         self._window_rows = max(1, self.buffer_size // row_bytes)
         # Shared memory: DataLoader's workers (persistent ones included) read what set_epoch wrote.
@@ -903,10 +923,12 @@ class ShuffledRows(torch.utils.data.IterableDataset):
 
     @epoch.setter
     def epoch(self, epoch: int) -> None:
-        self._epoch[0] = epoch
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch[0] = epoch
+        if not is_int(epoch) or not 0 <= epoch < 2**63:
+            raise ValueError(f"epoch: expected an int in [0, 2**63), got {epoch!r}")
+        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         n = len(self.arrays[0]) // self.world_size  # this rank's rows
@@ -969,7 +991,10 @@ class ShuffledRows(torch.utils.data.IterableDataset):
         return pieces
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # (seed, epoch) mixed into one 64-bit seed: no two pairs share an order by arithmetic (as
+        # seed * k + epoch would make seed 0 at epoch k repeat seed 1 at epoch 0), and none overflows.
+        mixed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        g = torch.Generator().manual_seed(int(mixed))
         n_shards = len(self.arrays[0]._shards)
         order = torch.randperm(n_shards, generator=g).tolist() if self.shuffle else list(range(n_shards))
         pieces = self._my_rows(order)
