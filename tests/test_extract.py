@@ -1829,6 +1829,58 @@ def test_numpy_integers_are_taken_where_ints_are(tmp_path):
     assert not (tmp_path / "bool").exists()
 
 
+def test_negative_lists_and_ranges_on_the_command_line_are_values(tmp_path, capsys):
+    """argparse reads "-3,-1" or "-4:" after an option as another option ("expected one argument"):
+    after --layers and --positions they are values, as in the Python API."""
+    path, _ = ids_file(tmp_path, 8 * 4)
+    for layers, positions in (("-3,-1", "-4:"), ("-1", "-2,-1"), ("0,-1", "-8::3")):
+        out = tmp_path / f"cli{layers}{positions}"
+        assert cli_rc(["extract", "--model", RANDOM, "--data", path, "--out", str(out), "--seq-len", "8",
+                       "--batch-size", "2", "--no-progress", "--layers", layers, "--positions", positions]) == 0
+        api = residtap.extract(RANDOM, path, tmp_path / "api", seq_len=8, batch_size=2, progress=False,
+                               layers=[int(v) for v in layers.split(",")],
+                               positions=sys.modules["residtap.extract"]._parse_ints(positions, "positions"))
+        got = residtap.open(out)
+        assert got.layer_ids == residtap.open(tmp_path / "api").layer_ids and got.n_rows > 0
+        for lid in got.layer_ids:
+            assert torch.equal(got.layer(lid).to_tensor(), residtap.open(tmp_path / "api").layer(lid).to_tensor())
+        shutil.rmtree(tmp_path / "api")
+    capsys.readouterr()
+
+
+def test_extract_gives_the_model_back_in_the_modes_it_had(tmp_path):
+    """extract runs the forward in eval mode; a model extracted from in the middle of training (one
+    submodule in eval mode of its own) gets each mode back, whether extract returned or raised."""
+    path, _ = ids_file(tmp_path, 8 * 4)
+    model = copy.deepcopy(tiny_gpt2()).train()
+    model.transformer.h[1].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    model.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    residtap.extract(model, path, tmp_path / "out", seq_len=8, batch_size=2, progress=False)
+    assert seen and not any(seen)  # the forwards ran in eval mode
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="positions"):
+        residtap.extract(model, path, tmp_path / "bad", seq_len=8, positions=[9], progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_token_arrays_in_any_memory_order_give_the_same_shards(tmp_path):
+    """A 2-D .npy in Fortran order, or a transposed array or tensor, holds the same sequences as its
+    row-major copy (safetensors refused the non-contiguous rows, after the forwards had run)."""
+    ids = np.random.default_rng(0).integers(0, 97, size=(10, 8))
+    np.save(tmp_path / "c.npy", ids)
+    np.save(tmp_path / "f.npy", np.asfortranarray(ids))
+    kw = dict(batch_size=2, progress=False, layers=[1])
+    want = residtap.extract(tiny_gpt2(), str(tmp_path / "c.npy"), tmp_path / "c", **kw)
+    for name, data in (("f", str(tmp_path / "f.npy")), ("t", np.ascontiguousarray(ids.T).T),
+                       ("tt", torch.from_numpy(np.ascontiguousarray(ids.T)).T)):
+        got = residtap.extract(tiny_gpt2(), data, tmp_path / name, **kw)
+        assert got.complete and torch.equal(residtap.open(tmp_path / name).sequences(),
+                                            residtap.open(tmp_path / "c").sequences())
+        assert [r["sha256"] for r in got.manifest["shards"]] == [r["sha256"] for r in want.manifest["shards"]]
+
+
 def test_mismatched_settings_or_model_are_refused(tmp_path, capsys):
     path, _ = ids_file(tmp_path, 8 * 6)
     kw = dict(seq_len=8, batch_size=2, shard_size="3KiB", progress=False)
@@ -2211,6 +2263,12 @@ def cli_rc(argv) -> int:
     (["--blocks", "nowhere"], r"--blocks: expected a module path inside"),
     (["--final-norm", "nowhere"], r"--final-norm: expected a module path inside"),
     (["--tokenizer", "no-such-dir/x/y"], r"--tokenizer: 'no-such-dir/x/y' could not be loaded offline"),
+    (["--device-map", "bogus"], r"--device-map: expected auto, balanced, balanced_low_0, sequential or a JSON file "
+                                r"of \{module: device\} \(a name ending in .json\), got 'bogus'; for one device, "
+                                r"--device$"),
+    (["--positions", "LAST"], r"--positions: expected 'all', 'last', an int, .*got 'LAST'$"),
+    (["--positions", "::0"], r"--positions: expected .*\(step not 0\), got '::0'$"),
+    (["--layers", "-1:2"], r"--layers: a range needs both ends, non-negative, e.g. 0:13; got '-1:2'$"),
 ])
 def test_command_line_errors_name_the_flag(tmp_path, capsys, args, match):
     """On the command line an error names the flag, as verify's do (--seq), not extract()'s parameter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import traceback
 
@@ -186,8 +187,25 @@ def _ctrl_c_behind(e: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+# Options whose values may start with a minus sign: argparse takes "-3,-1" or "-4:" for an option
+# and says "expected one argument"; such a value is joined to its option ("--layers=-3,-1").
+_SIGNED_VALUES = ("--layers", "--positions")
+_SIGNED = re.compile(r"-\d[\d,:-]*|-:[\d:-]*")
+
+
+def _join_signed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for tok in argv:
+        if out and out[-1] in _SIGNED_VALUES and _SIGNED.fullmatch(tok) and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_join_signed_values(argv))
     try:
         return args.func(args)
     # bad arguments (a backend this machine lacks among them), a model residtap cannot tap: one

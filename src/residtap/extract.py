@@ -38,6 +38,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -423,6 +424,22 @@ def _fmt_waits(waits: dict, elapsed: float, label: str, n_writers: int, n_publis
             f"{100 * waits['hash'] / (e * n_publishers):.0f}%")
 
 
+def _keeps_training_modes(fn):
+    """``extract`` runs a module it is given in eval mode; each of its submodules gets back the mode
+    it had (a model extracted from in the middle of training goes on training with its dropout),
+    whether extract returned or raised."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+    return wrapper
+
+
+@_keeps_training_modes
 def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",), dtype=None,
             batch_size: int = 8, seq_len: int | None = None, max_tokens: int | None = None,
             packing: str = "pack", tokenizer=None, text_field: str | None = None, split: str | None = None,
@@ -1520,19 +1537,19 @@ def _vocab_size(model) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _parse_ints(text: str, name: str):
+def _parse_ints(text: str, name: str, also: str = ""):
     if text in (None, "all"):
         return None
     try:
         if ":" in text:
             parts = [int(p) if p else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or parts[2:] == [0]:
                 raise ValueError
             return slice(*parts)
         vals = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{name}: expected 'all', an int, a comma list '0,6,12' or a range 'a:b[:step]', "
-                         f"got {text!r}") from None
+        raise ValueError(f"{name}: expected 'all', {also}an int, a comma list '0,6,12' or a range "
+                         f"'a:b[:step]' (step not 0), got {text!r}") from None
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -1547,14 +1564,21 @@ def _parse_layers(text: str):
     return sel
 
 
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' names
+
+
 def _parse_device_map(text: str | None):
     """--device-map: a strategy name for transformers, or a JSON file mapping modules to devices.
 
     A file that cannot be read is a bad argument like any other: a ValueError, which the command line
     reports as one "error:" line with exit status 2 (a SystemExit here would exit 1, the status of a
     failed run)."""
-    if text is None or not text.endswith(".json"):
+    if text is None or text in _DEVICE_MAP_STRATEGIES:
         return text
+    if not text.endswith(".json"):
+        raise ValueError(f"--device-map: expected {', '.join(_DEVICE_MAP_STRATEGIES)} or a JSON file of "
+                         f"{{module: device}} (a name ending in .json), got {text!r}; for one device, "
+                         "--device")
     try:
         with open(text) as f:
             mapping = json.load(f)
@@ -1756,7 +1780,8 @@ def cmd_extract(args) -> int:
 
     layers = _parse_layers(args.layers)
     try:
-        positions = "last" if args.positions == "last" else _parse_ints(args.positions, "--positions")
+        positions = ("last" if args.positions == "last"
+                     else _parse_ints(args.positions, "--positions", also="'last', "))
         with _SIGNALS.install():
             res = extract(args.model, args.data, args.out, layers=layers, positions=positions,
                           outputs=tuple(args.outputs.split(",")), dtype=args.dtype,
