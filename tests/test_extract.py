@@ -2003,6 +2003,40 @@ def test_shards_are_hashed_several_at_once_and_their_errors_come_in_order(tmp_pa
     assert len(started) <= 3 and str(out / files[-1]) not in started, started
 
 
+def test_the_same_run_written_otherwise_resumes(tmp_path, capsys, monkeypatch):
+    """The same model and input at other paths (a model copied to node-local scratch, './m' for 'm'),
+    positions -1 for 7 at length 8, and the family's blocks and final norm named explicitly are the
+    same run: it resumes, says so once, and keeps the directory's own settings. A setting that
+    changes the bytes is still refused."""
+    ids, _ = ids_file(tmp_path, 8 * 10)
+    tiny_gpt2().save_pretrained(tmp_path / "m")
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")
+    shutil.copy(ids, tmp_path / "moved.npy")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    base = ["extract", "--data", ids, "--out", str(out), "--seq-len", "8", "--batch-size", "2",
+            "--shard-size", "1KiB", "--no-progress"]
+    assert cli_rc([*base, "--model", "m", "--positions", "7"]) == 0
+    before = {f: (out / f).read_bytes() for f in shard_files(out)}
+    settings = residtap.open(out).manifest["settings"]
+    capsys.readouterr()
+    for k, again in enumerate((["--model", "./m/", "--positions", "-1"],
+                               ["--model", str(tmp_path / "copy"), "--positions=-1:"],
+                               ["--model", "m", "--positions", "7", "--blocks", "transformer.h",
+                                "--final-norm", "transformer.ln_f", "--data", str(tmp_path / "moved.npy")])):
+        (out / shard_files(out)[k + 1]).unlink()
+        assert cli_rc([*base, *again]) == 0, again
+        err = capsys.readouterr().err
+        assert err.count("was started with the same model, input and settings, written otherwise") == 1, err
+        assert {f: (out / f).read_bytes() for f in shard_files(out)} == before
+        m = residtap.open(out, verify=True).manifest
+        assert m["complete"] and m["settings"] == settings
+    for other, what in ((["--positions", "6"], "positions"), (["--layers", "1"], "layer_ids")):
+        (out / shard_files(out)[0]).unlink()
+        assert cli_rc([*base, "--model", "m", "--positions", "7", *other]) == 1  # (a store error: the run failed, as other refusals of a directory)
+        assert re.search(rf"holds an extraction made with different settings .*{what}:", capsys.readouterr().err)
+
+
 def test_a_deleted_shard_of_a_complete_extraction_is_recomputed(tmp_path, capsys):
     """The checksum error's advice (delete the file, run the same command again) works on a complete
     extraction too; a run resumed with another backend keeps the environment the extraction was

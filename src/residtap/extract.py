@@ -57,7 +57,7 @@ from torch import nn
 from . import backend as _backend
 from . import inputs as _inputs
 from . import store as _store
-from .arch import bare_model, max_positions, module_device, resolve_layout
+from .arch import _get_path, bare_model, max_positions, module_device, resolve_layout
 from .capture import Capture
 from .cli import say
 from .reference import OUTPUTS, STAT_NAMES
@@ -628,7 +628,8 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                 _make_dir(out)
                 lock = _store.lock_directory(out)
             records, complete, data_changed = _prepare_dir(out, header, rank, world, group,
-                                                           opts.verify_existing)
+                                                           opts.verify_existing,
+                                                           functools.partial(_canonical_settings, model))
             if complete:
                 m = _store.read_json(os.path.join(out, _store.MANIFEST))
                 nothing = {"shards_written": 0, "shards_skipped": len(records), "n_tokens": 0, "n_rows": 0,
@@ -784,9 +785,10 @@ def _check_inputs_everywhere(run: "_Run", changed: list[str], group) -> None:
         raise error
 
 
-def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool):
+def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool, canonical):
     """Create or check ``out``; return (complete records, whether the extraction is already complete, how
-    the input's contents changed since it was started: see _check_compatible).
+    the input's contents changed since it was started: see _check_compatible). ``canonical``: settings
+    as compared for a resume (see _adopt_same_run).
 
     Rank 0 (which has made the directory and taken its lock) writes the initial manifest before any
     other rank looks at it.
@@ -802,10 +804,12 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                         "write there: choose a new or empty directory")
             _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
                                                                            "shards": []})
+        _adopt_same_run(out, header, canonical, speak=True)
         changed = _check_compatible(out, header)
         _reopen_if_shards_missing(out)
     _barrier(group)
     if rank != 0:
+        _adopt_same_run(out, header, canonical, speak=False)
         changed = _check_compatible(out, header)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
@@ -957,6 +961,87 @@ def _without_content(settings: dict) -> dict:
     if not isinstance(data, dict):
         return settings
     return {**settings, "data": {k: v for k, v in data.items() if k not in _inputs.CONTENT_KEYS}}
+
+
+def _canonical_settings(model: nn.Module, settings: dict) -> dict:
+    """``settings`` as a resume compares them: what makes the shards' bytes, not how it was written.
+    Without the model's name or path (its identity is its config hash and weights fingerprint) and the
+    input's path (its identity is its fingerprint) or its tokenizer's path; positions as the indices
+    they select at seq_len (-1 and 15 at length 16, "all" and "0:16"); blocks and final_norm as the
+    names of the modules they are in ``model`` (the family's when a run did not name them)."""
+    s = dict(settings)
+    s.pop("model", None)
+    data = s.get("data")
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "path"}
+        if isinstance(data.get("tokenizer"), dict):
+            data["tokenizer"] = {k: v for k, v in data["tokenizer"].items() if k != "name_or_path"}
+        s["data"] = data
+    s["positions"] = _selected_positions(s.get("positions"), s.get("seq_len"))
+    for key in ("blocks", "final_norm"):
+        s[key] = _named_modules(model, key, s.get(key, NOT_GIVEN))
+    return s
+
+
+def _selected_positions(rule, seq_len):
+    """A manifest's positions rule ("all", an int, "a:b:c", a list, "last") as the indices it selects
+    at ``seq_len``; the rule itself where it selects by mask ("last") or cannot be read."""
+    if rule == LAST or not is_int(seq_len):
+        return rule
+    try:
+        if rule == "all":
+            spec = None
+        elif isinstance(rule, str):
+            spec = slice(*(int(v) if v else None for v in rule.split(":")))
+        else:
+            spec = rule
+        plan = resolve_positions(spec, seq_len)
+    except (ValueError, TypeError):
+        return rule
+    return plan.index if plan.index is not None else list(range(plan.span.start, plan.span.stop))
+
+
+def _named_modules(model: nn.Module, key: str, value):
+    """blocks= / final_norm= as recorded (a path, names, None, or absent: the family's) → the names
+    of the modules in ``model``; the value itself where it does not resolve."""
+    try:
+        if value is NOT_GIVEN:
+            layout = resolve_layout(model)
+            value = list(layout.blocks) if key == "blocks" else layout.final_norm
+        elif isinstance(value, str):
+            value = _get_path(model, value, key)
+        else:
+            return value
+    except ValueError:
+        return None if value is NOT_GIVEN else value
+    if isinstance(value, (nn.ModuleList, nn.Sequential)):
+        value = list(value)
+    return _module_names(model, value)
+
+
+def _adopt_same_run(out: str, header: dict, canonical, speak: bool) -> None:
+    """Where ``out`` holds an extraction whose settings differ from this run's only in how they were
+    written (the model or the input at another path, positions -1 rather than 15, blocks named as the
+    family's), this run takes the directory's settings as its own (the input's contents as it finds
+    them) and resumes it, saying so once; _check_compatible then sees the same run. Else nothing
+    changes here."""
+    paths = _store.manifest_paths(out)
+    try:
+        have = _store.read_json(paths[0]).get("settings") if paths else None
+    except _store.StoreError:
+        return  # (_check_compatible says what is wrong with it)
+    if not isinstance(have, dict):
+        return
+    h, w = _without_content(have), _without_content(header["settings"])
+    if h == w or canonical(h) != canonical(w):
+        return
+    data = header["settings"].get("data")
+    content = {k: v for k, v in data.items() if k in _inputs.CONTENT_KEYS} if isinstance(data, dict) else {}
+    adopted = {**have, "data": {**have["data"], **content}} if isinstance(have.get("data"), dict) else dict(have)
+    if speak:
+        say(f"residtap extract: {out!r} was started with the same model, input and settings, written "
+            f"otherwise ({'; '.join(_store.settings_difference(h, w))}); resuming it with its own")
+    header["settings"] = adopted
 
 
 def _check_compatible(out: str, header: dict) -> list[str]:
