@@ -439,7 +439,13 @@ def test_a_forward_that_raises_before_the_first_block_leaves_no_stale_buffers(mo
 
 
 def test_a_family_path_with_no_blocks_names_the_path():
-    model = residtap.models.random_gpt2(n_layer=0, n_embd=64, n_head=2, vocab_size=97, n_positions=64)
+    import transformers as T
+
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=0, n_embd=64, n_head=2, vocab_size=97, n_positions=64))
+    # (residtap's own random models refuse to be built without blocks)
+    with pytest.raises(ValueError, match=r"overrides: expected n_layer, n_head to be an int >= 1, got n_layer=0, "
+                                         r"n_head=2\.5"):
+        residtap.models.random_gpt2(n_layer=0, n_embd=64, n_head=2.5, vocab_size=97, n_positions=64)
     with pytest.raises(ValueError, match=r"blocks: expected a non-empty sequence of modules, got no modules "
                                          r"at the path 'h' \(residtap's FAMILIES entry for 'gpt2'"):
         residtap.capture(model)

@@ -1567,7 +1567,7 @@ def test_only_one_run_holds_the_lock_when_its_holder_removes_the_file(tmp_path, 
 
     def b_flock(fd, op):  # B has opened the file; A finishes (removes it, lets go) before B locks
         monkeypatch.setattr(store, "fcntl", fcntl)
-        _tidy_if_nothing_there(str(out), made_dir=False)
+        _tidy_if_nothing_there(str(out), made_dir=None)
         os.close(a)
         return fcntl.flock(fd, op)
 
@@ -1660,7 +1660,7 @@ def test_rank_0_takes_a_multi_process_run_back_only_where_no_rank_recorded_a_sha
         {"index": 1, "file": store.shard_name(1)}]})
     (out / store.shard_name(0)).write_bytes(b"not recorded")
     kept = sorted(os.listdir(out))
-    ex._take_back(str(out), made_dir=True, world=2)
+    ex._take_back(str(out), made_dir=os.path.abspath(out), world=2)
     assert sorted(os.listdir(out)) == kept
 
     os.remove(out / store.part_name(1))
@@ -1673,12 +1673,12 @@ def test_rank_0_takes_a_multi_process_run_back_only_where_no_rank_recorded_a_sha
     assert held is not None
     try:
         t0 = time.monotonic()
-        ex._take_back(str(out), made_dir=True, world=2)
+        ex._take_back(str(out), made_dir=os.path.abspath(out), world=2)
         assert time.monotonic() - t0 >= 0.2
         assert "manifest.json" in os.listdir(out)
     finally:
         os.close(held)
-    ex._take_back(str(out), made_dir=True, world=2)
+    ex._take_back(str(out), made_dir=os.path.abspath(out), world=2)
     assert os.listdir(out) == [f".{store.shard_name(1)}.tmp"]
 
 
@@ -2003,6 +2003,64 @@ def test_shards_are_hashed_several_at_once_and_their_errors_come_in_order(tmp_pa
     assert len(started) <= 3 and str(out / files[-1]) not in started, started
 
 
+def test_a_directory_another_tool_wrote_a_manifest_in_is_refused_before_anything_is_made_there(tmp_path, capsys):
+    path, _ = ids_file(tmp_path, 8 * 4)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"foo": 1}')
+    code = cli_rc(["extract", "--model", RANDOM, "--data", path, "--out", str(other), "--seq-len", "8",
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(r"error: --out: '.*other' holds a manifest.json that residtap cannot resume "
+                                   r"\(.*not a residtap activation manifest.*\); choose a new or empty directory", err)
+    assert sorted(os.listdir(other)) == ["manifest.json"]  # no lock file left there
+    assert cli_rc(["extract", "--model", RANDOM, "--data", path, "--out", "", "--seq-len", "8"]) == 2
+    assert "--out: expected a directory path, got ''" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", ["no sha256", "bytes as text", "a path elsewhere", "not a record"])
+def test_a_shard_record_edited_by_hand_is_a_clear_error_to_readers_and_resumes(tmp_path, edit):
+    path, _ = ids_file(tmp_path, 8 * 4)
+    out = tmp_path / "out"
+    residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    record = m["shards"][0]
+    if edit == "no sha256":
+        del record["sha256"]
+    elif edit == "bytes as text":
+        record["bytes"] = str(record["bytes"])
+    elif edit == "a path elsewhere":
+        record["file"] = "../" + record["file"]
+    else:
+        m["shards"][0] = "shard-00000.safetensors"
+    (out / "manifest.json").write_text(json.dumps(m))
+    for read in (lambda: residtap.open(out, verify=True),
+                 lambda: residtap.extract(tiny_gpt2(), path, out, seq_len=8, progress=False)):
+        with pytest.raises(residtap.StoreError, match=r"the manifest '.*manifest.json': shard record 0 lacks or "
+                                                      r"misstates \['(sha256|bytes|file|index)'.*was edited"):
+            read()
+
+
+def test_a_failed_first_run_removes_the_parents_it_made_too(tmp_path, capsys):
+    """Taken back, a first run leaves no directory it made: out, and the missing parents it made for it;
+    never a parent that was there before."""
+    ids = np.arange(8 * 4) % 97
+    ids[3] = 500  # outside the vocabulary: the first batch fails, after the directory was made
+    np.save(tmp_path / "bad.npy", ids)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "bad.npy"), tmp_path / "kept" / "a" / "b" / "out",
+                         seq_len=8, progress=False)
+    assert os.listdir(tmp_path / "kept") == []
+    # a uint64 token id past int64 is said as it is, not wrapped to a negative one
+    big = (np.arange(8 * 4) % 97).astype(np.uint64)
+    big[5] = 2**63 + 5
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(ValueError, match=rf"data: token id {2**63 + 5} in sequences 0\.\.3 does not fit in int64"):
+        residtap.extract(tiny_gpt2(), str(tmp_path / "big.npy"), tmp_path / "big", seq_len=8, progress=False)
+    assert not (tmp_path / "big").exists()
+
+
 def test_the_same_run_written_otherwise_resumes(tmp_path, capsys, monkeypatch):
     """The same model and input at other paths (a model copied to node-local scratch, './m' for 'm'),
     positions -1 for 7 at length 8, and the family's blocks and final norm named explicitly are the
@@ -2294,6 +2352,7 @@ def cli_rc(argv) -> int:
     (["--model", "random:gpt2-tiny"], r"--model: expected one of \['gpt2-medium', .*got 'gpt2-tiny'"),
     (["--model", RANDOM + ",n_layr=1"], r"--model: expected GPT2Config fields .*got unknown \['n_layr'\]"),
     (["--model", "random:gpt2-small,n_layer"], r"--model: expected 'random:SIZE\[,key=value...\]'"),
+    (["--model", "random:gpt2-small,n_layer=0"], r"--model: expected n_layer to be an int >= 1, got n_layer=0$"),
     (["--blocks", "nowhere"], r"--blocks: expected a module path inside"),
     (["--final-norm", "nowhere"], r"--final-norm: expected a module path inside"),
     (["--tokenizer", "no-such-dir/x/y"], r"--tokenizer: 'no-such-dir/x/y' could not be loaded offline"),

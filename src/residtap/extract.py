@@ -609,15 +609,25 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                                            if t != "attention_mask" or opts.packing == "pad"]}}
 
     out = os.fspath(out)
+    if not out:
+        raise ValueError("out: expected a directory path, got ''")
     # A run that fails before its first shard in a directory it started takes its manifest back
     # (else the corrected command would find "another extraction" there): rank 0 decides, for every
-    # process of the run (_take_back).
-    made_dir = not os.path.exists(out)
+    # process of the run (_take_back). made_dir: the top-most directory this run makes (its parents
+    # too, where they are missing), which it then removes again; None where out exists.
+    made_dir = _first_missing(out)
     if not made_dir and not os.path.isdir(out):
         # Said here, as the other unusable directories are: listing it below would fail with a bare
         # NotADirectoryError, reported as an unexpected error with its traceback.
         raise _store.StoreError(f"out: {out!r} exists and is not a directory; choose a new or empty "
                                 "directory for the extraction")
+    if not made_dir:  # a manifest that is not residtap's: refused before anything (the lock) is made there
+        for p in _store.manifest_paths(out):
+            try:
+                _store.read_json(p)
+            except _store.StoreError as e:
+                raise _store.StoreError(f"out: {out!r} holds a {os.path.basename(p)} that residtap cannot "
+                                        f"resume ({e}); choose a new or empty directory") from None
     fresh = rank == 0 and (made_dir or not _store.manifest_paths(out))
     group = _init_group(world)
     lock = None
@@ -840,6 +850,28 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
     return records, False, changed
 
 
+def _first_missing(out: str) -> str | None:
+    """The top-most directory of the path ``out`` that does not exist yet (what _make_dir creates:
+    ``out`` itself where its parent exists), or None where ``out`` exists."""
+    path, top = os.path.abspath(out), None
+    while not os.path.lexists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
+def _remove_made(out: str, made_dir: str) -> None:
+    """``out`` and the parents of it up to ``made_dir`` (what this run made), each only if empty."""
+    path = os.path.abspath(out)
+    while True:
+        os.rmdir(path)  # OSError where not empty: the caller stops there
+        if path == made_dir or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
 def _make_dir(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
@@ -853,7 +885,7 @@ def _make_dir(out: str) -> None:
 _TAKE_BACK_WAIT = 60.0
 
 
-def _take_back(out: str, made_dir: bool, world: int) -> None:
+def _take_back(out: str, made_dir: str | None, world: int) -> None:
     """Rank 0 failed before it recorded any shard of a run that started ``out`` (or found it without a
     manifest): take the run back (_abandon) where no process of it has recorded a shard, so that the
     corrected command finds nothing in the way; else keep everything a resume needs.
@@ -891,7 +923,7 @@ def _take_back(out: str, made_dir: bool, world: int) -> None:
         os.close(fd)
 
 
-def _abandon(out: str, made_dir: bool, owns=lambda index: True) -> None:
+def _abandon(out: str, made_dir: str | None, owns=lambda index: True) -> None:
     """Undo what a failed first run wrote before any shard was recorded: its manifest (and rank parts,
     listing nothing), the temporaries of the shards ``owns`` says are this process's (another rank's
     may be being written) and any shard renamed into place whose record was never written (the
@@ -903,21 +935,21 @@ def _abandon(out: str, made_dir: bool, owns=lambda index: True) -> None:
             if _store.SHARD_FILE.fullmatch(f) or f.startswith(_store.PART_PREFIX):  # parts, their temporaries
                 os.remove(os.path.join(out, f))
         os.remove(os.path.join(out, _store.MANIFEST))
-        if made_dir and not os.listdir(out):
-            os.rmdir(out)
+        if made_dir:
+            _remove_made(out, made_dir)
     except OSError:
         pass
 
 
-def _tidy_if_nothing_there(out: str, made_dir: bool) -> None:
+def _tidy_if_nothing_there(out: str, made_dir: str | None) -> None:
     """After a run that leaves no manifest (it failed before writing one, or took it back): its lock
     file, and the directory if the run made it and it is empty."""
     try:
         if _store.manifest_paths(out):
             return
         os.remove(os.path.join(out, _store.LOCK))
-        if made_dir and not os.listdir(out):
-            os.rmdir(out)
+        if made_dir:
+            _remove_made(out, made_dir)
     except OSError:
         pass
 

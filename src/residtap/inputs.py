@@ -259,11 +259,15 @@ class NpySource(Source):
                 yield Skipped(index)
                 continue
             a, b = index * seqs_per_block, min(n, (index + 1) * seqs_per_block)
+            raw = self.arr[a:b] if self.arr.ndim == 2 else self.arr[a * t:b * t]
+            if raw.dtype == np.uint64 and raw.size and (top := int(raw.max())) > np.iinfo(np.int64).max:
+                raise ValueError(f"data: token id {top} in sequences {a}..{b - 1} does not fit in int64 "
+                                 "(no vocabulary is that large)")
             if self.arr.ndim == 2:  # row-major whatever the array's order (Fortran, a transpose)
-                ids = np.ascontiguousarray(self.arr[a:b], dtype=np.int64)
+                ids = np.ascontiguousarray(raw, dtype=np.int64)
                 src = np.stack([np.arange(a, b), np.zeros(b - a, dtype=np.int64)], 1)
             else:
-                ids = np.ascontiguousarray(self.arr[a * t:b * t], dtype=np.int64).reshape(b - a, t)
+                ids = np.ascontiguousarray(raw, dtype=np.int64).reshape(b - a, t)
                 src = np.stack([np.zeros(b - a, dtype=np.int64), np.arange(a, b) * t], 1)
             block = Block(index, a, ids, None, src.astype(np.int64))
             yield block if wanted(index) else Skipped(index, block.digest())

@@ -46,6 +46,11 @@ def random_gpt2(size: str = "gpt2-small", *, seed: int = 0, dtype=torch.float32,
         raise ValueError(f"overrides: expected GPT2Config fields (n_layer, n_embd, n_head, vocab_size, "
                          f"n_positions, ...), got unknown {unknown}")
     kw = {**GPT2_SIZES[size], **overrides}
+    small = [k for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
+             if k in overrides and not (is_int(kw[k]) and kw[k] >= 1)]
+    if small:  # (GPT2Config takes them, and a model of 0 blocks fails later, as something else)
+        raise ValueError(f"overrides: expected {', '.join(small)} to be an int >= 1, got "
+                         f"{', '.join(f'{k}={kw[k]!r}' for k in small)}")
     if "vocab_size" in kw:  # keep the special tokens inside a small vocabulary
         kw.setdefault("bos_token_id", kw["vocab_size"] - 1)
         kw.setdefault("eos_token_id", kw["vocab_size"] - 1)

@@ -444,7 +444,25 @@ def read_json(path: str) -> dict:
     if obj.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path!r} has format_version {obj.get('format_version')!r}; this residtap reads "
                          f"and writes version {FORMAT_VERSION}")
+    shards = obj.get("shards", [])
+    if not isinstance(shards, list):
+        raise StoreError(f"the manifest {path!r}: 'shards' is a {type(shards).__name__}, expected a list of "
+                         "shard records; it was not written by residtap or was edited")
+    for k, record in enumerate(shards):
+        bad = [key for key, kind in _RECORD_FIELDS.items()
+               if not isinstance(record, dict) or not isinstance(record.get(key), kind)
+               or isinstance(record.get(key), bool)]
+        if not bad and os.path.basename(record["file"]) != record["file"]:
+            bad = ["file"]  # a name in the directory, not a path elsewhere
+        if bad:
+            raise StoreError(f"the manifest {path!r}: shard record {k} lacks or misstates {bad} (expected "
+                             f"{ {key: kind.__name__ for key, kind in _RECORD_FIELDS.items()} }, a file name "
+                             "in the directory); it was not written by residtap or was edited")
     return obj
+
+
+# What every shard record holds, and of what type (read_json checks; the rest is read as written).
+_RECORD_FIELDS = {"index": int, "file": str, "bytes": int, "sha256": str, "n_rows": int}
 
 
 def manifest_paths(directory: str) -> list[str]:
