@@ -592,3 +592,25 @@ def test_a_hook_that_stops_the_forward_after_a_block_leaves_that_block_captured(
     finally:
         handle.remove()
     assert_same_outputs(cap, run_reference(model, ids, layers=[0, 1, 2], outputs=OUTPUTS), OUTPUTS)
+
+
+def test_a_deep_copy_of_the_model_made_inside_with_runs_as_a_model_without_hooks(extension):
+    """copy.deepcopy copies the capture's hook entries with the model: on the copy they do nothing
+    (they used to make every forward of the copy fail, inside and after the with), and the capture
+    goes on capturing the original."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS, positions="last") as cap, torch.no_grad():
+        model(ids)
+        twin = copy.deepcopy(model)
+        first = cap.resid.clone()
+        with torch.no_grad():
+            twin.transformer.h[0].mlp.c_fc.weight.mul_(2)  # the copy computes something else
+        out = twin(ids, output_hidden_states=True)
+        assert torch.equal(cap.resid, first)  # the copy's forward was not captured
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+    with torch.no_grad():
+        again = twin(ids, output_hidden_states=True)
+    assert torch.equal(again.hidden_states[1], out.hidden_states[1])
+    assert not torch.equal(again.hidden_states[1], run_reference(model, ids, layers=[1]).outputs["resid"][0])

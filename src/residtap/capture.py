@@ -194,6 +194,12 @@ class Capture:
         self._homes_version = 0  # part of the allocation key: bumped whenever _homes change
         self._probe_parity()
 
+    def __deepcopy__(self, memo) -> "Capture":
+        """Not copied: ``copy.deepcopy(model)`` inside ``with`` copies this capture's hooks with the
+        model, and they then refer to this capture, which ignores calls from modules it did not hook;
+        so the copy runs as a model without hooks (its copied hook entries do nothing)."""
+        return self
+
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "Capture":
         if self._handles:
@@ -230,7 +236,9 @@ class Capture:
         if self._side is not None:
             self._join(check=exc_type is None)  # never swallow the forward's exception
 
-    def _on_model_enter(self, _module, _args):
+    def _on_model_enter(self, module, _args):
+        if module is not self.model:  # a deep copy of the model made inside ``with`` (see __deepcopy__)
+            return
         if self._model_depth == 0:
             self._refuse_layerdrop()
             self._calls += 1
@@ -262,7 +270,9 @@ class Capture:
             "no residual for them, and residtap starts each forward at the first block; nothing was "
             "kept from this forward")
 
-    def _on_model_exit(self, _module, _args, _output):
+    def _on_model_exit(self, module, _args, _output):
+        if module is not self.model:
+            return
         # overlap: at the end of the model's forward (also when it raised), the main stream waits
         # for every side-stream capture, so whatever reads the buffers next is ordered after them.
         self._model_depth = max(0, self._model_depth - 1)
@@ -305,7 +315,9 @@ class Capture:
         for h in handles:
             h.remove()
 
-    def _on_model_call(self, _module, args, kwargs):
+    def _on_model_call(self, module, args, kwargs):
+        if module is not self.model:
+            return
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
         try:
             self._attention_mask = attention_mask_of(self._signature, args, kwargs)
@@ -313,7 +325,9 @@ class Capture:
             self._state = "failed"
             raise
 
-    def _on_first_block(self, _module, args, kwargs):
+    def _on_first_block(self, module, args, kwargs):
+        if module is not self.layout.blocks[0]:
+            return
         hidden = self.layout.hidden_from_args(args, kwargs)
         if self._model_depth and self._begun_in == self._calls:
             self._ran_twice(0)
@@ -323,7 +337,9 @@ class Capture:
             self._write(0, hidden, None)
 
     def _block_hook(self, i: int):
-        def hook(_module, args, kwargs, output):
+        def hook(module, args, kwargs, output):
+            if module is not self.layout.blocks[i]:
+                return
             if output is None:  # the block itself raised: torch calls an always_call hook without output
                 return
             self._write(i + 1, self.layout.hidden_from_output(output),
