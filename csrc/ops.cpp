@@ -1,5 +1,8 @@
 // Every residtap schema, defined once. Backends add implementations in their own files
 // (cpu/capture_cpu.cpp, cuda/capture_cuda.cpp) with TORCH_LIBRARY_IMPL.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "capture_common.h"
@@ -22,6 +25,33 @@ bool set_staged_rows(bool on) {
   const bool previous = residtap::staged_rows();
   residtap::staged_rows() = on;
   return previous;
+}
+
+// capture_block at the ADInplaceOrView key: the op, then a bump of the version counter of every
+// buffer it wrote (its mutable arguments), as torch's own in-place ops do. Autograd then refuses a
+// backward through a tensor saved from a buffer a later forward overwrote ("modified by an inplace
+// operation"), and an inference tensor written outside inference mode is refused, as with the
+// reference's copy_. torch's boxed fallback for this key bumps only mutable returns, and this op
+// returns nothing. Host-side only; inference tensors (no version counter) skip this key.
+void capture_block_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                           torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t n_args = schema.arguments().size();
+  const size_t start = stack->size() - n_args;
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < n_args; ++i) {
+    const c10::IValue& arg = (*stack)[start + i];
+    if (schema.is_mutable({c10::SchemaArgType::input, i}) && arg.isTensor()) {
+      written.push_back(arg.toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    torch::autograd::impl::bump_version(t);
+  }
 }
 }  // namespace
 
@@ -56,4 +86,8 @@ TORCH_LIBRARY(residtap, m) {
   // Whether this thread's CUDA launches use the staged fast kernel (experimental; same outputs);
   // returns the previous setting.
   m.def("_set_staged_rows(bool on) -> bool", &set_staged_rows);
+}
+
+TORCH_LIBRARY_IMPL(residtap, ADInplaceOrView, m) {
+  m.impl("capture_block", torch::CppFunction::makeFromBoxedFunction<&capture_block_inplace>());
 }

@@ -614,3 +614,19 @@ def test_a_deep_copy_of_the_model_made_inside_with_runs_as_a_model_without_hooks
         again = twin(ids, output_hidden_states=True)
     assert torch.equal(again.hidden_states[1], out.hidden_states[1])
     assert not torch.equal(again.hidden_states[1], run_reference(model, ids, layers=[1]).outputs["resid"][0])
+
+
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_a_loss_saved_from_a_buffer_the_next_forward_overwrote_is_refused_by_autograd(extension, backend):
+    """cap.resid is a view of a buffer the next forward overwrites: a backward through a loss built
+    on it before then must fail as after any in-place change, not run on the new values."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    cap = residtap.Capture(model, layers=[1], backend=backend)
+    probe = torch.randn(64, 3, requires_grad=True)
+    with torch.no_grad(), cap:
+        model(ids_for(model, 2, 5))
+    loss = (cap.resid[0] @ probe).square().sum()
+    with torch.no_grad(), cap:
+        model(ids_for(model, 2, 5, seed=1))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -420,3 +420,29 @@ def test_grid_cap_is_per_thread_restored_and_validated(extension):
                 pass
     assert set_cap(0) == 0
     assert_cpu_op_unchanged_under(ops.grid_cap(1))  # off CUDA the cap changes nothing
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_written_buffers_count_as_modified_in_place(extension, impl):
+    """The op bumps the version counter of every buffer it writes, as torch's in-place ops (and the
+    reference's copy_) do: autograd then refuses a backward through a tensor saved from a buffer
+    that was written again, and an inference tensor written outside inference mode is refused."""
+    fn = ops.capture_block if impl == "op" else reference.capture_block
+    out, inp = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    resid, mean, unused = torch.empty(2, 5, 8), torch.empty(2, 5), torch.empty(2, 5, 8)
+    versions = [t._version for t in (resid, mean, unused, out, inp)]
+    fn(out, inp, None, norm_kind="none", resid=resid, mean=mean)
+    assert resid._version > versions[0] and mean._version > versions[1]
+    assert [t._version for t in (unused, out, inp)] == versions[2:]  # only what was written
+    w = torch.randn(8, requires_grad=True)
+    loss = (resid * w).sum()  # saves resid for w's gradient
+    fn(out + 1, inp, None, norm_kind="none", resid=resid)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():
+        frozen = torch.empty(2, 5, 8)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        fn(out, inp, None, norm_kind="none", resid=frozen)
+    with torch.inference_mode():  # inside it, as anywhere in inference mode: no version to bump
+        fn(out, inp, None, norm_kind="none", resid=frozen)
+    assert torch.equal(frozen, out)
