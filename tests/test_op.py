@@ -272,7 +272,7 @@ def test_op_under_torch_compile(extension):
     assert torch.equal(resid, out)
 
 
-@pytest.mark.parametrize("kwargs,argname", [
+BAD_ARGS = [
     (dict(out=torch.zeros(2, 3)), "out"),
     (dict(out=torch.zeros(2, 3, 0), resid=torch.zeros(2, 3, 0)), "out"),  # no norm or stat of 0 values
     (dict(out=torch.zeros(2, 3, 4, dtype=torch.int32)), "out"),
@@ -291,14 +291,28 @@ def test_op_under_torch_compile(extension):
     (dict(norm_kind="none", normed=torch.zeros(2, 3, 4)), "normed"),
     (dict(index=torch.tensor([0], device="meta")), "index"),  # torch sends these to the fake impl
     (dict(mean=torch.zeros(2, 3, device="meta")), "mean"),
-])
-def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname):
+]
+# What the reference checks too: all but the index values and the op's layout rule (contiguous buffers)
+REFERENCE_CHECKS = [(k, a) for k, a in BAD_ARGS if not (a == "index" and "resid" in k or a == "delta")]
+
+
+@pytest.mark.parametrize("impl,kwargs,argname", [("op", *c) for c in BAD_ARGS]
+                         + [("reference", *c) for c in REFERENCE_CHECKS])
+def test_op_rejects_bad_arguments_naming_them(extension, kwargs, argname, impl):
+    """The op, and the reference that stands in for it, refuse the same arguments by name, before
+    writing anything (the reference: all but what reads the device, the index values, and the
+    op's layout rules)."""
     args = dict(out=torch.zeros(2, 3, 4), inp=None, index=None, norm_kind="layer_norm",
                 resid=torch.zeros(2, 3, 4))
     args.update(kwargs)
     out = args.pop("out")
+    fn = ops.capture_block if impl == "op" else reference.capture_block
+    sentinel = args["resid"] if argname != "resid" else None
+    if sentinel is not None:
+        sentinel.fill_(7.0)
     with pytest.raises(RuntimeError, match=f"'{argname}' expected"):
-        ops.capture_block(out, args.pop("inp"), args.pop("index"), **args)
+        fn(out, args.pop("inp"), args.pop("index"), **args)
+    assert sentinel is None or sentinel.eq(7.0).all()  # nothing written before the refusal
 
 
 @pytest.mark.parametrize("eps", ["1e-5", None, "abc"])
@@ -446,3 +460,21 @@ def test_written_buffers_count_as_modified_in_place(extension, impl):
     with torch.inference_mode():  # inside it, as anywhere in inference mode: no version to bump
         fn(out, inp, None, norm_kind="none", resid=frozen)
     assert torch.equal(frozen, out)
+
+
+def test_the_ops_load_the_library_themselves_in_a_fresh_process(extension):
+    """residtap.ops called first thing (its docstring's example) builds or loads the library rather
+    than failing on torch.ops.residtap; a launch setting made before anything loaded it holds."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom residtap import ops\n"
+            "o, r = torch.randn(2, 3, 4), torch.empty(2, 3, 4)\n"
+            "ops.capture_block(o, resid=r)\nassert torch.equal(r, o)\n"
+            "with ops.grid_cap(7):\n    assert torch.ops.residtap._set_grid_cap(7) == 7\n"
+            "with ops.staged_rows(True):\n    assert torch.ops.residtap._set_staged_rows(True) is True\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

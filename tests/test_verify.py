@@ -519,3 +519,37 @@ def test_verify_refuses_inputs_embeds_it_cannot_make_in_one_line(extension, monk
     err = capsys.readouterr().err
     assert err == f"residtap verify: error: {info.value}\n" and err.count("\n") == 1
     assert hook_counts(model) == 0
+
+
+def test_compare_reports_infinite_and_float64_differences_as_they_are():
+    """An inf facing a number (or -inf) is a difference of inf, not float32's largest value; a
+    float64 model's differences are taken in float64 (1e-12 is not 0, 1e300 is not 3.4e38)."""
+    from residtap.verify import _compare
+
+    nan = torch.tensor(float("nan"))
+    inf = float("inf")
+    for c, h in (([inf], [1.0]), ([inf], [-inf]), ([2.0], [-inf])):
+        maxabs, eq = _compare(torch.tensor(c), torch.tensor(h), nan)
+        assert maxabs.item() == inf and eq.item() == 0.0, (c, h)
+    assert [t.item() for t in _compare(torch.tensor([inf]), torch.tensor([inf]), nan)] == [0.0, 1.0]
+    one = torch.ones(3, dtype=torch.float64)
+    maxabs, eq = _compare(one + 1e-12, one, nan)
+    assert maxabs.item() > 0.0 and eq.item() == 0.0
+    maxabs, _ = _compare(one * 1e300, -one * 1e300, nan)
+    assert maxabs.item() == inf  # (2e300 does not fit in the float32 table: inf, not a finite value)
+
+
+@pytest.mark.parametrize("ids,mask,match", [
+    (torch.zeros(1, 2, 7, dtype=torch.long), None, r"input_ids: expected an integer tensor \[batch, seq\] with "
+                                                   r"batch, seq >= 1, got a torch.int64 tensor of shape \(1, 2, 7\)"),
+    (torch.zeros(7, dtype=torch.long), None, r"got a torch.int64 tensor of shape \(7,\)"),
+    (torch.zeros(2, 0, dtype=torch.long), None, r"got a torch.int64 tensor of shape \(2, 0\)"),
+    (torch.zeros(2, 7), None, r"got a torch.float32 tensor"),
+    ([[1, 2]], None, r"got list"),
+    (torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 6), r"attention_mask: expected None or a tensor of "
+                                                            r"input_ids' shape \(2, 7\), got shape \(2, 6\)"),
+])
+def test_verify_refuses_input_ids_that_are_not_a_batch_of_sequences(extension, ids, mask, match):
+    model = tiny_gpt2(2, 64, 2)
+    with pytest.raises(ValueError, match=match):
+        residtap.verify(model, ids, mask)

@@ -36,18 +36,35 @@ def capture_block(
 
         resid = torch.empty(2, 5, 768)
         capture_block(block_out, block_in, resid=resid)   # resid[:] = block_out
+
+    The first call builds (once per machine) and loads the library where nothing has yet.
     """
+    if not _fake_registered:  # (set once the library is loaded)
+        _load_or_raise()
     torch.ops.residtap.capture_block(
         out, inp, index, norm_weight, norm_bias, norm_kind, eps,  # the schema's float: ints too, never str
         resid, delta, normed, mean, rstd, l2, maxabs,
     )
 
 
+def _load_or_raise() -> None:
+    from ._build import load_extension
+
+    info = load_extension()
+    if not info.loaded:
+        raise RuntimeError(f"residtap.ops: the compiled library could not be built or loaded ({info.error}); "
+                           "residtap.reference.capture_block computes the same outputs in PyTorch")
+
+
 @contextlib.contextmanager
 def _thread_setting(op_name: str, value):
     """Sets one of the compiled library's per-thread launch settings (``torch.ops.residtap.<op_name>``,
     which returns the previous value) for the block, and puts the previous value back after it,
-    also when it raises. A no-op where the compiled library is not loaded."""
+    also when it raises. Loads the library where nothing has yet (so that the setting holds for the
+    launches in the block); a no-op where it cannot be loaded."""
+    from ._build import load_extension
+
+    load_extension()
     try:
         set_value = getattr(torch.ops.residtap, op_name)
     except (AttributeError, RuntimeError):

@@ -122,8 +122,14 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
     """Pure-PyTorch stand-in for ``residtap.ops.capture_block``, with the same signature.
 
     This is the backend used where the compiled extension is unavailable; it allocates
-    temporaries, so it is slower, but its results are the contract itself.
+    temporaries, so it is slower, but its results are the contract itself. Its arguments are checked
+    as the op checks them (shapes, dtypes, devices; a RuntimeError naming the argument, before anything
+    is written), except what would read the device: index values (out of range: as torch indexes),
+    and the op's layout rules (contiguous buffers, no overlap), which a copy does not need.
     """
+    _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind,
+                      dict(resid=resid, delta=delta, normed=normed),
+                      dict(mean=mean, rstd=rstd, l2=l2, maxabs=maxabs))
     wanted = {"resid": resid, "delta": delta, "normed": normed}
     stat_bufs = {"mean": mean, "rstd": rstd, "l2": l2, "maxabs": maxabs}
     outputs = [k for k, v in wanted.items() if v is not None]
@@ -138,6 +144,46 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
     for k, buf in stat_bufs.items():
         if buf is not None:
             buf.copy_(getattr(res["stats"], k))
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind, rows: dict, stats: dict) -> None:
+    """capture_block's argument checks that read no tensor value (see capture_block)."""
+    def refuse(name, expected, t):
+        got = (f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+               else repr(t))
+        raise RuntimeError(f"residtap.capture_block: argument '{name}' expected {expected}, got {got}")
+
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[2] == 0 or out.dtype not in _FLOATS:
+        refuse("out", "a float32, bfloat16 or float16 tensor [batch, seq, d_model] with d_model >= 1", out)
+    batch, seq, d = out.shape
+    if inp is not None and (not isinstance(inp, torch.Tensor) or inp.shape != out.shape
+                            or inp.dtype != out.dtype or inp.device != out.device):
+        refuse("inp", f"a {out.dtype} tensor of out's shape {tuple(out.shape)} on {out.device}", inp)
+    n_pos = seq
+    if index is not None:
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.device != out.device \
+                or not (index.dim() == 1 or (index.dim() == 2 and index.shape[0] == batch)):
+            refuse("index", f"an int64 tensor [n_pos] or [{batch}, n_pos] on {out.device}", index)
+        n_pos = index.shape[-1]
+    if norm_kind not in ("layer_norm", "torch_layer_norm", "none"):
+        refuse("norm_kind", "one of 'layer_norm', 'torch_layer_norm', 'none'", norm_kind)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (d,) or t.dtype != out.dtype
+                              or t.device != out.device):
+            refuse(name, f"a {out.dtype} tensor [{d}] on {out.device}", t)
+    for name, t in rows.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (batch, n_pos, d)
+                              or t.dtype not in _FLOATS or t.device != out.device):
+            refuse(name, f"a float32, bfloat16 or float16 tensor [{batch}, {n_pos}, {d}] on {out.device}", t)
+    if rows["normed"] is not None and norm_kind == "none":
+        refuse("normed", "None with norm_kind='none' (nothing to re-apply)", rows["normed"])
+    for name, t in stats.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (batch, n_pos)
+                              or t.dtype != torch.float32 or t.device != out.device):
+            refuse(name, f"a float32 tensor [{batch}, {n_pos}] on {out.device}", t)
 
 
 @dataclasses.dataclass(frozen=True)

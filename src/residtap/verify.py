@@ -199,8 +199,10 @@ def _compare(cand: torch.Tensor | None, h: torch.Tensor, nan: torch.Tensor) -> l
         wide = torch.promote_types(cand.dtype, h.dtype)  # the upcast of either side is exact
         cand, h = cand.to(wide), h.to(wide)
     same = _same(cand, h)
-    diff = torch.where(same, 0.0, (cand.float() - h.float()).abs()).nan_to_num(nan=float("inf"))
-    return [diff.amax() if diff.numel() else diff.new_zeros(()), same.all().float()]
+    acc = torch.promote_types(cand.dtype, torch.float32)  # float64 models: their own differences
+    inf = float("inf")  # (nan_to_num would make an inf the dtype's largest finite value)
+    diff = torch.where(same, 0.0, (cand.to(acc) - h.to(acc)).abs()).nan_to_num(nan=inf, posinf=inf)
+    return [(diff.amax() if diff.numel() else diff.new_zeros(())).float(), same.all().float()]
 
 
 def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -214,6 +216,17 @@ def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     """
     from .arch import resolve_layout
 
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or min(input_ids.shape) < 1 \
+            or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        got = (f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected an integer tensor [batch, seq] with batch, seq >= 1, got {got}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = (f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(f"attention_mask: expected None or a tensor of input_ids' shape "
+                         f"{tuple(input_ids.shape)}, got {got}")
     layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
     hs, resid, normed = _run(model, layout, input_ids, attention_mask, backend, dtype=None)
     stream_dtype = resid[0].dtype  # the stream as it enters the first block: the model's dtype
