@@ -125,7 +125,8 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
     temporaries, so it is slower, but its results are the contract itself. Its arguments are checked
     as the op checks them (shapes, dtypes, devices; a RuntimeError naming the argument, before anything
     is written), except what would read the device: index values (out of range: as torch indexes),
-    and the op's layout rules (contiguous buffers, no overlap), which a copy does not need.
+    the op's layout rules (contiguous buffers, no overlap), which a copy does not need, and its dtypes:
+    any floating dtype is taken (float64 models run here).
     """
     _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind,
                       dict(resid=resid, delta=delta, normed=normed),
@@ -146,9 +147,6 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
             buf.copy_(getattr(res["stats"], k))
 
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind, rows: dict, stats: dict) -> None:
     """capture_block's argument checks that read no tensor value (see capture_block)."""
     def refuse(name, expected, t):
@@ -156,8 +154,9 @@ def _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind, rows: 
                else repr(t))
         raise RuntimeError(f"residtap.capture_block: argument '{name}' expected {expected}, got {got}")
 
-    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[2] == 0 or out.dtype not in _FLOATS:
-        refuse("out", "a float32, bfloat16 or float16 tensor [batch, seq, d_model] with d_model >= 1", out)
+    # (any floating dtype: the reference is what runs a model in one the op lacks, float64)
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[2] == 0 or not out.is_floating_point():
+        refuse("out", "a floating-point tensor [batch, seq, d_model] with d_model >= 1", out)
     batch, seq, d = out.shape
     if inp is not None and (not isinstance(inp, torch.Tensor) or inp.shape != out.shape
                             or inp.dtype != out.dtype or inp.device != out.device):
@@ -176,8 +175,8 @@ def _check_block_args(out, inp, index, norm_weight, norm_bias, norm_kind, rows: 
             refuse(name, f"a {out.dtype} tensor [{d}] on {out.device}", t)
     for name, t in rows.items():
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (batch, n_pos, d)
-                              or t.dtype not in _FLOATS or t.device != out.device):
-            refuse(name, f"a float32, bfloat16 or float16 tensor [{batch}, {n_pos}, {d}] on {out.device}", t)
+                              or not t.is_floating_point() or t.device != out.device):
+            refuse(name, f"a floating-point tensor [{batch}, {n_pos}, {d}] on {out.device}", t)
     if rows["normed"] is not None and norm_kind == "none":
         refuse("normed", "None with norm_kind='none' (nothing to re-apply)", rows["normed"])
     for name, t in stats.items():
