@@ -553,3 +553,16 @@ def test_verify_refuses_input_ids_that_are_not_a_batch_of_sequences(extension, i
     model = tiny_gpt2(2, 64, 2)
     with pytest.raises(ValueError, match=match):
         residtap.verify(model, ids, mask)
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly():
+    """`residtap env --json | head`: once the reader has gone, no traceback and no status 3."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "residtap", "env", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc.stdout.close()  # before it writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err

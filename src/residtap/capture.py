@@ -559,8 +559,11 @@ class Capture:
                 or mask.shape[1] < seq:
             got = (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
                    else type(mask).__name__)
+            advice = ("; a 4-D mask (generate with cache_implementation='static' passes one) says no row's "
+                      "last real token here: use the dynamic cache, or an int position (-1 for left-padded "
+                      "generation)" if isinstance(mask, torch.Tensor) and mask.dim() == 4 else "")
             raise ValueError(f"positions='last': expected the model's attention_mask to be [batch, "
-                             f">= seq] = [{batch}, >= {seq}] (1 = real token), got {got}")
+                             f">= seq] = [{batch}, >= {seq}] (1 = real token), got {got}{advice}")
         index = last_token_index(mask, seq)  # [batch, 1] int64, device ops only: no host sync
         return _to(index, device)
 

@@ -1,9 +1,10 @@
-"""``residtap`` on the command line: ``verify`` and ``env``."""
+"""``residtap`` on the command line: ``verify`` and ``env`` here; ``extract`` adds itself (extract.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -16,6 +17,7 @@ from .backend import BackendUnavailableError
 from .capture import CaptureError
 from .selection import DTYPES, resolve_device, resolve_dtype
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a process a closed pipe ended
 EXIT_UNEXPECTED = 3  # 0 done (verify: exact), 1 verify: not exact, 2 bad arguments or model
 
 
@@ -137,16 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="residtap", description="Exact residual-stream capture for HF models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("verify", help="hook outputs vs hidden_states, layer by layer (the seed's experiment)")
+    v = sub.add_parser("verify", help="hook outputs vs hidden_states, layer by layer, and the final norm "
+                                      "re-applied to them")
     v.add_argument("--model", default=None,
-                   help="HF name or local path, loaded offline (default: random GPT-2-small, no download)")
+                   help="HF name or local path, loaded offline (default: GPT-2-small with seeded random "
+                        "weights, no download; extract's random:SIZE specs are not taken here)")
     v.add_argument("--dtype", default="float32", choices=sorted(DTYPES), metavar="DTYPE",
-                   help="float32, bfloat16 or float16")
-    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    v.add_argument("--batch", type=_positive_int, default=2)
-    v.add_argument("--seq", type=_positive_int, default=32)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
+                   help="float32 (default), bfloat16 or float16")
+    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda where available, else cpu")
+    v.add_argument("--batch", type=_positive_int, default=2, help="rows of token ids (default 2)")
+    v.add_argument("--seq", type=_positive_int, default=32, help="tokens per row (default 32)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the token ids and the random model (default 0)")
+    v.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"],
+                   help="default: auto (the compiled op where it runs, else the reference; RESIDTAP_BACKEND)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     add_layout_args(v)
     v.set_defaults(func=cmd_verify)
@@ -213,6 +219,11 @@ def main(argv=None) -> int:
     except (ValueError, UnsupportedStreamError, BackendUnavailableError, CaptureError) as e:
         say(f"residtap {args.command}: error: {e}")
         return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (`residtap env --json | head`): stop quietly, as a process
+        # SIGPIPE ends would, with nothing left to flush into the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 — anything else is unexpected: its traceback, and a status of
         # its own, so that verify's 1 ("not exact") always means what it says
         ctrl_c = _ctrl_c_behind(e)

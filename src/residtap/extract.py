@@ -1959,20 +1959,21 @@ def register_cli(sub) -> None:
     e.add_argument("--out", required=True, help="output directory (created; resumed if it holds this run)")
     e.add_argument("--layers", default="all", help="residual indices: all, 12, 0,6,12 or a:b (default all)")
     e.add_argument("--positions", default="all",
-                   help="positions per sequence: all, last (last real token), -1, 0,5,9 or a:b[:step]")
+                   help="positions per sequence: all (default), last (last real token), -1, 0,5,9 or "
+                        "a:b[:step]")
     e.add_argument("--outputs", default="resid", help=f"comma list of {','.join(OUTPUTS)} (default resid)")
     # names only: None (the model's dtype, in the Python API) is the default here, not a value to type
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), metavar="DTYPE",
                    help="capture dtype: float32, bfloat16 or float16 (default: the model's)")
     e.add_argument("--model-dtype", default=None, choices=sorted(DTYPES), metavar="DTYPE",
                    help="dtype to load the model in (default: checkpoint's)")
-    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward (default 8)")
     e.add_argument("--seq-len", type=_positive_int, default=None,
                    help="tokens per sequence (default: a 2-D .npy's width, else min(1024, model max))")
     e.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="stop after ceil(N / seq_len) sequences")
     e.add_argument("--packing", default="pack", choices=_inputs.PACKINGS,
-                   help="pack: concatenate documents and cut; pad: one document per sequence, padded")
+                   help="pack (default): concatenate documents and cut; pad: one document per sequence, padded")
     e.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     e.add_argument("--text-field", default=None,
                    help="JSONL / dataset text field (default text; a dataset's input_ids column, if it has "
@@ -1990,7 +1991,8 @@ def register_cli(sub) -> None:
                    help="load the model spread over devices (accelerate): auto, balanced, sequential, "
                         "or a JSON file {module: device}; replaces --device")
     e.add_argument("--seed", type=int, default=0, help="seed of random: models")
-    e.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"])
+    e.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"],
+                   help="default: auto (the compiled op where it runs, else the reference; RESIDTAP_BACKEND)")
     e.add_argument("--overlap", action="store_true",
                    help="capture each layer on a side stream beside the next blocks (CUDA; see README)")
     e.add_argument("--no-progress", action="store_true")

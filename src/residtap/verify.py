@@ -207,7 +207,9 @@ def _compare(cand: torch.Tensor | None, h: torch.Tensor, nan: torch.Tensor) -> l
 
 def verify(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
            blocks=NOT_GIVEN, final_norm=NOT_GIVEN, backend: str | None = None) -> VerifyReport:
-    """Run the seed's experiment on ``model`` with ``input_ids`` ``[batch, seq]``.
+    """Compare ``model``'s block outputs (forward hooks) with its ``hidden_states``, layer by layer, and
+    with its final norm re-applied to them, on ``input_ids`` ``[batch, seq]``: which convention each
+    entry follows, and whether every one is explained exactly.
 
     Example::
 
