@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 from torch import nn
@@ -255,20 +255,16 @@ class Capture:
         shapes in place: refused before the forward runs (host-side attribute reads only)."""
         for name, m in self._layerdrops:
             if m.training and m.layerdrop > 0:
-                self._state = "failed"
                 where = f"{type(self.model).__name__}{'.' + name if name else ''}"
-                raise UnsupportedStreamError(
-                    f"residtap: {where}.layerdrop is {m.layerdrop} and the model is in training mode, so "
-                    "each forward skips blocks at random and has no residual for them; call model.eval(), "
-                    f"or set {where}.layerdrop = 0, while capturing")
+                self._refuse(f"{where}.layerdrop is {m.layerdrop} and the model is in training mode, so "
+                             "each forward skips blocks at random and has no residual for them; call "
+                             f"model.eval(), or set {where}.layerdrop = 0, while capturing")
 
-    def _skipped_first(self, block: int) -> None:
+    def _refuse(self, why: str) -> NoReturn:
+        """A forward whose stream residtap does not capture: this capture is left failed (its buffers
+        are not read as that forward's), and UnsupportedStreamError says why."""
         self._state = "failed"
-        raise UnsupportedStreamError(
-            f"residtap: block {block} of {self.layout.family} returned in a forward of "
-            f"{type(self.model).__name__} in which block 0 did not run. A forward that skips blocks has "
-            "no residual for them, and residtap starts each forward at the first block; nothing was "
-            "kept from this forward")
+        raise UnsupportedStreamError(f"residtap: {why}")
 
     def _on_model_exit(self, module, _args, _output):
         if module is not self.model:
@@ -642,23 +638,23 @@ class Capture:
         return self._plans[self._shape[1]].as_selection(device)  # cached per device
 
     def _ran_twice(self, block: int) -> None:
-        self._state = "failed"
-        raise UnsupportedStreamError(
-            f"residtap: block {block} of {self.layout.family} ran more than once in one forward of "
-            f"{type(self.model).__name__}. A model that loops over its blocks (recurrent or looped "
-            "layers) has no single residual per block, which is what residtap captures; nothing was "
-            "kept from this forward")
+        self._refuse(f"block {block} of {self.layout.family} ran more than once in one forward of "
+                     f"{type(self.model).__name__}. A model that loops over its blocks (recurrent or looped "
+                     "layers) has no single residual per block, which is what residtap captures; nothing "
+                     "was kept from this forward")
 
     def _write(self, layer_id: int, out: torch.Tensor, inp: torch.Tensor | None) -> None:
         if self._stream is None or (self._model_depth and self._begun_in != self._calls):
-            self._skipped_first(layer_id - 1)  # no forward begun, or not in this call of the model
+            # no forward begun, or none in this call of the model: its first block did not run
+            self._refuse(f"block {layer_id - 1} of {self.layout.family} returned in a forward of "
+                         f"{type(self.model).__name__} in which block 0 did not run. A forward that skips "
+                         "blocks has no residual for them, and residtap starts each forward at the first "
+                         "block; nothing was kept from this forward")
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
         if (why := stream_changed(layer_id - 1, self.layout.family, out, inp, self._stream)) is not None:
-            self._state = "failed"
-            raise UnsupportedStreamError(
-                f"residtap: {why}. A residual stream that changes shape between blocks is not one residtap "
-                "captures; nothing was kept from this forward")
+            self._refuse(f"{why}. A residual stream that changes shape between blocks is not one residtap "
+                         "captures; nothing was kept from this forward")
         k = self._slot[layer_id]
         full_out = out = out.detach()
         device = out.device
