@@ -202,7 +202,7 @@ _SIGNED = re.compile(r"-\d[\d,:-]*|-:[\d:-]*")
 def _join_signed_values(argv: list[str]) -> list[str]:
     out: list[str] = []
     for tok in argv:
-        if out and out[-1] in _SIGNED_VALUES and _SIGNED.fullmatch(tok) and "=" not in out[-1]:
+        if out and out[-1] in _SIGNED_VALUES and _SIGNED.fullmatch(tok):
             out[-1] = f"{out[-1]}={tok}"
         else:
             out.append(tok)

@@ -1020,14 +1020,8 @@ def _selected_positions(rule, seq_len):
     at ``seq_len``; the rule itself where it selects by mask ("last") or cannot be read."""
     if rule == LAST or not is_int(seq_len):
         return rule
-    try:
-        if rule == "all":
-            spec = None
-        elif isinstance(rule, str):
-            spec = slice(*(int(v) if v else None for v in rule.split(":")))
-        else:
-            spec = rule
-        plan = resolve_positions(spec, seq_len)
+    try:  # the rule's strings ("all", "a:b:c") read as the command line reads --positions
+        plan = resolve_positions(_parse_ints(rule, "positions") if isinstance(rule, str) else rule, seq_len)
     except (ValueError, TypeError):
         return rule
     return plan.index if plan.index is not None else list(range(plan.span.start, plan.span.stop))
