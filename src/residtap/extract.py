@@ -797,8 +797,8 @@ def _check_inputs_everywhere(run: "_Run", changed: list[str], group) -> None:
 
 def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: bool, canonical):
     """Create or check ``out``; return (complete records, whether the extraction is already complete, how
-    the input's contents changed since it was started: see _check_compatible). ``canonical``: settings
-    as compared for a resume (see _adopt_same_run).
+    the input's contents changed since it was started: see _check_compatible, which ``canonical`` is
+    passed to).
 
     Rank 0 (which has made the directory and taken its lock) writes the initial manifest before any
     other rank looks at it.
@@ -814,13 +814,11 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                         "write there: choose a new or empty directory")
             _store.write_json_atomic(os.path.join(out, _store.MANIFEST), {**header, "complete": False,
                                                                            "shards": []})
-        _adopt_same_run(out, header, canonical, speak=True)
-        changed = _check_compatible(out, header)
+        changed = _check_compatible(out, header, canonical, speak=True)
         _reopen_if_shards_missing(out)
     _barrier(group)
     if rank != 0:
-        _adopt_same_run(out, header, canonical, speak=False)
-        changed = _check_compatible(out, header)
+        changed = _check_compatible(out, header, canonical, speak=False)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
         _SIGNALS.undefer()  # nothing to clean up; checking every shard can take long: signals act at once
@@ -1045,22 +1043,14 @@ def _named_modules(model: nn.Module, key: str, value):
     return _module_names(model, value)
 
 
-def _adopt_same_run(out: str, header: dict, canonical, speak: bool) -> None:
-    """Where ``out`` holds an extraction whose settings differ from this run's only in how they were
+def _adopt_same_run(out: str, header: dict, have: dict, canonical, speak: bool) -> bool:
+    """Where ``have`` (the settings of ``out``'s manifest) differ from this run's only in how they were
     written (the model or the input at another path, positions -1 rather than 15, blocks named as the
     family's), this run takes the directory's settings as its own (the input's contents as it finds
-    them) and resumes it, saying so once; _check_compatible then sees the same run. Else nothing
-    changes here."""
-    paths = _store.manifest_paths(out)
-    try:
-        have = _store.read_json(paths[0]).get("settings") if paths else None
-    except _store.StoreError:
-        return  # (_check_compatible says what is wrong with it)
-    if not isinstance(have, dict):
-        return
+    them), says so once, and True; else nothing changes and False."""
     h, w = _without_content(have), _without_content(header["settings"])
     if h == w or canonical(h) != canonical(w):
-        return
+        return False
     data = header["settings"].get("data")
     content = {k: v for k, v in data.items() if k in _inputs.CONTENT_KEYS} if isinstance(data, dict) else {}
     adopted = {**have, "data": {**have["data"], **content}} if isinstance(have.get("data"), dict) else dict(have)
@@ -1068,17 +1058,23 @@ def _adopt_same_run(out: str, header: dict, canonical, speak: bool) -> None:
         say(f"residtap extract: {out!r} was started with the same model, input and settings, written "
             f"otherwise ({'; '.join(_store.settings_difference(h, w))}); resuming it with its own")
     header["settings"] = adopted
+    return True
 
 
-def _check_compatible(out: str, header: dict) -> list[str]:
-    """Refuse ``out`` if an extraction with other settings is there. Returns how the input's contents
-    changed since (empty if they did not) where that alone differs, the extraction is not complete and
-    every finished shard recorded its input's digest: the run then checks those shards' inputs against
-    the input as it is now before it computes anything (_Run.check_finished_inputs)."""
+def _check_compatible(out: str, header: dict, canonical, speak: bool) -> list[str]:
+    """Refuse ``out`` if an extraction with other settings is there; the same settings written
+    otherwise are the same run, whose settings this run takes from the directory's first manifest
+    (_adopt_same_run, said when ``speak``; ``canonical``: settings as a resume compares them). Returns
+    how the input's contents changed since (empty if they did not) where that alone differs, the
+    extraction is not complete and every finished shard recorded its input's digest: the run then
+    checks those shards' inputs against the input as it is now before it computes anything
+    (_Run.check_finished_inputs)."""
     changed: list[str] = []
-    for p in _store.manifest_paths(out):
+    for k, p in enumerate(_store.manifest_paths(out)):
         have = _store.read_json(p)
         diff = _store.settings_difference(have["settings"], header["settings"])
+        if diff and k == 0 and _adopt_same_run(out, header, have["settings"], canonical, speak):
+            diff = _store.settings_difference(have["settings"], header["settings"])
         if diff and _store.settings_difference(_without_content(have["settings"]),
                                                _without_content(header["settings"])):
             empty = ("" if have.get("shards") else " It holds no shard yet: if no other run is writing there "
