@@ -120,6 +120,31 @@ def test_last_with_a_cache_uses_the_current_columns(extension, models):
     assert cap.positions.tolist() == [[0], [1]]
 
 
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+@pytest.mark.parametrize("decoder_mask", [False, True])
+def test_last_in_an_encoder_decoder_model_reads_the_mask_of_the_blocks_tokens(extension, part, decoder_mask):
+    """T5's attention_mask is the encoder's (7 tokens here), its decoder_attention_mask the decoder's
+    (5): the decoder blocks' last token is read from the latter (none: every decoder token is real)."""
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                    num_heads=2)).eval()
+    enc_mask = torch.ones(2, 7, dtype=torch.long)
+    enc_mask[0, 3:] = 0
+    dec_mask = torch.ones(2, 5, dtype=torch.long)
+    dec_mask[1, 2:] = 0
+    kw = dict(input_ids=torch.randint(0, 64, (2, 7)), decoder_input_ids=torch.randint(0, 64, (2, 5)),
+              attention_mask=enc_mask)
+    if decoder_mask:
+        kw["decoder_attention_mask"] = dec_mask
+    where = dict(blocks=f"{part}.block", final_norm=f"{part}.final_layer_norm")
+    with residtap.capture(model, positions="last", outputs=OUTPUTS, **where) as cap:
+        model(**kw)
+    ref = run_reference(model, positions="last", outputs=OUTPUTS, **where, **kw)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    want = {"encoder": [2, 6], "decoder": [4, 1] if decoder_mask else [4, 4]}[part]
+    assert cap.positions.flatten().tolist() == want
+
+
 def test_last_of_a_row_with_no_real_token_is_position_0(extension):
     """An all-padding row has no last real token: position 0, in the capture and the reference alike."""
     model = tiny_gpt2(2, 64, 2, torch.float32)

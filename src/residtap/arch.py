@@ -488,23 +488,43 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def attention_mask_of(signature: inspect.Signature | None, args: tuple, kwargs: dict):
-    """The ``attention_mask`` a call with ``args``/``kwargs`` passes (None if it passes none), by
-    keyword or by its position in ``signature``. A ValueError where positional arguments beyond the
-    first reach a ``*args`` the mask could be among: which one it is cannot be told."""
-    mask = kwargs.get("attention_mask")
+def mask_argument(model: nn.Module, blocks) -> str:
+    """The argument of ``model``'s forward that says which tokens of the stream ``blocks`` carry are
+    real: ``attention_mask``, except for the blocks of an encoder-decoder model (T5, BART, Whisper)
+    that are not in its encoder, whose tokens are the decoder's: ``decoder_attention_mask`` (the
+    model's ``attention_mask`` is the encoder's there, of another length). Host-side reads only."""
+    inner = unwrapped(model)
+    if not getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        return "attention_mask"
+    get = getattr(inner, "get_encoder", None)
+    try:
+        encoder = get() if callable(get) else None
+    except Exception:  # a model whose get_encoder cannot answer: its blocks are not known to be the encoder's
+        encoder = None
+    if isinstance(encoder, nn.Module) and any(m is blocks[0] for m in encoder.modules()):
+        return "attention_mask"
+    return "decoder_attention_mask"
+
+
+def attention_mask_of(signature: inspect.Signature | None, args: tuple, kwargs: dict,
+                      name: str = "attention_mask"):
+    """The mask argument ``name`` (see mask_argument) a call with ``args``/``kwargs`` passes (None if
+    it passes none), by keyword or by its position in ``signature``. A ValueError where positional
+    arguments beyond the first reach a ``*args`` the mask could be among: which one it is cannot be
+    told."""
+    mask = kwargs.get(name)
     if mask is not None or signature is None or len(args) < 2:
         return mask
     try:
         bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         bound = {}
-    if "attention_mask" in bound:
-        return bound["attention_mask"]
+    if name in bound:
+        return bound[name]
     if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
         raise ValueError(f"positions='last': the model was called with {len(args)} positional arguments "
-                         "and its forward takes *args, so which one is the attention_mask cannot be told; "
-                         "pass it as attention_mask=...")
+                         f"and its forward takes *args, so which one is the {name} cannot be told; "
+                         f"pass it as {name}=...")
     return None
 
 

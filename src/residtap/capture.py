@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, module_device,
+from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, mask_argument, module_device,
                    norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take
@@ -109,7 +109,8 @@ class Capture:
     - ``None``: every position; an int, a slice, or a sequence / 1-D tensor of ints (negatives
       count from the end): the same positions in every row.
     - ``"last"``: each row's last real token given the ``attention_mask`` the model was called with
-      (left, right or any padding; the model's own forward is hooked to read it, so call the model
+      (left, right or any padding; for the decoder blocks of an encoder-decoder model such as T5,
+      its ``decoder_attention_mask``; the model's own forward is hooked to read it, so call the model
       you passed; no mask means every token is real). ``n_pos`` is 1; ``cap.positions`` says which
       position each row used. Computed on the device inside the forward, with no host sync
       (give the mask on the model's device, as HF expects; a mask elsewhere is copied over).
@@ -183,6 +184,7 @@ class Capture:
         self._packed = isinstance(self.config.positions, KeepMask)
         self._attention_mask = _UNSEEN
         self._signature = forward_signature(model)  # where a positional attention_mask sits
+        self._mask_name = "attention_mask"  # the model's argument that masks the blocks' tokens (__enter__)
         # Modules that skip blocks at random while training (HF's OPT, XGLM and BioGPT decoders keep
         # config.layerdrop as their own .layerdrop): refused per call, see _on_model_enter.
         self._layerdrops = [(name, m) for name, m in model.named_modules()
@@ -210,6 +212,7 @@ class Capture:
         try:
             if self.config.positions == LAST:
                 self._attention_mask = _UNSEEN
+                self._mask_name = mask_argument(self.model, blocks)
                 self._handles.append(self.model.register_forward_pre_hook(self._on_model_call,
                                                                           with_kwargs=True))
             self._model_depth = 0
@@ -316,7 +319,7 @@ class Capture:
             return
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
         try:
-            self._attention_mask = attention_mask_of(self._signature, args, kwargs)
+            self._attention_mask = attention_mask_of(self._signature, args, kwargs, self._mask_name)
         except ValueError:  # (this hook runs before _on_model_enter: the buffers are the last forward's)
             self._state = "failed"
             raise
@@ -545,7 +548,7 @@ class Capture:
         if mask is _UNSEEN:
             raise RuntimeError(
                 f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
-                "(its attention_mask is read there); call the model you passed to residtap.capture")
+                f"(its {self._mask_name} is read there); call the model you passed to residtap.capture")
         if seq == 0:
             raise ValueError("positions='last': the input has no tokens (sequence length 0), so no row "
                              "has a last token")
@@ -558,7 +561,7 @@ class Capture:
             advice = ("; a 4-D mask (generate with cache_implementation='static' passes one) says no row's "
                       "last real token here: use the dynamic cache, or an int position (-1 for left-padded "
                       "generation)" if isinstance(mask, torch.Tensor) and mask.dim() == 4 else "")
-            raise ValueError(f"positions='last': expected the model's attention_mask to be [batch, "
+            raise ValueError(f"positions='last': expected the model's {self._mask_name} to be [batch, "
                              f">= seq] = [{batch}, >= {seq}] (1 = real token), got {got}{advice}")
         index = last_token_index(mask, seq)  # [batch, 1] int64, device ops only: no host sync
         return _to(index, device)

@@ -332,7 +332,7 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
         if keep is not None:
             sel = None
         elif isinstance(positions, str) and positions == LAST:
-            sel = _last_real(model, args, kwargs, out.shape[:2]).to(out.device)
+            sel = _last_real(model, layout.blocks, args, kwargs, out.shape[:2]).to(out.device)
         else:
             sel = resolve_positions(positions, out.shape[1]).as_selection(out.device)
         res = block_outputs(out, inp, sel=sel, dtype=dtype,
@@ -354,13 +354,14 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     return ReferenceResult(list(layer_ids), per_layer, model_output, stacked)
 
 
-def _last_real(model, args, kwargs, shape) -> torch.Tensor:
+def _last_real(model, blocks, args, kwargs, shape) -> torch.Tensor:
     """int64 ``[batch, 1]``: for each row, the last of the current ``seq`` columns of the model's
-    ``attention_mask`` that is nonzero (0 if none); ``seq - 1`` for every row without a mask."""
-    from .arch import attention_mask_of, forward_signature
+    mask of the blocks' tokens (``attention_mask``; a decoder's ``decoder_attention_mask``) that
+    is nonzero (0 if none); ``seq - 1`` for every row without a mask."""
+    from .arch import attention_mask_of, forward_signature, mask_argument
 
     batch, seq = shape
-    mask = attention_mask_of(forward_signature(model), args, kwargs)
+    mask = attention_mask_of(forward_signature(model), args, kwargs, mask_argument(model, blocks))
     if mask is None:
         return torch.full((batch, 1), seq - 1, dtype=torch.long)
     rows = (mask[:, -seq:] != 0).tolist()
