@@ -630,3 +630,62 @@ def test_a_loss_saved_from_a_buffer_the_next_forward_overwrote_is_refused_by_aut
         model(ids_for(model, 2, 5, seed=1))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+class _Doubled(nn.Module):
+    """A block wrapped in place: runs the block, then doubles its hidden state."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
+
+
+@pytest.mark.parametrize("given", ["family", "path", "modulelist"])
+@pytest.mark.parametrize("when", ["before_with", "inside_with"])
+def test_a_block_replaced_at_its_path_is_the_one_captured(extension, given, when):
+    """A block wrapped (or replaced) where the capture found it, after set-up or inside ``with``, is
+    the block the model calls: the capture hooks it, not the one it replaced (whose output, inside
+    the wrapper, is not the stream), and matches the reference of the model as it is now."""
+    model = copy.deepcopy(tiny_gpt2(3, 64, 2))
+    ids = ids_for(model, 2, 5)
+    where = {"family": {}, "path": dict(blocks="transformer.h", final_norm="transformer.ln_f"),
+             "modulelist": dict(blocks=model.transformer.h, final_norm=model.transformer.ln_f)}[given]
+    cap = residtap.Capture(model, outputs=OUTPUTS, positions="last", **where)
+    if when == "before_with":
+        model.transformer.h[1] = _Doubled(model.transformer.h[1])
+        with cap:
+            model(ids)
+    else:
+        with cap:
+            model(ids)
+            model.transformer.h[1] = _Doubled(model.transformer.h[1])
+            model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+    assert cap.layout.blocks[1] is model.transformer.h[1]
+    # and the hooks went with it: none is left on the block now inside the wrapper
+    inner = model.transformer.h[1].block
+    assert not inner._forward_hooks and not inner._forward_pre_hooks
+
+
+def test_a_block_list_of_another_length_at_the_path_is_refused(extension):
+    model = copy.deepcopy(tiny_gpt2(3, 64, 2))
+    ids = ids_for(model, 2, 5)
+    cap = residtap.Capture(model, layers=[-1])
+    model.transformer.h = nn.ModuleList(list(model.transformer.h)[:2])
+    with pytest.raises(ValueError, match=r"blocks: 'h' of GPT2Model holds 2 blocks now, but this capture was "
+                                         r"set up for 3; set up a new capture"):
+        with cap:
+            pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    cap = residtap.Capture(model, layers=[-1])
+    with pytest.raises(ValueError, match="holds 1 blocks now, but this capture was set up for 2"):
+        with cap:
+            model.transformer.h = nn.ModuleList(list(model.transformer.h)[:1])
+            model(ids)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(residtap.CaptureError):
+        cap.resid

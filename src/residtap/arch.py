@@ -262,6 +262,9 @@ class Layout:
     norm_at: tuple[nn.Module, str] | None = dataclasses.field(default=None, compare=False)
     # where eps is read when the norm names none (the model's text_config)
     config: Any = dataclasses.field(default=None, compare=False)
+    # where the blocks were found: (root, dotted path), or the nn.ModuleList / nn.Sequential passed
+    # as blocks=; None for a list of modules, which stays those modules. See with_current_blocks
+    blocks_at: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -281,6 +284,28 @@ class Layout:
         if norm is self.final_norm and spec == self.norm:
             return self
         return dataclasses.replace(self, final_norm=norm, norm=spec)
+
+    def with_current_blocks(self) -> "Layout":
+        """This layout with the blocks the model holds now where they were found: a block replaced
+        or wrapped at its path (``model.transformer.h[3] = Wrapper(...)``), or a container assigned
+        at the path, after the layout was read is the one the model calls. Self when nothing
+        changed; a ValueError where the number of blocks changed (layer indices were resolved
+        against it). Host-side attribute reads only."""
+        at = self.blocks_at
+        if at is None:
+            return self
+        container = _get_path(*at, "blocks") if isinstance(at, tuple) else at
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and len(container) == len(self.blocks) \
+                and all(a is b for a, b in zip(container, self.blocks)):
+            return self
+        where = f"{at[1]!r} of {type(at[0]).__name__}" if isinstance(at, tuple) else "the blocks= given"
+        blocks = _block_tuple(container, f"the modules at {where}")
+        if len(blocks) != len(self.blocks):
+            raise ValueError(f"blocks: {where} holds {len(blocks)} blocks now, but this capture was set up "
+                             f"for {len(self.blocks)}; set up a new capture for the model as it is now")
+        if self.final_norm is not None:
+            _check_norm_apart(self.final_norm, blocks)
+        return dataclasses.replace(self, blocks=blocks)
 
     @property
     def eps(self) -> float:
@@ -376,22 +401,16 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     source = f" (residtap's FAMILIES entry for {model_type!r}; {_how_to_pass()})"
 
     if blocks is NOT_GIVEN:
+        blocks_at = (base, family.blocks)
         block_list = _get_path(base, family.blocks, "blocks", source)
     elif isinstance(blocks, str):
+        blocks_at = (model, blocks)
         block_list = _get_path(model, blocks, "blocks")
     else:
+        blocks_at = blocks if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else None
         block_list = blocks
-    if isinstance(block_list, nn.Module) and not isinstance(block_list, (nn.ModuleList, nn.Sequential)):
-        raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
-                         f"got {type(block_list).__name__}")
-    try:
-        block_list = tuple(block_list)
-    except TypeError:
-        raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
-                         f"got {type(block_list).__name__}") from None
-    if not block_list or not all(isinstance(b, nn.Module) for b in block_list):
-        given = f"{blocks!r}" if blocks is not NOT_GIVEN else f"no modules at the path {family.blocks!r}{source}"
-        raise ValueError(f"blocks: expected a non-empty sequence of modules, got {given}")
+    given = f"{blocks!r}" if blocks is not NOT_GIVEN else f"no modules at the path {family.blocks!r}{source}"
+    block_list = _block_tuple(block_list, given)
 
     norm_at = None
     if final_norm is NOT_GIVEN:
@@ -414,7 +433,23 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
         except ValueError:
             project_out = None
     config = text_config(model)
-    return Layout(name, block_list, norm, norm_spec(norm, config), project_out, norm_at, config)
+    return Layout(name, block_list, norm, norm_spec(norm, config), project_out, norm_at, config, blocks_at)
+
+
+def _block_tuple(block_list, given: str) -> tuple[nn.Module, ...]:
+    """``block_list`` (an nn.ModuleList / nn.Sequential or a sequence of modules) as a non-empty
+    tuple of modules, else a ValueError naming ``given``."""
+    if isinstance(block_list, nn.Module) and not isinstance(block_list, (nn.ModuleList, nn.Sequential)):
+        raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
+                         f"got {type(block_list).__name__}")
+    try:
+        block_list = tuple(block_list)
+    except TypeError:
+        raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
+                         f"got {type(block_list).__name__}") from None
+    if not block_list or not all(isinstance(b, nn.Module) for b in block_list):
+        raise ValueError(f"blocks: expected a non-empty sequence of modules, got {given}")
+    return block_list
 
 
 def _check_norm_apart(norm: nn.Module, blocks: tuple) -> None:

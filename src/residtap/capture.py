@@ -206,6 +206,7 @@ class Capture:
     def __enter__(self) -> "Capture":
         if self._handles:
             raise RuntimeError("Capture: this capture is already active (entered twice)")
+        self._refresh_blocks()  # the blocks the model holds now (one replaced or wrapped since set-up)
         blocks = self.layout.blocks
         self._refresh_norm()  # the model's final norm now, for the probe (and each forward's _begin)
         self._probe_parity()  # again: the model may have been moved or cast since construction
@@ -218,19 +219,35 @@ class Capture:
             self._model_depth = 0
             self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
             self._handles.append(self.model.register_forward_hook(self._on_model_exit, always_call=True))
-            first = len(self._handles)  # the hooks on the blocks from here on (see _hooks_last)
-            self._handles.append(blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True))
-            for i, blk in enumerate(blocks):
-                if i + 1 in self._slot:
-                    # always_call: a hook before ours that raises once the block has returned (one that
-                    # stops the forward at this layer) must not keep this layer from being captured.
-                    self._handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
-                                                                   always_call=True))
-            self._block_handles = self._handles[first:]
+            self._hook_blocks()
         except BaseException:
             self._remove_hooks()
             raise
         return self
+
+    def _hook_blocks(self) -> None:
+        """This capture's hooks on the blocks, kept apart in _block_handles (see _hooks_last)."""
+        blocks = self.layout.blocks
+        handles = [blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True)]
+        self._block_handles = handles  # (so that a failure part-way still removes what was registered)
+        for i, blk in enumerate(blocks):
+            if i + 1 in self._slot:
+                # always_call: a hook before ours that raises once the block has returned (one that
+                # stops the forward at this layer) must not keep this layer from being captured.
+                handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
+                                                         always_call=True))
+
+    def _refresh_blocks(self) -> bool:
+        """The blocks as the model holds them now (see Layout.with_current_blocks); whether they
+        changed. Their devices are read again at the next forward."""
+        layout = self.layout.with_current_blocks()
+        if layout is self.layout:
+            return False
+        self.layout = layout
+        self._anchor = None  # _begin reads the blocks' devices again
+        if self.config.positions == LAST:
+            self._mask_name = mask_argument(self.model, layout.blocks)
+        return True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._remove_hooks()
@@ -245,6 +262,15 @@ class Capture:
         if self._model_depth == 0:
             self._refuse_layerdrop()
             self._calls += 1
+            try:
+                changed = self._refresh_blocks()
+            except ValueError:
+                self._state = "failed"
+                raise
+            if changed:  # a block replaced inside ``with``: hook the one the model will call
+                for h in self._block_handles:
+                    h.remove()
+                self._hook_blocks()
             self._hooks_last()
             # A forward has started: until its first block runs, the buffers hold the previous
             # one's, which must not be read as this one's if it raises first (in the embeddings).
@@ -309,8 +335,7 @@ class Capture:
                 hooks.move_to_end(handle.id)
 
     def _remove_hooks(self) -> None:
-        self._block_handles = []
-        handles, self._handles = self._handles, []
+        handles, self._handles, self._block_handles = self._handles + self._block_handles, [], []
         for h in handles:
             h.remove()
 
