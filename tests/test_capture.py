@@ -145,6 +145,19 @@ def test_two_captures_on_one_model_are_independent(extension):
                                           outputs=("normed", "stats")), ("normed", "stats"))
 
 
+def test_a_forward_from_another_thread_inside_with_is_captured(extension):
+    """As a streaming generate runs the model: hooks fire on whichever thread calls the model."""
+    import threading
+
+    model = tiny_gpt2(2, 64, 2, torch.float32)
+    ids = ids_for(model, 2, 6)
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        worker = threading.Thread(target=model, args=(ids,))
+        worker.start()
+        worker.join()
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
 def test_bare_model_and_reference_backend(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
     check(model, ids_for(model, 2, 5))
@@ -689,3 +702,44 @@ def test_a_block_list_of_another_length_at_the_path_is_refused(extension):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     with pytest.raises(residtap.CaptureError):
         cap.resid
+
+
+class _CheckpointedStack(nn.Module):
+    """A custom model that checkpoints each block's __call__ (hooks included) with torch.utils.checkpoint:
+    backward calls every block again, with its hooks, to recompute what the forward did not keep."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.emb = nn.Embedding(32, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for blk in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=self.reentrant)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("reentrant, whole_model", [(False, False), (True, False), (False, True)])
+def test_a_backward_that_recomputes_checkpointed_blocks_is_not_a_forward(extension, reentrant, whole_model):
+    """The recomputation inside backward is ignored: the capture keeps the forward's values (it used
+    to fail with 'ran more than once', or start a new forward and end incomplete), and the next
+    forward is captured as usual. (The model checkpointed whole: non-reentrant only, as a reentrant
+    checkpoint of integer ids has no input with grad to recompute for.)"""
+    torch.manual_seed(0)
+    model = _CheckpointedStack(reentrant)
+    where = dict(blocks="blocks", final_norm="norm")
+    ids = torch.randint(0, 32, (2, 5))
+    call = (lambda i: torch.utils.checkpoint.checkpoint(model, i, use_reentrant=reentrant)) if whole_model \
+        else model
+    with residtap.capture(model, outputs=OUTPUTS, **where) as cap:
+        for seed in (1, 2):
+            model.emb.weight.data.normal_(generator=torch.Generator().manual_seed(seed))
+            out = call(ids)
+            first = cap.resid.clone()
+            out.square().sum().backward()
+            assert torch.equal(cap.resid, first)
+            assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, **where), OUTPUTS)
+    assert model.blocks[0][0].weight.grad is not None

@@ -257,8 +257,8 @@ class Capture:
             self._join(check=exc_type is None)  # never swallow the forward's exception
 
     def _on_model_enter(self, module, _args):
-        if module is not self.model:  # a deep copy of the model made inside ``with`` (see __deepcopy__)
-            return
+        if module is not self.model or _in_backward():  # a deep copy of the model made inside ``with``
+            return  # (see __deepcopy__), or a checkpointed forward recomputed by backward (_in_backward)
         if self._model_depth == 0:
             self._refuse_layerdrop()
             self._calls += 1
@@ -296,7 +296,7 @@ class Capture:
         raise UnsupportedStreamError(f"residtap: {why}")
 
     def _on_model_exit(self, module, _args, _output):
-        if module is not self.model:
+        if module is not self.model or _in_backward():
             return
         # overlap: at the end of the model's forward (also when it raised), the main stream waits
         # for every side-stream capture, so whatever reads the buffers next is ordered after them.
@@ -340,7 +340,7 @@ class Capture:
             h.remove()
 
     def _on_model_call(self, module, args, kwargs):
-        if module is not self.model:
+        if module is not self.model or _in_backward():
             return
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
         try:
@@ -350,7 +350,7 @@ class Capture:
             raise
 
     def _on_first_block(self, module, args, kwargs):
-        if module is not self.layout.blocks[0]:
+        if module is not self.layout.blocks[0] or _in_backward():
             return
         hidden = self.layout.hidden_from_args(args, kwargs)
         if self._model_depth and self._begun_in == self._calls:
@@ -362,7 +362,7 @@ class Capture:
 
     def _block_hook(self, i: int):
         def hook(module, args, kwargs, output):
-            if module is not self.layout.blocks[i]:
+            if module is not self.layout.blocks[i] or _in_backward():
                 return
             if output is None:  # the block itself raised: torch calls an always_call hook without output
                 return
@@ -925,6 +925,18 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({self.layout.family}, layers={self.layer_ids}, outputs={self.config.outputs}, "
                 f"state={self._state})")
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    """Whether this call runs inside autograd's backward. Activation checkpointing of a block's (or
+    the model's) ``__call__`` (``torch.utils.checkpoint.checkpoint(block, x)``, reentrant or not)
+    runs it again there to recompute what the forward did not save: that is not a forward of the
+    model, and a capture ignores it (the buffers keep the forward's). One call into torch's C++
+    per hook, no device work. (HF's gradient checkpointing wraps ``forward``, inside the hooks.)"""
+    return _graph_task_id() != -1
 
 
 def _normal_tensors():
