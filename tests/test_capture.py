@@ -743,3 +743,27 @@ def test_a_backward_that_recomputes_checkpointed_blocks_is_not_a_forward(extensi
             assert torch.equal(cap.resid, first)
             assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, **where), OUTPUTS)
     assert model.blocks[0][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, SystemExit])
+def test_a_forward_interrupted_by_a_base_exception_caught_inside_with_does_not_spoil_the_next(extension, signal):
+    """torch runs no always_call hook for a BaseException that is not an Exception: the capture must
+    not take the next call of the model for one nested in the interrupted call (which made every later
+    forward fail with 'ran more than once')."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+
+    def interrupt(*_):
+        raise signal
+
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        handle = model.transformer.h[1].register_forward_hook(interrupt)
+        with pytest.raises(signal):
+            model(ids)
+        handle.remove()
+        with pytest.raises(residtap.CaptureError):
+            cap.resid  # the interrupted forward is not presented as complete
+        model(ids)
+        assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+        model(ids_for(model, 2, 5, seed=1))
+    assert_same_outputs(cap, run_reference(model, ids_for(model, 2, 5, seed=1), outputs=OUTPUTS), OUTPUTS)

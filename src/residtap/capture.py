@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
+import sys
 from typing import NamedTuple, NoReturn
 
 import torch
@@ -259,6 +260,11 @@ class Capture:
     def _on_model_enter(self, module, _args):
         if module is not self.model or _in_backward():  # a deep copy of the model made inside ``with``
             return  # (see __deepcopy__), or a checkpointed forward recomputed by backward (_in_backward)
+        if self._model_depth and _running_calls(self.model) <= 1:
+            # The last call ended by a BaseException that is not an Exception (KeyboardInterrupt,
+            # SystemExit, caught inside ``with``), for which torch skips _on_model_exit: no outer
+            # call is running, so this call starts a forward (it was taken for a nested one).
+            self._model_depth = 0
         if self._model_depth == 0:
             self._refuse_layerdrop()
             self._calls += 1
@@ -928,6 +934,19 @@ class Capture:
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _running_calls(module: nn.Module) -> int:
+    """How many calls of ``module`` are running on this thread, the current one included: torch's
+    ``nn.Module._call_impl`` frames for it on the stack. A walk of the stack, so asked only when a
+    call of the model begins while another seems to be running (rare)."""
+    n, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
+            n += 1
+        frame = frame.f_back
+    return n
 
 
 def _in_backward() -> bool:
