@@ -186,6 +186,32 @@ def test_delta_is_each_blocks_contribution(extension):
         assert torch.equal(cap.delta[i], cap.resid[i] - cap.resid[i - 1])
 
 
+def test_delta_is_the_blocks_own_contribution_when_the_stream_changes_between_blocks(extension):
+    """Where something adds to the stream between two blocks (Qwen3-VL's deepstack adds image
+    features; here a pre-hook on block 1), delta is still block 1's output minus its input, as in the
+    reference, and not resid_2 - resid_1, which holds the addition too."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    added = torch.randn(64)
+    seen = {}
+
+    def add_between(_module, args):
+        seen["input"] = args[0] + added
+        return (seen["input"], *args[1:])
+
+    handle = model.transformer.h[1].register_forward_pre_hook(add_between)
+    try:
+        with residtap.capture(model, outputs=OUTPUTS) as cap:
+            model(ids)
+        ref = run_reference(model, ids, outputs=OUTPUTS)
+    finally:
+        handle.remove()
+    assert_same_outputs(cap, ref, OUTPUTS)
+    assert torch.equal(cap.delta[2], cap.resid[2] - seen["input"])
+    assert not torch.equal(cap.delta[2], cap.resid[2] - cap.resid[1])
+    assert torch.equal(cap.delta[1], cap.resid[1] - cap.resid[0])
+
+
 def test_capture_in_training_mode_with_grad(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32)
     model.train()

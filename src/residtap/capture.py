@@ -97,7 +97,8 @@ class Capture:
 
         cap.layer_ids   # the residual indices captured, ascending
         cap.resid       # [len(layer_ids), batch, n_pos, d_model]
-        cap.delta       # same shape: resid_i - resid_{i-1} (what block i-1 added); at 0 the embeddings
+        cap.delta       # same shape: what block i-1 added, its output - its input (= resid_i - resid_{i-1}
+                        # unless the model changes the stream between blocks); at 0 the embeddings
         cap.normed      # same shape: the model's final norm applied to resid_i
         cap.stats       # Stats(mean, rstd, l2, maxabs), each [len(layer_ids), batch, n_pos] float32
 
