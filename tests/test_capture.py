@@ -655,6 +655,32 @@ def test_a_deep_copy_of_the_model_made_inside_with_runs_as_a_model_without_hooks
     assert not torch.equal(again.hidden_states[1], run_reference(model, ids, layers=[1]).outputs["resid"][0])
 
 
+def test_a_copy_of_the_model_made_inside_with_keeps_nothing_of_the_capture_and_pickles(extension):
+    """The hook entries a copy inherits refer to nothing: the copy does not keep the capture (and
+    through it the original model) alive, torch.save of it works, and it runs as the original did."""
+    import gc
+    import io
+    import weakref
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS, positions="last") as cap:
+        twin = copy.deepcopy(model)
+    gone = weakref.ref(cap), weakref.ref(model)
+    del cap, model
+    gc.collect()
+    assert gone[0]() is None and gone[1]() is None
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        for m in (twin, loaded):
+            assert torch.equal(m(ids).logits, twin(ids).logits)
+    with residtap.capture(loaded, outputs=OUTPUTS) as cap:
+        loaded(ids)
+    assert_same_outputs(cap, run_reference(loaded, ids, outputs=OUTPUTS), OUTPUTS)
+
+
 @pytest.mark.parametrize("backend", ["compiled", "reference"])
 def test_a_loss_saved_from_a_buffer_the_next_forward_overwrote_is_refused_by_autograd(extension, backend):
     """cap.resid is a view of a buffer the next forward overwrites: a backward through a loss built

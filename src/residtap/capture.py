@@ -198,12 +198,6 @@ class Capture:
         self._homes_version = 0  # part of the allocation key: bumped whenever _homes change
         self._probe_parity()
 
-    def __deepcopy__(self, memo) -> "Capture":
-        """Not copied: ``copy.deepcopy(model)`` inside ``with`` copies this capture's hooks with the
-        model, and they then refer to this capture, which ignores calls from modules it did not hook;
-        so the copy runs as a model without hooks (its copied hook entries do nothing)."""
-        return self
-
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "Capture":
         if self._handles:
@@ -216,11 +210,11 @@ class Capture:
             if self.config.positions == LAST:
                 self._attention_mask = _UNSEEN
                 self._mask_name = mask_argument(self.model, blocks)
-                self._handles.append(self.model.register_forward_pre_hook(self._on_model_call,
+                self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_call),
                                                                           with_kwargs=True))
             self._model_depth = 0
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_enter))
-            self._handles.append(self.model.register_forward_hook(self._on_model_exit, always_call=True))
+            self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_enter)))
+            self._handles.append(self.model.register_forward_hook(_Hook(self._on_model_exit), always_call=True))
             self._hook_blocks()
         except BaseException:
             self._remove_hooks()
@@ -230,13 +224,13 @@ class Capture:
     def _hook_blocks(self) -> None:
         """This capture's hooks on the blocks, kept apart in _block_handles (see _hooks_last)."""
         blocks = self.layout.blocks
-        handles = [blocks[0].register_forward_pre_hook(self._on_first_block, with_kwargs=True)]
+        handles = [blocks[0].register_forward_pre_hook(_Hook(self._on_first_block), with_kwargs=True)]
         self._block_handles = handles  # (so that a failure part-way still removes what was registered)
         for i, blk in enumerate(blocks):
             if i + 1 in self._slot:
                 # always_call: a hook before ours that raises once the block has returned (one that
                 # stops the forward at this layer) must not keep this layer from being captured.
-                handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True,
+                handles.append(blk.register_forward_hook(_Hook(self._on_block_output, i), with_kwargs=True,
                                                          always_call=True))
 
     def _refresh_blocks(self) -> bool:
@@ -259,8 +253,8 @@ class Capture:
             self._join(check=exc_type is None)  # never swallow the forward's exception
 
     def _on_model_enter(self, module, _args):
-        if module is not self.model or _in_backward():  # a deep copy of the model made inside ``with``
-            return  # (see __deepcopy__), or a checkpointed forward recomputed by backward (_in_backward)
+        if module is not self.model or _in_backward():  # a replica sharing the model's hook dicts
+            return  # (DataParallel's), or a checkpointed forward recomputed by backward (_in_backward)
         if self._model_depth and _running_calls(self.model) <= 1:
             # The last call ended by a BaseException that is not an Exception (KeyboardInterrupt,
             # SystemExit, caught inside ``with``), for which torch skips _on_model_exit: no outer
@@ -367,15 +361,12 @@ class Capture:
         if 0 in self._slot:
             self._write(0, hidden, None)
 
-    def _block_hook(self, i: int):
-        def hook(module, args, kwargs, output):
-            if module is not self.layout.blocks[i] or _in_backward():
-                return
-            if output is None:  # the block itself raised: torch calls an always_call hook without output
-                return
-            self._write(i + 1, self.layout.hidden_from_output(output),
-                        self.layout.hidden_from_args(args, kwargs))
-        return hook
+    def _on_block_output(self, i: int, module, args, kwargs, output):
+        if module is not self.layout.blocks[i] or _in_backward():
+            return
+        if output is None:  # the block itself raised: torch calls an always_call hook without output
+            return
+        self._write(i + 1, self.layout.hidden_from_output(output), self.layout.hidden_from_args(args, kwargs))
 
     # ------------------------------------------------------------------ per forward
     def _begin(self, hidden: torch.Tensor) -> None:
@@ -932,6 +923,34 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({self.layout.family}, layers={self.layer_ids}, outputs={self.config.outputs}, "
                 f"state={self._state})")
+
+
+class _Hook:
+    """A hook a capture registers: ``fn(*bound, *args)``. Copied with the module it is on
+    (``copy.deepcopy(model)`` inside ``with``) or pickled with it (``torch.save(model)``), it becomes
+    an _InertHook, which does nothing and refers to nothing: the copy neither keeps the capture (and
+    through it the original model) alive nor fails to pickle, and runs as a model without hooks."""
+
+    __slots__ = ("fn", "bound")
+
+    def __init__(self, fn, *bound):
+        self.fn, self.bound = fn, bound
+
+    def __call__(self, *args):
+        return self.fn(*self.bound, *args)
+
+    def __deepcopy__(self, memo) -> "_InertHook":
+        return _InertHook()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a capture's hook becomes in a copy of the model (see _Hook)."""
+
+    def __call__(self, *args) -> None:
+        return None
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
