@@ -408,6 +408,12 @@ def test_the_wait_for_input_is_counted_and_shown(tmp_path, monkeypatch, capsys):
      r"text_field: line 1 of .*: expected the field 'text' to be a string, got NoneType"),
     ("array.json", b'[\n {"text": "w1"}\n]\n',
      r"is not valid JSON .*expected JSON Lines: one JSON object per line"),
+    ("lists.jsonl", b'{"text": "w1"}\n["w1", "w2"]\n',
+     r"^data: line 2 of .*lists.jsonl' is a JSON array; expected JSON Lines with one JSON object per line, "
+     r"each with the document in a field \('text'\)$"),
+    ("strings.jsonl", b'"w1 w2"\n', r"^data: line 1 of .* is a JSON string; expected JSON Lines"),
+    ("nofield.jsonl", b'{"body": "w1"}\n',
+     r"^text_field: line 1 of .* has no field 'text' \(it has \['body'\]\); pass text_field= / --text-field$"),
     ("wide0.npy", None, r"data: the 2-D .npy .* holds sequences of length 0"),
 ])
 def test_unreadable_inputs_are_clear_errors(tmp_path, name, content, match):
@@ -419,7 +425,8 @@ def test_unreadable_inputs_are_clear_errors(tmp_path, name, content, match):
     else:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
-        sequences_of(inputs.open_source(str(path), seq_len=None if content is None else 4, packing="pad",
+        sequences_of(inputs.open_source(str(path), seq_len=None if content is None else 4,
+                                        packing="pack" if content is None else "pad",
                                         max_tokens=None,
                                         tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path))))
 
@@ -2285,6 +2292,13 @@ def test_bad_arguments(tmp_path, capsys):
     two, _ = ids_file(tmp_path, 64, seed=2, shape=(8, 8))
     with pytest.raises(ValueError, match="seq_len: the 2-D"):
         residtap.extract(model, two, tmp_path / "c", seq_len=4)
+    # rows that are sequences already have nothing to pad (a padded run claimed an attention_mask it lacked)
+    for data, what in ((two, r"a 2-D \.npy \(.*\) holds"), (np.load(two), "a 2-D token array holds")):
+        with pytest.raises(ValueError, match=rf"packing: {what} its sequences already, one per row, every "
+                                             r"token real, so there is nothing to pad and only packing='pack' "
+                                             r"\(each row as it is\) applies; got 'pad'$"):
+            residtap.extract(model, data, tmp_path / "c2", packing="pad")
+        assert not (tmp_path / "c2").exists()
     with pytest.raises(ValueError, match="positions"):
         residtap.extract(model, ok, tmp_path / "d", seq_len=8, positions=[9])
     with pytest.raises(ValueError, match="host_memory"):

@@ -229,6 +229,10 @@ class NpySource(Source):
                 raise ValueError("seq_len: a 1-D .npy token stream needs seq_len (the length to cut it "
                                  "into), got None")
         elif arr.ndim == 2:
+            if packing != "pack":
+                raise ValueError(f"packing: a 2-D .npy ({path!r}) holds its sequences already, one per row, "
+                                 "every token real, so there is nothing to pad and only packing='pack' "
+                                 "(each row as it is) applies; got 'pad'")
             if arr.shape[1] == 0:
                 raise ValueError(f"data: the 2-D .npy {path!r} holds sequences of length 0 (shape "
                                  f"{arr.shape}); expected [n, seq_len] with seq_len >= 1")
@@ -285,6 +289,10 @@ class ArraySource(NpySource):
                              f"dtype {arr.dtype} shape {arr.shape}")
         if arr.ndim == 1 and packing != "pack":
             raise ValueError("packing: a 1-D token array has no document boundaries; only 'pack' applies")
+        if arr.ndim == 2 and packing != "pack":
+            raise ValueError("packing: a 2-D token array holds its sequences already, one per row, every "
+                             "token real, so there is nothing to pad and only packing='pack' (each row as it "
+                             "is) applies; got 'pad'")
         if arr.ndim == 1 and seq_len is None:
             raise ValueError("seq_len: a 1-D token array needs seq_len, got None")
         if arr.ndim == 2 and arr.shape[1] == 0:
@@ -493,10 +501,15 @@ class JsonlSource(DocumentSource):
             except json.JSONDecodeError as e:
                 raise ValueError(f"data: line {lineno + 1} of {self.path!r} is not valid JSON ({e}); "
                                  "expected JSON Lines: one JSON object per line") from e
-            if not isinstance(obj, dict) or self.text_field not in obj:
-                fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            if not isinstance(obj, dict):
+                kind = {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean", int: "a JSON number",
+                        float: "a JSON number", type(None): "JSON null"}.get(type(obj), type(obj).__name__)
+                raise ValueError(f"data: line {lineno + 1} of {self.path!r} is {kind}; expected JSON Lines "
+                                 "with one JSON object per line, each with the document in a field "
+                                 f"({self.text_field!r})")
+            if self.text_field not in obj:
                 raise ValueError(f"text_field: line {lineno + 1} of {self.path!r} has no field "
-                                 f"{self.text_field!r} (it has {fields}); pass text_field= / --text-field")
+                                 f"{self.text_field!r} (it has {sorted(obj)}); pass text_field= / --text-field")
             text = obj[self.text_field]
             if not isinstance(text, str):
                 raise ValueError(f"text_field: line {lineno + 1} of {self.path!r}: expected the field "
