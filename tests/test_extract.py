@@ -3220,6 +3220,49 @@ def test_a_first_run_that_torchrun_ends_for_another_ranks_failure_is_taken_back(
     assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
 
 
+@pytest.mark.slow
+def test_a_rank_waiting_for_one_that_failed_says_so_without_a_traceback(tmp_path, reference_run):
+    """Rank 1 fails in its eleventh shard (a token id outside the vocabulary); rank 0, with no torchrun to
+    end it, goes on and then waits for rank 1 in a collective, which fails as rank 1 is gone. Rank 0
+    says that another process stopped and what the directory keeps, in one line, exit status 1: before,
+    gloo's error came as a traceback that read as rank 0's own failure. Rank 1's line counts every
+    rank's complete shards. The corrected command then resumes to the reference's bytes."""
+    import socket
+
+    path, ref = reference_run
+    per_shard = json.loads((ref / "manifest.json").read_text())["settings"]["seqs_per_shard"]
+    ids = np.load(path)
+    first = 21 * per_shard  # the first sequence of shard 21, rank 1's eleventh
+    ids[8 * first] = 100  # (vocabulary 100)
+    bad, out = tmp_path / "bad.npy", tmp_path / "out"
+    np.save(bad, ids)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(_cli(bad, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(_env(), RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in (0, 1)]
+    (_, err0), (_, err1) = (p.communicate(timeout=240) for p in procs)
+    assert "Traceback" not in err0 + err1, err0[-3000:] + err1[-3000:]
+    assert procs[1].returncode != 0
+    kept = re.search(rf"^residtap extract: error: --data: token id 100 in sequence {first} is outside the "
+                     rf"model's vocabulary \[0, 100\)\. '{re.escape(str(out))}' keeps its (\d+) complete shards: "
+                     r"once the input is corrected, the same command resumes after them$", err1, re.M)
+    assert kept, err1[-3000:]
+    assert procs[0].returncode == 1, err0[-3000:]
+    said = re.search(r"^residtap extract: error: rank 0: another process of this run stopped while this one "
+                     r"waited for it \(its own error says why; here: Connection closed by peer [^)]*\); "
+                     rf"'{re.escape(str(out))}' keeps its (\d+) complete shards and nothing partial\. Once that "
+                     r"is mended, the same command resumes$", err0, re.M)
+    assert said, err0[-3000:]
+    n = len(residtap.store.merged_records([json.loads(open(p).read())
+                                           for p in residtap.store.manifest_paths(str(out))]))
+    assert int(said.group(1)) == n >= int(kept.group(1)) > 10  # more than rank 1 had of its own: 10
+    rerun = subprocess.run(_torchrun(path, out), env=_env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_dirs(ref, out)
+
+
 # Python run as the command line under torchrun: rank 1 checks the shards it owns slowly (a resume), so that
 # rank 0, done with its own, waits in the barrier after them; rank 0 creates $RESIDTAP_TEST_HELD on its way
 # there.

@@ -45,6 +45,7 @@ import math
 import operator
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -650,7 +651,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
             header = _with_history(out, header)
             # Every process has read the directory before any goes on: rank 0, failing, may take the run
             # back (_take_back), and another still reading it then would fail on a missing file, unclearly.
-            _barrier(group)
+            _barrier(group, out)
             manifest = _Manifest(out, header, records, rank, world, data_changed=bool(data_changed))
             run = _Run(base, probe.layout, cfg, source, opts, specs, pos, n_pos, seqs_per_shard, n_buffers,
                        manifest, rank, world, progress, in_device)
@@ -668,7 +669,7 @@ def extract(model, data, out, *, layers=None, positions=None, outputs=("resid",)
                 elif isinstance(e, ValueError) and manifest.records and e.args and isinstance(e.args[0], str):
                     # bad input met mid-run (a malformed record, a token id outside the vocabulary): say
                     # what is kept, and that correcting it is not starting over (check_finished_inputs)
-                    n = len(manifest.records)
+                    n = _n_kept(out)  # every rank's, not this one's alone
                     e.args = (f"{e.args[0].rstrip('.')}. {out!r} keeps its {n} complete "
                               f"shard{'s' if n != 1 else ''}: once the input is corrected, the same command "
                               "resumes after them", *e.args[1:])
@@ -753,19 +754,50 @@ def _init_group(world: int):
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
-def _barrier(group) -> None:
+def _barrier(group, out: str) -> None:
     if group is not None:
         import torch.distributed as dist
 
-        try:
-            dist.barrier(group=group)
-        except RuntimeError:
-            # A rank gone while this one waited (gloo: "Connection closed by peer"), as when the SIGTERM
-            # that torchrun sent every worker ended it at a checkpoint (a resume's check of its shards)
-            # while this rank, done checking, waited here with the same SIGTERM noted: take that, the
-            # cause, rather than the collective's error (a traceback, exit status 3).
-            _SIGNALS.check()
-            raise
+        _together(lambda: dist.barrier(group=group), out)
+
+
+def _together(collective, out: str):
+    """``collective()``, a collective of the run's group, whose failure means a rank is gone (gloo:
+    "Connection closed by peer"). Either the SIGTERM that torchrun sent every worker ended it at a
+    checkpoint (a resume's check of its shards) while this rank waited here with the same SIGTERM noted:
+    that, the cause, is taken; or it failed on its own (bad input met in its shards) before torchrun's
+    SIGTERM reached this one: a StoreError says so and what ``out`` keeps, rather than the collective's
+    error (a traceback, exit status 3) that reads as this rank's fault."""
+    try:
+        return collective()
+    except RuntimeError as e:
+        raise _peer_gone(e, out) from e
+
+
+def _peer_gone(e: RuntimeError, out: str) -> _store.StoreError:
+    """What a failed collective (``e``) means here: the SIGTERM noted, if one was (raised); else the
+    StoreError to raise (see _together)."""
+    import torch.distributed as dist
+
+    _SIGNALS.check()
+    rank = dist.get_rank()  # (this process's: known without the peers)
+    n = _n_kept(out)
+    kept = (f"{out!r} keeps its {n} complete shard{'s' if n != 1 else ''} and nothing partial" if n else
+            "no shard was complete yet")
+    # gloo's "[.../pair.cc:561] Connection closed by peer [host]:port. This is typically ...": its first sentence
+    said = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0].splitlines()[0] if str(e).strip() \
+        else type(e).__name__
+    return _store.StoreError(f"rank {rank}: another process of this run stopped while this one waited for it "
+                             f"(its own error says why; here: {said}); {kept}. Once that is mended, the "
+                             "same command resumes")
+
+
+def _n_kept(out: str) -> int:
+    """How many complete shards ``out`` lists now, over every rank's manifest (0 without one)."""
+    try:
+        return len(_store.merged_records([_store.read_json(p) for p in _store.manifest_paths(out)]))
+    except (OSError, _store.StoreError):  # no directory (the run took it back, or never made it)
+        return 0
 
 
 def _check_inputs_everywhere(run: "_Run", changed: list[str], group) -> None:
@@ -783,10 +815,9 @@ def _check_inputs_everywhere(run: "_Run", changed: list[str], group) -> None:
         failed = torch.tensor([error is not None], dtype=torch.int32)
         try:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
-        except RuntimeError:
+        except RuntimeError as e:
             if error is None:
-                _SIGNALS.check()  # (as _barrier: a rank gone because a signal ended the run)
-                raise
+                raise _peer_gone(e, run.manifest.out) from e
         if error is None and failed.item():
             raise _store.ManifestMismatchError(
                 f"data: another process of this run could not match its finished shards in "
@@ -816,13 +847,13 @@ def _prepare_dir(out: str, header: dict, rank: int, world: int, group, verify: b
                                                                            "shards": []})
         changed = _check_compatible(out, header, canonical, speak=True)
         _reopen_if_shards_missing(out)
-    _barrier(group)
+    _barrier(group, out)
     if rank != 0:
         changed = _check_compatible(out, header, canonical, speak=False)
     manifests = [_store.read_json(p) for p in _store.manifest_paths(out)]
     if manifests[0].get("complete"):
         _SIGNALS.undefer()  # nothing to clean up; checking every shard can take long: signals act at once
-        _barrier(group)  # every rank has read the manifests before rank 0 removes superseded parts
+        _barrier(group, out)  # every rank has read the manifests before rank 0 removes superseded parts
         if rank == 0:
             _store.open_activations(out, verify=verify)  # sizes always; sha256 unless told not to
             for p in _store.manifest_paths(out)[1:]:  # parts a killed merge left: superseded
@@ -1120,13 +1151,13 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
 
         summed = torch.tensor(list(counts.values()), dtype=torch.int64)
         longest = torch.tensor([run.seconds], dtype=torch.float64)
-        dist.all_reduce(summed, group=group)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+        _together(lambda: dist.all_reduce(summed, group=group), out)
+        _together(lambda: dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group), out)
         everyone = {**dict(zip(counts, summed.tolist())), "seconds": float(longest)}
     if world > 1:
         with manifest._lock:
             manifest._write(complete=False, done=True, n_shards=n)
-        _barrier(group)
+        _barrier(group, out)
     final = {}
     if rank == 0:
         paths = _store.manifest_paths(out)
@@ -1145,7 +1176,7 @@ def _finish(out, header, manifest: _Manifest, run: "_Run", rank, world, group) -
         for f in os.listdir(out):  # a part being rewritten when a run with more processes was killed
             if f.startswith(_store.PART_PREFIX) and f.endswith(".json.tmp"):
                 os.remove(os.path.join(out, f))
-    _barrier(group)
+    _barrier(group, out)
     if rank != 0:
         final = _store.read_json(os.path.join(out, _store.MANIFEST))
     return final, everyone
@@ -1731,10 +1762,7 @@ def _interrupted(out: str, how: str = "interrupted") -> str:
     extract() has cleaned up: what the directory keeps and that the same command resumes."""
     rank, world, _ = _dist_env(None, None)
     who = f"rank {rank}: " if world > 1 else ""
-    try:
-        n = len(_store.merged_records([_store.read_json(p) for p in _store.manifest_paths(out)]))
-    except (OSError, _store.StoreError):  # no directory (the run took it back, or never made it)
-        n = 0
+    n = _n_kept(out)
     kept = (f"{out!r} keeps its {n} complete shard{'s' if n != 1 else ''} and nothing partial" if n else
             "no shard was complete yet, so nothing is kept")
     return f"residtap extract: {who}{how}; {kept}. Run the same command again to resume."
