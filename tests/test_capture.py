@@ -158,6 +158,64 @@ def test_a_forward_from_another_thread_inside_with_is_captured(extension):
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
 
 
+@pytest.mark.parametrize("positions", [None, "last"], ids=str)
+def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, positions):
+    """Two threads calling one captured model at once would write the buffers in turns (and, for
+    "last", the second call's mask would replace the first's): the second call is refused before its
+    blocks run, and the first forward is captured whole. A thread whose call ended by KeyboardInterrupt
+    leaves no call running: another thread's next call is captured as usual."""
+    import threading
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids, ids2 = ids_for(model, 2, 6), ids_for(model, 2, 6, seed=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    mask2 = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    inside, go, errors = threading.Event(), threading.Event(), []
+
+    def wait_in_block_0(*_):  # the first thread's forward waits here, inside the model, before block 0
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            go.wait(30)
+
+    def first():
+        try:
+            model(ids, attention_mask=mask)
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
+    with residtap.capture(model, outputs=OUTPUTS, positions=positions) as cap:
+        handle = model.transformer.h[0].register_forward_pre_hook(wait_in_block_0)
+        worker = threading.Thread(target=first)
+        worker.start()
+        assert inside.wait(30)
+        with pytest.raises(residtap.UnsupportedStreamError, match="called from two threads at once inside one "
+                                                                  "capture"):
+            model(ids2, attention_mask=mask2)
+        go.set()
+        worker.join(30)
+        handle.remove()
+        assert not errors
+        assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions=positions,
+                                               attention_mask=mask), OUTPUTS)
+
+        def interrupted():
+            def stop(*_):
+                raise KeyboardInterrupt
+            h = model.transformer.h[1].register_forward_hook(stop)
+            try:
+                model(ids)
+            except KeyboardInterrupt:
+                pass
+            h.remove()
+
+        worker = threading.Thread(target=interrupted)
+        worker.start()
+        worker.join(30)
+        model(ids2, attention_mask=mask2)
+    assert_same_outputs(cap, run_reference(model, ids2, outputs=OUTPUTS, positions=positions,
+                                           attention_mask=mask2), OUTPUTS)
+
+
 def test_bare_model_and_reference_backend(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
     check(model, ids_for(model, 2, 5))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import operator
 import sys
+import threading
 from typing import NamedTuple, NoReturn
 
 import torch
@@ -159,6 +160,7 @@ class Capture:
         self.config = CaptureConfig.make(self.layout, layers, positions, dtype, outputs, backend, overlap)
         self._side = SideStreams() if overlap else None
         self._model_depth = 0  # how many calls of the model are running (see _on_model_enter)
+        self._owner = None  # the thread whose call of the model made _model_depth 1
         self._calls = 0  # outermost calls of the model so far; a forward begun in one is _begun_in
         self._begun_in = None
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
@@ -255,12 +257,9 @@ class Capture:
     def _on_model_enter(self, module, _args):
         if module is not self.model or _in_backward():  # a replica sharing the model's hook dicts
             return  # (DataParallel's), or a checkpointed forward recomputed by backward (_in_backward)
-        if self._model_depth and _running_calls(self.model) <= 1:
-            # The last call ended by a BaseException that is not an Exception (KeyboardInterrupt,
-            # SystemExit, caught inside ``with``), for which torch skips _on_model_exit: no outer
-            # call is running, so this call starts a forward (it was taken for a nested one).
-            self._model_depth = 0
+        self._check_depth()
         if self._model_depth == 0:
+            self._owner = threading.get_ident()
             self._refuse_layerdrop()
             self._calls += 1
             try:
@@ -278,6 +277,27 @@ class Capture:
             self._state = "running"
             self._done.clear()
         self._model_depth += 1
+
+    def _check_depth(self) -> None:
+        """At the start of a call of the model while another seems to be running (rare; host-side
+        only): a call from another thread while the forward on that one runs is refused, since the
+        buffers hold one forward at a time and the two would write them in turns. A depth that
+        outlived its call is reset, so this call starts a forward: the last one ended by a
+        BaseException that is not an Exception (KeyboardInterrupt, SystemExit, caught inside
+        ``with``), for which torch skips _on_model_exit."""
+        if not self._model_depth:
+            return
+        if self._owner != threading.get_ident():
+            frame = sys._current_frames().get(self._owner)
+            if frame is not None and _running_calls(self.model, frame):
+                self._model_depth += 1  # (torch calls _on_model_exit for this call as it raises)
+                self._refuse(f"{type(self.model).__name__} was called from two threads at once inside one "
+                             "capture, which holds one forward at a time; this call was stopped before its "
+                             "blocks ran (the other thread's forward is captured). Run the forwards one after "
+                             "another, or give each thread its own model and capture")
+            self._model_depth = 0
+        elif _running_calls(self.model, sys._getframe()) <= 1:
+            self._model_depth = 0
 
     def _refuse_layerdrop(self) -> None:
         """A model that drops blocks at random while training has no residual for the blocks a
@@ -343,6 +363,7 @@ class Capture:
     def _on_model_call(self, module, args, kwargs):
         if module is not self.model or _in_backward():
             return
+        self._check_depth()  # before the mask is kept: a second thread's must not replace the first's
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
         try:
             self._attention_mask = attention_mask_of(self._signature, args, kwargs, self._mask_name)
@@ -957,11 +978,11 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 _CALL_IMPL = nn.Module._call_impl.__code__
 
 
-def _running_calls(module: nn.Module) -> int:
-    """How many calls of ``module`` are running on this thread, the current one included: torch's
-    ``nn.Module._call_impl`` frames for it on the stack. A walk of the stack, so asked only when a
-    call of the model begins while another seems to be running (rare)."""
-    n, frame = 0, sys._getframe(1)
+def _running_calls(module: nn.Module, frame) -> int:
+    """How many calls of ``module`` are running on the stack from ``frame`` down (a thread's): torch's
+    ``nn.Module._call_impl`` frames for it. A walk of the stack, so asked only when a call of the
+    model begins while another seems to be running (rare)."""
+    n = 0
     while frame is not None:
         if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
             n += 1
