@@ -768,7 +768,7 @@ class _Doubled(nn.Module):
 
 
 @pytest.mark.parametrize("given", ["family", "path", "modulelist"])
-@pytest.mark.parametrize("when", ["before_with", "inside_with"])
+@pytest.mark.parametrize("when", ["before_with", "inside_with", "inside_with_blocks_only"])
 def test_a_block_replaced_at_its_path_is_the_one_captured(extension, given, when):
     """A block wrapped (or replaced) where the capture found it, after set-up or inside ``with``, is
     the block the model calls: the capture hooks it, not the one it replaced (whose output, inside
@@ -777,7 +777,8 @@ def test_a_block_replaced_at_its_path_is_the_one_captured(extension, given, when
     ids = ids_for(model, 2, 5)
     where = {"family": {}, "path": dict(blocks="transformer.h", final_norm="transformer.ln_f"),
              "modulelist": dict(blocks=model.transformer.h, final_norm=model.transformer.ln_f)}[given]
-    cap = residtap.Capture(model, outputs=OUTPUTS, positions="last", **where)
+    positions = None if when == "inside_with_blocks_only" else "last"  # ("last" reads the model's call)
+    cap = residtap.Capture(model, outputs=OUTPUTS, positions=positions, **where)
     if when == "before_with":
         model.transformer.h[1] = _Doubled(model.transformer.h[1])
         with cap:
@@ -786,12 +787,33 @@ def test_a_block_replaced_at_its_path_is_the_one_captured(extension, given, when
         with cap:
             model(ids)
             model.transformer.h[1] = _Doubled(model.transformer.h[1])
-            model(ids)
-    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+            if when == "inside_with":
+                model(ids)
+            else:  # the blocks run without a call of the model, whose hooks re-read them
+                model.transformer(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions=positions), OUTPUTS)
     assert cap.layout.blocks[1] is model.transformer.h[1]
     # and the hooks went with it: none is left on the block now inside the wrapper
     inner = model.transformer.h[1].block
     assert not inner._forward_hooks and not inner._forward_pre_hooks
+
+
+def test_block_0_replaced_inside_with_then_run_without_the_model_is_refused(extension):
+    """The old block 0's hook runs inside the new one, whose input it never saw: refused, and the next
+    call of the model is captured with the new block."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        model(ids)
+        model.transformer.h[0] = _Doubled(model.transformer.h[0])
+        with pytest.raises(residtap.UnsupportedStreamError, match="block 0 of gpt2 was replaced inside this "
+                                                                  "capture's with, and the blocks then ran without"):
+            model.transformer(ids)
+        with pytest.raises(residtap.CaptureError):
+            cap.resid
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+    assert not model.transformer.h[0].block._forward_pre_hooks
 
 
 def test_a_block_list_of_another_length_at_the_path_is_refused(extension):

@@ -262,21 +262,27 @@ class Capture:
             self._owner = threading.get_ident()
             self._refuse_layerdrop()
             self._calls += 1
-            try:
-                changed = self._refresh_blocks()
-            except ValueError:
-                self._state = "failed"
-                raise
-            if changed:  # a block replaced inside ``with``: hook the one the model will call
-                for h in self._block_handles:
-                    h.remove()
-                self._hook_blocks()
+            self._rehook_blocks()
             self._hooks_last()
             # A forward has started: until its first block runs, the buffers hold the previous
             # one's, which must not be read as this one's if it raises first (in the embeddings).
             self._state = "running"
             self._done.clear()
         self._model_depth += 1
+
+    def _rehook_blocks(self) -> bool:
+        """At the start of a forward: hook the blocks the model holds now where they were replaced
+        or wrapped inside ``with`` (see _refresh_blocks); whether they changed."""
+        try:
+            changed = self._refresh_blocks()
+        except ValueError:
+            self._state = "failed"
+            raise
+        if changed:
+            for h in self._block_handles:
+                h.remove()
+            self._hook_blocks()
+        return changed
 
     def _check_depth(self) -> None:
         """At the start of a call of the model while another seems to be running (rare; host-side
@@ -374,6 +380,16 @@ class Capture:
     def _on_first_block(self, module, args, kwargs):
         if module is not self.layout.blocks[0] or _in_backward():
             return
+        if self._model_depth == 0 and self._rehook_blocks() and module is not self.layout.blocks[0]:
+            # The blocks called without the model (``model.transformer(ids)``), after block 0 was
+            # replaced or wrapped inside ``with``: this is the old block 0, inside the new one,
+            # whose input the capture has not seen. (Other blocks replaced are hooked now, before
+            # they run.)
+            self._refuse(f"block 0 of {self.layout.family} was replaced inside this capture's with, and the "
+                         f"blocks then ran without a call of {type(self.model).__name__} (which hooks the blocks "
+                         "it holds before they run), so the capture saw the replaced block's input, not the "
+                         "new one's; nothing was kept from this forward. Call the model, or enter the capture "
+                         "after replacing blocks")
         hidden = self.layout.hidden_from_args(args, kwargs)
         if self._model_depth and self._begun_in == self._calls:
             self._ran_twice(0)
