@@ -216,6 +216,30 @@ def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, 
                                            attention_mask=mask2), OUTPUTS)
 
 
+def test_a_dataparallel_replica_is_refused_and_one_device_dataparallel_is_captured(extension):
+    """torch.nn.DataParallel over several GPUs calls replicas that share the model's hooks (made by
+    _replicate_for_data_parallel, as here): refused, where they were silently ignored and the previous
+    forward's buffers read as complete. On one device (here the CPU) it calls the model itself, and a
+    capture of the DataParallel finds its family through it."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids, ids2 = ids_for(model, 2, 5), ids_for(model, 2, 5, seed=1)
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        model(ids)
+        for replica, call in ((model, lambda r: r(ids2)),
+                              (model.transformer.h[0], lambda r: r(model.transformer.wte(ids2)))):
+            with pytest.raises(residtap.UnsupportedStreamError, match=r"a replica of (GPT2LMHeadModel|GPT2Block) "
+                                                                      r"made by torch.nn.DataParallel ran"):
+                call(replica._replicate_for_data_parallel())
+            with pytest.raises(residtap.CaptureError):
+                cap.resid
+        model(ids2)
+    assert_same_outputs(cap, run_reference(model, ids2, outputs=OUTPUTS), OUTPUTS)
+    parallel = nn.DataParallel(model)
+    with residtap.capture(parallel, outputs=OUTPUTS, positions="last") as cap:
+        parallel(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+
+
 def test_bare_model_and_reference_backend(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
     check(model, ids_for(model, 2, 5))

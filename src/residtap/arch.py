@@ -377,10 +377,11 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    config = getattr(model, "config", None)
+    inner = unwrapped(model)  # (torch.nn.DataParallel's and DDP's module: its config and family)
+    config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
-    base = bare_model(model)
+    base = bare_model(inner)
     name = model_type or type(model).__name__
     if family is None:  # an image-text model: its text decoder, a family residtap knows
         decoder = getattr(base, "language_model", None)
@@ -432,7 +433,7 @@ def resolve_layout(model: nn.Module, blocks=NOT_GIVEN, final_norm=NOT_GIVEN) -> 
             project_out = _get_path(base, family.project_out, "project_out", source)
         except ValueError:
             project_out = None
-    config = text_config(model)
+    config = text_config(inner)
     return Layout(name, block_list, norm, norm_spec(norm, config), project_out, norm_at, config, blocks_at)
 
 

@@ -256,7 +256,8 @@ class Capture:
 
     def _on_model_enter(self, module, _args):
         if module is not self.model or _in_backward():  # a replica sharing the model's hook dicts
-            return  # (DataParallel's), or a checkpointed forward recomputed by backward (_in_backward)
+            self._refuse_replica(module)  # (DataParallel's, refused), or a checkpointed forward
+            return  # recomputed by backward (_in_backward)
         self._check_depth()
         if self._model_depth == 0:
             self._owner = threading.get_ident()
@@ -283,6 +284,18 @@ class Capture:
                 h.remove()
             self._hook_blocks()
         return changed
+
+    def _refuse_replica(self, module: nn.Module) -> None:
+        """torch.nn.DataParallel over several GPUs runs replicas of the model, which share its hooks
+        but are other modules, on its threads: their forwards are not captured (the buffers are on
+        one device and hold one forward), so one is refused rather than leaving the previous
+        forward's buffers to be read as this one's."""
+        if getattr(module, "_is_replica", False):
+            self._refuse(f"a replica of {type(module).__name__} made by torch.nn.DataParallel ran inside the "
+                         "capture: a capture records forwards of the model itself, on the device it is on, "
+                         "not of replicas on several GPUs; nothing was kept from this forward. Capture the "
+                         "model called on one device, or run one process per GPU (torchrun; residtap "
+                         "extract does) with a capture in each")
 
     def _check_depth(self) -> None:
         """At the start of a call of the model while another seems to be running (rare; host-side
@@ -379,6 +392,7 @@ class Capture:
 
     def _on_first_block(self, module, args, kwargs):
         if module is not self.layout.blocks[0] or _in_backward():
+            self._refuse_replica(module)  # (the model's own pre-hook refuses first, where it is hooked)
             return
         if self._model_depth == 0 and self._rehook_blocks() and module is not self.layout.blocks[0]:
             # The blocks called without the model (``model.transformer(ids)``), after block 0 was
