@@ -123,6 +123,27 @@ def test_reuse_across_shapes_keeps_buffers_per_shape(extension):
         assert_same_outputs(every, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
 
 
+@pytest.mark.parametrize("container", [list, tuple])
+def test_blocks_kept_in_a_plain_sequence_at_a_path_keep_their_buffers(extension, container):
+    """A path to a list or tuple of blocks is read again at each forward (a block replaced there is
+    hooked); unchanged, the capture keeps its hooks and buffers, as for an nn.ModuleList (it used to
+    take every forward for a replacement and allocate anew)."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    model.block_seq = container(model.transformer.h)
+    cap = residtap.Capture(model, outputs=OUTPUTS, blocks="block_seq", final_norm="transformer.ln_f")
+    ptrs = []
+    with cap:
+        for seed in (0, 1):
+            ids = ids_for(model, 2, 5, seed=seed)
+            handles = list(cap._block_handles)
+            model(ids)
+            assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, blocks="block_seq",
+                                                   final_norm="transformer.ln_f"), OUTPUTS)
+            ptrs.append(cap.resid.data_ptr())
+        assert cap._block_handles == handles
+    assert ptrs[0] == ptrs[1]
+
+
 def test_views_are_overwritten_by_the_next_forward_and_clone_keeps_a_copy(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32)
     a, b = ids_for(model, 1, 6, seed=1), ids_for(model, 1, 6, seed=2)

@@ -295,7 +295,7 @@ class Layout:
         if at is None:
             return self
         container = _get_path(*at, "blocks") if isinstance(at, tuple) else at
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and len(container) == len(self.blocks) \
+        if isinstance(container, (nn.ModuleList, nn.Sequential, list, tuple)) and len(container) == len(self.blocks) \
                 and all(a is b for a, b in zip(container, self.blocks)):
             return self
         where = f"{at[1]!r} of {type(at[0]).__name__}" if isinstance(at, tuple) else "the blocks= given"
@@ -447,7 +447,7 @@ def _block_tuple(block_list, given: str) -> tuple[nn.Module, ...]:
         block_list = tuple(block_list)
     except TypeError:
         raise ValueError(f"blocks: expected an nn.ModuleList, a sequence of modules or a path to one, "
-                         f"got {type(block_list).__name__}") from None
+                         f"got {type(block_list).__name__} ({given})") from None
     if not block_list or not all(isinstance(b, nn.Module) for b in block_list):
         raise ValueError(f"blocks: expected a non-empty sequence of modules, got {given}")
     return block_list
