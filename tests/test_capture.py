@@ -261,6 +261,31 @@ def test_a_dataparallel_replica_is_refused_and_one_device_dataparallel_is_captur
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+@pytest.mark.parametrize("cap_dtype", [None, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_hooked", [False, True], ids=["fused-norm", "module-norm"])
+def test_a_forward_under_autocast_is_captured_as_the_reference_computes_it(extension, backend, cap_dtype,
+                                                                           norm_hooked):
+    """The outputs are defined without autocast, whatever the model's forward runs under: the fused op
+    ignores it, and the reference (run_reference, the reference backend, the module's own norm) turns it
+    off (run_reference raised in torch.stack for float16 outputs under CPU autocast to bfloat16)."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2, torch.float32))
+    ids = ids_for(model, 2, 5)
+    if norm_hooked:  # a hook on the final norm: it is applied by calling the module
+        model.transformer.ln_f.register_forward_hook(lambda *_: None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with residtap.capture(model, outputs=OUTPUTS, dtype=cap_dtype, backend=backend) as cap:
+            model(ids)
+        ref = run_reference(model, ids, outputs=OUTPUTS, dtype=cap_dtype)
+    assert_same_outputs(cap, ref, OUTPUTS)
+    # normed is the final norm applied, outside autocast, to the stream the forward made under it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = run_reference(model, ids, outputs=("resid",)).stacked["resid"]
+    with torch.no_grad():
+        want = torch.stack([model.transformer.ln_f(r) for r in raw]).to(cap_dtype or raw.dtype)
+    assert torch.equal(ref.stacked["normed"], want)
+
+
 def test_bare_model_and_reference_backend(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
     check(model, ids_for(model, 2, 5))

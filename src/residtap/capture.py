@@ -21,7 +21,7 @@ from . import backend as _backend
 from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, mask_argument, module_device,
                    norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
-from .reference import OUTPUTS, STAT_NAMES, Stats, take
+from .reference import OUTPUTS, STAT_NAMES, Stats, take, without_autocast
 from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
                         resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
 
@@ -780,7 +780,8 @@ class Capture:
                     x = full_out
                     if ops.norm_device is not None and ops.norm_device != device:
                         x = _to(x, ops.norm_device)
-                    normed = self.layout.final_norm(x)
+                    with without_autocast(x.device):  # as the reference applies it
+                        normed = self.layout.final_norm(x)
                     if self._packed:
                         normed = normed.reshape(1, -1, normed.shape[-1])
                     bufs["normed"].copy_(take(normed, self._sel_on(normed.device)))

@@ -27,6 +27,7 @@ out): ``out - inp`` is then computed as torch promotes it, in the wider dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, NamedTuple
 
@@ -77,6 +78,16 @@ def token_stats(out: torch.Tensor, eps: float) -> Stats:
     return Stats(mean.squeeze(-1), rstd.squeeze(-1), l2, maxabs)
 
 
+def without_autocast(device: torch.device):
+    """The outputs are defined in the capture dtype by the ops named, whatever autocast the model
+    runs under (the fused op ignores it): torch's autocast off on ``device``'s type for computing
+    them. (Under it, a LayerNorm of a bfloat16 stream returns float32 on CUDA, and torch.stack of
+    float16 tensors under CPU autocast to bfloat16 raises.)"""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def block_outputs(
     out: torch.Tensor,
     inp: torch.Tensor | None,
@@ -93,6 +104,11 @@ def block_outputs(
     ``resid``/``delta``/``normed`` ``[batch, n_pos, d_model]`` in ``dtype`` (default: ``out``'s)
     and ``stats`` (a :class:`Stats` of ``[batch, n_pos]`` float32 tensors).
     """
+    with without_autocast(out.device):
+        return _block_outputs(out, inp, sel, dtype, final_norm, eps, outputs)
+
+
+def _block_outputs(out, inp, sel, dtype, final_norm, eps, outputs) -> dict:
     out = out.detach()
     dtype = dtype or out.dtype
     res = {}
@@ -343,14 +359,15 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
             res = {n: Stats(*(s[k] for s in v)) if n == "stats" else v[k] for n, v in res.items()}
         per_layer.append(res)
     stacked = None
-    if len({_device_of(r) for r in per_layer}) == 1:
+    if len(devices := {_device_of(r) for r in per_layer}) == 1:
         stacked = {}
         for name in outputs:
-            if name == "stats":
-                stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
-                                        for s in STAT_NAMES))
-            else:
-                stacked[name] = torch.stack([r[name] for r in per_layer])
+            with without_autocast(next(iter(devices))):  # (torch.stack is in autocast's lists)
+                if name == "stats":
+                    stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
+                                            for s in STAT_NAMES))
+                else:
+                    stacked[name] = torch.stack([r[name] for r in per_layer])
     return ReferenceResult(list(layer_ids), per_layer, model_output, stacked)
 
 
