@@ -303,6 +303,8 @@ def test_last_of_an_empty_sequence_is_refused():
     with pytest.raises(ValueError, match=r"positions='last': the input has no tokens \(sequence length 0\)"):
         with residtap.capture(m, positions="last", blocks="blocks", final_norm="norm"):
             m(torch.randn(2, 0, 4))
+    with pytest.raises(ValueError, match=r"positions='last': the input has no tokens \(sequence length 0\)"):
+        run_reference(m, torch.randn(2, 0, 4), positions="last", blocks="blocks", final_norm="norm")
 
 
 def test_a_huge_position_is_refused_against_the_real_length(models):

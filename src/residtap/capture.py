@@ -22,7 +22,7 @@ from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_si
                    norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take, without_autocast
-from .selection import (LAST, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
+from .selection import (LAST, NO_LAST_TOKEN, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
                         resolve_layers, resolve_outputs, resolve_position_spec, resolve_positions)
 
 _UNSEEN = object()  # positions="last": the model's forward has not been called since the last use
@@ -624,8 +624,7 @@ class Capture:
                 f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
                 f"(its {self._mask_name} is read there); call the model you passed to residtap.capture")
         if seq == 0:
-            raise ValueError("positions='last': the input has no tokens (sequence length 0), so no row "
-                             "has a last token")
+            raise ValueError(NO_LAST_TOKEN)
         if mask is None:  # no padding: every row ends at the last position
             return slice(seq - 1, seq)
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch \

@@ -376,8 +376,11 @@ def _last_real(model, blocks, args, kwargs, shape) -> torch.Tensor:
     mask of the blocks' tokens (``attention_mask``; a decoder's ``decoder_attention_mask``) that
     is nonzero (0 if none); ``seq - 1`` for every row without a mask."""
     from .arch import attention_mask_of, forward_signature, mask_argument
+    from .selection import NO_LAST_TOKEN
 
     batch, seq = shape
+    if seq == 0:
+        raise ValueError(NO_LAST_TOKEN)
     mask = attention_mask_of(forward_signature(model), args, kwargs, mask_argument(model, blocks))
     if mask is None:
         return torch.full((batch, 1), seq - 1, dtype=torch.long)

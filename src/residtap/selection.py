@@ -235,6 +235,10 @@ class KeepMask:
         return _on_device(self._flat, lambda: self._flat_host, device)
 
 
+# positions="last" on a forward without tokens (Capture and the reference refuse it alike)
+NO_LAST_TOKEN = "positions='last': the input has no tokens (sequence length 0), so no row has a last token"
+
+
 def last_token_index(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     """int64 ``[batch, 1]``: each row's last position whose ``attention_mask`` is nonzero, among the
     mask's last ``seq_len`` columns (those of the current tokens when a cache holds earlier ones);
