@@ -145,6 +145,30 @@ def test_last_in_an_encoder_decoder_model_reads_the_mask_of_the_blocks_tokens(ex
     assert cap.positions.flatten().tolist() == want
 
 
+def test_last_in_the_encoder_under_generate_says_to_capture_the_encoder(extension):
+    """generate runs an encoder-decoder model's encoder by itself, never through the model's forward,
+    whose attention_mask "last" reads: the error says so, and capturing the encoder works."""
+    torch.manual_seed(0)
+    model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                    num_heads=2, decoder_start_token_id=0)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 3:] = 0
+    with pytest.raises(RuntimeError, match=r"T5ForConditionalGeneration.forward was not called.*generate runs an "
+                                           r"encoder-decoder model's encoder by itself.*capture model.get_encoder\(\)"):
+        with residtap.capture(model, positions="last", blocks="encoder.block", final_norm="encoder.final_layer_norm"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    encoder = model.get_encoder()
+    with residtap.capture(encoder, positions="last", outputs=OUTPUTS, blocks="block",
+                          final_norm="final_layer_norm") as cap:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    assert cap.positions.flatten().tolist() == [2, 6]
+    with torch.no_grad():  # as generate runs it (torch's SDPA takes another kernel with grad)
+        ref = run_reference(encoder, input_ids=ids, attention_mask=mask, positions="last", outputs=OUTPUTS,
+                            blocks="block", final_norm="final_layer_norm")
+    assert_same_outputs(cap, ref, OUTPUTS)
+
+
 def test_last_of_a_row_with_no_real_token_is_position_0(extension):
     """An all-padding row has no last real token: position 0, in the capture and the reference alike."""
     model = tiny_gpt2(2, 64, 2, torch.float32)

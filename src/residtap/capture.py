@@ -19,7 +19,7 @@ from torch import nn
 
 from . import backend as _backend
 from .arch import (Layout, UnsupportedStreamError, attention_mask_of, forward_signature, mask_argument, module_device,
-                   norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config)
+                   norm_width_mismatch, not_a_stream, resolve_layout, stream_changed, text_config, unwrapped)
 from .overlap import OverlapError, SideStreams, tensor_version
 from .reference import OUTPUTS, STAT_NAMES, Stats, take, without_autocast
 from .selection import (LAST, NO_LAST_TOKEN, NOT_GIVEN, KeepMask, PositionPlan, last_token_index, resolve_dtype,
@@ -620,9 +620,14 @@ class Capture:
         """positions="last": each row's last real token, from the mask the model was called with."""
         mask, self._attention_mask = self._attention_mask, _UNSEEN  # use each forward's mask once
         if mask is _UNSEEN:
+            encoder = (self._mask_name == "attention_mask"
+                       and getattr(getattr(unwrapped(self.model), "config", None), "is_encoder_decoder", False))
             raise RuntimeError(
                 f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
-                f"(its {self._mask_name} is read there); call the model you passed to residtap.capture")
+                f"(its {self._mask_name} is read there); call the model you passed to residtap.capture"
+                + ("; generate runs an encoder-decoder model's encoder by itself: to capture the encoder's "
+                   "blocks there, capture model.get_encoder(), with blocks= and final_norm= paths relative "
+                   "to it" if encoder is True else ""))
         if seq == 0:
             raise ValueError(NO_LAST_TOKEN)
         if mask is None:  # no padding: every row ends at the last position
