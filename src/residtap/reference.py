@@ -140,7 +140,8 @@ def capture_block(out, inp=None, index=None, *, norm_weight=None, norm_bias=None
     This is the backend used where the compiled extension is unavailable; it allocates
     temporaries, so it is slower, but its results are the contract itself. Its arguments are checked
     as the op checks them (shapes, dtypes, devices; a RuntimeError naming the argument, before anything
-    is written), except what would read the device: index values (out of range: as torch indexes),
+    is written), except what would read the device: index values (out of range: as torch indexes, so a
+    negative one counts from the end here, where the op requires [0, seq); Capture passes only those),
     the op's layout rules (contiguous buffers, no overlap), which a copy does not need, and its dtypes:
     any floating dtype is taken (float64 models run here).
     """
