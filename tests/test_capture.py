@@ -286,6 +286,33 @@ def test_a_forward_under_autocast_is_captured_as_the_reference_computes_it(exten
     assert torch.equal(ref.stacked["normed"], want)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "reference"])
+def test_the_op_gets_the_blocks_input_only_for_delta(extension, monkeypatch, backend):
+    """Only delta reads a block's input: without it the op is not handed one (no copy of it onto the
+    output's device for a dispatched model, no alignment of it choosing the kernel)."""
+    import residtap.backend as B
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    for outputs in (("resid", "normed", "stats"), OUTPUTS):
+        seen = []
+        real = B.choose
+
+        def choose(*a, **k):
+            choice = real(*a, **k)
+            def fn(out, inp, *rest, **kw):
+                seen.append(inp is not None)
+                return choice.fn(out, inp, *rest, **kw)
+            return choice._replace(fn=fn)
+
+        monkeypatch.setattr(B, "choose", choose)
+        with residtap.capture(model, outputs=outputs, backend=backend) as cap:
+            model(ids)
+        monkeypatch.undo()
+        assert_same_outputs(cap, run_reference(model, ids, outputs=outputs), outputs)
+        assert seen == ([False, False, False] if "delta" not in outputs else [False, True, True])
+
+
 def test_bare_model_and_reference_backend(extension):
     model = tiny_gpt2(2, 64, 2, torch.float32, lm_head=False)
     check(model, ids_for(model, 2, 5))

@@ -216,6 +216,10 @@ void capture_block_cuda(const at::Tensor& out, const std::optional<at::Tensor>& 
         p.rstd = a.rstd.defined() ? a.rstd.data_ptr<float>() : nullptr;
       }
     }
+    if (p.delta == nullptr) {  // only delta reads inp: its alignment must not choose the kernel
+      p.inp = nullptr;
+      p.inp_sb = p.inp_ss = 0;
+    }
     p.welford = wants_normed || p.mean != nullptr || p.rstd != nullptr;
     dispatch_types(a.out.scalar_type(), out_types[k], [&](auto in_tag, auto out_tag) {
       launch_rows<decltype(in_tag), decltype(out_tag)>(p, stream);

@@ -741,7 +741,9 @@ class Capture:
         device = out.device
         if device != self._buf_devices[k]:
             self._rehome(k, device)
-        inp = inp.detach() if inp is not None else None
+        # only delta reads the input: without it, no copy of it onto this device, and the op's
+        # choice of kernel does not depend on its alignment
+        inp = inp.detach() if inp is not None and "delta" in self.config.outputs else None
         if inp is not None and inp.device != device:
             # accelerate moves a block's input inside the block's forward: the hook sees it where
             # the previous block left it. A copy, so delta is still out - inp exactly.
