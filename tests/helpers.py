@@ -6,6 +6,7 @@ import filecmp
 import functools
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -85,8 +86,21 @@ def assert_l2_close(got: torch.Tensor, ref_f64: torch.Tensor, max_ulp: int = 2) 
     assert d.numel() == 0 or int(d.max()) <= max_ulp, f"l2 off by {int(d.max())} ulp"
 
 
+def snapshot(cap, outputs):
+    """A copy of what ``cap`` holds now, for comparing once a later forward (a reference run inside
+    ``with``) has overwritten its buffers."""
+    held = types.SimpleNamespace()
+    for name in outputs:
+        value = getattr(cap, name)
+        setattr(held, name, type(value)(*(t.clone() for t in value)) if name == "stats" else value.clone())
+    return held
+
+
 def assert_same_outputs(cap, ref, outputs) -> None:
-    """Every captured output equals the reference bit for bit (l2: within 2 ulp)."""
+    """Every captured output equals the reference bit for bit (l2: within 2 ulp). Not while ``cap`` is
+    entered: a reference run there (as an argument of this call) is a forward it captures, which
+    would compare the reference's forward with itself; compare a ``snapshot`` taken before."""
+    assert not getattr(cap, "_handles", None), "compare a snapshot(cap, ...) taken before the reference runs"
     for name in outputs:
         if name == "stats":
             for stat in ("mean", "rstd", "maxabs"):

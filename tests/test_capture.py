@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import residtap
-from helpers import DTYPES, assert_same_outputs, check_misaligned_block_outputs, ids_for, tiny_gpt2
+from helpers import DTYPES, assert_same_outputs, check_misaligned_block_outputs, ids_for, snapshot, tiny_gpt2
 from residtap.reference import OUTPUTS, run_reference
 
 CONFIGS = {  # (n_layer, n_embd, n_head)
@@ -137,8 +137,8 @@ def test_blocks_kept_in_a_plain_sequence_at_a_path_keep_their_buffers(extension,
             ids = ids_for(model, 2, 5, seed=seed)
             handles = list(cap._block_handles)
             model(ids)
-            assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, blocks="block_seq",
-                                                   final_norm="transformer.ln_f"), OUTPUTS)
+            assert_same_outputs(snapshot(cap, OUTPUTS), run_reference(model, ids, outputs=OUTPUTS, blocks="block_seq",
+                                                                      final_norm="transformer.ln_f"), OUTPUTS)
             ptrs.append(cap.resid.data_ptr())
         assert cap._block_handles == handles
     assert ptrs[0] == ptrs[1]
@@ -179,8 +179,9 @@ def test_a_forward_from_another_thread_inside_with_is_captured(extension):
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
 
 
+@pytest.mark.parametrize("waits_at", ["block 0", "lm_head"])
 @pytest.mark.parametrize("positions", [None, "last"], ids=str)
-def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, positions):
+def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, positions, waits_at):
     """Two threads calling one captured model at once would write the buffers in turns (and, for
     "last", the second call's mask would replace the first's): the second call is refused before its
     blocks run, and the first forward is captured whole. A thread whose call ended by KeyboardInterrupt
@@ -193,7 +194,8 @@ def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, 
     mask2 = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     inside, go, errors = threading.Event(), threading.Event(), []
 
-    def wait_in_block_0(*_):  # the first thread's forward waits here, inside the model, before block 0
+    def wait_in_block_0(*_):  # the first thread's forward waits here, inside the model: before block 0,
+        # or after the last block (every layer written)
         if threading.current_thread() is not threading.main_thread():
             inside.set()
             go.wait(30)
@@ -205,7 +207,8 @@ def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, 
             errors.append(e)
 
     with residtap.capture(model, outputs=OUTPUTS, positions=positions) as cap:
-        handle = model.transformer.h[0].register_forward_pre_hook(wait_in_block_0)
+        where = model.transformer.h[0] if waits_at == "block 0" else model.lm_head
+        handle = where.register_forward_pre_hook(wait_in_block_0)
         worker = threading.Thread(target=first)
         worker.start()
         assert inside.wait(30)
@@ -216,8 +219,8 @@ def test_a_call_from_a_second_thread_while_a_forward_runs_is_refused(extension, 
         worker.join(30)
         handle.remove()
         assert not errors
-        assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions=positions,
-                                               attention_mask=mask), OUTPUTS)
+        assert_same_outputs(snapshot(cap, OUTPUTS), run_reference(model, ids, outputs=OUTPUTS, positions=positions,
+                                                                  attention_mask=mask), OUTPUTS)
 
         def interrupted():
             def stop(*_):
@@ -913,6 +916,56 @@ def test_block_0_replaced_inside_with_then_run_without_the_model_is_refused(exte
     assert not model.transformer.h[0].block._forward_pre_hooks
 
 
+def test_blocks_run_without_the_model_after_an_interrupted_call_are_captured(extension):
+    """A call of the model ended by KeyboardInterrupt (caught inside ``with``) leaves no call running:
+    the blocks run next without the model (``model.transformer(ids)``) are a forward of their own,
+    re-read where a block was wrapped meanwhile (they failed as 'ran more than once', or kept the old
+    block's hook inside the wrapper)."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        for where in (model.transformer.h[0], model.transformer.h[1]):  # before block 0; after it
+            handle = where.register_forward_pre_hook(interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                model(ids)
+            handle.remove()
+            model.transformer(ids)
+            assert_same_outputs(snapshot(cap, OUTPUTS), run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+        handle = model.transformer.h[0].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model(ids)
+        handle.remove()
+        model.transformer.h[1] = _Doubled(model.transformer.h[1])
+        model.transformer(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+
+
+@pytest.mark.parametrize("before", ["complete", "raised-in-embeddings"])
+def test_a_fresh_block_0_then_the_blocks_without_the_model_is_refused(extension, before):
+    """Block 0 replaced inside ``with`` by a module without the capture's hook, then the blocks run
+    without the model: no forward begins, and the next block says so (it blamed 'ran more than once',
+    or after a forward that raised in the embeddings wrote with the older forward's positions)."""
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids = ids_for(model, 2, 5)
+    with residtap.capture(model, outputs=OUTPUTS, positions="last") as cap:
+        model(ids)
+        if before == "raised-in-embeddings":
+            with pytest.raises(IndexError):
+                model(torch.full((2, 3), 10**6))
+        model.transformer.h[0] = copy.deepcopy(model.transformer.h[0])  # (a copy keeps no capture hook)
+        with pytest.raises(residtap.UnsupportedStreamError, match=r"block 1 of gpt2 returned, run without a call of "
+                                                                  r"GPT2LMHeadModel, when no forward was open"):
+            model.transformer(ids)
+        with pytest.raises(residtap.CaptureError):
+            cap.resid
+        model(ids)
+    assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+
+
 def test_a_block_list_of_another_length_at_the_path_is_refused(extension):
     model = copy.deepcopy(tiny_gpt2(3, 64, 2))
     ids = ids_for(model, 2, 5)
@@ -970,7 +1023,7 @@ def test_a_backward_that_recomputes_checkpointed_blocks_is_not_a_forward(extensi
             first = cap.resid.clone()
             out.square().sum().backward()
             assert torch.equal(cap.resid, first)
-            assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, **where), OUTPUTS)
+            assert_same_outputs(snapshot(cap, OUTPUTS), run_reference(model, ids, outputs=OUTPUTS, **where), OUTPUTS)
     assert model.blocks[0][0].weight.grad is not None
 
 
@@ -993,6 +1046,6 @@ def test_a_forward_interrupted_by_a_base_exception_caught_inside_with_does_not_s
         with pytest.raises(residtap.CaptureError):
             cap.resid  # the interrupted forward is not presented as complete
         model(ids)
-        assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
+        assert_same_outputs(snapshot(cap, OUTPUTS), run_reference(model, ids, outputs=OUTPUTS), OUTPUTS)
         model(ids_for(model, 2, 5, seed=1))
     assert_same_outputs(cap, run_reference(model, ids_for(model, 2, 5, seed=1), outputs=OUTPUTS), OUTPUTS)

@@ -180,6 +180,7 @@ class Capture:
         self._norm_copies: dict[torch.device, tuple] = {}  # device -> (stamp, (weight, bias) copies)
         self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
+        self._open = False  # a forward has begun at block 0 and neither completed nor left the model
         self._done: set[int] = set()  # the layer ids this forward has written
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
@@ -307,16 +308,36 @@ class Capture:
         if not self._model_depth:
             return
         if self._owner != threading.get_ident():
-            frame = sys._current_frames().get(self._owner)
-            if frame is not None and _running_calls(self.model, frame):
+            if self._owner_runs_model():
                 self._model_depth += 1  # (torch calls _on_model_exit for this call as it raises)
-                self._refuse(f"{type(self.model).__name__} was called from two threads at once inside one "
-                             "capture, which holds one forward at a time; this call was stopped before its "
-                             "blocks ran (the other thread's forward is captured). Run the forwards one after "
-                             "another, or give each thread its own model and capture")
+                self._two_threads(f"{type(self.model).__name__} was called")
             self._model_depth = 0
         elif _running_calls(self.model, sys._getframe()) <= 1:
             self._model_depth = 0
+
+    def _owner_runs_model(self) -> bool:
+        """Whether the thread that began the running forward is inside a call of the model."""
+        frame = sys._current_frames().get(self._owner)
+        return frame is not None and _running_calls(self.model, frame, stop=1) > 0
+
+    def _two_threads(self, what: str) -> NoReturn:
+        """Refuse a call on a second thread while a forward runs on another. Not a failed capture:
+        the refused call wrote nothing, and the other thread's forward is captured."""
+        raise UnsupportedStreamError(
+            f"residtap: {what} from two threads at once inside one capture, which holds one forward at a "
+            "time; this call was stopped before its blocks ran (the other thread's forward is captured). "
+            "Run the forwards one after another, or give each thread its own model and capture")
+
+    def _depth_outlived_call(self) -> bool:
+        """At block 0 inside a call of the model as the depth says (host-side, a short walk up the
+        stack): whether that call really runs. One ended by KeyboardInterrupt or SystemExit caught
+        inside ``with`` left the depth behind (see _check_depth), and these blocks run without the
+        model. A block 0 run on another thread while the forward runs is refused."""
+        if self._owner == threading.get_ident():
+            return _running_calls(self.model, sys._getframe(), stop=1) == 0
+        if self._owner_runs_model():
+            self._two_threads(f"the blocks of {type(self.model).__name__} were called")
+        return True
 
     def _refuse_layerdrop(self) -> None:
         """A model that drops blocks at random while training has no residual for the blocks a
@@ -341,6 +362,8 @@ class Capture:
         # overlap: at the end of the model's forward (also when it raised), the main stream waits
         # for every side-stream capture, so whatever reads the buffers next is ordered after them.
         self._model_depth = max(0, self._model_depth - 1)
+        if self._model_depth == 0:
+            self._open = False
         if self._model_depth == 0 and self._side is not None:
             self._join(check=self._state != "failed")
 
@@ -394,6 +417,8 @@ class Capture:
         if module is not self.layout.blocks[0] or _in_backward():
             self._refuse_replica(module)  # (the model's own pre-hook refuses first, where it is hooked)
             return
+        if self._model_depth and self._depth_outlived_call():
+            self._model_depth = 0
         if self._model_depth == 0 and self._rehook_blocks() and module is not self.layout.blocks[0]:
             # The blocks called without the model (``model.transformer(ids)``), after block 0 was
             # replaced or wrapped inside ``with``: this is the old block 0, inside the new one,
@@ -425,6 +450,7 @@ class Capture:
         if self._side is not None:  # a forward that ended without a join (it raised): join now,
             self._join(check=False)  # before its buffers are reused or freed
         self._state = "running"
+        self._open = True
         self._done.clear()
         self._refresh_norm()
         self._stamp = self._norm_stamp()  # once per forward, not per layer (see _ops_for)
@@ -731,6 +757,11 @@ class Capture:
                          f"{type(self.model).__name__} in which block 0 did not run. A forward that skips "
                          "blocks has no residual for them, and residtap starts each forward at the first "
                          "block; nothing was kept from this forward")
+        if self._model_depth == 0 and not self._open:  # blocks run without the model
+            self._refuse(f"block {layer_id - 1} of {self.layout.family} returned, run without a call of "
+                         f"{type(self.model).__name__}, when no forward was open: block 0 did not run since the "
+                         "last forward ended (a block 0 replaced inside with is not hooked until the model "
+                         "is called), or this block ran more than once; nothing was kept from this forward")
         if layer_id in self._done:
             self._ran_twice(layer_id - 1)
         if (why := stream_changed(layer_id - 1, self.layout.family, out, inp, self._stream)) is not None:
@@ -804,6 +835,7 @@ class Capture:
                 # _restack is about to read the buffers on the main stream.
                 self._join()
             self._state = "complete"
+            self._open = False
             if not self._stacked:
                 self._restack()
 
@@ -1015,12 +1047,12 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 _CALL_IMPL = nn.Module._call_impl.__code__
 
 
-def _running_calls(module: nn.Module, frame) -> int:
+def _running_calls(module: nn.Module, frame, stop: int | None = None) -> int:
     """How many calls of ``module`` are running on the stack from ``frame`` down (a thread's): torch's
-    ``nn.Module._call_impl`` frames for it. A walk of the stack, so asked only when a call of the
-    model begins while another seems to be running (rare)."""
+    ``nn.Module._call_impl`` frames for it; with ``stop``, counted up to that many. A walk of the
+    stack (a few µs to the model's call from its first block)."""
     n = 0
-    while frame is not None:
+    while frame is not None and n != stop:
         if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module:
             n += 1
         frame = frame.f_back
