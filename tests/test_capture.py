@@ -262,6 +262,11 @@ def test_a_dataparallel_replica_is_refused_and_one_device_dataparallel_is_captur
     with residtap.capture(parallel, outputs=OUTPUTS, positions="last") as cap:
         parallel(ids)
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
+    # the set-up probe's width is read through the wrapper too (an RMSNorm model: from the config)
+    import transformers as T
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    assert residtap.Capture(nn.DataParallel(llama), outputs=("stats",))._guess_d_model() == 32
 
 
 @pytest.mark.parametrize("backend", ["compiled", "reference"])

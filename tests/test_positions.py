@@ -154,8 +154,9 @@ def test_last_in_the_encoder_under_generate_says_to_capture_the_encoder(extensio
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, 3:] = 0
-    with pytest.raises(RuntimeError, match=r"T5ForConditionalGeneration.forward was not called.*generate runs an "
-                                           r"encoder-decoder model's encoder by itself.*capture model.get_encoder\(\)"):
+    with pytest.raises(RuntimeError, match=r"T5ForConditionalGeneration.forward was not called.*where the encoder runs "
+                                           r"by itself \(generate calls an encoder-decoder model's encoder directly\), "
+                                           r"capture model.get_encoder\(\)"):
         with residtap.capture(model, positions="last", blocks="encoder.block", final_norm="encoder.final_layer_norm"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
     encoder = model.get_encoder()

@@ -579,7 +579,8 @@ class Capture:
         # The dtypes the hidden states will have: the parameters', and float32 too where the config
         # keeps the residual stream in float32 under narrower weights (Mamba's residual_in_fp32).
         dtypes = [param.dtype]
-        if getattr(text_config(self.model), "residual_in_fp32", False) is True and param.dtype != torch.float32:
+        if getattr(text_config(unwrapped(self.model)), "residual_in_fp32", False) is True \
+                and param.dtype != torch.float32:
             dtypes.append(torch.float32)
         for device in cuda:
             for dtype in dtypes:
@@ -598,10 +599,11 @@ class Capture:
         w = self._live_norm_params()[0]
         if w is not None:
             return int(w.shape[-1])
-        hidden = getattr(text_config(self.model), "hidden_size", None)
+        inner = unwrapped(self.model)  # (DataParallel's module: the config and embeddings are there)
+        hidden = getattr(text_config(inner), "hidden_size", None)
         if isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0:
             return hidden
-        emb = getattr(self.model, "get_input_embeddings", lambda: None)()
+        emb = getattr(inner, "get_input_embeddings", lambda: None)()
         return int(emb.weight.shape[-1]) if getattr(emb, "weight", None) is not None else None
 
     def _fused_norm_on(self, device: torch.device, dtype: torch.dtype):
@@ -651,8 +653,8 @@ class Capture:
             raise RuntimeError(
                 f"positions='last': the blocks ran but {type(self.model).__name__}.forward was not called "
                 f"(its {self._mask_name} is read there); call the model you passed to residtap.capture"
-                + ("; generate runs an encoder-decoder model's encoder by itself: to capture the encoder's "
-                   "blocks there, capture model.get_encoder(), with blocks= and final_norm= paths relative "
+                + ("; where the encoder runs by itself (generate calls an encoder-decoder model's encoder "
+                   "directly), capture model.get_encoder(), with blocks= and final_norm= paths relative "
                    "to it" if encoder is True else ""))
         if seq == 0:
             raise ValueError(NO_LAST_TOKEN)

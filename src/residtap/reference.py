@@ -339,7 +339,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     def apply_norm(x):  # where the model runs its final norm, the result back where x is
         if norm_device is None or norm_device == x.device:
             return norm(x)
-        return norm(x.to(norm_device)).to(x.device)
+        with without_autocast(norm_device):  # (block_outputs turns it off where x is)
+            return norm(x.to(norm_device)).to(x.device)
 
     missing = [lid for lid in dict.fromkeys([0, *layer_ids]) if lid not in saved]
     if missing:
