@@ -83,6 +83,11 @@ def test_cli_verify_model_that_cannot_be_loaded_offline(tmp_path, capsys):
                                        "the weights)\n")
     assert cli.main(["verify", "--model", "no-such-org/no-such-model"]) == 2  # a hub name: not in the cache
     assert "--model 'no-such-org/no-such-model' could not be loaded offline" in capsys.readouterr().err
+    assert cli.main(["verify", "--model", "random:gpt2-small"]) == 2  # extract's spec: said as such
+    assert capsys.readouterr().err == ("residtap verify: error: --model 'random:gpt2-small': verify does not take "
+                                       "extract's random: specs; omit --model for the built-in random "
+                                       "GPT-2-small (--seed sets its weights), or save a model with "
+                                       "save_pretrained and pass its directory\n")
     weights = tmp_path / "model.safetensors"  # a file: said as one, not as "no such directory"
     weights.write_bytes(b"\0" * 16)
     assert cli.main(["verify", "--model", str(weights)]) == 2

@@ -26,6 +26,10 @@ def _load_model(name: str | None, dtype, device: str, seed: int):
 
     if name is None:
         return random_gpt2("gpt2-small", seed=seed, dtype=dtype, device=device), "gpt2-small (random init)"
+    if name.startswith("random:"):
+        raise ValueError(f"--model {name!r}: verify does not take extract's random: specs; omit --model for "
+                         "the built-in random GPT-2-small (--seed sets its weights), or save a model with "
+                         "save_pretrained and pass its directory")
     model = load_pretrained_as(name, "--model", "; omit --model for the built-in random GPT-2-small.",
                                dtype=dtype)
     return model.to(device).eval(), name
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("env", help="versions, the compiled extension, and which backend runs where")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the facts as JSON")
     e.set_defaults(func=cmd_env)
 
     from .extract import register_cli  # noqa: F401  (importing the module adds "extract" below)

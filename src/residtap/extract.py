@@ -2013,7 +2013,7 @@ def register_cli(sub) -> None:
                    help="default: auto (the compiled op where it runs, else the reference; RESIDTAP_BACKEND)")
     e.add_argument("--overlap", action="store_true",
                    help="capture each layer on a side stream beside the next blocks (CUDA; see README)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on a terminal)")
     e.add_argument("--no-verify-existing", action="store_true",
                    help="on resume, check existing shards' sizes only, not their sha256")
     from .cli import add_layout_args

@@ -1049,5 +1049,7 @@ class ShuffledRows(torch.utils.data.IterableDataset):
 def open_activations(path: str | os.PathLike, *, verify: bool = False,
                      allow_partial: bool = False) -> Activations:
     """Open an extraction directory (``residtap.open``). Shard sizes are always checked against the
-    manifest; ``verify=True`` also checks every shard's sha256 (reads everything once)."""
+    manifest; ``verify=True`` also checks every shard's sha256 (reads everything once). A run not
+    finished yet (its manifest says ``complete: false``) is refused unless ``allow_partial=True``,
+    which reads the shards complete so far."""
     return Activations(os.fspath(path), verify=verify, allow_partial=allow_partial)
