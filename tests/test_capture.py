@@ -971,6 +971,52 @@ def test_a_fresh_block_0_then_the_blocks_without_the_model_is_refused(extension,
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
 
 
+@pytest.mark.parametrize("raises_in", [1, 2], ids=["unselected-block", "selected-block"])
+def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extension, raises_in):
+    """Blocks run without the model have no end the capture sees but their last selected layer: one that
+    raised (in a block whose output is not selected, or in one that is), then block 0 replaced by a module
+    without the capture's hook, then the blocks again: refused, where it read as complete, its layers
+    taken from the two forwards."""
+    model = copy.deepcopy(tiny_gpt2(4, 64, 2))
+    ids, ids2 = ids_for(model, 2, 5), ids_for(model, 2, 5, seed=1)
+
+    def fail(*_):
+        raise ValueError("stop")
+
+    with residtap.capture(model, layers=[0, 3]) as cap:
+        handle = model.transformer.h[raises_in].register_forward_pre_hook(fail)  # as if the block raised
+        with pytest.raises(ValueError, match="stop"):
+            model.transformer(ids)
+        handle.remove()
+        model.transformer.h[0] = copy.deepcopy(model.transformer.h[0])
+        with pytest.raises(residtap.UnsupportedStreamError, match="when no forward was open"):
+            model.transformer(ids2)
+        with pytest.raises(residtap.CaptureError):
+            cap.resid
+
+
+def test_blocks_run_on_a_worker_thread_by_the_models_forward_are_captured(extension):
+    """One forward on two threads (a wrapper whose forward runs the language model on a worker): the
+    blocks' thread is not a second forward."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Offload(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.pool = lm, ThreadPoolExecutor(1)
+
+        def forward(self, ids):
+            return self.pool.submit(self.lm, ids).result()
+
+    model = Offload(copy.deepcopy(tiny_gpt2(2, 64, 2)))
+    ids = ids_for(model.lm, 2, 5)
+    where = dict(blocks="lm.transformer.h", final_norm="lm.transformer.ln_f")
+    with residtap.capture(model, outputs=OUTPUTS, **where) as cap:
+        model(ids)
+    model.pool.shutdown()
+    assert_same_outputs(cap, run_reference(model.lm, ids, outputs=OUTPUTS), OUTPUTS)
+
+
 def test_a_block_list_of_another_length_at_the_path_is_refused(extension):
     model = copy.deepcopy(tiny_gpt2(3, 64, 2))
     ids = ids_for(model, 2, 5)

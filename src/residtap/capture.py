@@ -216,6 +216,7 @@ class Capture:
                 self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_call),
                                                                           with_kwargs=True))
             self._model_depth = 0
+            self._open = False
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_enter)))
             self._handles.append(self.model.register_forward_hook(_Hook(self._on_model_exit), always_call=True))
             self._hook_blocks()
@@ -250,6 +251,7 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._remove_hooks()
+        self._open = False
         if exc_type is not None and self._state == "running":
             self._state = "failed"
         if self._side is not None:
@@ -261,7 +263,7 @@ class Capture:
             return  # recomputed by backward (_in_backward)
         self._check_depth()
         if self._model_depth == 0:
-            self._owner = threading.get_ident()
+            self._owner = _thread_id()
             self._refuse_layerdrop()
             self._calls += 1
             self._rehook_blocks()
@@ -298,6 +300,7 @@ class Capture:
                          "model called on one device, or run one process per GPU (torchrun; residtap "
                          "extract does) with a capture in each")
 
+    @torch.compiler.disable  # host-side bookkeeping (threads, the stack): never traced by torch.compile
     def _check_depth(self) -> None:
         """At the start of a call of the model while another seems to be running (rare; host-side
         only): a call from another thread while the forward on that one runs is refused, since the
@@ -307,7 +310,7 @@ class Capture:
         ``with``), for which torch skips _on_model_exit."""
         if not self._model_depth:
             return
-        if self._owner != threading.get_ident():
+        if self._owner != _thread_id():
             if self._owner_runs_model():
                 self._model_depth += 1  # (torch calls _on_model_exit for this call as it raises)
                 self._two_threads(f"{type(self.model).__name__} was called")
@@ -328,15 +331,19 @@ class Capture:
             "time; this call was stopped before its blocks ran (the other thread's forward is captured). "
             "Run the forwards one after another, or give each thread its own model and capture")
 
+    @torch.compiler.disable  # (as _check_depth)
     def _depth_outlived_call(self) -> bool:
         """At block 0 inside a call of the model as the depth says (host-side, a short walk up the
         stack): whether that call really runs. One ended by KeyboardInterrupt or SystemExit caught
         inside ``with`` left the depth behind (see _check_depth), and these blocks run without the
-        model. A block 0 run on another thread while the forward runs is refused."""
-        if self._owner == threading.get_ident():
+        model. On another thread while the model's call runs, before its blocks have begun: that
+        call's blocks, run on a worker thread by its forward. After they began: refused."""
+        if self._owner == _thread_id():
             return _running_calls(self.model, sys._getframe(), stop=1) == 0
         if self._owner_runs_model():
-            self._two_threads(f"the blocks of {type(self.model).__name__} were called")
+            if self._begun_in == self._calls:
+                self._two_threads(f"the blocks of {type(self.model).__name__} were called")
+            return False
         return True
 
     def _refuse_layerdrop(self) -> None:
@@ -441,6 +448,7 @@ class Capture:
         if module is not self.layout.blocks[i] or _in_backward():
             return
         if output is None:  # the block itself raised: torch calls an always_call hook without output
+            self._open = False  # (the forward has ended; blocks run without the model have no other end)
             return
         self._write(i + 1, self.layout.hidden_from_output(output), self.layout.hidden_from_args(args, kwargs))
 
@@ -759,7 +767,7 @@ class Capture:
                          f"{type(self.model).__name__} in which block 0 did not run. A forward that skips "
                          "blocks has no residual for them, and residtap starts each forward at the first "
                          "block; nothing was kept from this forward")
-        if self._model_depth == 0 and not self._open:  # blocks run without the model
+        if self._model_depth == 0 and (not self._open or self._block_0_replaced()):  # blocks run without the model
             self._refuse(f"block {layer_id - 1} of {self.layout.family} returned, run without a call of "
                          f"{type(self.model).__name__}, when no forward was open: block 0 did not run since the "
                          "last forward ended (a block 0 replaced inside with is not hooked until the model "
@@ -840,6 +848,17 @@ class Capture:
             self._open = False
             if not self._stacked:
                 self._restack()
+
+    def _block_0_replaced(self) -> bool:
+        """Whether the model holds another block 0 than the one this forward began at (host-side
+        attribute reads; asked for blocks run without the model only). Its replacement has no hook
+        yet, so a forward through it has not begun: the one open is an earlier forward's that ended
+        without completing (an exception this capture did not see)."""
+        try:
+            return self.layout.with_current_blocks().blocks[0] is not self.layout.blocks[0]
+        except ValueError:
+            self._state = "failed"
+            raise
 
     @staticmethod
     def _widen_input(layer_id: int, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -1047,6 +1066,9 @@ class _InertHook:
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 _CALL_IMPL = nn.Module._call_impl.__code__
+
+
+_thread_id = torch.compiler.disable(threading.get_ident)  # (torch.compile traces hooks; it warns on this)
 
 
 def _running_calls(module: nn.Module, frame, stop: int | None = None) -> int:
