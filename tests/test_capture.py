@@ -971,8 +971,9 @@ def test_a_fresh_block_0_then_the_blocks_without_the_model_is_refused(extension,
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
 
 
+@pytest.mark.parametrize("given", ["path", "list"])
 @pytest.mark.parametrize("raises_in", [1, 2], ids=["unselected-block", "selected-block"])
-def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extension, raises_in):
+def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extension, raises_in, given):
     """Blocks run without the model have no end the capture sees but their last selected layer: one that
     raised (in a block whose output is not selected, or in one that is), then block 0 replaced by a module
     without the capture's hook, then the blocks again: refused, where it read as complete, its layers
@@ -983,7 +984,8 @@ def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extensio
     def fail(*_):
         raise ValueError("stop")
 
-    with residtap.capture(model, layers=[0, 3]) as cap:
+    where = {} if given == "path" else dict(blocks=list(model.transformer.h), final_norm="transformer.ln_f")
+    with residtap.capture(model, layers=[0, 3], **where) as cap:
         handle = model.transformer.h[raises_in].register_forward_pre_hook(fail)  # as if the block raised
         with pytest.raises(ValueError, match="stop"):
             model.transformer(ids)
@@ -993,6 +995,82 @@ def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extensio
             model.transformer(ids2)
         with pytest.raises(residtap.CaptureError):
             cap.resid
+
+
+class _Retrying(nn.Module):
+    """Runs a GPT-2's blocks itself, and runs again a block that raised (as after a CUDA OOM)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.failures = lm, 0
+
+    def forward(self, ids):
+        t = self.lm.transformer
+        x = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))
+        for block in t.h:
+            try:
+                x = block(x)
+            except RuntimeError:
+                x = block(x)
+        return t.ln_f(x)
+
+
+def test_a_block_run_again_after_it_raised_inside_the_blocks_call_is_captured(extension):
+    """Blocks run without the captured model, by a module that runs a block again after it raised: the
+    forward is still open (its call runs), so the retried block is captured (f9efd03 refused it)."""
+    model = copy.deepcopy(tiny_gpt2(3, 64, 2))
+    runner = _Retrying(model)
+    ids = ids_for(model, 2, 5)
+
+    def fail_once(*_):
+        runner.failures += 1
+        if runner.failures % 2 == 1:
+            raise RuntimeError("out of memory, once")
+
+    handle = model.transformer.h[1].register_forward_pre_hook(fail_once)
+    try:
+        want = run_reference(runner, ids, outputs=OUTPUTS, blocks="lm.transformer.h", final_norm="lm.transformer.ln_f")
+        with residtap.capture(model, outputs=OUTPUTS) as cap:
+            runner(ids)
+    finally:
+        handle.remove()
+    assert runner.failures == 4
+    assert_same_outputs(cap, want, OUTPUTS)
+
+
+def test_blocks_run_by_a_second_thread_while_the_model_is_in_its_embeddings(extension):
+    """Thread A calls the model and waits in its embeddings; thread B runs the blocks without the model
+    meanwhile. B's blocks are taken as the forward (they cannot be told from a worker of A's); A's block 0
+    then says two threads ran the blocks (it blamed a loop over the blocks), and B's forward is kept."""
+    import threading
+
+    model = copy.deepcopy(tiny_gpt2(2, 64, 2))
+    ids, ids2 = ids_for(model, 2, 5), ids_for(model, 2, 5, seed=1)
+    inside, go, errors = threading.Event(), threading.Event(), []
+
+    def wait_in_embeddings(*_):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            go.wait(30)
+
+    def first():
+        try:
+            model(ids)
+        except BaseException as e:  # noqa: BLE001 (checked by the main thread)
+            errors.append(e)
+
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        handle = model.transformer.wte.register_forward_pre_hook(wait_in_embeddings)
+        worker = threading.Thread(target=first)
+        worker.start()
+        assert inside.wait(30)
+        model.transformer(ids2)
+        go.set()
+        worker.join(30)
+        handle.remove()
+    assert len(errors) == 1 and isinstance(errors[0], residtap.UnsupportedStreamError)
+    assert "the blocks of GPT2LMHeadModel were called from two threads at once" in str(errors[0])
+    assert_same_outputs(cap, run_reference(model, ids2, outputs=OUTPUTS), OUTPUTS)
 
 
 def test_blocks_run_on_a_worker_thread_by_the_models_forward_are_captured(extension):

@@ -319,8 +319,7 @@ def _build(cuda_home: Path | None, cuda_skip: str | None) -> BuildInfo:
     return BuildInfo(True, with_cuda, archs, str(build_dir), None, cuda_skip)
 
 
-@torch.compiler.disable  # file system, a lock, a build: host work that torch.compile must not trace
-def load_extension() -> BuildInfo:
+def load_extension() -> BuildInfo:  # (not traced by torch.compile: see capture._untraced)
     """Build (once) and load the extension; never raises: failures are recorded in the result."""
     global _info
     with _lock:

@@ -155,12 +155,14 @@ class Capture:
     def __init__(self, model: nn.Module, layers=None, positions=None, dtype=None,
                  outputs=("resid",), *, blocks=NOT_GIVEN, final_norm=NOT_GIVEN,
                  backend: str | None = None, overlap: bool = False):
+        _untraced()
         self.model = model
         self.layout = resolve_layout(model, blocks=blocks, final_norm=final_norm)
         self.config = CaptureConfig.make(self.layout, layers, positions, dtype, outputs, backend, overlap)
         self._side = SideStreams() if overlap else None
         self._model_depth = 0  # how many calls of the model are running (see _on_model_enter)
         self._owner = None  # the thread whose call of the model made _model_depth 1
+        self._begun_on = None  # the thread whose block 0 began the forward
         self._calls = 0  # outermost calls of the model so far; a forward begun in one is _begun_in
         self._begun_in = None
         self._slot = {lid: k for k, lid in enumerate(self.config.layer_ids)}
@@ -181,6 +183,7 @@ class Capture:
         self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
         self._open = False  # a forward has begun at block 0 and neither completed nor left the model
+        self._forward_frame = None  # blocks run without the model: the call they run in (see _begin_frame)
         self._done: set[int] = set()  # the layer ids this forward has written
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
@@ -216,7 +219,7 @@ class Capture:
                 self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_call),
                                                                           with_kwargs=True))
             self._model_depth = 0
-            self._open = False
+            self._close()
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_enter)))
             self._handles.append(self.model.register_forward_hook(_Hook(self._on_model_exit), always_call=True))
             self._hook_blocks()
@@ -251,7 +254,7 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._remove_hooks()
-        self._open = False
+        self._close()
         if exc_type is not None and self._state == "running":
             self._state = "failed"
         if self._side is not None:
@@ -300,8 +303,7 @@ class Capture:
                          "model called on one device, or run one process per GPU (torchrun; residtap "
                          "extract does) with a capture in each")
 
-    @torch.compiler.disable  # host-side bookkeeping (threads, the stack): never traced by torch.compile
-    def _check_depth(self) -> None:
+    def _check_depth(self) -> None:  # (not traced by torch.compile: see _untraced)
         """At the start of a call of the model while another seems to be running (rare; host-side
         only): a call from another thread while the forward on that one runs is refused, since the
         buffers hold one forward at a time and the two would write them in turns. A depth that
@@ -331,8 +333,7 @@ class Capture:
             "time; this call was stopped before its blocks ran (the other thread's forward is captured). "
             "Run the forwards one after another, or give each thread its own model and capture")
 
-    @torch.compiler.disable  # (as _check_depth)
-    def _depth_outlived_call(self) -> bool:
+    def _depth_outlived_call(self) -> bool:  # (not traced by torch.compile: see _untraced)
         """At block 0 inside a call of the model as the depth says (host-side, a short walk up the
         stack): whether that call really runs. One ended by KeyboardInterrupt or SystemExit caught
         inside ``with`` left the depth behind (see _check_depth), and these blocks run without the
@@ -370,7 +371,7 @@ class Capture:
         # for every side-stream capture, so whatever reads the buffers next is ordered after them.
         self._model_depth = max(0, self._model_depth - 1)
         if self._model_depth == 0:
-            self._open = False
+            self._close()
         if self._model_depth == 0 and self._side is not None:
             self._join(check=self._state != "failed")
 
@@ -438,9 +439,16 @@ class Capture:
                          "after replacing blocks")
         hidden = self.layout.hidden_from_args(args, kwargs)
         if self._model_depth and self._begun_in == self._calls:
+            if self._begun_on != _thread_id():  # (block 0 of this call already ran on another thread)
+                self._two_threads(f"the blocks of {type(self.model).__name__} were called")
             self._ran_twice(0)
         self._begin(hidden)
         self._begun_in = self._calls if self._model_depth else None
+        self._begun_on = _thread_id()
+        # Blocks run without the model: no hook sees the end of their forward but its last selected
+        # layer, so it is known by the call they run in (a module's), which must still be running
+        # when a later block returns (else that forward raised, and this block is of another).
+        self._forward_frame = _enclosing_call() if self._model_depth == 0 else None
         if 0 in self._slot:
             self._write(0, hidden, None)
 
@@ -448,7 +456,6 @@ class Capture:
         if module is not self.layout.blocks[i] or _in_backward():
             return
         if output is None:  # the block itself raised: torch calls an always_call hook without output
-            self._open = False  # (the forward has ended; blocks run without the model have no other end)
             return
         self._write(i + 1, self.layout.hidden_from_output(output), self.layout.hidden_from_args(args, kwargs))
 
@@ -767,7 +774,7 @@ class Capture:
                          f"{type(self.model).__name__} in which block 0 did not run. A forward that skips "
                          "blocks has no residual for them, and residtap starts each forward at the first "
                          "block; nothing was kept from this forward")
-        if self._model_depth == 0 and (not self._open or self._block_0_replaced()):  # blocks run without the model
+        if self._model_depth == 0 and (not self._open or not _on_stack(self._forward_frame)):  # no model call
             self._refuse(f"block {layer_id - 1} of {self.layout.family} returned, run without a call of "
                          f"{type(self.model).__name__}, when no forward was open: block 0 did not run since the "
                          "last forward ended (a block 0 replaced inside with is not hooked until the model "
@@ -845,20 +852,14 @@ class Capture:
                 # _restack is about to read the buffers on the main stream.
                 self._join()
             self._state = "complete"
-            self._open = False
+            self._close()
             if not self._stacked:
                 self._restack()
 
-    def _block_0_replaced(self) -> bool:
-        """Whether the model holds another block 0 than the one this forward began at (host-side
-        attribute reads; asked for blocks run without the model only). Its replacement has no hook
-        yet, so a forward through it has not begun: the one open is an earlier forward's that ended
-        without completing (an exception this capture did not see)."""
-        try:
-            return self.layout.with_current_blocks().blocks[0] is not self.layout.blocks[0]
-        except ValueError:
-            self._state = "failed"
-            raise
+    def _close(self) -> None:
+        """No forward is open any more (completed, or the model's call ended)."""
+        self._open = False
+        self._forward_frame = None  # (no frame, and what it holds, kept past its forward)
 
     @staticmethod
     def _widen_input(layer_id: int, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -1068,7 +1069,54 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 _CALL_IMPL = nn.Module._call_impl.__code__
 
 
-_thread_id = torch.compiler.disable(threading.get_ident)  # (torch.compile traces hooks; it warns on this)
+_thread_id = threading.get_ident  # (not traced by torch.compile: see _untraced)
+
+
+def _enclosing_call():
+    """From block 0's hook: the frame of the module call that runs block 0's call (the first
+    ``_call_impl`` frame up the stack is block 0's own; the next is the call its blocks run in), or
+    None where the blocks are called from plain code. A walk of a few frames, comparing code only."""
+    seen, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            seen += 1
+            if seen == 2:
+                return frame
+        frame = frame.f_back
+    return None
+
+
+def _on_stack(target) -> bool:
+    """Whether ``target`` (a frame, or None: nothing to check) is running on this thread's stack."""
+    if target is None:
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame is target:
+            return True
+        frame = frame.f_back
+    return False
+_untraced_done = False
+
+
+def _untraced() -> None:
+    """torch.compile traces module hooks: the capture's host-side bookkeeping (threads, the stack) and
+    the extension loader (files, a lock, a build) must run as Python at each call instead, and
+    traced it warned on get_ident, stat, sha256 and mkdir. torch.compiler.disable says so; applied
+    once, when a capture is first set up, since it imports torch._dynamo (about a second, which
+    ``import residtap`` and the CLI should not pay; an HF model's forward imports it anyway)."""
+    global _untraced_done, _thread_id, _enclosing_call, _on_stack
+    if _untraced_done:
+        return
+    from . import _build
+
+    disable = torch.compiler.disable
+    Capture._check_depth = disable(Capture._check_depth)
+    Capture._depth_outlived_call = disable(Capture._depth_outlived_call)
+    _thread_id = disable(threading.get_ident)
+    _enclosing_call, _on_stack = disable(_enclosing_call), disable(_on_stack)
+    _build.load_extension = disable(_build.load_extension)
+    _untraced_done = True
 
 
 def _running_calls(module: nn.Module, frame, stop: int | None = None) -> int:
