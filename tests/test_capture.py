@@ -971,9 +971,8 @@ def test_a_fresh_block_0_then_the_blocks_without_the_model_is_refused(extension,
     assert_same_outputs(cap, run_reference(model, ids, outputs=OUTPUTS, positions="last"), OUTPUTS)
 
 
-@pytest.mark.parametrize("given", ["path", "list"])
 @pytest.mark.parametrize("raises_in", [1, 2], ids=["unselected-block", "selected-block"])
-def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extension, raises_in, given):
+def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extension, raises_in):
     """Blocks run without the model have no end the capture sees but their last selected layer: one that
     raised (in a block whose output is not selected, or in one that is), then block 0 replaced by a module
     without the capture's hook, then the blocks again: refused, where it read as complete, its layers
@@ -984,8 +983,7 @@ def test_a_blocks_only_forward_that_raised_is_not_continued_by_the_next(extensio
     def fail(*_):
         raise ValueError("stop")
 
-    where = {} if given == "path" else dict(blocks=list(model.transformer.h), final_norm="transformer.ln_f")
-    with residtap.capture(model, layers=[0, 3], **where) as cap:
+    with residtap.capture(model, layers=[0, 3]) as cap:
         handle = model.transformer.h[raises_in].register_forward_pre_hook(fail)  # as if the block raised
         with pytest.raises(ValueError, match="stop"):
             model.transformer(ids)
@@ -1035,6 +1033,36 @@ def test_a_block_run_again_after_it_raised_inside_the_blocks_call_is_captured(ex
     finally:
         handle.remove()
     assert runner.failures == 4
+    assert_same_outputs(cap, want, OUTPUTS)
+
+
+class _Stages(nn.Module):
+    """Runs a GPT-2's blocks in two stage modules, one after the other (naive model parallelism)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        h = list(lm.transformer.h)
+        self.stages = nn.ModuleList([nn.Sequential(*h[:2]), nn.Sequential(*h[2:])])
+
+    def forward(self, ids):
+        t = self.lm.transformer
+        x = t.wte(ids) + t.wpe(torch.arange(ids.shape[1]))
+        for stage in self.stages:
+            x = stage(x)
+        return t.ln_f(x)
+
+
+def test_blocks_run_by_sibling_module_calls_are_one_forward(extension):
+    """Blocks run without the captured model in two stage modules: block 2 returns after the call that
+    ran block 0 has ended, in the same forward (a version of d5e3fc2 that kept that call's frame refused
+    it)."""
+    model = copy.deepcopy(tiny_gpt2(4, 64, 2))
+    runner = _Stages(model)
+    ids = ids_for(model, 2, 5)
+    want = run_reference(runner, ids, outputs=OUTPUTS, blocks="lm.transformer.h", final_norm="lm.transformer.ln_f")
+    with residtap.capture(model, outputs=OUTPUTS) as cap:
+        runner(ids)
     assert_same_outputs(cap, want, OUTPUTS)
 
 

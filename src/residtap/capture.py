@@ -183,7 +183,6 @@ class Capture:
         self._stamp: _NormStamp | None = None  # the final norm's, read once per forward (_begin)
         self._state = "empty"  # empty → running → complete | failed
         self._open = False  # a forward has begun at block 0 and neither completed nor left the model
-        self._forward_frame = None  # blocks run without the model: the call they run in (see _begin_frame)
         self._done: set[int] = set()  # the layer ids this forward has written
         self._sel = None  # the selection on the first hidden state's device
         self._sels: dict = {}  # device -> this forward's selection there
@@ -445,10 +444,6 @@ class Capture:
         self._begin(hidden)
         self._begun_in = self._calls if self._model_depth else None
         self._begun_on = _thread_id()
-        # Blocks run without the model: no hook sees the end of their forward but its last selected
-        # layer, so it is known by the call they run in (a module's), which must still be running
-        # when a later block returns (else that forward raised, and this block is of another).
-        self._forward_frame = _enclosing_call() if self._model_depth == 0 else None
         if 0 in self._slot:
             self._write(0, hidden, None)
 
@@ -774,7 +769,7 @@ class Capture:
                          f"{type(self.model).__name__} in which block 0 did not run. A forward that skips "
                          "blocks has no residual for them, and residtap starts each forward at the first "
                          "block; nothing was kept from this forward")
-        if self._model_depth == 0 and (not self._open or not _on_stack(self._forward_frame)):  # no model call
+        if self._model_depth == 0 and (not self._open or self._block_0_replaced()):  # blocks run without the model
             self._refuse(f"block {layer_id - 1} of {self.layout.family} returned, run without a call of "
                          f"{type(self.model).__name__}, when no forward was open: block 0 did not run since the "
                          "last forward ended (a block 0 replaced inside with is not hooked until the model "
@@ -859,7 +854,19 @@ class Capture:
     def _close(self) -> None:
         """No forward is open any more (completed, or the model's call ended)."""
         self._open = False
-        self._forward_frame = None  # (no frame, and what it holds, kept past its forward)
+
+    def _block_0_replaced(self) -> bool:
+        """Whether the model holds another block 0 than the one this forward began at (host-side
+        attribute reads, ~4 µs; asked for blocks run without the model only, whose forward's end no
+        hook sees but its last selected layer). Its replacement has no hook yet, so a forward through
+        it has not begun: the one open is an earlier forward's that ended without completing (an
+        exception this capture did not see). Where blocks= was given as a list, the model's block 0
+        is not known: see README."""
+        try:
+            return self.layout.with_current_blocks().blocks[0] is not self.layout.blocks[0]
+        except ValueError:
+            self._state = "failed"
+            raise
 
     @staticmethod
     def _widen_input(layer_id: int, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -1070,32 +1077,6 @@ _CALL_IMPL = nn.Module._call_impl.__code__
 
 
 _thread_id = threading.get_ident  # (not traced by torch.compile: see _untraced)
-
-
-def _enclosing_call():
-    """From block 0's hook: the frame of the module call that runs block 0's call (the first
-    ``_call_impl`` frame up the stack is block 0's own; the next is the call its blocks run in), or
-    None where the blocks are called from plain code. A walk of a few frames, comparing code only."""
-    seen, frame = 0, sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL:
-            seen += 1
-            if seen == 2:
-                return frame
-        frame = frame.f_back
-    return None
-
-
-def _on_stack(target) -> bool:
-    """Whether ``target`` (a frame, or None: nothing to check) is running on this thread's stack."""
-    if target is None:
-        return True
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame is target:
-            return True
-        frame = frame.f_back
-    return False
 _untraced_done = False
 
 
@@ -1105,7 +1086,7 @@ def _untraced() -> None:
     traced it warned on get_ident, stat, sha256 and mkdir. torch.compiler.disable says so; applied
     once, when a capture is first set up, since it imports torch._dynamo (about a second, which
     ``import residtap`` and the CLI should not pay; an HF model's forward imports it anyway)."""
-    global _untraced_done, _thread_id, _enclosing_call, _on_stack
+    global _untraced_done, _thread_id
     if _untraced_done:
         return
     from . import _build
@@ -1114,7 +1095,6 @@ def _untraced() -> None:
     Capture._check_depth = disable(Capture._check_depth)
     Capture._depth_outlived_call = disable(Capture._depth_outlived_call)
     _thread_id = disable(threading.get_ident)
-    _enclosing_call, _on_stack = disable(_enclosing_call), disable(_on_stack)
     _build.load_extension = disable(_build.load_extension)
     _untraced_done = True
 
