@@ -218,7 +218,7 @@ class Capture:
                 self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_call),
                                                                           with_kwargs=True))
             self._model_depth = 0
-            self._close()
+            self._open = False
             self._handles.append(self.model.register_forward_pre_hook(_Hook(self._on_model_enter)))
             self._handles.append(self.model.register_forward_hook(_Hook(self._on_model_exit), always_call=True))
             self._hook_blocks()
@@ -239,10 +239,11 @@ class Capture:
                 handles.append(blk.register_forward_hook(_Hook(self._on_block_output, i), with_kwargs=True,
                                                          always_call=True))
 
-    def _refresh_blocks(self) -> bool:
-        """The blocks as the model holds them now (see Layout.with_current_blocks); whether they
-        changed. Their devices are read again at the next forward."""
-        layout = self.layout.with_current_blocks()
+    def _refresh_blocks(self, layout: Layout | None = None) -> bool:
+        """The blocks as the model holds them now (``layout``, else Layout.with_current_blocks);
+        whether they changed. Their devices are read again at the next forward."""
+        if layout is None:
+            layout = self.layout.with_current_blocks()
         if layout is self.layout:
             return False
         self.layout = layout
@@ -253,7 +254,7 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._remove_hooks()
-        self._close()
+        self._open = False
         if exc_type is not None and self._state == "running":
             self._state = "failed"
         if self._side is not None:
@@ -263,7 +264,8 @@ class Capture:
         if module is not self.model or _in_backward():  # a replica sharing the model's hook dicts
             self._refuse_replica(module)  # (DataParallel's, refused), or a checkpointed forward
             return  # recomputed by backward (_in_backward)
-        self._check_depth()
+        if self._model_depth:
+            self._check_depth()
         if self._model_depth == 0:
             self._owner = _thread_id()
             self._refuse_layerdrop()
@@ -279,11 +281,7 @@ class Capture:
     def _rehook_blocks(self) -> bool:
         """At the start of a forward: hook the blocks the model holds now where they were replaced
         or wrapped inside ``with`` (see _refresh_blocks); whether they changed."""
-        try:
-            changed = self._refresh_blocks()
-        except ValueError:
-            self._state = "failed"
-            raise
+        changed = self._refresh_blocks(self._blocks_now())
         if changed:
             for h in self._block_handles:
                 h.remove()
@@ -308,9 +306,7 @@ class Capture:
         buffers hold one forward at a time and the two would write them in turns. A depth that
         outlived its call is reset, so this call starts a forward: the last one ended by a
         BaseException that is not an Exception (KeyboardInterrupt, SystemExit, caught inside
-        ``with``), for which torch skips _on_model_exit."""
-        if not self._model_depth:
-            return
+        ``with``), for which torch skips _on_model_exit. Asked only at a nonzero depth."""
         if self._owner != _thread_id():
             if self._owner_runs_model():
                 self._model_depth += 1  # (torch calls _on_model_exit for this call as it raises)
@@ -336,15 +332,11 @@ class Capture:
         """At block 0 inside a call of the model as the depth says (host-side, a short walk up the
         stack): whether that call really runs. One ended by KeyboardInterrupt or SystemExit caught
         inside ``with`` left the depth behind (see _check_depth), and these blocks run without the
-        model. On another thread while the model's call runs, before its blocks have begun: that
-        call's blocks, run on a worker thread by its forward. After they began: refused."""
+        model. On another thread while the model's call runs: that call's blocks, run on a worker
+        thread by its forward (_on_first_block refuses them if its blocks began on another thread)."""
         if self._owner == _thread_id():
             return _running_calls(self.model, sys._getframe(), stop=1) == 0
-        if self._owner_runs_model():
-            if self._begun_in == self._calls:
-                self._two_threads(f"the blocks of {type(self.model).__name__} were called")
-            return False
-        return True
+        return not self._owner_runs_model()
 
     def _refuse_layerdrop(self) -> None:
         """A model that drops blocks at random while training has no residual for the blocks a
@@ -370,9 +362,9 @@ class Capture:
         # for every side-stream capture, so whatever reads the buffers next is ordered after them.
         self._model_depth = max(0, self._model_depth - 1)
         if self._model_depth == 0:
-            self._close()
-        if self._model_depth == 0 and self._side is not None:
-            self._join(check=self._state != "failed")
+            self._open = False
+            if self._side is not None:
+                self._join(check=self._state != "failed")
 
     @contextlib.contextmanager
     def _fails_on_overlap_error(self):
@@ -412,7 +404,8 @@ class Capture:
     def _on_model_call(self, module, args, kwargs):
         if module is not self.model or _in_backward():
             return
-        self._check_depth()  # before the mask is kept: a second thread's must not replace the first's
+        if self._model_depth:  # before the mask is kept: a second thread's must not replace the first's
+            self._check_depth()
         # Blocks only see a processed (often 4-D) mask; the [batch, seq] one is the model's argument.
         try:
             self._attention_mask = attention_mask_of(self._signature, args, kwargs, self._mask_name)
@@ -847,13 +840,9 @@ class Capture:
                 # _restack is about to read the buffers on the main stream.
                 self._join()
             self._state = "complete"
-            self._close()
+            self._open = False
             if not self._stacked:
                 self._restack()
-
-    def _close(self) -> None:
-        """No forward is open any more (completed, or the model's call ended)."""
-        self._open = False
 
     def _block_0_replaced(self) -> bool:
         """Whether the model holds another block 0 than the one this forward began at (host-side
@@ -862,8 +851,13 @@ class Capture:
         it has not begun: the one open is an earlier forward's that ended without completing (an
         exception this capture did not see). Where blocks= was given as a list, the model's block 0
         is not known: see README."""
+        return self._blocks_now().blocks[0] is not self.layout.blocks[0]
+
+    def _blocks_now(self) -> Layout:
+        """Layout.with_current_blocks, inside a forward: a different number of blocks (its
+        ValueError) leaves this capture failed."""
         try:
-            return self.layout.with_current_blocks().blocks[0] is not self.layout.blocks[0]
+            return self.layout.with_current_blocks()
         except ValueError:
             self._state = "failed"
             raise

@@ -85,16 +85,9 @@ def without_autocast(device: torch.device):
     float16 tensors under CPU autocast to bfloat16 raises.)"""
     # (entering torch.autocast costs ~15 µs on the host; asking whether it is on, under 1 µs)
     kind = device.type
-    available = _AUTOCAST_AVAILABLE.get(kind)
-    if available is None:
-        available = _AUTOCAST_AVAILABLE[kind] = torch.amp.is_autocast_available(kind)
-    if not available or not torch.is_autocast_enabled(kind):
-        return _NOTHING
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
     return torch.autocast(kind, enabled=False)
-
-
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}
-_NOTHING = contextlib.nullcontext()
 
 
 def block_outputs(
@@ -372,8 +365,8 @@ def run_reference(model, *args, layers=None, positions=None, dtype=None, outputs
     stacked = None
     if len(devices := {_device_of(r) for r in per_layer}) == 1:
         stacked = {}
-        for name in outputs:
-            with without_autocast(next(iter(devices))):  # (torch.stack is in autocast's lists)
+        with without_autocast(devices.pop()):  # (torch.stack is in autocast's lists)
+            for name in outputs:
                 if name == "stats":
                     stacked[name] = Stats(*(torch.stack([getattr(r["stats"], s) for r in per_layer])
                                             for s in STAT_NAMES))
